@@ -1,0 +1,84 @@
+"""The command line. The notebooks call the same functions, so both give the same numbers.
+
+    python -m metabook run CHAPTER --preset {smoke,cpu,gpu,paper,auto} [--seed N] [--seeds K]
+                                   [--out DIR] [--set key=value ...]
+    python -m metabook config CHAPTER --preset cpu [--set key=value ...]   # print the resolved config
+    python -m metabook build [--preset smoke|cpu|gpu|auto]                  # execute chapters, render the book
+    python -m metabook student OUT_DIR                                      # notebooks without solutions
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="python -m metabook", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run a chapter's experiment and write DIR/result.json")
+    run.add_argument("chapter")
+    run.add_argument("--preset", default="auto")
+    run.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    run.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ... (default 1)")
+    run.add_argument("--out", default=None, help="output directory (default runs/CHAPTER-PRESET)")
+    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
+    run.add_argument("--no-progress", action="store_true")
+    cfg = sub.add_parser("config", help="print a chapter's resolved config")
+    cfg.add_argument("chapter")
+    cfg.add_argument("--preset", default="auto")
+    cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    build = sub.add_parser("build", help="execute every chapter with papermill and render the book")
+    build.add_argument("--preset", default="auto")
+    build.add_argument("--build-dir", default="_build")
+    student = sub.add_parser("student", help="write student versions of the notebooks (no solutions)")
+    student.add_argument("out_dir")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    from .config import ConfigError, parse_overrides, resolve_preset
+    from .download import DownloadError
+
+    try:
+        if args.command == "run":
+            from .methods import run_chapter
+            from .results import format_table, arms_table
+
+            if args.seeds < 1:
+                raise ConfigError(f"--seeds {args.seeds} is not valid; it must be >= 1")
+            preset = resolve_preset(args.preset)
+            out = Path(args.out or f"runs/{args.chapter}-{preset}")
+            seeds = list(range(args.seed, args.seed + args.seeds))
+            record = run_chapter(args.chapter, preset, seeds, out, parse_overrides(args.set),
+                                 progress=not args.no_progress)
+            ds = record["dataset"]
+            print(f"{record['chapter']} @ {record['preset']} on {ds['name']}"
+                  f"{' (SYNTHETIC data)' if ds['synthetic'] else ''}: train {ds['train_size']}, "
+                  f"test {ds['test_size']} images; seeds {record['seeds']}")
+            print(format_table(arms_table(record)))
+            print(f"wrote {out / 'result.json'}")
+        elif args.command == "config":
+            from .methods import chapter_config
+
+            print(json.dumps(chapter_config(args.chapter, args.preset, parse_overrides(args.set)), indent=1))
+        elif args.command == "build":
+            from .build import build_book
+
+            index = build_book(preset=args.preset, build_dir=args.build_dir)
+            print(f"book: {index}")
+        elif args.command == "student":
+            from .build import write_student_versions
+
+            for path in write_student_versions("book", args.out_dir):
+                print(path)
+    except (ConfigError, DownloadError, FileNotFoundError) as err:
+        print(f"error: {err}", file=sys.stderr)
+        return 2
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())

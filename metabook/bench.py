@@ -1,0 +1,117 @@
+"""Measured costs: a lookahead meta step against a plain step, and the loader against torchvision.
+
+Both are used by chapter 1 and 2 and by the scripts in benchmarks/, so the book and the command
+line report the same measurement. Timings are medians over repeated steps after a warm-up.
+"""
+from __future__ import annotations
+
+import time
+
+import torch
+import torch.nn.functional as F
+
+from .data import DeviceLoader, augment_batch
+from .meta import reweighting_step
+from .models import build_model
+
+
+def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
+    for _ in range(warmup):
+        fn()
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+        times.append(time.perf_counter() - t0)
+    return sorted(times)[len(times) // 2]
+
+
+def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: int = 128,
+                   channels_last: bool = False, repeats: int = 10, device: str = "cpu",
+                   first_order: bool = False, seed: int = 0) -> dict:
+    """Seconds of one plain SGD step and of one Learning-to-Reweight meta step (virtual step,
+    meta-gradient, real step) on the same model and batch, and their ratio. Interleaves the two
+    measurements' warm-ups so that neither enjoys a warmer cache."""
+    torch.manual_seed(seed)
+    dev = torch.device(device)
+    model = build_model(model_name, 10, width).to(dev)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = model.to(memory_format=fmt)
+    x = torch.randn(batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(10, (batch_size,), device=dev)
+    xm = torch.randn(batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    ym = torch.randint(10, (batch_size,), device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+
+    def plain():
+        loss = F.cross_entropy(model(x), y)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+
+    def meta():
+        reweighting_step(model, opt, x, y, xm, ym, lr=0.01, first_order=first_order)
+
+    if dev.type == "cuda":
+        torch.cuda.reset_peak_memory_stats(dev)
+    plain_s = _median_seconds(plain, repeats)
+    plain_mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    meta_s = _median_seconds(meta, repeats)
+    meta_mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
+    plain_s2 = _median_seconds(plain, repeats, warmup=1)        # again, after: guards against drift
+    plain_s = min(plain_s, plain_s2)
+    return {"model": model_name, "batch_size": batch_size, "channels_last": channels_last,
+            "first_order": first_order, "device": str(dev), "threads": torch.get_num_threads(),
+            "plain_step_s": plain_s, "meta_step_s": meta_s, "ratio": meta_s / plain_s,
+            "plain_peak_bytes": plain_mem, "meta_peak_bytes": meta_mem}
+
+
+def loader_throughput(x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 128, batches: int = 100,
+                      device: str = "cpu") -> dict:
+    """Images per second of the device loader (crop + flip + normalise, batched) against a
+    torchvision DataLoader with the same transforms (RandomCrop(32, 4), RandomHorizontalFlip,
+    ToTensor, Normalize), num_workers=0, on the same images. x_uint8: (N, 32, 32, 3)."""
+    import torchvision.transforms as T
+    from torch.utils.data import DataLoader, Dataset
+
+    from .data import CIFAR_MEAN, CIFAR_STD
+
+    loader = DeviceLoader(x_uint8, y, batch_size, train=True, seed=0, device=device)
+    n_batches = min(batches, len(loader))
+
+    def ours():
+        for i, b in enumerate(loader.epoch(0)):
+            if i + 1 >= n_batches:
+                break
+        if torch.cuda.is_available():
+            torch.cuda.synchronize()
+
+    tf = T.Compose([T.ToPILImage(), T.RandomCrop(32, padding=4), T.RandomHorizontalFlip(), T.ToTensor(),
+                    T.Normalize(CIFAR_MEAN, CIFAR_STD)])
+
+    class Images(Dataset):
+        def __len__(self):
+            return len(y)
+
+        def __getitem__(self, i):
+            return tf(x_uint8[i].numpy()), int(y[i])
+
+    tv_loader = DataLoader(Images(), batch_size=batch_size, shuffle=True, num_workers=0)
+
+    def torchvision_pipeline():
+        for i, (xb, yb) in enumerate(tv_loader):
+            xb = xb.to(device)
+            if i + 1 >= n_batches:
+                break
+
+    t0 = time.perf_counter()
+    ours()
+    ours_s = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    torchvision_pipeline()
+    tv_s = time.perf_counter() - t0
+    n = n_batches * batch_size
+    return {"images": n, "device": device, "ours_img_per_s": n / ours_s, "torchvision_img_per_s": n / tv_s,
+            "speedup": tv_s / ours_s}

@@ -1,0 +1,155 @@
+"""Configuration: one flat dict of dotted keys, presets per chapter, validation with clear errors.
+
+A run's config is resolved in three layers, each overriding the one before:
+
+    BASE  ->  the chapter's DEFAULTS  ->  the chapter's PRESETS[preset]  ->  --set key=value
+
+Every key must exist in BASE or in the chapter's DEFAULTS; an unknown key, preset or chapter,
+or a value outside its valid range, raises ConfigError with a one-line message that lists the
+valid choices. The resolved dict is stored in every result record, so a run can be repeated.
+"""
+from __future__ import annotations
+
+import torch
+
+PRESET_NAMES = ("smoke", "cpu", "gpu", "paper")
+
+# The keys every chapter shares. Chapter modules add their own in DEFAULTS.
+BASE: dict = {
+    "dataset": "cifar10",        # cifar10 | cifar100 | cifar100_coarse | synthetic
+    "train_size": 0,             # training images used (0 = all that are not held out)
+    "meta_size": 1000,           # held-out split: meta objective and validation accuracy
+    "test_size": 0,              # test images used (0 = all available)
+    "model": "small_cnn",        # see metabook.models.MODELS
+    "width": 32,                 # channels of the first stage (CNNs) or hidden units (MLP)
+    "depth": 8,                  # conv layers of plain_cnn / res_cnn, hidden layers of mlp
+    "batchnorm": True,
+    "epochs": 10.0,              # may be fractional
+    "batch_size": 128,
+    "lr": 0.1,                   # peak learning rate
+    "momentum": 0.9,
+    "nesterov": True,
+    "weight_decay": 5e-4,
+    "schedule": "onecycle",      # onecycle | cosine | constant
+    "warmup": 0.15,              # fraction of the steps spent warming up (onecycle)
+    "label_smoothing": 0.0,
+    "augment": True,             # random crop (pad 4) + horizontal flip
+    "noise.kind": "none",        # none | symmetric | pairflip
+    "noise.rate": 0.0,           # fraction of training labels corrupted, in [0, 1)
+    "channels_last": False,
+    "device": "auto",            # auto | cpu | cuda
+    "eval_every": 1.0,           # epochs between evaluations
+    "checkpoint_every": 200,     # steps between checkpoints (0 = never)
+    "time_budget_s": 0.0,        # stop training after this many seconds (0 = no limit)
+}
+
+CHOICES: dict[str, tuple] = {
+    "dataset": ("cifar10", "cifar100", "cifar100_coarse", "synthetic"),
+    "model": ("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp"),
+    "schedule": ("onecycle", "cosine", "constant"),
+    "noise.kind": ("none", "symmetric", "pairflip"),
+    "device": ("auto", "cpu", "cuda"),
+}
+
+# (test, phrase) pairs: the phrase completes "must be ..." in the error message.
+RANGES: dict[str, tuple] = {
+    "lr": (lambda v: v > 0, "> 0"),
+    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "weight_decay": (lambda v: v >= 0, ">= 0"),
+    "noise.rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "epochs": (lambda v: v > 0, "> 0"),
+    "batch_size": (lambda v: v >= 1, ">= 1"),
+    "train_size": (lambda v: v >= 0, ">= 0 (0 = all)"),
+    "meta_size": (lambda v: v >= 0, ">= 0"),
+    "test_size": (lambda v: v >= 0, ">= 0 (0 = all)"),
+    "width": (lambda v: v >= 1, ">= 1"),
+    "depth": (lambda v: v >= 1, ">= 1"),
+    "warmup": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "eval_every": (lambda v: v > 0, "> 0"),
+    "checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
+    "time_budget_s": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
+}
+
+
+class ConfigError(ValueError):
+    """A bad chapter, preset, key or value. The message is one line and lists the valid choices."""
+
+
+def _coerce(key: str, value, default):
+    """Parse a --set string (or any value) to the type of the key's default."""
+    if isinstance(value, str) and not isinstance(default, str):
+        text = value.strip()
+        if isinstance(default, bool):
+            if text.lower() in ("1", "true", "yes", "on"):
+                return True
+            if text.lower() in ("0", "false", "no", "off"):
+                return False
+            raise ConfigError(f"{key}={value!r}: expected a boolean (true/false)")
+        try:
+            return type(default)(float(text)) if isinstance(default, int) else type(default)(text)
+        except ValueError:
+            raise ConfigError(f"{key}={value!r}: expected a {type(default).__name__}") from None
+    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
+        return float(value)
+    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
+        if value != int(value):
+            raise ConfigError(f"{key}={value!r}: expected an integer")
+        return int(value)
+    return value
+
+
+def validate(cfg: dict) -> dict:
+    for key, options in CHOICES.items():
+        if key in cfg and cfg[key] not in options:
+            raise ConfigError(f"{key}={cfg[key]!r} is not valid; choose one of: {', '.join(options)}")
+    for key, (ok, phrase) in RANGES.items():
+        if key in cfg and not ok(cfg[key]):
+            raise ConfigError(f"{key}={cfg[key]!r} is not valid; it must be {phrase}")
+    return cfg
+
+
+def resolve_preset(preset: str) -> str:
+    """`auto` is `gpu` when CUDA is available, else `cpu`."""
+    if preset == "auto":
+        return "gpu" if torch.cuda.is_available() else "cpu"
+    if preset not in PRESET_NAMES:
+        raise ConfigError(f"unknown preset {preset!r}; choose one of: auto, {', '.join(PRESET_NAMES)}")
+    return preset
+
+
+def parse_overrides(pairs: list[str] | None) -> dict:
+    """['lr=0.1', 'noise.kind=symmetric'] -> {'lr': '0.1', 'noise.kind': 'symmetric'}."""
+    out = {}
+    for pair in pairs or []:
+        if "=" not in pair:
+            raise ConfigError(f"--set expects key=value, got {pair!r}")
+        key, value = pair.split("=", 1)
+        out[key.strip()] = value
+    return out
+
+
+def make_config(defaults: dict, presets: dict, preset: str, overrides: dict | None = None) -> dict:
+    """Resolve BASE + chapter defaults + preset + overrides into one validated flat dict.
+
+    `defaults` are the chapter's own keys (may also change BASE values); `presets` maps each
+    preset name to the keys it changes. The result also records `preset`.
+    """
+    preset = resolve_preset(preset)
+    cfg = {**BASE, **defaults}
+    valid = sorted(cfg)
+    for source in (presets.get(preset, {}), overrides or {}):
+        for key, value in source.items():
+            if key not in cfg:
+                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
+            cfg[key] = _coerce(key, value, cfg[key])
+    cfg["preset"] = preset
+    return validate(cfg)
+
+
+def pick_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise ConfigError("device='cuda' but CUDA is not available; choose one of: auto, cpu")
+    return torch.device(name)

@@ -1,0 +1,269 @@
+"""Data: CIFAR-10/100 as uint8 arrays, splits, label noise, target distributions, a device loader.
+
+Where the arrays come from, in order (`load_dataset`):
+  1. `$METABOOK_DATA/<name>.npz`  (keys x_train, y_train, x_test, y_test; NHWC uint8)
+  2. the cache `$METABOOK_CACHE` or ~/.cache/metabook (a previous download)
+  3. a checksum-verified download of the official archive (metabook.download), mirrors first
+  4. otherwise a clear error naming METABOOK_DATA and the file expected.
+`synthetic` data is generated only when asked for by name and is marked `synthetic=True`.
+
+The loader keeps a whole split on the device as uint8 (airbench's idea): a batch is an index slice
+of a per-epoch permutation; crop (pad 4), flip and normalisation run batched on the device. The
+randomness of epoch e comes from a generator seeded with (seed, e), so an epoch can be replayed
+exactly from any batch, which is what makes resume-from-checkpoint bitwise reproducible.
+"""
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from functools import lru_cache
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from .config import ConfigError
+
+DATASETS = ("cifar10", "cifar100", "cifar100_coarse", "synthetic")
+CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
+CIFAR_STD = (0.2470, 0.2435, 0.2616)
+
+
+@dataclass
+class Dataset:
+    name: str
+    x_train: torch.Tensor   # (N, 32, 32, 3) uint8, NHWC, on the CPU
+    y_train: torch.Tensor   # (N,) int64
+    x_test: torch.Tensor    # (M, 32, 32, 3) uint8
+    y_test: torch.Tensor    # (M,) int64
+    class_names: list
+    synthetic: bool
+    source: str             # where the arrays came from (a path, or "generated from seed S")
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    def describe(self) -> dict:
+        return {"name": self.name, "synthetic": self.synthetic, "source": self.source,
+                "train_size": len(self.y_train), "test_size": len(self.y_test),
+                "num_classes": self.num_classes}
+
+
+def _npz_name(name: str) -> str:
+    return "cifar100.npz" if name.startswith("cifar100") else "cifar10.npz"
+
+
+def find_npz(name: str, download: bool = True) -> Path:
+    """Locate (or fetch) the .npz for a dataset, following the order in the module docstring."""
+    from . import download as dl
+
+    filename = _npz_name(name)
+    data_dir = os.environ.get("METABOOK_DATA")
+    if data_dir:
+        path = Path(data_dir).expanduser() / filename
+        if path.exists():
+            return path
+    cached = dl.default_cache_dir() / filename
+    if cached.exists():
+        return cached
+    if download:
+        return dl.fetch_npz(name.split("_")[0], dl.default_cache_dir())
+    where = f"METABOOK_DATA={data_dir!r} has no {filename}" if data_dir else "METABOOK_DATA is not set"
+    raise FileNotFoundError(
+        f"{name}: {where}, and {cached} does not exist. Set METABOOK_DATA to a directory holding "
+        f"{filename} (keys x_train, y_train, x_test, y_test), or allow the download.")
+
+
+@lru_cache(maxsize=2)
+def _read_npz(path: str, coarse: bool) -> tuple:
+    with np.load(path, allow_pickle=False) as f:
+        y_train = f["y_train_coarse"] if coarse else f["y_train"]
+        y_test = f["y_test_coarse"] if coarse else f["y_test"]
+        names_key = "coarse_class_names" if coarse else "class_names"
+        names = [str(s) for s in f[names_key]] if names_key in f else None
+        return f["x_train"], y_train, f["x_test"], y_test, names
+
+
+def make_synthetic(n_train: int = 10000, n_test: int = 2000, num_classes: int = 10,
+                   seed: int = 0) -> Dataset:
+    """CIFAR-shaped, learnable data: each class is a smooth random colour pattern; an image is its
+    class pattern, shifted by up to 4 pixels, scaled in contrast, plus pixel noise."""
+    g = torch.Generator().manual_seed(seed)
+    coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
+    patterns = torch.nn.functional.interpolate(coarse, size=40, mode="bilinear", align_corners=False)
+
+    def sample(n):
+        y = torch.randint(num_classes, (n,), generator=g)
+        ox, oy = torch.randint(0, 9, (2, n), generator=g)
+        rows = (oy[:, None] + torch.arange(32))[:, :, None]
+        cols = (ox[:, None] + torch.arange(32))[:, None, :]
+        x = patterns[y[:, None, None], :, rows, cols]                  # (n, 32, 32, 3)
+        contrast = 0.5 + torch.rand(n, 1, 1, 1, generator=g)
+        x = 0.5 + contrast * (x - 0.5) + 0.25 * torch.randn(n, 32, 32, 3, generator=g)
+        return (x.clamp(0, 1) * 255).round().to(torch.uint8), y
+
+    x_train, y_train = sample(n_train)
+    x_test, y_test = sample(n_test)
+    return Dataset("synthetic", x_train, y_train, x_test, y_test,
+                   [f"class{i}" for i in range(num_classes)], True, f"generated from seed {seed}")
+
+
+def load_dataset(name: str, download: bool = True) -> Dataset:
+    """Load a dataset by name (see DATASETS). Real data never falls back to synthetic data."""
+    if name not in DATASETS:
+        raise ConfigError(f"unknown dataset {name!r}; choose one of: {', '.join(DATASETS)}")
+    if name == "synthetic":
+        return make_synthetic()
+    path = find_npz(name, download=download)
+    x_train, y_train, x_test, y_test, names = _read_npz(str(path), name == "cifar100_coarse")
+    if names is None:
+        names = [f"class{i}" for i in range(int(y_train.max()) + 1)]
+    return Dataset(name, torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64)),
+                   torch.from_numpy(x_test), torch.from_numpy(y_test.astype(np.int64)),
+                   names, False, str(path))
+
+
+# ----------------------------------------------------------------------------- splits and noise
+
+def split_train_meta(y: torch.Tensor, meta_size: int, train_size: int = 0, seed: int = 0):
+    """Hold out a class-balanced `meta` split; the rest (or `train_size` of it) is `train`.
+
+    Returns (train_idx, meta_idx), int64 index tensors into y. Fixed by `seed`.
+    """
+    n, classes = len(y), int(y.max()) + 1
+    if meta_size + max(train_size, 1) > n:
+        raise ConfigError(f"meta_size={meta_size} + train_size={train_size} exceeds the {n} training images")
+    g = torch.Generator().manual_seed(10_000 + seed)
+    perm = torch.randperm(n, generator=g)
+    per_class = [perm[y[perm] == c] for c in range(classes)]
+    take = [meta_size // classes + (1 if c < meta_size % classes else 0) for c in range(classes)]
+    meta_idx = torch.cat([idx[:k] for idx, k in zip(per_class, take)])
+    is_meta = torch.zeros(n, dtype=torch.bool)
+    is_meta[meta_idx] = True
+    train_idx = perm[~is_meta[perm]]
+    if train_size:
+        train_idx = train_idx[:train_size]
+    return train_idx.sort().values, meta_idx.sort().values
+
+
+def corrupt_labels(y: torch.Tensor, kind: str, rate: float, num_classes: int, seed: int = 0):
+    """Label noise. Returns (y_noisy, corrupted) where corrupted is a bool mask of changed labels.
+
+    symmetric: each label, with probability `rate`, becomes a uniformly drawn *different* class.
+    pairflip:  each label, with probability `rate`, becomes the next class, (c + 1) mod C.
+    """
+    if kind not in ("none", "symmetric", "pairflip"):
+        raise ConfigError(f"unknown noise kind {kind!r}; choose one of: none, symmetric, pairflip")
+    if not 0 <= rate < 1:
+        raise ConfigError(f"noise rate {rate} is not valid; it must be in [0, 1)")
+    g = torch.Generator().manual_seed(20_000 + seed)
+    corrupted = (torch.rand(len(y), generator=g) < rate) if kind != "none" else torch.zeros(len(y), dtype=torch.bool)
+    if kind == "symmetric":
+        shift = torch.randint(1, num_classes, (len(y),), generator=g)
+    else:
+        shift = torch.ones(len(y), dtype=torch.long)
+    y_noisy = torch.where(corrupted, (y + shift) % num_classes, y)
+    return y_noisy, corrupted
+
+
+def class_skewed_weights(num_classes: int, favoured: list[int], ratio: float) -> torch.Tensor:
+    """Class probabilities where each favoured class is `ratio` times as likely as the others."""
+    w = torch.ones(num_classes)
+    w[favoured] = ratio
+    return w / w.sum()
+
+
+def target_subset(y: torch.Tensor, class_probs: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
+    """Indices into y of a sample of `size` examples whose class frequencies follow `class_probs`
+    (a target distribution, e.g. for personalization). Sampled without replacement per class."""
+    g = torch.Generator().manual_seed(30_000 + seed)
+    counts = torch.floor(class_probs * size).long()
+    counts[torch.argsort(class_probs * size - counts, descending=True)[: size - int(counts.sum())]] += 1
+    out = []
+    for c, k in enumerate(counts.tolist()):
+        idx = torch.nonzero(y == c).flatten()
+        if k > len(idx):
+            raise ConfigError(f"target_subset: class {c} needs {k} examples, only {len(idx)} exist")
+        out.append(idx[torch.randperm(len(idx), generator=g)[:k]])
+    return torch.cat(out).sort().values
+
+
+# ----------------------------------------------------------------------------- the device loader
+
+@dataclass
+class Batch:
+    x: torch.Tensor     # (B, 3, 32, 32) float32, normalised
+    y: torch.Tensor     # (B,) int64
+    idx: torch.Tensor   # (B,) int64 positions in the loader's split (for per-example state)
+
+
+class DeviceLoader:
+    """Batches of one split held on `device` as uint8.
+
+    x: (N, 32, 32, 3) uint8 NHWC; y: (N,) labels. `train=True` shuffles, augments (crop with
+    4-pixel zero padding + horizontal flip) and drops the last partial batch.
+    """
+
+    def __init__(self, x, y, batch_size, *, train, seed=0, device="cpu", channels_last=False,
+                 augment=True, mean=CIFAR_MEAN, std=CIFAR_STD):
+        device = torch.device(device)
+        self.x = x.to(device).permute(0, 3, 1, 2).contiguous()         # (N, 3, 32, 32) uint8
+        self.y = y.to(device)
+        self.batch_size, self.train, self.seed, self.device = batch_size, train, seed, device
+        self.augment = train and augment
+        self.channels_last = channels_last
+        self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
+        self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+
+    def __len__(self) -> int:
+        n = len(self.y)
+        return n // self.batch_size if self.train else -(-n // self.batch_size)
+
+    def epoch_plan(self, epoch: int):
+        """The permutation, crop offsets and flips of one epoch, from a generator seeded by (seed, epoch)."""
+        n = len(self.y)
+        if not self.train:
+            return torch.arange(n), None, None
+        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+        perm = torch.randperm(n, generator=g)
+        offsets = torch.randint(0, 9, (n, 2), generator=g)
+        flips = torch.rand(n, generator=g) < 0.5
+        return perm, offsets, flips
+
+    def epoch(self, epoch: int, start: int = 0):
+        """Iterate over the batches of `epoch`, beginning at batch number `start`."""
+        perm, offsets, flips = self.epoch_plan(epoch)
+        for b in range(start, len(self)):
+            sel = perm[b * self.batch_size:(b + 1) * self.batch_size]
+            idx = sel.to(self.device)
+            x = self.x[idx]
+            if self.augment:
+                x = augment_batch(x, offsets[sel].to(self.device), flips[sel].to(self.device))
+            yield Batch(self.normalise(x), self.y[idx], idx)
+
+    def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:
+        x = (x_uint8.float() - self.mean) / self.std
+        fmt = torch.channels_last if self.channels_last else torch.contiguous_format
+        return x.contiguous(memory_format=fmt)
+
+    def forever(self, seed_offset: int = 0):
+        """Endless batches (epoch after epoch), e.g. for meta batches drawn next to training."""
+        e = seed_offset
+        while True:
+            yield from self.epoch(e)
+            e += 1
+
+
+def augment_batch(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
+    """Random crop of a zero-padded (pad 4) batch, then horizontal flip, in one gather.
+
+    x: (B, C, 32, 32); offsets: (B, 2) ints in [0, 8] (row, col); flips: (B,) bool.
+    """
+    b, c, h, w = x.shape
+    padded = torch.nn.functional.pad(x, (4, 4, 4, 4))
+    rows = (offsets[:, 0:1] + torch.arange(h, device=x.device))[:, :, None]   # (B, H, 1)
+    cols = offsets[:, 1:2] + torch.arange(w, device=x.device)                  # (B, W)
+    cols = torch.where(flips[:, None], cols.flip(1), cols)[:, None, :]        # (B, 1, W)
+    out = padded[torch.arange(b, device=x.device)[:, None, None], :, rows, cols]  # (B, H, W, C)
+    return out.permute(0, 3, 1, 2)

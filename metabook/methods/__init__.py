@@ -1,0 +1,35 @@
+"""Chapters by name. Each module has DEFAULTS (its own config keys), PRESETS and run(cfg, seeds, ...).
+
+`run_chapter` is the one entry point: the command line and the notebooks both call it, so the
+same seed gives the same numbers from either.
+"""
+from __future__ import annotations
+
+from ..config import ConfigError, make_config
+from . import baseline
+
+CHAPTERS = {"baseline": baseline}
+
+
+def chapter_module(name: str):
+    if name not in CHAPTERS:
+        raise ConfigError(f"unknown chapter {name!r}; choose one of: {', '.join(CHAPTERS)}")
+    return CHAPTERS[name]
+
+
+def chapter_config(chapter: str, preset: str = "auto", overrides: dict | None = None) -> dict:
+    """The resolved, validated config of a chapter at a preset, with --set style overrides."""
+    mod = chapter_module(chapter)
+    return make_config(mod.DEFAULTS, mod.PRESETS, preset, overrides)
+
+
+def run_chapter(chapter: str, preset: str = "auto", seeds=(0,), out_dir=None,
+                overrides: dict | None = None, progress: bool = True, dataset=None) -> dict:
+    """Run a chapter's experiment; writes out_dir/result.json when out_dir is given."""
+    from ..results import write_result
+
+    cfg = chapter_config(chapter, preset, overrides)
+    record = chapter_module(chapter).run(cfg, list(seeds), out_dir=out_dir, progress=progress, dataset=dataset)
+    if out_dir:
+        write_result(record, out_dir)
+    return record

@@ -1,0 +1,158 @@
+"""Models: a small CNN, a deep CNN with or without skip connections, ResNet-18 (CIFAR), an MLP.
+
+All take (B, 3, 32, 32) images and return (B, classes) logits. `DeepCNN.features(x)` returns the
+output of every block, so local heads (chapter 3) can be attached without changing the model.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+
+from .config import ConfigError
+
+
+def conv_bn(c_in: int, c_out: int, batchnorm: bool = True) -> nn.Sequential:
+    layers = [nn.Conv2d(c_in, c_out, 3, padding=1, bias=not batchnorm)]
+    if batchnorm:
+        layers.append(nn.BatchNorm2d(c_out))
+    return nn.Sequential(*layers, nn.ReLU(inplace=True))
+
+
+class SmallCNN(nn.Module):
+    """~0.2M parameters at width 32: three stages (conv, pool) at 32/16/8 pixels, then a global
+    max-and-average pool and a linear classifier. Trains CIFAR-10 to >80% in minutes on a CPU."""
+
+    def __init__(self, num_classes: int = 10, width: int = 32, batchnorm: bool = True):
+        super().__init__()
+        w = width
+        self.body = nn.Sequential(
+            conv_bn(3, w, batchnorm), nn.MaxPool2d(2),           # 16x16
+            conv_bn(w, 2 * w, batchnorm), nn.MaxPool2d(2),       # 8x8
+            conv_bn(2 * w, 4 * w, batchnorm), conv_bn(4 * w, 4 * w, batchnorm), nn.MaxPool2d(2),  # 4x4
+        )
+        self.head = nn.Linear(4 * w, num_classes)
+
+    def forward(self, x):
+        h = self.body(x)
+        return self.head(h.amax(dim=(2, 3)))
+
+
+class DeepCNN(nn.Module):
+    """`depth` conv-BN-ReLU layers in three stages (width, 2·width, 4·width channels at 32, 16 and
+    8 pixels), global average pooling and a linear classifier.
+
+    skips=False: a plain stack, the net that gets hard to train as it deepens.
+    skips=True: the same layers with an identity shortcut around every pair of same-shape layers
+    (ResNet-style), the reference that trains at any depth.
+    """
+
+    def __init__(self, depth: int = 8, width: int = 16, num_classes: int = 10,
+                 skips: bool = False, batchnorm: bool = True):
+        super().__init__()
+        if depth < 3:
+            raise ConfigError(f"DeepCNN needs depth >= 3 (one layer per stage), got {depth}")
+        per_stage = [depth // 3 + (1 if s < depth % 3 else 0) for s in range(3)]
+        self.blocks, self.pool_before, self.channels = nn.ModuleList(), [], []
+        c_in = 3
+        for stage, n in enumerate(per_stage):
+            c_out = width * 2 ** stage
+            for i in range(n):
+                self.blocks.append(conv_bn(c_in, c_out, batchnorm))
+                self.pool_before.append(stage > 0 and i == 0)
+                self.channels.append(c_out)
+                c_in = c_out
+        self.skips = skips
+        self.head = nn.Linear(c_in, num_classes)
+
+    def features(self, x) -> list[torch.Tensor]:
+        """The output of every block, (B, C_l, H_l, W_l) for l = 1..depth."""
+        feats, pair_input = [], None
+        for i, block in enumerate(self.blocks):
+            if self.pool_before[i]:
+                x = F.max_pool2d(x, 2)
+                pair_input = None
+            out = block(x)
+            if self.skips:
+                if pair_input is not None and pair_input.shape == out.shape:
+                    out = out + pair_input            # shortcut around the last two layers
+                    pair_input = None
+                elif pair_input is None:
+                    pair_input = out
+            feats.append(out)
+            x = out
+        return feats
+
+    def forward(self, x):
+        return self.head(self.features(x)[-1].mean(dim=(2, 3)))
+
+
+class BasicBlock(nn.Module):
+    def __init__(self, c_in: int, c_out: int, stride: int):
+        super().__init__()
+        self.conv1 = nn.Conv2d(c_in, c_out, 3, stride, 1, bias=False)
+        self.bn1 = nn.BatchNorm2d(c_out)
+        self.conv2 = nn.Conv2d(c_out, c_out, 3, 1, 1, bias=False)
+        self.bn2 = nn.BatchNorm2d(c_out)
+        self.shortcut = nn.Sequential()
+        if stride != 1 or c_in != c_out:
+            self.shortcut = nn.Sequential(nn.Conv2d(c_in, c_out, 1, stride, bias=False), nn.BatchNorm2d(c_out))
+
+    def forward(self, x):
+        out = F.relu(self.bn1(self.conv1(x)))
+        return F.relu(self.bn2(self.conv2(out)) + self.shortcut(x))
+
+
+class ResNet18(nn.Module):
+    """ResNet-18, CIFAR variant (He et al. 2016): 3x3 stem, no max-pool, 11.2M parameters at width 64."""
+
+    def __init__(self, num_classes: int = 10, width: int = 64):
+        super().__init__()
+        self.stem = nn.Sequential(nn.Conv2d(3, width, 3, 1, 1, bias=False), nn.BatchNorm2d(width), nn.ReLU(inplace=True))
+        layers, c_in = [], width
+        for stage in range(4):
+            c_out = width * 2 ** stage
+            for i in range(2):
+                layers.append(BasicBlock(c_in, c_out, 2 if stage > 0 and i == 0 else 1))
+                c_in = c_out
+        self.layers = nn.Sequential(*layers)
+        self.head = nn.Linear(c_in, num_classes)
+
+    def forward(self, x):
+        return self.head(self.layers(self.stem(x)).mean(dim=(2, 3)))
+
+
+class MLP(nn.Module):
+    """Flattened image -> `depth` hidden ReLU layers of `width` units -> logits."""
+
+    def __init__(self, num_classes: int = 10, width: int = 256, depth: int = 2, in_dim: int = 3 * 32 * 32):
+        super().__init__()
+        dims = [in_dim] + [width] * depth
+        self.hidden = nn.ModuleList(nn.Linear(a, b) for a, b in zip(dims[:-1], dims[1:]))
+        self.head = nn.Linear(dims[-1], num_classes)
+
+    def forward(self, x):
+        x = x.flatten(1)
+        for layer in self.hidden:
+            x = F.relu(layer(x))
+        return self.head(x)
+
+
+MODELS = ("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp")
+
+
+def build_model(name: str, num_classes: int, width: int = 32, depth: int = 8, batchnorm: bool = True) -> nn.Module:
+    """Build a model by name. `width`/`depth` mean what each class's docstring says."""
+    if name == "small_cnn":
+        return SmallCNN(num_classes, width, batchnorm)
+    if name in ("plain_cnn", "res_cnn"):
+        return DeepCNN(depth, width, num_classes, skips=name == "res_cnn", batchnorm=batchnorm)
+    if name == "resnet18":
+        return ResNet18(num_classes, width)
+    if name == "mlp":
+        return MLP(num_classes, width, depth)
+    raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
+
+
+def count_params(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters())

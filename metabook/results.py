@@ -1,0 +1,115 @@
+"""Result records: one JSON file per run, with everything needed to trust and repeat the numbers.
+
+A record holds chapter, method, preset, seeds, the full resolved config, the dataset (and whether
+it was synthetic), the metrics, per-epoch history, costs, the comparison `arms`, and provenance
+(package versions, device, git commit, date). Chapters display recorded runs from book/results/.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import json
+import math
+import os
+import platform
+import subprocess
+from pathlib import Path
+
+import numpy as np
+import torch
+
+RESULTS_DIR = Path(__file__).resolve().parent.parent / "book" / "results"
+
+
+def provenance(device: torch.device | str = "cpu") -> dict:
+    from . import __version__
+
+    device = torch.device(device)
+    if device.type == "cuda":
+        name = torch.cuda.get_device_name(device)
+    else:
+        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+    return {"metabook": __version__, "torch": torch.__version__, "python": platform.python_version(),
+            "device": name, "git_commit": git_commit(),
+            "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def git_commit() -> str | None:
+    try:
+        out = subprocess.run(["git", "rev-parse", "--short", "HEAD"], capture_output=True, text=True,
+                             cwd=Path(__file__).resolve().parent, timeout=5)
+        if out.returncode != 0:
+            return None
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        return out.stdout.strip() + ("+dirty" if dirty else "")
+    except (OSError, subprocess.SubprocessError):
+        return None
+
+
+def seed_stats(values: list[float]) -> dict:
+    """{'mean', 'std', 'per_seed'}; std is the sample standard deviation (0 for one seed)."""
+    arr = np.asarray(values, dtype=float)
+    std = float(arr.std(ddof=1)) if len(arr) > 1 else 0.0
+    return {"mean": float(arr.mean()), "std": std, "per_seed": [float(v) for v in arr]}
+
+
+def _clean(obj):
+    """JSON-safe: NaN/inf become None, tensors and numpy scalars become Python numbers."""
+    if isinstance(obj, dict):
+        return {str(k): _clean(v) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [_clean(v) for v in obj]
+    if isinstance(obj, torch.Tensor):
+        return _clean(obj.tolist())
+    if isinstance(obj, np.generic):
+        return _clean(obj.item())
+    if isinstance(obj, float) and not math.isfinite(obj):
+        return None
+    return obj
+
+
+def write_json(obj: dict, path: str | Path) -> Path:
+    """Write JSON atomically (a killed run never leaves half a file)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_suffix(".tmp")
+    tmp.write_text(json.dumps(_clean(obj), indent=1))
+    os.replace(tmp, path)
+    return path
+
+
+def write_result(record: dict, out_dir: str | Path) -> Path:
+    return write_json(record, Path(out_dir) / "result.json")
+
+
+def load_result(path: str | Path) -> dict:
+    path = Path(path)
+    return json.loads((path / "result.json" if path.is_dir() else path).read_text())
+
+
+def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR) -> list[dict]:
+    """All recorded result.json files of a chapter under book/results/ (any preset), newest first."""
+    runs = [load_result(p) for p in Path(results_dir).glob("**/result.json")]
+    runs = [r for r in runs if r.get("chapter") == chapter]
+    return sorted(runs, key=lambda r: r.get("provenance", {}).get("date", ""), reverse=True)
+
+
+def arms_table(record: dict) -> list[dict]:
+    """One row per arm: name, test accuracy mean ± std, seconds per step, ratio to the baseline."""
+    rows = []
+    for name, arm in record.get("arms", {}).items():
+        acc = arm["test_acc"]
+        rows.append({"arm": name, "test_acc": f"{100 * acc['mean']:.1f} ± {100 * acc['std']:.1f}",
+                     "seeds": len(acc["per_seed"]), "s/step": round(arm["seconds_per_step"], 4),
+                     "cost ratio": round(arm.get("step_cost_ratio", float("nan")), 2)})
+    return rows
+
+
+def format_table(rows: list[dict]) -> str:
+    """A plain-text table (monospace), for notebooks and the command line."""
+    if not rows:
+        return "(no rows)"
+    cols = list(rows[0])
+    width = {c: max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in cols}
+    line = lambda r: "  ".join(str(r[c]).ljust(width[c]) for c in cols)
+    return "\n".join([line({c: c for c in cols}), "  ".join("-" * width[c] for c in cols)] + [line(r) for r in rows])

@@ -1,0 +1,59 @@
+"""Config resolution and the command line's answers to bad input."""
+import subprocess
+import sys
+
+import pytest
+
+from metabook import ConfigError, chapter_config
+
+
+def test_preset_overrides_base_and_set_overrides_preset():
+    cfg = chapter_config("baseline", "smoke", {"lr": "0.05", "noise.kind": "pairflip", "augment": "false"})
+    assert cfg["train_size"] == 4000            # from the smoke preset
+    assert cfg["lr"] == 0.05 and isinstance(cfg["lr"], float)
+    assert cfg["noise.kind"] == "pairflip" and cfg["augment"] is False
+    assert cfg["preset"] == "smoke"
+
+
+def test_auto_preset_is_cpu_without_cuda():
+    import torch
+    assert chapter_config("baseline", "auto")["preset"] == ("gpu" if torch.cuda.is_available() else "cpu")
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"foo": "1"}, "valid keys: augment"),
+    ({"lr": "-0.1"}, "lr=-0.1 is not valid; it must be > 0"),
+    ({"noise.rate": "1"}, "it must be in [0, 1)"),
+    ({"noise.kind": "gaussian"}, "choose one of: none, symmetric, pairflip"),
+    ({"model": "vgg"}, "choose one of: small_cnn"),
+    ({"epochs": "ten"}, "expected a float"),
+    ({"augment": "maybe"}, "expected a boolean"),
+])
+def test_bad_values_raise_config_error_naming_the_choices(overrides, needle):
+    with pytest.raises(ConfigError, match=None) as err:
+        chapter_config("baseline", "smoke", overrides)
+    assert needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_unknown_preset_and_chapter_list_the_choices():
+    with pytest.raises(ConfigError, match="choose one of: auto, smoke, cpu, gpu, paper"):
+        chapter_config("baseline", "fast")
+    with pytest.raises(ConfigError, match="choose one of: baseline"):
+        chapter_config("nope", "smoke")
+
+
+@pytest.mark.parametrize("args, needle", [
+    (["run", "nope"], "unknown chapter 'nope'"),
+    (["run", "baseline", "--preset", "fast"], "unknown preset 'fast'"),
+    (["run", "baseline", "--preset", "smoke", "--set", "lr=-1"], "lr=-1.0 is not valid"),
+    (["run", "baseline", "--preset", "smoke", "--set", "noise.rate=1.5"], "noise.rate=1.5 is not valid"),
+    (["run", "baseline", "--preset", "smoke", "--set", "bogus=1"], "unknown config key 'bogus'"),
+])
+def test_cli_rejects_bad_input_with_one_line_and_no_traceback(args, needle, tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "metabook", *args, "--out", str(tmp_path)],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 2
+    assert needle in proc.stderr
+    assert "Traceback" not in proc.stderr
+    assert len(proc.stderr.strip().splitlines()) == 1

@@ -1,0 +1,114 @@
+"""The training loop: learning, resume after a kill, NaN detection, schedules, the result record."""
+import json
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from metabook import chapter_config
+from metabook.data import make_synthetic
+from metabook.methods.baseline import Baseline
+from metabook.train import NonFiniteError, lr_at, make_model, prepare_data, seed_everything, train
+
+TINY = {"dataset": "synthetic", "train_size": 640, "meta_size": 100, "batch_size": 64, "width": 8,
+        "test_size": 200, "epochs": 2.0, "eval_every": 1.0}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_synthetic(2000, 400, seed=0)
+
+
+def run_tiny(synthetic, overrides=None, out_dir=None, on_step=None, seed=0):
+    cfg = chapter_config("baseline", "smoke", {**TINY, **(overrides or {})})
+    data = prepare_data(cfg, seed, torch.device("cpu"), synthetic)
+    seed_everything(seed)
+    model = make_model(cfg, synthetic.num_classes, torch.device("cpu"))
+    return model, train(Baseline(cfg), model, data, cfg, seed=seed, out_dir=out_dir, progress=False, on_step=on_step)
+
+
+def test_baseline_learns_synthetic_data_far_above_chance(synthetic):
+    _, res = run_tiny(synthetic, {"epochs": 3.0})
+    assert res["metrics"]["test_acc"] > 0.5                       # chance is 0.1
+    assert res["history"][-1]["train_loss"] < res["history"][0]["train_loss"]
+    assert len(res["history"]) == 3 and res["cost"]["steps"] == 30
+
+
+def test_killed_run_resumes_from_its_checkpoint_to_bitwise_identical_results(synthetic, tmp_path):
+    overrides = {"checkpoint_every": 4}
+    model_a, full = run_tiny(synthetic, overrides)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_11(step, metrics):
+        if step == 11:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_tiny(synthetic, overrides, out_dir=tmp_path, on_step=kill_at_step_11)
+    assert (tmp_path / "checkpoint.pt").exists()                  # written at step 8
+    steps_run = []
+    model_b, resumed = run_tiny(synthetic, overrides, out_dir=tmp_path,
+                                on_step=lambda step, m: steps_run.append(step))
+    assert steps_run[0] == 9                                      # resumed after step 8, not from 0
+    assert resumed["metrics"] == full["metrics"]
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    assert [r["test_acc"] for r in resumed["history"]] == [r["test_acc"] for r in full["history"]]
+    assert not (tmp_path / "checkpoint.pt").exists()              # removed once the run finished
+
+
+def test_checkpoint_of_another_config_is_not_resumed(synthetic, tmp_path):
+    def stop(step, metrics):
+        if step == 5:
+            raise KeyboardInterrupt
+    with pytest.raises(KeyboardInterrupt):
+        run_tiny(synthetic, {"checkpoint_every": 4}, out_dir=tmp_path, on_step=stop)
+    with pytest.raises(ValueError, match="belongs to another run"):
+        run_tiny(synthetic, {"checkpoint_every": 4, "lr": 0.05}, out_dir=tmp_path)
+
+
+def test_diverging_run_stops_with_an_error_naming_step_and_quantity(synthetic):
+    with pytest.raises(NonFiniteError, match=r"step \d+: loss is (nan|inf)"):
+        run_tiny(synthetic, {"model": "mlp", "batchnorm": False, "lr": 1e12, "momentum": 0.0,
+                             "schedule": "constant"})
+
+
+def test_time_budget_stops_training_early_and_says_so(synthetic):
+    _, res = run_tiny(synthetic, {"epochs": 50.0, "time_budget_s": 0.5})
+    assert res["stopped_early"] and "time budget" in res["stopped_early"]
+    assert res["cost"]["steps"] < 500
+
+
+@pytest.mark.parametrize("schedule", ["onecycle", "cosine", "constant"])
+def test_schedules_start_low_peak_at_lr_and_end_low(schedule):
+    cfg = {"lr": 0.4, "schedule": schedule, "warmup": 0.2}
+    lrs = [lr_at(s, 100, cfg) for s in range(100)]
+    assert max(lrs) == pytest.approx(0.4, rel=0.05)
+    if schedule == "constant":
+        assert min(lrs) == 0.4
+    else:
+        assert lrs[0] == pytest.approx(0.04) and lrs[-1] < 0.02 and lrs.index(max(lrs)) in range(18, 22)
+
+
+def test_cli_run_writes_a_complete_result_record(tmp_path):
+    args = [f"{k}={v}" for k, v in {**TINY, "epochs": 1.0}.items()]
+    proc = subprocess.run([sys.executable, "-m", "metabook", "run", "baseline", "--preset", "smoke",
+                           "--out", str(tmp_path), "--no-progress", "--seeds", "2",
+                           *sum([["--set", a] for a in args], [])],
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert "SYNTHETIC" in proc.stdout
+    rec = json.loads((tmp_path / "result.json").read_text())
+    for key in ("chapter", "method", "preset", "seed", "config", "dataset", "metrics", "history", "cost",
+                "provenance", "arms"):
+        assert key in rec, key
+    assert rec["dataset"]["synthetic"] is True and rec["dataset"]["train_size"] == 640
+    assert 0 <= rec["metrics"]["test_acc"] <= 1 and 0 <= rec["metrics"]["val_acc"] <= 1
+    assert rec["cost"]["seconds_per_step"] > 0 and rec["cost"]["peak_memory_bytes"] > 0
+    assert set(rec["provenance"]) >= {"metabook", "torch", "python", "device", "git_commit", "date"}
+    arm = rec["arms"]["baseline"]
+    assert len(arm["test_acc"]["per_seed"]) == 2 and arm["step_cost_ratio"] == 1.0
+    assert rec["config"]["lr"] == 0.1 and rec["config"]["preset"] == "smoke"
