@@ -77,6 +77,13 @@ def main(argv: list[str] | None = None) -> int:
     except (ConfigError, DownloadError, FileNotFoundError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
+    except Exception as err:
+        from .build import BuildError
+
+        if isinstance(err, BuildError):
+            print(f"error: {err}", file=sys.stderr)
+            return 1
+        raise
     return 0
 
 

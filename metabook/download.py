@@ -36,7 +36,13 @@ import urllib.request
 from pathlib import Path
 
 import numpy as np
-from tqdm.auto import tqdm
+import warnings
+
+from tqdm import TqdmWarning
+
+with warnings.catch_warnings():        # without ipywidgets, tqdm.auto falls back to text quietly
+    warnings.simplefilter("ignore", TqdmWarning)
+    from tqdm.auto import tqdm
 
 OFFICIAL = "https://www.cs.toronto.edu/~kriz/"
 

@@ -155,7 +155,12 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     ends with the same numbers as an uninterrupted run. `on_step(step, metrics)` is called after
     every step (tests use it to interrupt a run).
     """
-    from tqdm.auto import tqdm
+    import warnings
+
+    from tqdm import TqdmWarning
+    with warnings.catch_warnings():          # without ipywidgets, tqdm.auto falls back to text
+        warnings.simplefilter("ignore", TqdmWarning)
+        from tqdm.auto import tqdm
 
     device = next(model.parameters()).device
     spe = len(data.train)
@@ -185,8 +190,10 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
         seed_everything(seed)
 
     stopped = None
-    bar = tqdm(total=total, initial=step, desc=desc or method.name, disable=not progress,
-               mininterval=2.0, leave=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore", TqdmWarning)
+        bar = tqdm(total=total, initial=step, desc=desc or method.name, disable=not progress,
+                   mininterval=2.0, leave=True)
     model.train()
     while step < total:
         epoch, b = divmod(step, spe)
@@ -268,12 +275,13 @@ def _comparable(cfg: dict) -> dict:
 
 def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[int], *,
              out_dir=None, progress: bool = True, dataset: Dataset | None = None,
-             same_time_for: str | None = None, arm_configs: dict | None = None) -> dict:
+             same_time_for: str | None = None, arm_configs: dict | None = None,
+             reference: str = "baseline") -> dict:
     """Run every arm (name -> factory(cfg) returning a Method) for every seed, same data and budget.
 
     `method_arm` names the chapter's own method (its metrics become the record's `metrics`);
-    `arms['baseline']` must exist: every arm's `step_cost_ratio` is its seconds per step over the
-    baseline's, measured in this same run. `arm_configs` may change keys for one arm (e.g. a
+    `arms[reference]` (normally 'baseline') must exist: every arm's `step_cost_ratio` is its
+    seconds per step over the reference's, measured in this same run. `arm_configs` may change keys for one arm (e.g. a
     reference model). With `same_time_for=NAME`, the baseline is also run for the wall-clock that
     arm NAME used (arm `baseline_same_time`). Each finished (arm, seed) is saved under
     out_dir/runs/, so a killed run skips what it already did and resumes the rest from its
@@ -281,8 +289,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
     """
     from .results import load_result, provenance, seed_stats, write_json
 
-    if "baseline" not in arms:
-        raise ValueError("run_arms needs a 'baseline' arm: every cost is a ratio to it")
+    if reference not in arms:
+        raise ValueError(f"run_arms needs a {reference!r} arm: every cost is a ratio to it")
     device = pick_device(cfg["device"])
     dataset = dataset or load_dataset(cfg["dataset"])
     out = Path(out_dir) if out_dir else None
@@ -294,10 +302,10 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
         data_info = data.info
         for name in order:
             arm_cfg = {**cfg, **(arm_configs or {}).get(name, {})}
-            factory = arms.get(name, arms["baseline"])
+            factory = arms.get(name, arms[reference])
             if name == "baseline_same_time":
                 budget = per_arm[same_time_for][-1]["cost"]["train_seconds"]
-                sps = per_arm["baseline"][-1]["cost"]["seconds_per_step"]
+                sps = per_arm[reference][-1]["cost"]["seconds_per_step"]
                 arm_cfg["epochs"] = max(budget / sps / len(data.train), 1 / len(data.train))
                 arm_cfg["time_budget_s"] = budget
                 per_arm.setdefault(name, [])
@@ -318,7 +326,7 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
             if done:
                 write_json(res, done)
 
-    base_sps = float(np.mean([r["cost"]["seconds_per_step"] for r in per_arm["baseline"]]))
+    base_sps = float(np.mean([r["cost"]["seconds_per_step"] for r in per_arm[reference]]))
     arms_out = {}
     for name, runs in per_arm.items():
         sps = float(np.mean([r["cost"]["seconds_per_step"] for r in runs]))
@@ -336,7 +344,7 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
             arms_out[name]["extras"] = {str(r["seed"]): r["extras"] for r in runs}
     main = per_arm[method_arm]
     return {
-        "chapter": chapter, "method": method_arm, "preset": cfg["preset"],
+        "chapter": chapter, "method": method_arm, "preset": cfg["preset"], "reference_arm": reference,
         "seed": seeds[0], "seeds": list(seeds), "config": cfg, "dataset": data_info,
         "metrics": {"test_acc": arms_out[method_arm]["test_acc"]["mean"],
                     "val_acc": arms_out[method_arm]["val_acc"]["mean"],

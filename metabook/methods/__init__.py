@@ -6,9 +6,9 @@ same seed gives the same numbers from either.
 from __future__ import annotations
 
 from ..config import ConfigError, make_config
-from . import baseline
+from . import baseline, depth
 
-CHAPTERS = {"baseline": baseline}
+CHAPTERS = {"baseline": baseline, "depth": depth}
 
 
 def chapter_module(name: str):

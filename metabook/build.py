@@ -1,0 +1,420 @@
+"""Build the book: execute every chapter with papermill, then render it with Jupyter Book 1.x.
+
+`python -m metabook build --preset smoke` calls `build_book`. It proceeds in four steps:
+
+1. Copy the book sources (`_config.yml`, `_toc.yml`, `book/`) into `_build/src/`. The committed
+   notebooks have no outputs, and they stay that way.
+2. Execute each chapter listed in `_toc.yml` in place, in that copy, with papermill. The
+   parameter `PRESET` is injected, and the kernel's working directory is the notebook's folder.
+   The kernel inherits the environment, so `METABOOK_DATA` reaches it. The first chapter that
+   raises stops the build with a `BuildError` that names the chapter and the cell.
+3. Keep a copy of each executed notebook in `_build/executed/` for nbval. Record the preset and
+   the seconds per chapter in `_build/build_report.json`.
+4. Tag the copies for rendering, then run `jupyter-book build -W -n --keep-going`, so that any
+   Sphinx warning fails the build. The HTML lands in `_build/html/`.
+
+Tagging for rendering hides solution cells (tag `solution`) behind a "Show solution" toggle,
+folds away the cell papermill injects (tag `injected-parameters`), and shows each progress bar as
+its final line. Jupyter Book never executes anything itself: `execute_notebooks` is "off" in
+`_config.yml`.
+
+`write_student_versions` writes the exercise copies of the notebooks, with the solution cells
+removed and the outputs cleared.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import datetime
+import json
+import os
+import platform
+import shutil
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import nbformat
+import yaml
+
+PRESETS = ("smoke", "cpu", "gpu", "paper", "auto")
+SOLUTION_TAG = "solution"
+PARAMETERS_TAG = "parameters"
+INJECTED_TAG = "injected-parameters"
+# What the build copies from the repository root into _build/src/ (when present).
+BOOK_SOURCES = ("_config.yml", "_toc.yml", "book", "_static")
+IGNORED = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "*.pyc", ".DS_Store")
+
+
+class BuildError(RuntimeError):
+    """The book could not be built. The message says which chapter (and cell) or step failed."""
+
+
+# --------------------------------------------------------------------------------------------
+# The table of contents
+# --------------------------------------------------------------------------------------------
+
+
+def _toc_files(entry: dict) -> list[str]:
+    """The `file:` entries of one _toc.yml node and of everything nested under it, in order."""
+    files = [entry["file"]] if "file" in entry else []
+    for key in ("parts", "chapters", "sections"):
+        for child in entry.get(key, []) or []:
+            files += _toc_files(child)
+    return files
+
+
+def _toc_pages(root: Path) -> list[Path]:
+    """Every page in `_toc.yml` (root first), as a path with its real suffix (.md or .ipynb)."""
+    toc_path = root / "_toc.yml"
+    if not toc_path.exists():
+        raise BuildError(f"no table of contents: {toc_path} does not exist")
+    toc = yaml.safe_load(toc_path.read_text(encoding="utf-8"))
+    names = [toc["root"]] + _toc_files(toc)
+    pages = []
+    for name in names:
+        base = root / name
+        candidates = [base] if base.suffix in (".ipynb", ".md") else [
+            base.with_name(base.name + ".ipynb"), base.with_name(base.name + ".md")]
+        found = [p for p in candidates if p.exists()]
+        if not found:
+            raise BuildError(
+                f"_toc.yml lists {name!r}, but none of {[str(p) for p in candidates]} exists")
+        pages.append(found[0])
+    return pages
+
+
+def chapters_from_toc(root: str | Path = ".") -> list[Path]:
+    """The notebooks listed in `root/_toc.yml`, in the order of the table of contents."""
+    return [p for p in _toc_pages(Path(root)) if p.suffix == ".ipynb"]
+
+
+# --------------------------------------------------------------------------------------------
+# Notebook edits: render tags, student versions
+# --------------------------------------------------------------------------------------------
+
+
+def _tags(cell) -> list[str]:
+    return list(cell.get("metadata", {}).get("tags", []))
+
+
+def _add_tag(cell, tag: str) -> None:
+    tags = cell.setdefault("metadata", {}).setdefault("tags", [])
+    if tag not in tags:
+        tags.append(tag)
+
+
+def _as_dropdown(markdown: str, title: str) -> str:
+    """Wrap Markdown in a MyST admonition that renders closed, behind a toggle."""
+    ticks, run = 0, 0  # the longest run of backticks in the text; the fence must be longer
+    for ch in markdown:
+        run = run + 1 if ch == "`" else 0
+        ticks = max(ticks, run)
+    fence = "`" * max(3, ticks + 1)
+    header = f"{fence}{{admonition}} {title}\n:class: dropdown solution\n\n"
+    return f"{header}{markdown.strip()}\n{fence}\n"
+
+
+def _as_terminal_shows_it(text: str) -> str:
+    """Apply carriage returns the way a terminal or Jupyter does: each '\\r' rewinds the line.
+
+    A progress bar is hundreds of '\\r'-separated updates of one line; this keeps its final state.
+    """
+    lines = []
+    for line in text.split("\n"):
+        shown: list[str] = []
+        for segment in line.split("\r"):
+            shown[:len(segment)] = segment
+        lines.append("".join(shown).rstrip() if "\r" in line else line)
+    return "\n".join(lines)
+
+
+def _tidy_streams(cell) -> None:
+    """Merge consecutive stdout/stderr outputs of a cell and resolve their carriage returns."""
+    merged = []
+    for out in cell.get("outputs", []):
+        if (out.get("output_type") == "stream" and merged
+                and merged[-1].get("output_type") == "stream"
+                and merged[-1].get("name") == out.get("name")):
+            merged[-1]["text"] += out["text"]
+        else:
+            merged.append(out)
+    for out in merged:
+        if out.get("output_type") == "stream" and "\r" in out["text"]:
+            out["text"] = _as_terminal_shows_it(out["text"])
+    cell["outputs"] = merged
+
+
+def tag_for_rendering(nb) -> None:
+    """Prepare an executed notebook for Jupyter Book (in place).
+
+    - A code cell tagged `solution` gets `hide-cell`: its source and outputs sit behind a
+      "Show solution" toggle.
+    - A Markdown cell tagged `solution` is wrapped in a closed dropdown admonition titled
+      "Solution". (myst-nb ignores tags on Markdown cells.) Such a cell must not contain a heading.
+    - The cell that papermill injects (tag `injected-parameters`) is folded away. It can still
+      be opened, so a reader can see which preset produced the page.
+    - Progress bars show their final line, not one line per update.
+    """
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            _tidy_streams(cell)
+        tags = _tags(cell)
+        if SOLUTION_TAG in tags and cell.cell_type == "code":
+            _add_tag(cell, "hide-cell")
+            cell.metadata["mystnb"] = {"code_prompt_show": "Show solution",
+                                       "code_prompt_hide": "Hide solution"}
+        elif SOLUTION_TAG in tags and cell.cell_type == "markdown":
+            cell.source = _as_dropdown(cell.source, "Solution")
+        elif INJECTED_TAG in tags:
+            _add_tag(cell, "hide-cell")
+            cell.metadata["mystnb"] = {
+                "code_prompt_show": "Show the parameters this page was executed with",
+                "code_prompt_hide": "Hide the parameters"}
+
+
+def student_version(nb):
+    """A copy of the notebook without the cells tagged `solution` and without any outputs."""
+    nb = nbformat.from_dict(json.loads(json.dumps(nb)))  # deep copy
+    nb.cells = [c for c in nb.cells if SOLUTION_TAG not in _tags(c)]
+    for cell in nb.cells:
+        if cell.cell_type == "code":
+            cell.outputs = []
+            cell.execution_count = None
+            cell.metadata.pop("execution", None)
+    return nb
+
+
+def write_student_versions(src_dir: str | Path, out_dir: str | Path) -> list[Path]:
+    """Write the exercise version of every notebook in `src_dir` into `out_dir`.
+
+    Cells tagged `solution` are dropped and outputs are cleared. A `results/` folder next to the
+    notebooks (recorded runs that chapters display) is copied along, so the copies still run.
+    Returns the paths of the notebooks written.
+    """
+    src_dir, out_dir = Path(src_dir), Path(out_dir)
+    notebooks = sorted(src_dir.glob("*.ipynb"))
+    if not notebooks:
+        raise BuildError(f"no notebooks in {src_dir}")
+    out_dir.mkdir(parents=True, exist_ok=True)
+    written = []
+    for path in notebooks:
+        nb = nbformat.read(path, as_version=4)
+        target = out_dir / path.name
+        nbformat.write(student_version(nb), target)
+        written.append(target)
+    if (src_dir / "results").is_dir():
+        shutil.copytree(src_dir / "results", out_dir / "results", dirs_exist_ok=True,
+                        ignore=IGNORED)
+    return written
+
+
+def _check_parameters_cell(path: Path) -> None:
+    nb = nbformat.read(path, as_version=4)
+    n = sum(PARAMETERS_TAG in _tags(c) for c in nb.cells if c.cell_type == "code")
+    if n != 1:
+        raise BuildError(f"{path.name}: needs exactly one code cell tagged "
+                         f"'{PARAMETERS_TAG}' (it defines PRESET), found {n}")
+
+
+# --------------------------------------------------------------------------------------------
+# The build
+# --------------------------------------------------------------------------------------------
+
+
+def _copy_sources(root: Path, src: Path) -> None:
+    if src.exists():
+        shutil.rmtree(src)
+    src.mkdir(parents=True)
+    for name in BOOK_SOURCES:
+        path = root / name
+        if path.is_dir():
+            shutil.copytree(path, src / name, ignore=IGNORED)
+        elif path.is_file():
+            shutil.copy2(path, src / name)
+
+
+def _select(chapters: list[Path], wanted) -> list[Path]:
+    """The chapters named in `wanted` (file stems such as '02_baseline', or paths), or all."""
+    if wanted is None:
+        return chapters
+    stems = {p.stem: p for p in chapters}
+    selected = []
+    for name in wanted:
+        stem = Path(name).stem
+        if stem not in stems:
+            raise BuildError(f"unknown chapter {name!r}; the chapters are: {', '.join(stems)}")
+        selected.append(stems[stem])
+    return [p for p in chapters if p in selected]
+
+
+def _execute(nb_path: Path, parameters: dict, kernel_name: str, name: str, failed_dir: Path) -> None:
+    """Execute one notebook in place with papermill, or raise BuildError naming the cell."""
+    import papermill  # imported here: `import metabook.build` stays cheap
+
+    try:
+        papermill.execute_notebook(
+            str(nb_path), str(nb_path), parameters=parameters,
+            kernel_name=kernel_name, cwd=str(nb_path.parent),
+            progress_bar=False, log_output=False)
+    except papermill.PapermillExecutionError as err:
+        failed_dir.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(nb_path, failed_dir / nb_path.name)  # papermill saved it with the error
+        first_line = (err.source or "").strip().splitlines()[:1]
+        raise BuildError(
+            f"chapter {name} failed in cell In [{err.exec_count}] "
+            f"({first_line[0] if first_line else 'empty cell'!r}): {err.ename}: {err.evalue}\n"
+            f"The executed notebook with the traceback: {failed_dir / nb_path.name}") from err
+    except Exception as err:  # the kernel died, could not start, timed out, ...
+        raise BuildError(f"chapter {name} could not be executed: "
+                         f"{type(err).__name__}: {err}") from err
+
+
+def _jupyter_book(src: Path, out: Path) -> subprocess.CompletedProcess:
+    """Run `jupyter-book build SRC --path-output OUT -W -n --keep-going` with this Python.
+
+    jupyter-book 1.x has no `python -m jupyter_book` entry point, so call its CLI function in a
+    child process of the same interpreter (the same venv, whatever PATH says).
+    """
+    cmd = [sys.executable, "-c",
+           "import sys; from jupyter_book.cli.main import main; sys.exit(main())",
+           "build", str(src), "--path-output", str(out), "-W", "-n", "--keep-going"]
+    return subprocess.run(cmd, capture_output=True, text=True)
+
+
+def kernel_environment(root: str | Path) -> dict[str, str]:
+    """os.environ as the chapter kernels need it, whatever their working directory.
+
+    `root` goes first on PYTHONPATH (so `import metabook` works from a checkout that is not
+    pip-installed), and a relative METABOOK_DATA is made absolute (against the current
+    directory) because kernels run in the notebook's folder.
+    """
+    env = dict(os.environ)
+    env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(root).resolve()),
+                                                      env.get("PYTHONPATH")]))
+    if env.get("METABOOK_DATA"):
+        env["METABOOK_DATA"] = os.path.abspath(env["METABOOK_DATA"])
+    return env
+
+
+@contextlib.contextmanager
+def temporary_environ(env: dict[str, str]):
+    """Temporarily replace os.environ (papermill's kernels inherit it)."""
+    saved = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env)
+    try:
+        yield
+    finally:
+        os.environ.clear()
+        os.environ.update(saved)
+
+
+def _write_report(path: Path, report: dict) -> None:
+    path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
+
+
+def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Path = "_build",
+               chapters=None, kernel_name: str = "python3", parameters: dict | None = None) -> Path:
+    """Execute the chapters at `preset` and render the book. Returns the path of index.html.
+
+    `build_dir` is taken relative to `root` unless it is absolute. Layout:
+    `src/` (the executed sources), `executed/<chapter>.ipynb` (for nbval), `html/` (the book),
+    `build_report.json` (the preset and seconds per chapter), `jupyter-book.log`.
+
+    `chapters` (stems like "02_baseline") executes only those chapters. The others reuse the
+    notebook from the last build in `executed/` if there is one, else they render without
+    outputs. `parameters` are injected next to PRESET (e.g. {"DATASET": "synthetic"}).
+    `auto` is resolved here (gpu with CUDA, else cpu), so the report names the real preset.
+    """
+    if preset not in PRESETS:
+        raise BuildError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
+    from .config import resolve_preset
+
+    preset = resolve_preset(preset)
+    parameters = {"PRESET": preset, **(parameters or {})}
+    root = Path(root).resolve()
+    build_dir = Path(build_dir)
+    build_dir = (build_dir if build_dir.is_absolute() else root / build_dir).resolve()
+    src, executed = build_dir / "src", build_dir / "executed"
+
+    all_chapters = chapters_from_toc(root)
+    selected = _select(all_chapters, chapters)
+    for path in selected:
+        _check_parameters_cell(path)
+    _copy_sources(root, src)
+    executed.mkdir(parents=True, exist_ok=True)
+    shutil.rmtree(build_dir / "failed", ignore_errors=True)
+    if chapters is None:  # a full build: no stale executed notebooks for nbval to pick up
+        for old in executed.glob("*.ipynb"):
+            old.unlink()
+
+    report = {"preset": preset, "parameters": parameters,
+              "started": datetime.datetime.now().isoformat(timespec="seconds"),
+              "metabook_data": kernel_environment(root).get("METABOOK_DATA"),
+              "python": platform.python_version(), "platform": platform.platform(),
+              "chapters": []}
+    report_path = build_dir / "build_report.json"
+
+    t_all = time.perf_counter()
+    with temporary_environ(kernel_environment(root)):
+        for i, path in enumerate(all_chapters, start=1):
+            name = path.stem
+            nb_path = src / path.relative_to(root)
+            entry = {"chapter": name, "notebook": str(path.relative_to(root))}
+            report["chapters"].append(entry)
+            if path not in selected:
+                if (executed / path.name).exists():
+                    shutil.copy2(executed / path.name, nb_path)
+                    entry.update(status="reused", seconds=None)
+                else:
+                    entry.update(status="not executed", seconds=None)
+                print(f"[{i}/{len(all_chapters)}] {name} ... {entry['status']}", flush=True)
+                continue
+            print(f"[{i}/{len(all_chapters)}] {name} ...", end=" ", flush=True)
+            t0 = time.perf_counter()
+            try:
+                _execute(nb_path, parameters, kernel_name, name, build_dir / "failed")
+            except BuildError as err:
+                print("FAILED", flush=True)
+                entry.update(status="failed", seconds=round(time.perf_counter() - t0, 1),
+                             error=str(err))
+                _write_report(report_path, report)
+                raise
+            seconds = time.perf_counter() - t0
+            entry.update(status="executed", seconds=round(seconds, 1))
+            print(f"{seconds:.1f} s", flush=True)
+            shutil.copy2(nb_path, executed / path.name)
+    report["execution_seconds"] = round(time.perf_counter() - t_all, 1)
+
+    for path in all_chapters:
+        nb_path = src / path.relative_to(root)
+        nb = nbformat.read(nb_path, as_version=4)
+        tag_for_rendering(nb)
+        nbformat.write(nb, nb_path)
+
+    print("[book] jupyter-book build -W -n --keep-going ...", end=" ", flush=True)
+    t0 = time.perf_counter()
+    jb_out = build_dir / "jb"
+    proc = _jupyter_book(src, jb_out)
+    log = build_dir / "jupyter-book.log"
+    log.write_text(proc.stdout + "\n" + proc.stderr, encoding="utf-8")
+    report["jupyter_book_seconds"] = round(time.perf_counter() - t0, 1)
+    report["jupyter_book_returncode"] = proc.returncode
+    _write_report(report_path, report)
+    if proc.returncode != 0:
+        print("FAILED", flush=True)
+        problems = [line for line in (proc.stdout + proc.stderr).splitlines()
+                    if "WARNING" in line or "ERROR" in line or "Error" in line]
+        raise BuildError("jupyter-book build failed (warnings count as errors):\n"
+                         + "\n".join(problems[:40]) + f"\nFull log: {log}")
+    print(f"{report['jupyter_book_seconds']:.1f} s", flush=True)
+
+    html = build_dir / "html"
+    if html.exists():
+        shutil.rmtree(html)
+    os.replace(jb_out / "_build" / "html", html)
+    index = html / "index.html"
+    print(f"[book] {index}", flush=True)
+    return index

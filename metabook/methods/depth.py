@@ -1,0 +1,47 @@
+"""Chapter 2's second experiment: plain deep CNNs without skip connections against the same
+layers with ResNet-style skips, at several depths, same data, epochs and seeds.
+
+This is the problem the local-loss chapter addresses: a plain stack gets harder to train by
+backprop as it deepens, while the same stack with identity shortcuts does not.
+"""
+from __future__ import annotations
+
+from .baseline import Baseline
+
+DEFAULTS: dict = {"model": "plain_cnn", "width": 16, "depths": "4,8,16,32"}
+PRESETS: dict = {
+    "smoke": {"train_size": 1000, "meta_size": 200, "epochs": 1.0, "depths": "4,10", "width": 8},
+    "cpu": {"train_size": 10000, "epochs": 5.0, "depths": "4,8,16,32", "channels_last": True},
+    "gpu": {"epochs": 30.0, "depths": "8,16,32,56", "width": 32, "batch_size": 256},
+    "paper": {"epochs": 160.0, "depths": "20,32,56,110", "width": 16, "schedule": "cosine", "meta_size": 0},
+}
+
+
+def parse_depths(text: str) -> list[int]:
+    from ..config import ConfigError
+
+    try:
+        depths = [int(d) for d in str(text).split(",") if d.strip()]
+    except ValueError:
+        raise ConfigError(f"depths={text!r}: expected comma-separated integers, e.g. 4,8,16") from None
+    if not depths or min(depths) < 3:
+        raise ConfigError(f"depths={text!r}: every depth must be >= 3")
+    return depths
+
+
+def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
+    """For each depth: arms `plain` (no skips) and `skips` (identity shortcuts), same budget.
+    Returns one record whose `arms` are named like `plain-16` and `skips-16`; the shallowest
+    plain arm is the cost reference."""
+    from ..train import run_arms
+
+    depths = parse_depths(cfg["depths"])
+    arms, arm_configs = {}, {}
+    for d in depths:
+        for kind, model in (("plain", "plain_cnn"), ("skips", "res_cnn")):
+            arms[f"{kind}-{d}"] = Baseline
+            arm_configs[f"{kind}-{d}"] = {"depth": d, "model": model}
+    record = run_arms("depth", f"plain-{depths[-1]}", arms, cfg, seeds, out_dir=out_dir, progress=progress,
+                      dataset=dataset, arm_configs=arm_configs, reference=f"plain-{depths[0]}")
+    record["depths"] = depths
+    return record

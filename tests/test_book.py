@@ -1,0 +1,344 @@
+"""Tests of the book: the committed notebooks, the build, the rendered HTML, nbval, student copies.
+
+The tests marked `book` share ONE build of the whole book at the `smoke` preset (the session
+fixture `built`), written to `_build/test/`. That build executes every chapter once with
+papermill and renders it with Jupyter Book. The unmarked tests are fast: they read the committed
+notebooks, or they build a tiny throwaway book in tmp_path.
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import os
+import re
+import shutil
+import subprocess
+import sys
+import xml.etree.ElementTree as ET
+from pathlib import Path
+
+import nbformat
+import pytest
+
+from metabook.build import (PRESETS, BuildError, build_book, chapters_from_toc, kernel_environment,
+                            student_version, tag_for_rendering, temporary_environ,
+                            write_student_versions)
+
+ROOT = Path(__file__).resolve().parents[1]
+SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
+try:
+    CHAPTERS = chapters_from_toc(ROOT)
+    TOC_ERROR = None
+except BuildError as err:  # reported by test_toc_lists_chapter_notebooks, not as a crash
+    CHAPTERS, TOC_ERROR = [], str(err)
+
+
+def _tags(cell) -> list[str]:
+    return cell.get("metadata", {}).get("tags", [])
+
+
+def _code_cells(nb):
+    return [c for c in nb.cells if c.cell_type == "code"]
+
+
+# --------------------------------------------------------------------------------------------
+# The committed notebooks (fast)
+# --------------------------------------------------------------------------------------------
+
+
+def test_toc_lists_chapter_notebooks():
+    assert TOC_ERROR is None, TOC_ERROR
+    assert CHAPTERS, "_toc.yml lists no notebooks"
+    assert all(p.suffix == ".ipynb" and p.exists() for p in CHAPTERS)
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_committed_notebook_has_no_outputs_or_execution_counts(path):
+    nb = nbformat.read(path, as_version=4)
+    dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
+             and (c.get("outputs") or c.get("execution_count") is not None)]
+    assert not dirty, f"{path.name}: cells {dirty} carry outputs or execution counts; clear them"
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_has_one_parameters_cell_defining_preset(path):
+    nb = nbformat.read(path, as_version=4)
+    cells = [c for c in _code_cells(nb) if "parameters" in _tags(c)]
+    assert len(cells) == 1, f"{path.name}: {len(cells)} cells tagged 'parameters', want exactly 1"
+    assigned = {}
+    for node in ast.parse(cells[0].source).body:
+        if isinstance(node, ast.Assign) and isinstance(node.value, ast.Constant):
+            for target in node.targets:
+                if isinstance(target, ast.Name):
+                    assigned[target.id] = node.value.value
+    assert assigned.get("PRESET") in PRESETS, (
+        f"{path.name}: the parameters cell must assign PRESET one of {PRESETS} "
+        f"(found {assigned.get('PRESET')!r})")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_first_code_cell_installs_package_only_on_colab(path):
+    source = _code_cells(nbformat.read(path, as_version=4))[0].source
+    assert "google.colab" in source, f"{path.name}: the first code cell must check for Colab"
+    installs = [line for line in source.splitlines() if "pip install" in line]
+    assert installs, f"{path.name}: the first code cell installs nothing"
+    for line in installs:
+        line = re.sub(r"\s#.*$", "", line)  # drop a trailing comment
+        assert line[:1].isspace(), f"{path.name}: install not guarded by the Colab check: {line!r}"
+        assert not re.search(r"\btorch(vision)?\b", line), f"{path.name}: pins torch: {line!r}"
+        assert "--force-reinstall" not in line and "eager" not in line, (
+            f"{path.name}: reinstalling or eager upgrades could replace Colab's torch: {line!r}")
+
+
+def test_student_versions_have_no_solutions_and_no_outputs(tmp_path):
+    written = write_student_versions(ROOT / "book", tmp_path)
+    assert {p.name for p in written} >= {p.name for p in CHAPTERS}
+    for path in written:
+        original = nbformat.read(ROOT / "book" / path.name, as_version=4)
+        student = nbformat.read(path, as_version=4)
+        assert not [c for c in student.cells if "solution" in _tags(c)]
+        assert all(not c.outputs and c.execution_count is None for c in _code_cells(student))
+        kept = [c.source for c in original.cells if "solution" not in _tags(c)]
+        assert [c.source for c in student.cells] == kept, f"{path.name}: other cells changed"
+
+
+def test_render_tags_hide_solutions_and_injected_parameters_and_tidy_progress_bars():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("PRESET = 'smoke'", metadata={"tags": ["injected-parameters"]}),
+        nbformat.v4.new_code_cell("x = 1", metadata={"tags": ["solution"]}),
+        nbformat.v4.new_markdown_cell("Use ```` inside", metadata={"tags": ["solution"]}),
+        nbformat.v4.new_code_cell("y = 2", outputs=[
+            nbformat.v4.new_output("stream", name="stderr", text="\rtrain 0%|  |"),
+            nbformat.v4.new_output("stream", name="stderr", text="\rtrain 100%|##|\n"),
+            nbformat.v4.new_output("stream", name="stdout", text="done\n")]),
+    ])
+    tag_for_rendering(nb)
+    assert "hide-cell" in _tags(nb.cells[0]) and "hide-cell" in _tags(nb.cells[1])
+    assert nb.cells[1].metadata["mystnb"]["code_prompt_show"] == "Show solution"
+    assert nb.cells[2].source.startswith("`````{admonition} Solution\n:class: dropdown")
+    assert "hide-cell" not in _tags(nb.cells[3])
+    assert [o.text for o in nb.cells[3].outputs] == ["train 100%|##|\n", "done\n"]
+    assert [c.source for c in student_version(nb).cells] == ["PRESET = 'smoke'", "y = 2"]
+
+
+# --------------------------------------------------------------------------------------------
+# Failure handling, on a tiny throwaway book (a few seconds each)
+# --------------------------------------------------------------------------------------------
+
+TINY_CONFIG = """\
+title: tiny
+only_build_toc_files: true
+execute:
+  execute_notebooks: "off"
+sphinx:
+  config:
+    html_extra_path: []
+"""
+
+
+def _tiny_book(root: Path, cells, intro="# Tiny\n") -> Path:
+    (root / "book").mkdir(parents=True)
+    (root / "_config.yml").write_text(TINY_CONFIG)
+    (root / "_toc.yml").write_text(
+        "format: jb-book\nroot: book/intro\nchapters:\n  - file: book/01_tiny\n")
+    (root / "book" / "intro.md").write_text(intro)
+    nb = nbformat.v4.new_notebook(
+        cells=[nbformat.v4.new_markdown_cell("# Tiny chapter"),
+               nbformat.v4.new_code_cell('PRESET = "auto"', metadata={"tags": ["parameters"]}),
+               *[nbformat.v4.new_code_cell(c) for c in cells]],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3",
+                                 "language": "python"}})
+    nbformat.write(nb, root / "book" / "01_tiny.ipynb")
+    return root
+
+
+def test_failing_chapter_stops_build_naming_chapter_and_cell(tmp_path):
+    root = _tiny_book(tmp_path, ["x = 1", "print(PRESET)\nraise ValueError('broken on purpose')"])
+    with pytest.raises(BuildError) as info:
+        build_book(preset="smoke", root=root, build_dir=tmp_path / "_build")
+    message = str(info.value)
+    assert "01_tiny" in message and "In [4]" in message, message  # [1]=PRESET, [2]=injected
+    assert "ValueError: broken on purpose" in message, message
+    report = json.loads((tmp_path / "_build" / "build_report.json").read_text())
+    assert report["chapters"][0]["status"] == "failed"
+    assert not (tmp_path / "_build" / "html").exists()
+
+
+def test_sphinx_warning_fails_the_build(tmp_path):
+    root = _tiny_book(tmp_path, ["x = 1"], intro="# Tiny\n\nSee {doc}`no_such_page`.\n")
+    with pytest.raises(BuildError, match="jupyter-book build failed") as info:
+        build_book(preset="smoke", root=root, build_dir=tmp_path / "_build")
+    assert "no_such_page" in str(info.value)
+
+
+def test_nbval_compares_checked_cells_and_uses_the_sanitizer(tmp_path):
+    """nbval --nbval-lax: a tagged cell whose output changed fails; timings are sanitized."""
+    def notebook(name, cells):
+        nb = nbformat.v4.new_notebook(metadata={"kernelspec": {
+            "name": "python3", "display_name": "Python 3", "language": "python"}})
+        for count, (source, tags, stored) in enumerate(cells, start=1):
+            cell = nbformat.v4.new_code_cell(source, metadata={"tags": tags},
+                                             execution_count=count)
+            cell.outputs = [nbformat.v4.new_output("stream", name="stdout", text=stored)]
+            nb.cells.append(cell)
+        nbformat.write(nb, tmp_path / name)
+
+    notebook("good.ipynb", [
+        ("import random\nprint(f'elapsed {random.random():.4f}s')", ["nbval-check-output"],
+         "elapsed 0.5000s\n"),
+        ("print(42)", ["nbval-check-output"], "42\n"),
+        ("print('anything')", [], "not compared under --nbval-lax\n")])
+    notebook("bad.ipynb", [("print(1 + 1)", ["nbval-check-output"], "3\n")])
+    junit = tmp_path / "junit.xml"
+    proc = _run_nbval([tmp_path / "good.ipynb", tmp_path / "bad.ipynb"], tmp_path, junit)
+    assert proc.returncode == 1, proc.stdout + proc.stderr
+    results = _junit_results(junit)
+    assert results["bad.ipynb"] == {"failed": 1}, results
+    assert results["good.ipynb"] == {"passed": 3}, results
+
+
+def _run_nbval(notebooks, workdir: Path, junit: Path) -> subprocess.CompletedProcess:
+    """pytest --nbval-lax on the notebooks, isolated from the project's pytest configuration."""
+    ini = workdir / "nbval-pytest.ini"
+    ini.write_text("[pytest]\n")
+    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env",
+           "--nbval-sanitize-with", str(SANITIZE), "-p", "no:cacheprovider",
+           "-c", str(ini), "--rootdir", str(workdir), "--confcutdir", str(workdir),
+           "-o", "addopts=", "-q", f"--junitxml={junit}", *map(str, notebooks)]
+    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir,
+                          env=kernel_environment(ROOT))
+
+
+def _junit_results(junit: Path) -> dict[str, dict[str, int]]:
+    """{notebook file name: {outcome: count}} from pytest's junit XML report."""
+    results: dict[str, dict[str, int]] = {}
+    for case in ET.parse(junit).getroot().iter("testcase"):
+        match = re.search(r"([^./]+\.ipynb)$", case.get("classname", ""))
+        key = match.group(1) if match else case.get("classname", "")
+        outcome = ("failed" if case.find("failure") is not None or case.find("error") is not None
+                   else "skipped" if case.find("skipped") is not None else "passed")
+        counts = results.setdefault(key, {})
+        counts[outcome] = counts.get(outcome, 0) + 1
+    return results
+
+
+# --------------------------------------------------------------------------------------------
+# The real book, built once per session at the smoke preset
+# --------------------------------------------------------------------------------------------
+
+
+@pytest.fixture(scope="session")
+def built():
+    """Build the whole book once at `smoke` into _build/test/. Returns its build directory."""
+    build_dir = ROOT / "_build" / "test"
+    # Real CIFAR-10 when METABOOK_DATA is set (as in CI); explicit synthetic data otherwise.
+    params = {} if os.environ.get("METABOOK_DATA") else {"DATASET": "synthetic"}
+    build_book(preset="smoke", root=ROOT, build_dir=build_dir, parameters=params)
+    return build_dir
+
+
+@pytest.mark.book
+def test_every_chapter_executes_and_renders(built):
+    report = json.loads((built / "build_report.json").read_text())
+    assert report["preset"] == "smoke"
+    assert [c["chapter"] for c in report["chapters"]] == [p.stem for p in CHAPTERS]
+    assert all(c["status"] == "executed" for c in report["chapters"]), report["chapters"]
+    html = built / "html"
+    assert (html / "index.html").exists() and (html / "book" / "intro.html").exists()
+    for path in CHAPTERS:
+        assert (html / "book" / f"{path.stem}.html").exists(), f"{path.stem}.html missing"
+        executed = nbformat.read(built / "executed" / path.name, as_version=4)
+        assert all(c.execution_count for c in _code_cells(executed)), f"{path.stem} not all run"
+
+
+@pytest.mark.book
+def test_html_is_self_contained_and_has_no_raw_math(built):
+    html = built / "html"
+    assert (html / "mathjax" / "tex-chtml-full.js").exists()
+    assert list((html / "mathjax" / "output" / "chtml" / "fonts" / "woff-v2").glob("*.woff"))
+    pages = sorted(html.glob("*.html")) + sorted((html / "book").glob("*.html"))
+    for page in pages:
+        text = page.read_text(encoding="utf-8")
+        remote = re.findall(r"<(?:script|img|iframe)[^>]*\ssrc=[\"']https?://[^\"']*", text)
+        remote += re.findall(r"<link[^>]*rel=[\"']stylesheet[\"'][^>]*href=[\"']https?://", text)
+        assert not remote, f"{page.name} loads remote resources: {remote}"
+        if page.parent.name == "book":
+            assert "mathjax/tex-chtml-full.js" in text, f"{page.name} does not load MathJax"
+            assert "$$" not in text, f"{page.name} contains raw $$ (math not parsed)"
+
+
+@pytest.mark.book
+def test_solutions_render_hidden_behind_a_toggle(built):
+    for path in CHAPTERS:
+        nb = nbformat.read(path, as_version=4)
+        solutions = [c for c in nb.cells if "solution" in _tags(c)]
+        text = (built / "html" / "book" / f"{path.stem}.html").read_text(encoding="utf-8")
+        n_code = sum(c.cell_type == "code" for c in solutions)
+        n_markdown = len(solutions) - n_code
+        assert text.count('<p class="collapsed admonition-title">Show solution</p>') == n_code
+        assert len(re.findall(r'class="dropdown solution admonition', text)) == n_markdown
+
+
+@pytest.mark.book
+def test_executed_chapters_pass_nbval(built, tmp_path):
+    notebooks = sorted((built / "executed").glob("*.ipynb"))
+    assert [p.stem for p in notebooks] == sorted(p.stem for p in CHAPTERS)
+    junit = tmp_path / "junit.xml"
+    proc = _run_nbval(notebooks, built / "executed", junit)
+    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
+    assert re.search(r"\b\d+ passed\b", proc.stdout), proc.stdout[-2000:]
+    results = _junit_results(junit)
+    for path in notebooks:
+        assert results.get(path.name, {}).get("passed", 0) > 0, results
+
+
+def _chromium() -> str:
+    for name in ("chromium", "chromium-browser", "google-chrome", "google-chrome-stable"):
+        if shutil.which(name):
+            return shutil.which(name)
+    if os.environ.get("CI"):
+        pytest.fail("headless Chromium is required in CI (install the `chromium` package)")
+    pytest.skip("no chromium/chromium-browser on PATH: the rendered pages were not checked")
+
+
+def _chromium_run(browser: str, profile: Path, *args: str) -> subprocess.CompletedProcess:
+    cmd = [browser, "--headless", "--no-sandbox", "--disable-gpu",
+           "--disable-background-networking", "--disable-component-update", "--disable-sync",
+           "--disable-quic", "--no-first-run", f"--user-data-dir={profile}",
+           "--window-size=1280,2000", "--virtual-time-budget=8000", *args]
+    return subprocess.run(cmd, capture_output=True, text=True, timeout=180)
+
+
+@pytest.mark.book
+def test_pages_render_math_and_figures_in_headless_chromium(built, tmp_path):
+    browser = _chromium()
+    shots = built / "screenshots"
+    shots.mkdir(exist_ok=True)
+    for page in ["intro", CHAPTERS[0].stem]:
+        url = (built / "html" / "book" / f"{page}.html").as_uri()
+        dom = _chromium_run(browser, tmp_path / "profile", "--dump-dom", url).stdout
+        assert dom.count("<mjx-container") > 0, f"{page}: MathJax did not typeset any math"
+        prose = re.sub(r"<(script|style|pre)\b.*?</\1>", "", dom, flags=re.S)
+        assert not re.search(r"\\\[|\$\$", prose), f"{page}: untypeset display math left"
+        if page != "intro":
+            images = re.findall(r'<img[^>]*src="([^"]*\.png|data:image/png[^"]*)"', dom)
+            figures = [s for s in images if "_images/" in s or s.startswith("data:image/png")]
+            assert figures, f"{page}: no figure (<img> with a png) on the page"
+        shot = shots / f"{page}.png"
+        _chromium_run(browser, tmp_path / "profile", f"--screenshot={shot}", url)
+        assert shot.exists() and shot.stat().st_size > 10_000, f"{page}: no screenshot"
+
+
+@pytest.mark.book
+def test_student_version_of_cheapest_chapter_executes(built, tmp_path):
+    import papermill
+
+    report = json.loads((built / "build_report.json").read_text())
+    cheapest = min(report["chapters"], key=lambda c: c["seconds"])["chapter"]
+    written = write_student_versions(ROOT / "book", tmp_path / "student")
+    student = next(p for p in written if p.stem == cheapest)
+    with temporary_environ(kernel_environment(ROOT)):
+        papermill.execute_notebook(str(student), str(tmp_path / f"{cheapest}.out.ipynb"),
+                                   parameters={"PRESET": "smoke", **({} if os.environ.get("METABOOK_DATA") else {"DATASET": "synthetic"})}, cwd=str(student.parent),
+                                   progress_bar=False, log_output=False)
