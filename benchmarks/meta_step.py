@@ -2,8 +2,9 @@
 
     python benchmarks/meta_step.py [--model small_cnn] [--repeats 10] [--device cpu|cuda]
 
-Measures both memory layouts (NCHW and channels_last) and both meta-gradients (exact double
-backward; first-order finite difference), each against a plain step of the same model and batch.
+Measures both memory layouts (NCHW and channels_last) and three ways to get the meta-gradient
+(exact: double backward; jvp: exact, forward mode; fd: one-sided finite difference), each
+against a plain step of the same model and batch.
 """
 import argparse
 import json
@@ -20,11 +21,11 @@ if __name__ == "__main__":
     a = p.parse_args()
     rows = []
     for channels_last in (False, True):
-        for first_order in (False, True):
-            r = meta_step_cost(a.model, channels_last=channels_last, first_order=first_order,
+        for mode in ("exact", "jvp", "fd"):
+            r = meta_step_cost(a.model, channels_last=channels_last, mode=mode,
                                repeats=a.repeats, device=a.device)
             rows.append(r)
-            print(f"{'channels_last' if channels_last else 'NCHW':>13}  {'first-order' if first_order else 'exact':>11}  "
+            print(f"{'channels_last' if channels_last else 'NCHW':>13}  {mode:>5}  "
                   f"plain {r['plain_step_s'] * 1e3:7.1f} ms  meta {r['meta_step_s'] * 1e3:7.1f} ms  "
                   f"ratio {r['ratio']:.2f}x", flush=True)
     print(json.dumps(rows, indent=1))

@@ -30,10 +30,11 @@ def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
 
 def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: int = 128,
                    channels_last: bool = False, repeats: int = 10, device: str = "cpu",
-                   first_order: bool = False, seed: int = 0) -> dict:
+                   mode: str = "jvp", seed: int = 0) -> dict:
     """Seconds of one plain SGD step and of one Learning-to-Reweight meta step (virtual step,
-    meta-gradient, real step) on the same model and batch, and their ratio. Interleaves the two
-    measurements' warm-ups so that neither enjoys a warmer cache."""
+    meta-gradient, real step) on the same model and batch, and their ratio. `mode` is the
+    meta-gradient of `reweighting_step`: exact (double backward), jvp (exact, forward mode) or fd
+    (finite difference). The plain step is timed before and after; the faster of the two counts."""
     torch.manual_seed(seed)
     dev = torch.device(device)
     model = build_model(model_name, 10, width).to(dev)
@@ -52,7 +53,7 @@ def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: i
         opt.step()
 
     def meta():
-        reweighting_step(model, opt, x, y, xm, ym, lr=0.01, first_order=first_order)
+        reweighting_step(model, opt, x, y, xm, ym, lr=0.01, mode=mode)
 
     if dev.type == "cuda":
         torch.cuda.reset_peak_memory_stats(dev)
@@ -63,7 +64,7 @@ def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: i
     plain_s2 = _median_seconds(plain, repeats, warmup=1)        # again, after: guards against drift
     plain_s = min(plain_s, plain_s2)
     return {"model": model_name, "batch_size": batch_size, "channels_last": channels_last,
-            "first_order": first_order, "device": str(dev), "threads": torch.get_num_threads(),
+            "mode": mode, "device": str(dev), "threads": torch.get_num_threads(),
             "plain_step_s": plain_s, "meta_step_s": meta_s, "ratio": meta_s / plain_s,
             "plain_peak_bytes": plain_mem, "meta_peak_bytes": meta_mem}
 

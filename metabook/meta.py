@@ -15,6 +15,7 @@ step never changes the running statistics (train-mode batch statistics are still
 """
 from __future__ import annotations
 
+import warnings
 from typing import Callable
 
 import torch
@@ -103,31 +104,71 @@ def per_example_ce(model, params: Params, x, y) -> torch.Tensor:
     return F.cross_entropy(forward(model, params, x), y, reduction="none")
 
 
+def example_weight_meta_gradient(model: torch.nn.Module, params: Params, x, y, v, lr: float,
+                                 mode: str = "jvp", fd_eps: float = 1e-3):
+    """d L_meta(theta') / d eps_i = -lr * <v, grad_theta l_i(theta)> for every example of (x, y).
+
+    When meta-parameters enter the inner loss as per-example weights (sum_i eps_i l_i), the
+    meta-gradient is -lr times the Jacobian of the per-example losses applied to v, the gradient
+    of the meta loss at theta'. That product is a forward-mode derivative along v (a JVP), so it
+    needs no double backward:
+      mode="jvp": exact, one forward pass with dual numbers (torch.autograd.forward_ad);
+      mode="fd":  (l(theta + h v) - l(theta)) / h with h = fd_eps / ||v||, one extra forward
+                  without a graph (an approximation; cheapest).
+    x: (B, ...), y: (B,); v: one tensor per parameter, like params. Returns (meta_grad (B,),
+    losses (B,)), the losses at theta *with* their autograd graph, so the caller's real step can
+    reuse this forward (BatchNorm running stats update once here, as in a plain step).
+    """
+    import torch.autograd.forward_ad as fwAD
+
+    buffers = dict(model.named_buffers())
+    if mode == "jvp":
+        with fwAD.dual_level():
+            with warnings.catch_warnings():   # torch warns about its own jit use when forward AD first loads
+                warnings.simplefilter("ignore", FutureWarning)
+                dual = {k: fwAD.make_dual(p, t) for (k, p), t in zip(params.items(), v)}
+            out = F.cross_entropy(functional_call(model, {**buffers, **dual}, (x,)), y, reduction="none")
+            losses, jv = fwAD.unpack_dual(out)
+        return -lr * jv.detach(), losses
+    if mode == "fd":
+        losses = F.cross_entropy(functional_call(model, {**buffers, **params}, (x,)), y, reduction="none")
+        norm = torch.sqrt(sum((t * t).sum() for t in v))
+        h = fd_eps / (norm + 1e-12)
+        with torch.no_grad():
+            shifted = {k: p + h * t for (k, p), t in zip(params.items(), v)}
+            moved = F.cross_entropy(forward(model, shifted, x), y, reduction="none")
+        return -lr * (moved - losses.detach()) / h, losses
+    raise ValueError(f"unknown mode {mode!r}; choose one of: jvp, fd")
+
+
 def reweighting_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, x_meta, y_meta,
-                     lr: float, first_order: bool = False) -> dict:
+                     lr: float, mode: str = "jvp") -> dict:
     """One Learning-to-Reweight step (Ren et al. 2018), the worked example of a lookahead step.
 
-    1. forward the batch once (this is also the real step's forward: BatchNorm stats update once);
-    2. virtual step with per-example weights eps = 0:  theta' = theta - lr * grad sum_i eps_i l_i;
-    3. meta-gradient d L_meta(theta') / d eps, weights w = max(-grad, 0) normalised to sum 1;
-    4. real step on sum_i w_i l_i, reusing the forward of 1 (no second forward at theta).
+    With per-example weights eps = 0 the virtual step is theta' = theta, so the meta loss's
+    gradient v is taken at theta; the weights are w = max(-d L_meta / d eps, 0), normalised to
+    sum 1, and the real step descends sum_i w_i l_i, reusing the forward of the batch.
+    mode="exact": the general engine, `meta_gradient` with a double backward;
+    mode="jvp":   the same numbers by one forward-mode pass (example_weight_meta_gradient);
+    mode="fd":    a one-sided finite difference along v (approximate, cheapest).
     x: (B, 3, 32, 32), y: (B,); x_meta, y_meta: a batch of the held-out meta split.
-    Returns the weights (B,) and the losses, for inspection.
     """
     params = model_params(model)
-    losses = F.cross_entropy(model(x), y, reduction="none")                  # (B,)
-    eps = torch.zeros_like(losses, requires_grad=True)
-
-    def inner(p):   # the forward at theta is reused; other points (first-order FD) are recomputed
-        return (eps * (losses if p is params else F.cross_entropy(forward(model, p, x), y, reduction="none"))).sum()
-
-    (g_eps,), info = meta_gradient(model, inner,
-                                   lambda p: F.cross_entropy(forward(model, p, x_meta), y_meta),
-                                   [eps], lr, params=params, keep_inner_graph=True,
-                                   first_order=first_order)
+    if mode == "exact":
+        losses = F.cross_entropy(model(x), y, reduction="none")                  # (B,)
+        eps = torch.zeros_like(losses, requires_grad=True)
+        (g_eps,), info = meta_gradient(model, lambda p: (eps * losses).sum(),
+                                       lambda p: F.cross_entropy(forward(model, p, x_meta), y_meta),
+                                       [eps], lr, params=params, keep_inner_graph=True)
+        meta_loss = info["outer"]
+    else:
+        meta = F.cross_entropy(forward(model, params, x_meta), y_meta)
+        v = torch.autograd.grad(meta, list(params.values()))
+        g_eps, losses = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode)
+        meta_loss = meta.item()
     w = torch.clamp(-g_eps.detach(), min=0)
     w = w / w.sum() if w.sum() > 0 else w
     opt.zero_grad(set_to_none=True)
     (w * losses).sum().backward()
     opt.step()
-    return {"loss": losses.mean().item(), "meta_loss": info["outer"], "weights": w, "losses": losses.detach()}
+    return {"loss": losses.mean().item(), "meta_loss": meta_loss, "weights": w, "losses": losses.detach()}
