@@ -27,5 +27,6 @@ if __name__ == "__main__":
             rows.append(r)
             print(f"{'channels_last' if channels_last else 'NCHW':>13}  {mode:>5}  "
                   f"plain {r['plain_step_s'] * 1e3:7.1f} ms  meta {r['meta_step_s'] * 1e3:7.1f} ms  "
-                  f"ratio {r['ratio']:.2f}x", flush=True)
+                  f"ratio {r['ratio']:.2f}x | peak autograd memory {r['plain_autograd_bytes'] / 2**20:.0f} -> "
+                  f"{r['meta_autograd_bytes'] / 2**20:.0f} MiB ({r['memory_ratio']:.2f}x)", flush=True)
     print(json.dumps(rows, indent=1))

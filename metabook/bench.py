@@ -28,23 +28,64 @@ def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+def peak_autograd_bytes(fn) -> int:
+    """Peak bytes of the tensors that autograd holds for backward while `fn()` runs.
+
+    Every tensor saved for backward is counted while a graph holds it (each storage once) and
+    released when the graph frees it; the peak is the activation memory a step needs, measured the
+    same way on any device. A double backward keeps the first backward's graph alive, which is
+    what makes an exact meta step heavier."""
+    import weakref
+
+    live, refs, state = {}, {}, {"now": 0, "peak": 0}
+
+    def release(key):
+        refs[key] -= 1
+        if refs[key] == 0:
+            state["now"] -= live.pop(key)
+
+    def pack(t):
+        try:
+            key = t.untyped_storage().data_ptr()
+            size = t.untyped_storage().nbytes()
+        except RuntimeError:          # e.g. a dual tensor of forward mode: count its own size
+            key, size = ("id", id(t)), t.numel() * t.element_size()
+        if key not in live:
+            live[key], refs[key] = size, 0
+            state["now"] += size
+            state["peak"] = max(state["peak"], state["now"])
+        refs[key] += 1
+        weakref.finalize(t, release, key)
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return state["peak"]
+
+
+def _step_setup(model_name, width, batch_size, channels_last, dev, seed):
+    torch.manual_seed(seed)
+    fmt = torch.channels_last if channels_last else torch.contiguous_format
+    model = build_model(model_name, 10, width).to(dev).to(memory_format=fmt)
+    x = torch.randn(batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    y = torch.randint(10, (batch_size,), device=dev)
+    xm = torch.randn(batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
+    ym = torch.randint(10, (batch_size,), device=dev)
+    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    return model, opt, x, y, xm, ym
+
+
 def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: int = 128,
                    channels_last: bool = False, repeats: int = 10, device: str = "cpu",
                    mode: str = "jvp", seed: int = 0) -> dict:
     """Seconds of one plain SGD step and of one Learning-to-Reweight meta step (virtual step,
     meta-gradient, real step) on the same model and batch, and their ratio. `mode` is the
     meta-gradient of `reweighting_step`: exact (double backward), jvp (exact, forward mode) or fd
-    (finite difference). The plain step is timed before and after; the faster of the two counts."""
-    torch.manual_seed(seed)
+    (finite difference). The plain step is timed before and after; the faster of the two counts.
+    `memory_ratio` is the meta step's peak autograd memory over the plain step's
+    (peak_autograd_bytes)."""
     dev = torch.device(device)
-    model = build_model(model_name, 10, width).to(dev)
-    fmt = torch.channels_last if channels_last else torch.contiguous_format
-    model = model.to(memory_format=fmt)
-    x = torch.randn(batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
-    y = torch.randint(10, (batch_size,), device=dev)
-    xm = torch.randn(batch_size, 3, 32, 32, device=dev).contiguous(memory_format=fmt)
-    ym = torch.randint(10, (batch_size,), device=dev)
-    opt = torch.optim.SGD(model.parameters(), lr=0.01, momentum=0.9, nesterov=True, weight_decay=5e-4)
+    model, opt, x, y, xm, ym = _step_setup(model_name, width, batch_size, channels_last, dev, seed)
 
     def plain():
         loss = F.cross_entropy(model(x), y)
@@ -55,18 +96,16 @@ def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: i
     def meta():
         reweighting_step(model, opt, x, y, xm, ym, lr=0.01, mode=mode)
 
-    if dev.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(dev)
     plain_s = _median_seconds(plain, repeats)
-    plain_mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     meta_s = _median_seconds(meta, repeats)
-    meta_mem = torch.cuda.max_memory_allocated(dev) if dev.type == "cuda" else None
     plain_s2 = _median_seconds(plain, repeats, warmup=1)        # again, after: guards against drift
     plain_s = min(plain_s, plain_s2)
+    mem = {"plain": peak_autograd_bytes(plain), "meta": peak_autograd_bytes(meta)}
     return {"model": model_name, "batch_size": batch_size, "channels_last": channels_last,
             "mode": mode, "device": str(dev), "threads": torch.get_num_threads(),
             "plain_step_s": plain_s, "meta_step_s": meta_s, "ratio": meta_s / plain_s,
-            "plain_peak_bytes": plain_mem, "meta_peak_bytes": meta_mem}
+            "plain_autograd_bytes": mem["plain"], "meta_autograd_bytes": mem["meta"],
+            "memory_ratio": mem["meta"] / mem["plain"]}
 
 
 def loader_throughput(x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 128, batches: int = 100,

@@ -236,6 +236,8 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     final = history[-1]
     if ckpt_path and ckpt_path.exists():
         ckpt_path.unlink()
+        if not any(ckpt_path.parent.iterdir()):
+            ckpt_path.parent.rmdir()
     warm = step_times[min(5, len(step_times) - 1):]          # the first steps include warm-up
     peak, peak_kind = peak_memory_bytes(device)
     return {
