@@ -94,6 +94,12 @@ def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR) -> list[d
     return sorted(runs, key=lambda r: r.get("provenance", {}).get("date", ""), reverse=True)
 
 
+def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS_DIR) -> dict | None:
+    """The newest recorded run of a chapter at a preset, or None."""
+    runs = [r for r in recorded_runs(chapter, results_dir) if r.get("preset") == preset]
+    return runs[0] if runs else None
+
+
 def arms_table(record: dict) -> list[dict]:
     """One row per arm: name, test accuracy mean ± std, seconds per step, ratio to the baseline."""
     rows = []
