@@ -49,6 +49,7 @@ CHOICES: dict[str, tuple] = {
     "schedule": ("onecycle", "cosine", "constant"),
     "noise.kind": ("none", "symmetric", "pairflip"),
     "device": ("auto", "cpu", "cuda"),
+    "ilr.mode": ("jvp", "fd"),
 }
 
 # (test, phrase) pairs: the phrase completes "must be ..." in the error message.
@@ -69,6 +70,7 @@ RANGES: dict[str, tuple] = {
     "eval_every": (lambda v: v > 0, "> 0"),
     "checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
     "time_budget_s": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
+    "ilr.meta_lr": (lambda v: v >= 0, ">= 0"),
 }
 
 

@@ -105,7 +105,7 @@ def per_example_ce(model, params: Params, x, y) -> torch.Tensor:
 
 
 def example_weight_meta_gradient(model: torch.nn.Module, params: Params, x, y, v, lr: float,
-                                 mode: str = "jvp", fd_eps: float = 1e-3):
+                                 mode: str = "jvp", fd_eps: float = 1e-3, update_stats: bool = True):
     """d L_meta(theta') / d eps_i = -lr * <v, grad_theta l_i(theta)> for every example of (x, y).
 
     When meta-parameters enter the inner loss as per-example weights (sum_i eps_i l_i), the
@@ -117,11 +117,12 @@ def example_weight_meta_gradient(model: torch.nn.Module, params: Params, x, y, v
                   without a graph (an approximation; cheapest).
     x: (B, ...), y: (B,); v: one tensor per parameter, like params. Returns (meta_grad (B,),
     losses (B,)), the losses at theta *with* their autograd graph, so the caller's real step can
-    reuse this forward (BatchNorm running stats update once here, as in a plain step).
+    reuse this forward (BatchNorm running stats update once here, as in a plain step, unless
+    update_stats=False, when the forward runs on copies of the buffers).
     """
     import torch.autograd.forward_ad as fwAD
 
-    buffers = dict(model.named_buffers())
+    buffers = {k: (b if update_stats else b.clone()) for k, b in model.named_buffers()}
     if mode == "jvp":
         with fwAD.dual_level():
             with warnings.catch_warnings():   # torch warns about its own jit use when forward AD first loads

@@ -53,6 +53,20 @@ def seed_stats(values: list[float]) -> dict:
     return {"mean": float(arr.mean()), "std": std, "per_seed": [float(v) for v in arr]}
 
 
+def roc_auc(scores, labels) -> float:
+    """Area under the ROC curve of `scores` for telling labels==True from False (ties count
+    half): the probability that a random positive scores higher than a random negative."""
+    scores = torch.as_tensor(scores, dtype=torch.float64).flatten()
+    labels = torch.as_tensor(labels, dtype=torch.bool).flatten()
+    pos, neg = scores[labels], scores[~labels]
+    if len(pos) == 0 or len(neg) == 0:
+        raise ValueError("roc_auc needs at least one positive and one negative example")
+    _, inverse, counts = torch.unique(torch.cat([pos, neg]), return_inverse=True, return_counts=True)
+    mean_rank = torch.cumsum(counts, 0).double() - (counts.double() - 1) / 2     # ties share their mean rank
+    ranks = mean_rank[inverse]
+    return float((ranks[: len(pos)].sum() - len(pos) * (len(pos) + 1) / 2) / (len(pos) * len(neg)))
+
+
 def _clean(obj):
     """JSON-safe: NaN/inf become None, tensors and numpy scalars become Python numbers."""
     if isinstance(obj, dict):

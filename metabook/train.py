@@ -324,6 +324,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
             res["seed"] = seed
             if hasattr(method, "extras"):
                 res["extras"] = method.extras()
+            if out and hasattr(method, "save_artifacts"):
+                method.save_artifacts(out, seed)
             per_arm[name].append(res)
             if done:
                 write_json(res, done)

@@ -6,9 +6,9 @@ same seed gives the same numbers from either.
 from __future__ import annotations
 
 from ..config import ConfigError, make_config
-from . import baseline, depth
+from . import baseline, depth, instance_lr
 
-CHAPTERS = {"baseline": baseline, "depth": depth}
+CHAPTERS = {"baseline": baseline, "depth": depth, "instance_lr": instance_lr}
 
 
 def chapter_module(name: str):

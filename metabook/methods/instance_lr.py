@@ -1,0 +1,171 @@
+"""Per-instance dynamic learning rates (after Saxena, Vyas, DeCoste 2021, arXiv 2105.13464).
+
+Every training example i keeps a log learning rate sigma_i (persistent across epochs, start 0,
+clipped to [sigma_min, sigma_max]); its gradient is scaled by r_i = exp(sigma_i) in the real step:
+
+    theta_{t+1} = theta_t - eta_t / B * sum_{i in B} r_i grad l_i(theta_t)        (then momentum, wd)
+
+sigma is learned by the one-step lookahead on a clean meta batch. The virtual step is a plain SGD
+step with the current eta_t; theta' is linear in r, so the meta-gradient is exact and is a
+Jacobian-vector product (no double backward, see chapter 1):
+
+    d L_meta(theta') / d sigma_i = -(eta_t / B) * r_i * <grad L_meta(theta'), grad l_i(theta_t)>
+
+The paper's own parameterisation, meta-objective and update rule could not be read (methods.md
+section 3: reconstruction [R]); this file implements that reconstruction and says so.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+from ..data import Batch
+from ..meta import (example_weight_meta_gradient, forward, lookahead_params, model_params,
+                    reweighting_step)
+from .baseline import Baseline, make_optimizer
+
+
+def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: float,
+                              lookahead: bool = True, mode: str = "jvp"):
+    """d L_meta(theta'(sigma)) / d sigma for one batch. sigma: (B,) log rates of the batch.
+
+    Returns (grad (B,), losses (B,)): `losses` are l_i(theta) with their graph and BatchNorm
+    statistics updated once, for the real step. lookahead=False evaluates the meta gradient at
+    theta instead of theta' (cheaper: no virtual step; a first-order approximation).
+    """
+    r = sigma.exp()
+    b = len(y)
+    if lookahead:
+        losses = F.cross_entropy(model(x), y, reduction="none")                   # the real forward
+        g = torch.autograd.grad((r * losses).mean(), list(params.values()), retain_graph=True)
+        fast = lookahead_params(params, g, lr)                                    # theta'(sigma)
+        meta = F.cross_entropy(forward(model, fast, x_meta), y_meta)
+        v = torch.autograd.grad(meta, list(fast.values()))
+        jv, _ = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode, update_stats=False)
+    else:
+        meta = F.cross_entropy(forward(model, params, x_meta), y_meta)
+        v = torch.autograd.grad(meta, list(params.values()))
+        jv, losses = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode)
+    return jv * r / b, losses, meta.item()
+
+
+class InstanceLR:
+    """The method as a plug-in of the training loop. State: sigma (N_train,), the optimizer."""
+
+    name = "instance_lr"
+    uses_meta = True
+
+    def __init__(self, cfg: dict):
+        self.meta_lr, self.lookahead, self.mode = cfg["ilr.meta_lr"], cfg["ilr.lookahead"], cfg["ilr.mode"]
+        self.lo, self.hi = cfg["ilr.sigma_min"], cfg["ilr.sigma_max"]
+
+    def setup(self, model, data, cfg):
+        self.model, self.opt = model, make_optimizer(model, cfg)
+        self.sigma = torch.zeros(len(data.train.y), device=data.train.y.device)
+        self.corrupted = data.corrupted
+        self.train_loader = data.train
+        self.train_idx = getattr(data, "train_idx", None)
+
+    def save_artifacts(self, out_dir, seed: int) -> None:
+        """instance_lr-seed{S}.npz: final rates r_i, training indices (into the dataset), corruption mask."""
+        import numpy as np
+        from pathlib import Path
+
+        Path(out_dir).mkdir(parents=True, exist_ok=True)
+        np.savez_compressed(Path(out_dir) / f"instance_lr-seed{seed}.npz", rate=self.sigma.exp().cpu().numpy(),
+                            train_index=self.train_idx.cpu().numpy(), corrupted=self.corrupted.cpu().numpy())
+
+    def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        params = model_params(self.model)
+        sigma = self.sigma[batch.idx]
+        g_sigma, losses, meta_loss = instance_lr_meta_gradient(
+            self.model, params, batch.x, batch.y, meta_batch.x, meta_batch.y, sigma, lr,
+            lookahead=self.lookahead, mode=self.mode)
+        sigma = (sigma - self.meta_lr * g_sigma).clamp(self.lo, self.hi)
+        self.sigma[batch.idx] = sigma
+        self.opt.zero_grad(set_to_none=True)
+        (sigma.exp() * losses).mean().backward()
+        self.opt.step()
+        return {"loss": losses.mean().item(), "meta_loss": meta_loss, "mean_rate": sigma.exp().mean().item(),
+                "acc": 0.0}
+
+    def state_dict(self) -> dict:
+        return {"opt": self.opt.state_dict(), "sigma": self.sigma}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.opt.load_state_dict(state["opt"])
+        self.sigma.copy_(state["sigma"])
+
+    def extras(self) -> dict:
+        """Final rates and how well a low rate flags a corrupted label (ROC-AUC), with the free
+        detector beside it: the final model's per-example training loss."""
+        from ..results import roc_auc
+
+        out = {"rate_quantiles": torch.quantile(self.sigma.exp(), torch.tensor([0.1, 0.5, 0.9], device=self.sigma.device)).tolist()}
+        if self.corrupted.any() and not self.corrupted.all():
+            out["noise_auc"] = roc_auc(-self.sigma.cpu(), self.corrupted.cpu())
+            out["loss_auc"] = roc_auc(per_example_losses(self.model, self.train_loader).cpu(), self.corrupted.cpu())
+        return out
+
+
+@torch.no_grad()
+def per_example_losses(model, loader) -> torch.Tensor:
+    """(N,) cross-entropy of every example of a loader's split (its stored labels), eval mode,
+    no augmentation, in the split's order."""
+    was = model.training
+    model.eval()
+    out = torch.empty(len(loader.y), device=loader.y.device)
+    for s in range(0, len(loader.y), 500):
+        x = loader.normalise(loader.x[s:s + 500])
+        out[s:s + 500] = F.cross_entropy(model(x), loader.y[s:s + 500], reduction="none")
+    model.train(was)
+    return out
+
+
+class ReweightL2RW(Baseline):
+    """Learning to Reweight (Ren et al. 2018): per-step weights, no memory (metabook.meta)."""
+
+    name = "l2rw"
+    uses_meta = True
+
+    def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
+        for group in self.opt.param_groups:
+            group["lr"] = lr
+        out = reweighting_step(self.model, self.opt, batch.x, batch.y, meta_batch.x, meta_batch.y, lr, mode="jvp")
+        return {"loss": out["loss"], "meta_loss": out["meta_loss"], "acc": 0.0}
+
+
+DEFAULTS: dict = {
+    "noise.kind": "symmetric", "noise.rate": 0.4,
+    "ilr.meta_lr": 100.0,        # step size on sigma (the raw meta-gradient is O(eta / B))
+    "ilr.sigma_min": -5.0, "ilr.sigma_max": 2.0,
+    "ilr.lookahead": True,       # False: meta gradient at theta (no virtual step)
+    "ilr.mode": "jvp",           # jvp (exact) | fd (finite difference)
+}
+PRESETS: dict = {
+    "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50},
+    # 10,000 noisy training images so that each example's rate is updated once per epoch, 15 times.
+    "cpu": {"train_size": 10000, "epochs": 15.0},
+    "gpu": {"epochs": 40.0, "model": "resnet18", "width": 64, "batch_size": 100},
+    "paper": {"epochs": 40.0, "model": "resnet18", "width": 64, "batch_size": 100},
+}
+
+
+def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
+    """Arms at equal epochs: baseline, instance_lr, l2rw; and the baseline at instance_lr's wall-clock."""
+    from ..train import run_arms
+
+    from ..results import seed_stats
+
+    record = run_arms("instance_lr", "instance_lr",
+                      {"baseline": Baseline, "instance_lr": InstanceLR, "l2rw": ReweightL2RW},
+                      cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset, same_time_for="instance_lr")
+    extras = record["arms"]["instance_lr"].get("extras", {})
+    for key in ("noise_auc", "loss_auc"):
+        values = [e[key] for e in extras.values() if key in e]
+        if values:
+            record["metrics"][key] = seed_stats(values)["mean"]
+            record["metrics"][f"{key}_per_seed"] = values
+    return record
