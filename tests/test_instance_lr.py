@@ -4,21 +4,10 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import tiny_bn_net, weighted_problem
 from metabook.meta import forward, lookahead_params, model_params
 from metabook.methods.instance_lr import instance_lr_meta_gradient
 from metabook.results import roc_auc
-
-
-def tiny_bn_net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-
-def problem():
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g)
-    xm, ym = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(3, (6,), generator=g)
-    return x, y, xm, ym
 
 
 def meta_loss_of_sigma(model, sigma, x, y, xm, ym, lr):
@@ -31,7 +20,7 @@ def meta_loss_of_sigma(model, sigma, x, y, xm, ym, lr):
 @pytest.mark.parametrize("mode, rtol", [("jvp", 1e-6), ("fd", 1e-3)])
 def test_instance_lr_meta_gradient_matches_finite_differences_in_float64(mode, rtol):
     model, lr = tiny_bn_net(), 0.5
-    x, y, xm, ym = problem()
+    x, y, xm, ym = weighted_problem()
     sigma = torch.linspace(-0.5, 0.5, 8, dtype=torch.float64)
     grad, losses, _ = instance_lr_meta_gradient(model, model_params(model), x, y, xm, ym, sigma, lr, mode=mode)
     fd = torch.zeros(8, dtype=torch.float64)

@@ -4,19 +4,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from helpers import tiny_bn_net, weighted_problem
 from metabook.meta import forward, lookahead_params, meta_gradient, model_params
-
-
-def tiny_bn_net():
-    torch.manual_seed(0)
-    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
-
-
-def weighted_problem():
-    g = torch.Generator().manual_seed(1)
-    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g)
-    xm, ym = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(3, (6,), generator=g)
-    return x, y, xm, ym
 
 
 def outer_after_step(model, w, x, y, xm, ym, lr):

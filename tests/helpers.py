@@ -1,0 +1,17 @@
+"""Small float64 problems shared by the meta-gradient tests."""
+import torch
+import torch.nn as nn
+
+
+def tiny_bn_net():
+    """Linear(5, 6) -> BatchNorm1d -> tanh -> Linear(6, 3), float64, fixed initial weights."""
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def weighted_problem():
+    """A training batch (8 examples) and a meta batch (6), 5 features, 3 classes, float64."""
+    g = torch.Generator().manual_seed(1)
+    x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g)
+    xm, ym = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(3, (6,), generator=g)
+    return x, y, xm, ym
