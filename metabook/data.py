@@ -215,21 +215,25 @@ class DeviceLoader:
         self.channels_last = channels_last
         self.mean = torch.tensor(mean, device=device).view(1, 3, 1, 1) * 255
         self.std = torch.tensor(std, device=device).view(1, 3, 1, 1) * 255
+        self._plan = (None, None)                                        # (epoch, its plan)
 
     def __len__(self) -> int:
         n = len(self.y)
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def epoch_plan(self, epoch: int):
-        """The permutation, crop offsets and flips of one epoch, from a generator seeded by (seed, epoch)."""
+        """The permutation, crop offsets and flips of one epoch, from a generator seeded by (seed, epoch).
+        The last epoch's plan is kept, so asking for it batch by batch does not redraw it."""
         n = len(self.y)
         if not self.train:
             return torch.arange(n), None, None
-        g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-        perm = torch.randperm(n, generator=g)
-        offsets = torch.randint(0, 9, (n, 2), generator=g)
-        flips = torch.rand(n, generator=g) < 0.5
-        return perm, offsets, flips
+        if self._plan[0] != epoch:
+            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
+            perm = torch.randperm(n, generator=g)
+            offsets = torch.randint(0, 9, (n, 2), generator=g)
+            flips = torch.rand(n, generator=g) < 0.5
+            self._plan = (epoch, (perm, offsets, flips))
+        return self._plan[1]
 
     def epoch(self, epoch: int, start: int = 0):
         """Iterate over the batches of `epoch`, beginning at batch number `start`."""

@@ -99,11 +99,6 @@ def _finite_difference_meta_grad(params, inner_loss, outer, fast, meta_params, l
     return out
 
 
-def per_example_ce(model, params: Params, x, y) -> torch.Tensor:
-    """(B,) cross-entropy losses of a functional forward."""
-    return F.cross_entropy(forward(model, params, x), y, reduction="none")
-
-
 def example_weight_meta_gradient(model: torch.nn.Module, params: Params, x, y, v, lr: float,
                                  mode: str = "jvp", fd_eps: float = 1e-3, update_stats: bool = True):
     """d L_meta(theta') / d eps_i = -lr * <v, grad_theta l_i(theta)> for every example of (x, y).
