@@ -29,6 +29,12 @@ def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.SGD:
                            weight_decay=cfg["weight_decay"])
 
 
+def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
+    """The loop's scheduled learning rate for this step."""
+    for group in opt.param_groups:
+        group["lr"] = lr
+
+
 class Baseline:
     """Plain training: one forward, one backward, one optimiser step per batch."""
 
@@ -43,8 +49,7 @@ class Baseline:
         self.opt = make_optimizer(model, cfg)
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
         logits = self.model(batch.x)
         loss = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
         self.opt.zero_grad(set_to_none=True)

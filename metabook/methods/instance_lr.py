@@ -22,15 +22,15 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..meta import (example_weight_meta_gradient, forward, lookahead_params, model_params,
                     reweighting_step)
-from .baseline import Baseline, make_optimizer
+from .baseline import Baseline, make_optimizer, set_lr
 
 
 def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: float,
                               lookahead: bool = True, mode: str = "jvp"):
     """d L_meta(theta'(sigma)) / d sigma for one batch. sigma: (B,) log rates of the batch.
 
-    Returns (grad (B,), losses (B,)): `losses` are l_i(theta) with their graph and BatchNorm
-    statistics updated once, for the real step. lookahead=False evaluates the meta gradient at
+    Returns (grad (B,), losses (B,), meta loss): `losses` are l_i(theta) with their graph and
+    BatchNorm statistics updated once, for the real step. lookahead=False evaluates the meta gradient at
     theta instead of theta' (cheaper: no virtual step; a first-order approximation).
     """
     r = sigma.exp()
@@ -41,7 +41,8 @@ def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: fl
         fast = lookahead_params(params, g, lr)                                    # theta'(sigma)
         meta = F.cross_entropy(forward(model, fast, x_meta), y_meta)
         v = torch.autograd.grad(meta, list(fast.values()))
-        jv, _ = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode, update_stats=False)
+        with torch.no_grad():          # only the tangents are needed here: no reverse graph
+            jv, _ = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode, update_stats=False)
     else:
         meta = F.cross_entropy(forward(model, params, x_meta), y_meta)
         v = torch.autograd.grad(meta, list(params.values()))
@@ -76,8 +77,7 @@ class InstanceLR:
                             train_index=self.train_idx.cpu().numpy(), corrupted=self.corrupted.cpu().numpy())
 
     def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
         params = model_params(self.model)
         sigma = self.sigma[batch.idx]
         g_sigma, losses, meta_loss = instance_lr_meta_gradient(
@@ -131,8 +131,7 @@ class ReweightL2RW(Baseline):
     uses_meta = True
 
     def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
-        for group in self.opt.param_groups:
-            group["lr"] = lr
+        set_lr(self.opt, lr)
         out = reweighting_step(self.model, self.opt, batch.x, batch.y, meta_batch.x, meta_batch.y, lr, mode="jvp")
         return {"loss": out["loss"], "meta_loss": out["meta_loss"], "acc": 0.0}
 
