@@ -36,6 +36,8 @@ BASE: dict = {
     "augment": True,             # random crop (pad 4) + horizontal flip
     "noise.kind": "none",        # none | symmetric | pairflip
     "noise.rate": 0.0,           # fraction of training labels corrupted, in [0, 1)
+    "target.classes": "",        # personalization: favoured classes of the target distribution, e.g. "3,5"
+    "target.ratio": 4.0,         # ... each favoured class this many times as likely as the others
     "channels_last": False,
     "device": "auto",            # auto | cpu | cuda
     "eval_every": 1.0,           # epochs between evaluations
@@ -50,6 +52,7 @@ CHOICES: dict[str, tuple] = {
     "noise.kind": ("none", "symmetric", "pairflip"),
     "device": ("auto", "cpu", "cuda"),
     "ilr.mode": ("jvp", "fd"),
+    "lfl.activation": ("smooth_leaky_relu", "relu"),
 }
 
 # (test, phrase) pairs: the phrase completes "must be ..." in the error message.
@@ -71,6 +74,15 @@ RANGES: dict[str, tuple] = {
     "checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
     "time_budget_s": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
     "ilr.meta_lr": (lambda v: v >= 0, ">= 0"),
+    "target.ratio": (lambda v: v > 0, "> 0"),
+    "lfl.hidden": (lambda v: v >= 1, ">= 1"),
+    "lfl.beta": (lambda v: v > 0, "> 0"),
+    "lfl.leak": (lambda v: 0 <= v < 1, "in [0, 1)"),
+    "lfl.meta_lr": (lambda v: v >= 0, ">= 0"),
+    "lfl.offline_steps": (lambda v: v >= 0, ">= 0"),
+    "lfl.offline_horizon": (lambda v: v >= 1, ">= 1"),
+    "lfl.offline_meta_lr": (lambda v: v >= 0, ">= 0"),
+    "lfl.snapshot_every": (lambda v: v > 0, "> 0"),
 }
 
 

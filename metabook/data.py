@@ -174,6 +174,17 @@ def class_skewed_weights(num_classes: int, favoured: list[int], ratio: float) ->
     return w / w.sum()
 
 
+def parse_classes(text: str, num_classes: int) -> list[int]:
+    """'3,5' -> [3, 5]; every class must be in [0, num_classes). '' -> []."""
+    try:
+        classes = sorted({int(c) for c in str(text).split(",") if c.strip()})
+    except ValueError:
+        raise ConfigError(f"target.classes={text!r}: expected comma-separated class numbers, e.g. 3,5") from None
+    if any(not 0 <= c < num_classes for c in classes):
+        raise ConfigError(f"target.classes={text!r}: every class must be in 0..{num_classes - 1}")
+    return classes
+
+
 def target_subset(y: torch.Tensor, class_probs: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:
     """Indices into y of a sample of `size` examples whose class frequencies follow `class_probs`
     (a target distribution, e.g. for personalization). Sampled without replacement per class."""

@@ -21,7 +21,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import pick_device
-from .data import Batch, Dataset, DeviceLoader, corrupt_labels, load_dataset, split_train_meta
+from .data import (Batch, Dataset, DeviceLoader, class_skewed_weights, corrupt_labels, load_dataset,
+                   parse_classes, split_train_meta, target_subset)
 from .models import build_model
 
 
@@ -52,12 +53,22 @@ class RunData:
     meta_idx: torch.Tensor
     corrupted: torch.Tensor      # (len(train_idx),) bool: which training labels were corrupted
     info: dict = field(default_factory=dict)
+    target_probs: torch.Tensor | None = None   # (C,) target class distribution (personalization)
+    train_prior: torch.Tensor | None = None    # (C,) class frequencies of the (noisy) training labels
 
 
 def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | None = None) -> RunData:
     """Load the dataset, split train/meta by seed, corrupt training labels if asked, build loaders."""
     ds = dataset or load_dataset(cfg["dataset"])
     train_idx, meta_idx = split_train_meta(ds.y_train, cfg["meta_size"], cfg["train_size"], seed)
+    favoured = parse_classes(cfg["target.classes"], ds.num_classes)
+    target_probs = None
+    if favoured:      # personalization: the meta split follows the target distribution instead
+        target_probs = class_skewed_weights(ds.num_classes, favoured, cfg["target.ratio"])
+        is_train = torch.zeros(len(ds.y_train), dtype=torch.bool)
+        is_train[train_idx] = True
+        pool = torch.nonzero(~is_train).flatten()
+        meta_idx = pool[target_subset(ds.y_train[pool], target_probs, cfg["meta_size"], seed)]
     y_train, corrupted = corrupt_labels(ds.y_train[train_idx], cfg["noise.kind"], cfg["noise.rate"],
                                         ds.num_classes, seed)
     n_test = cfg["test_size"] or len(ds.y_test)
@@ -72,7 +83,12 @@ def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | 
     info = {**ds.describe(), "train_size": len(train_idx), "meta_size": len(meta_idx),
             "test_size": n_test, "noise": {"kind": cfg["noise.kind"], "rate": cfg["noise.rate"],
                                            "corrupted": int(corrupted.sum())}}
-    return RunData(ds, train, meta, val, test, train_idx, meta_idx, corrupted, info)
+    train_prior = None
+    if target_probs is not None:
+        info["target"] = {"classes": favoured, "ratio": cfg["target.ratio"], "probs": target_probs.tolist()}
+        train_prior = torch.bincount(y_train, minlength=ds.num_classes).float() / len(y_train)
+    return RunData(ds, train, meta, val, test, train_idx, meta_idx, corrupted, info,
+                   target_probs=target_probs, train_prior=train_prior)
 
 
 def make_model(cfg: dict, num_classes: int, device: torch.device) -> torch.nn.Module:
@@ -116,6 +132,28 @@ def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float
         n += len(batch.y)
     model.train(was_training)
     return correct / max(n, 1), loss / max(n, 1)
+
+
+@torch.no_grad()
+def target_accuracy(model: torch.nn.Module, loader: DeviceLoader, probs: torch.Tensor,
+                    train_prior: torch.Tensor) -> tuple[float, float]:
+    """Expected accuracy under a target class distribution `probs` (C,): sum_c probs_c * acc_c,
+    from the per-class accuracies acc_c on a (balanced) test split. Returns (as trained, with
+    the free prior correction: logits + log(probs / train_prior), Bayes' rule for a label shift)."""
+    was_training = model.training
+    model.eval()
+    c = len(probs)
+    shift = (probs / train_prior.cpu().clamp_min(1e-12)).log().to(loader.y.device)
+    hits = torch.zeros(2, c, device=loader.y.device)
+    counts = torch.zeros(c, device=loader.y.device)
+    for batch in loader.epoch(0):
+        logits = model(batch.x)
+        counts += torch.bincount(batch.y, minlength=c)
+        for row, out in enumerate((logits, logits + shift)):
+            hits[row] += torch.bincount(batch.y, weights=(out.argmax(1) == batch.y).float(), minlength=c)
+    model.train(was_training)
+    acc = (hits / counts.clamp_min(1)).cpu() @ probs
+    return float(acc[0]), float(acc[1])
 
 
 def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
@@ -242,7 +280,8 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     peak, peak_kind = peak_memory_bytes(device)
     return {
         "metrics": {"test_acc": final["test_acc"], "val_acc": final["val_acc"],
-                    "test_loss": final["test_loss"], "train_loss": final["train_loss"]},
+                    "test_loss": final["test_loss"], "train_loss": final["train_loss"],
+                    **{k: final[k] for k in ("target_acc", "target_acc_prior") if k in final}},
         "history": history,
         "cost": {"steps": step, "epochs": step / spe, "train_seconds": elapsed,
                  "seconds_per_step": float(np.median(warm)), "seconds_per_step_mean": float(np.mean(warm)),
@@ -264,6 +303,9 @@ def _eval_row(model, data, step, spe, lr, running, elapsed, metrics) -> dict:
     row = {"step": step, "epoch": step / spe, "lr": lr, "train_loss": running["loss"] / n,
            "train_acc": running["acc"] / n, "val_acc": val_acc, "test_acc": test_acc,
            "test_loss": test_loss, "elapsed_s": elapsed}
+    if data.target_probs is not None:
+        row["target_acc"], row["target_acc_prior"] = target_accuracy(model, data.test, data.target_probs,
+                                                                     data.train_prior)
     row.update({k: v for k, v in metrics.items() if k not in ("loss", "acc") and isinstance(v, float)})
     return row
 
@@ -344,6 +386,9 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
             "history": {str(r["seed"]): r["history"] for r in runs},
             "stopped_early": runs[0]["stopped_early"],
         }
+        for key in ("target_acc", "target_acc_prior"):
+            if key in runs[0]["metrics"]:
+                arms_out[name][key] = seed_stats([r["metrics"][key] for r in runs])
         if "extras" in runs[0]:
             arms_out[name]["extras"] = {str(r["seed"]): r["extras"] for r in runs}
     main = per_arm[method_arm]

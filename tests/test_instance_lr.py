@@ -83,3 +83,25 @@ def test_chapter_run_records_noise_auc_rates_and_all_arms(tmp_path):
     saved = np.load(tmp_path / "instance_lr-seed0.npz")
     assert saved["rate"].shape == saved["train_index"].shape == saved["corrupted"].shape == (512,)
     assert (tmp_path / "result.json").exists()
+
+
+def test_personalization_run_reports_accuracy_on_the_target_distribution(tmp_path):
+    from metabook import run_chapter
+    tiny = {"dataset": "synthetic", "train_size": 512, "meta_size": 100, "batch_size": 64, "width": 8,
+            "test_size": 200, "epochs": 1.0, "noise.kind": "none", "noise.rate": 0.0,
+            "target.classes": "3,5", "ilr.arms": "baseline,instance_lr", "ilr.same_time": False}
+    rec = run_chapter("instance_lr", "smoke", seeds=[0], overrides=tiny, progress=False)
+    assert set(rec["arms"]) == {"baseline", "instance_lr"}
+    for arm in rec["arms"].values():
+        assert 0 <= arm["target_acc"]["mean"] <= 1 and 0 <= arm["target_acc_prior"]["mean"] <= 1
+    assert rec["metrics"]["target_acc"] == rec["arms"]["instance_lr"]["target_acc"]["mean"]
+    assert rec["dataset"]["target"]["classes"] == [3, 5]
+
+
+def test_arms_without_the_method_or_unknown_names_are_refused():
+    from metabook.config import ConfigError
+    from metabook.methods.instance_lr import parse_arms
+    with pytest.raises(ConfigError, match="baseline, instance_lr, l2rw"):
+        parse_arms("baseline,mwn")
+    with pytest.raises(ConfigError, match="required"):
+        parse_arms("baseline,l2rw")

@@ -112,3 +112,39 @@ def test_cli_run_writes_a_complete_result_record(tmp_path):
     arm = rec["arms"]["baseline"]
     assert len(arm["test_acc"]["per_seed"]) == 2 and arm["step_cost_ratio"] == 1.0
     assert rec["config"]["lr"] == 0.1 and rec["config"]["preset"] == "smoke"
+
+
+def test_target_meta_split_follows_the_target_distribution_and_stays_out_of_training(synthetic):
+    cfg = chapter_config("baseline", "smoke", {"dataset": "synthetic", "train_size": 1000, "meta_size": 300,
+                                               "target.classes": "3,5", "target.ratio": 2.0})
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    counts = torch.bincount(data.dataset.y_train[data.meta_idx], minlength=10)
+    assert counts.tolist() == [25, 25, 25, 50, 25, 50, 25, 25, 25, 25]     # twice as likely: 1/6 vs 1/12
+    assert not set(data.meta_idx.tolist()) & set(data.train_idx.tolist())
+    assert torch.allclose(data.target_probs[[3, 5]], torch.tensor(1 / 6))
+
+
+def test_target_accuracy_weights_per_class_accuracy_by_the_target_distribution(synthetic):
+    from metabook.train import target_accuracy
+
+    cfg = chapter_config("baseline", "smoke", {"dataset": "synthetic", "train_size": 1000, "meta_size": 200,
+                                               "target.classes": "3", "target.ratio": 7.0})
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+
+    class AlwaysClass(torch.nn.Module):           # predicts class 0, but class 3 is a close second
+        def forward(self, x):
+            logits = torch.zeros(len(x), 10)
+            logits[:, 0], logits[:, 3] = 1.0, 0.5
+            return logits
+
+    as_trained, corrected = target_accuracy(AlwaysClass(), data.test, data.target_probs, data.train_prior)
+    assert as_trained == pytest.approx(data.target_probs[0].item())     # right exactly on class 0
+    assert corrected == pytest.approx(data.target_probs[3].item())      # log(7) > 0.5 moves it to class 3
+
+
+def test_unknown_target_class_is_a_clear_error(synthetic):
+    from metabook.config import ConfigError
+    cfg = chapter_config("baseline", "smoke", {"dataset": "synthetic", "train_size": 1000, "meta_size": 200,
+                                               "target.classes": "3,12"})
+    with pytest.raises(ConfigError, match="0..9"):
+        prepare_data(cfg, 0, torch.device("cpu"), synthetic)

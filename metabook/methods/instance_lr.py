@@ -142,7 +142,10 @@ DEFAULTS: dict = {
     "ilr.sigma_min": -5.0, "ilr.sigma_max": 2.0,
     "ilr.lookahead": True,       # False: meta gradient at theta (no virtual step)
     "ilr.mode": "jvp",           # jvp (exact) | fd (finite difference)
+    "ilr.arms": "baseline,instance_lr,l2rw",   # which arms to run (baseline is always needed)
+    "ilr.same_time": True,       # also run the baseline for instance_lr's wall-clock
 }
+ARMS = {"baseline": Baseline, "instance_lr": InstanceLR, "l2rw": ReweightL2RW}
 PRESETS: dict = {
     "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50},
     # 10,000 noisy training images so that each example's rate is updated once per epoch, 15 times.
@@ -152,15 +155,31 @@ PRESETS: dict = {
 }
 
 
+def parse_arms(text: str) -> list[str]:
+    """'baseline,instance_lr' -> ['baseline', 'instance_lr']; baseline and instance_lr are required."""
+    from ..config import ConfigError
+
+    names = [n.strip() for n in str(text).split(",") if n.strip()]
+    unknown = [n for n in names if n not in ARMS]
+    if unknown or not {"baseline", "instance_lr"} <= set(names):
+        raise ConfigError(f"ilr.arms={text!r}: choose from {', '.join(ARMS)}; baseline and instance_lr "
+                          f"are required")
+    return names
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
-    """Arms at equal epochs: baseline, instance_lr, l2rw; and the baseline at instance_lr's wall-clock."""
+    """Arms at equal epochs (cfg['ilr.arms'] of baseline, instance_lr, l2rw) and, with
+    cfg['ilr.same_time'], the baseline at instance_lr's wall-clock."""
+    from ..results import seed_stats
     from ..train import run_arms
 
-    from ..results import seed_stats
-
-    record = run_arms("instance_lr", "instance_lr",
-                      {"baseline": Baseline, "instance_lr": InstanceLR, "l2rw": ReweightL2RW},
-                      cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset, same_time_for="instance_lr")
+    names = parse_arms(cfg["ilr.arms"])
+    record = run_arms("instance_lr", "instance_lr", {n: ARMS[n] for n in names}, cfg, seeds, out_dir=out_dir,
+                      progress=progress, dataset=dataset,
+                      same_time_for="instance_lr" if cfg["ilr.same_time"] else None)
+    for key in ("target_acc", "target_acc_prior"):
+        if key in record["arms"]["instance_lr"]:
+            record["metrics"][key] = record["arms"]["instance_lr"][key]["mean"]
     extras = record["arms"]["instance_lr"].get("extras", {})
     for key in ("noise_auc", "loss_auc"):
         values = [e[key] for e in extras.values() if key in e]
