@@ -108,9 +108,12 @@ def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR) -> list[d
     return sorted(runs, key=lambda r: r.get("provenance", {}).get("date", ""), reverse=True)
 
 
-def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS_DIR) -> dict | None:
-    """The newest recorded run of a chapter at a preset, or None."""
-    runs = [r for r in recorded_runs(chapter, results_dir) if r.get("preset") == preset]
+def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS_DIR,
+                    where: dict | None = None) -> dict | None:
+    """The newest recorded run of a chapter at a preset whose config has the `where` values
+    (e.g. {"noise.kind": "pairflip"}), or None."""
+    runs = [r for r in recorded_runs(chapter, results_dir) if r.get("preset") == preset
+            and all(r.get("config", {}).get(k) == v for k, v in (where or {}).items())]
     return runs[0] if runs else None
 
 

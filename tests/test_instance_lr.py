@@ -58,8 +58,10 @@ def test_corrupted_examples_end_with_lower_learning_rates():
     method.setup(model, Data, cfg)
     for epoch in range(15):
         for b in torch.randperm(240).split(40):
-            method.step(Batch(x[b], y_noisy[b], b), Batch(xm, ym, torch.arange(60)), lr=0.1)
+            metrics = method.step(Batch(x[b], y_noisy[b], b), Batch(xm, ym, torch.arange(60)), lr=0.1)
     assert roc_auc(-method.sigma, flipped) > 0.8
+    assert metrics["rate_auc"] == roc_auc(-method.sigma, flipped)        # the history's per-epoch summary
+    assert metrics["rate_corrupted"] < metrics["rate_clean"]
 
 
 def test_roc_auc_of_known_cases():

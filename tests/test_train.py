@@ -148,3 +148,15 @@ def test_unknown_target_class_is_a_clear_error(synthetic):
                                                "target.classes": "3,12"})
     with pytest.raises(ConfigError, match="0..9"):
         prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+
+
+def test_latest_recorded_picks_the_newest_record_whose_config_matches(tmp_path):
+    from metabook.results import latest_recorded, write_result
+    for name, kind, date in [("a", "symmetric", "2026-11-01"), ("b", "pairflip", "2026-11-02"),
+                             ("c", "symmetric", "2026-11-03"), ("d", "pairflip", "2026-10-01")]:
+        write_result({"chapter": "instance_lr", "preset": "cpu", "name": name, "config": {"noise.kind": kind},
+                      "provenance": {"date": date}}, tmp_path / name)
+    assert latest_recorded("instance_lr", "cpu", tmp_path)["name"] == "c"
+    assert latest_recorded("instance_lr", "cpu", tmp_path, where={"noise.kind": "pairflip"})["name"] == "b"
+    assert latest_recorded("instance_lr", "cpu", tmp_path, where={"noise.kind": "none"}) is None
+    assert latest_recorded("instance_lr", "gpu", tmp_path) is None

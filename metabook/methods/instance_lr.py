@@ -88,8 +88,19 @@ class InstanceLR:
         self.opt.zero_grad(set_to_none=True)
         (sigma.exp() * losses).mean().backward()
         self.opt.step()
-        return {"loss": losses.mean().item(), "meta_loss": meta_loss, "mean_rate": sigma.exp().mean().item(),
-                "acc": 0.0}
+        return {"loss": losses.mean().item(), "meta_loss": meta_loss, "acc": 0.0, **self.rate_summary()}
+
+    def rate_summary(self) -> dict:
+        """Mean rate of all examples, of the clean and of the corrupted ones, and the ROC-AUC of a
+        low rate for a corrupted label (~1 ms for 10,000 examples; the history keeps one per epoch)."""
+        from ..results import roc_auc
+
+        r = self.sigma.exp()
+        out = {"mean_rate": r.mean().item()}
+        if self.corrupted.any() and not self.corrupted.all():
+            out.update(rate_clean=r[~self.corrupted].mean().item(), rate_corrupted=r[self.corrupted].mean().item(),
+                       rate_auc=roc_auc(-self.sigma.cpu(), self.corrupted.cpu()))
+        return out
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "sigma": self.sigma}
