@@ -42,3 +42,37 @@ def plot_depth_sweep(ax, record: dict, label: str = "") -> None:
     ax.set_xlabel("depth (conv layers)")
     ax.set_ylabel("test accuracy (%)")
     ax.legend(fontsize=8)
+
+
+def plot_arms(ax, record: dict, x: str = "epoch", key: str = "test_acc", arms: list[str] | None = None) -> None:
+    """`key` (an accuracy, shown in %) of each arm against `x` ('epoch' or 'elapsed_s', shown in
+    minutes), the mean over seeds, with the seeds' range as a band when there are several."""
+    import numpy as np
+
+    for name in arms or list(record["arms"]):
+        runs = list(record["arms"][name]["history"].values())
+        n = min(len(h) for h in runs)
+        xs = np.mean([[row[x] for row in h[:n]] for h in runs], axis=0) / (60 if x == "elapsed_s" else 1)
+        ys = 100 * np.array([[row[key] for row in h[:n]] for h in runs])
+        line, = ax.plot(xs, ys.mean(0), "o-", ms=3, label=name)
+        if len(runs) > 1:
+            ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
+    ax.set_xlabel("training time (min)" if x == "elapsed_s" else x)
+    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
+    ax.legend(fontsize=7)
+
+
+def plot_rate_histogram(ax, rate, corrupted) -> None:
+    """Histograms (log-spaced bins) of per-example learning rates, clean vs corrupted labels.
+    rate: (N,) positive; corrupted: (N,) bool."""
+    import numpy as np
+
+    rate, corrupted = np.asarray(rate), np.asarray(corrupted, dtype=bool)
+    bins = np.geomspace(max(rate.min(), 1e-3), rate.max() * 1.01, 40)
+    ax.hist(rate[~corrupted], bins=bins, alpha=0.6, label=f"clean ({(~corrupted).sum():,})")
+    if corrupted.any():
+        ax.hist(rate[corrupted], bins=bins, alpha=0.6, label=f"corrupted ({corrupted.sum():,})")
+    ax.set_xscale("log")
+    ax.set_xlabel("learned learning-rate multiplier $r_i$")
+    ax.set_ylabel("examples")
+    ax.legend(fontsize=7)
