@@ -53,6 +53,8 @@ CHOICES: dict[str, tuple] = {
     "device": ("auto", "cpu", "cuda"),
     "ilr.mode": ("jvp", "fd"),
     "lfl.activation": ("smooth_leaky_relu", "relu"),
+    "lfl.init": ("random", "cross_entropy"),
+    "hf.damping_rule": ("lm", "fixed"),
 }
 
 # (test, phrase) pairs: the phrase completes "must be ..." in the error message.
@@ -82,7 +84,16 @@ RANGES: dict[str, tuple] = {
     "lfl.offline_steps": (lambda v: v >= 0, ">= 0"),
     "lfl.offline_horizon": (lambda v: v >= 1, ">= 1"),
     "lfl.offline_meta_lr": (lambda v: v >= 0, ">= 0"),
+    "lfl.offline_lr": (lambda v: v >= 0, ">= 0 (0 = the peak lr)"),
     "lfl.snapshot_every": (lambda v: v > 0, "> 0"),
+    "hf.damping": (lambda v: v > 0, "> 0"),
+    "hf.cg_iters": (lambda v: v >= 1, ">= 1"),
+    "hf.cg_tol": (lambda v: v >= 0, ">= 0 (0 = no relative-progress stop)"),
+    "hf.precond_exponent": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = no preconditioner)"),
+    "hf.fisher_chunk": (lambda v: v >= 1, ">= 1"),
+    "hf.gn_batch_size": (lambda v: v >= 1, ">= 1"),
+    "hf.warm_start": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = CG from zero)"),
+    "adam.lr": (lambda v: v > 0, "> 0"),
 }
 
 

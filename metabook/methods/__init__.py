@@ -6,9 +6,10 @@ same seed gives the same numbers from either.
 from __future__ import annotations
 
 from ..config import ConfigError, make_config
-from . import baseline, depth, instance_lr
+from . import baseline, depth, instance_lr, meta_hf, online_loss
 
-CHAPTERS = {"baseline": baseline, "depth": depth, "instance_lr": instance_lr}
+CHAPTERS = {"baseline": baseline, "depth": depth, "instance_lr": instance_lr, "online_loss": online_loss,
+            "meta_hf": meta_hf}
 
 
 def chapter_module(name: str):

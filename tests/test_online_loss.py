@@ -1,0 +1,237 @@
+"""Online loss-function learning: meta-gradients against finite differences, the shape of the
+learned loss, the online/offline wiring, resume, config errors, and the chapter's record."""
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.nn.utils import parameters_to_vector, vector_to_parameters
+
+from helpers import tiny_bn_net, weighted_problem
+from metabook import ConfigError, chapter_config
+from metabook.data import make_synthetic
+from metabook.meta import forward, lookahead_params, model_params
+from metabook.methods import online_loss as lfl
+from metabook.methods.online_loss import (LossNet, OfflineLoss, OnlineLoss, loss_curve, loss_value,
+                                          offline_init, online_meta_step, unrolled_meta_loss)
+from metabook.train import make_model, prepare_data, seed_everything, train
+
+TINY = {"dataset": "synthetic", "train_size": 320, "meta_size": 100, "batch_size": 32, "width": 4,
+        "test_size": 100, "epochs": 2.0, "lfl.offline_steps": 3, "lfl.hidden": 8}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_synthetic(600, 200, seed=0)
+
+
+def tiny_loss_net(seed=0, activation="smooth_leaky_relu"):
+    torch.manual_seed(seed)
+    return LossNet(hidden=4, activation=activation).double()
+
+
+def finite_difference(fn, loss_net, eps=1e-6):
+    """Central differences of fn() in every parameter of loss_net (float64)."""
+    phi = parameters_to_vector(loss_net.parameters()).detach()
+    out = torch.zeros_like(phi)
+    for i in range(len(phi)):
+        for sign in (1, -1):
+            shifted = phi.clone()
+            shifted[i] += sign * eps
+            vector_to_parameters(shifted, loss_net.parameters())
+            out[i] += sign * fn() / (2 * eps)
+    vector_to_parameters(phi, loss_net.parameters())
+    return out
+
+
+def assert_matches(grads, fd, rtol=1e-6):
+    g = torch.cat([t.flatten() for t in grads])
+    assert fd.abs().max() > 1e-4                                     # the check is not vacuous
+    assert torch.allclose(g, fd, rtol=rtol, atol=rtol * fd.abs().max().item())
+
+
+@pytest.mark.parametrize("activation", ["smooth_leaky_relu", "relu"])
+def test_online_meta_gradient_through_the_virtual_step_matches_finite_differences(activation):
+    model, loss_net, lr = tiny_bn_net(), tiny_loss_net(activation=activation), 0.5
+    x, y, xm, ym = weighted_problem()
+
+    def meta_after_virtual_step():
+        params = model_params(model)
+        inner = loss_value(loss_net, forward(model, params, x), y)
+        grads = torch.autograd.grad(inner, list(params.values()))
+        return F.cross_entropy(forward(model, lookahead_params(params, grads, lr), xm), ym).item()
+
+    g_theta, g_phi, info = online_meta_step(model, loss_net, x, y, xm, ym, lr)
+    assert_matches(g_phi, finite_difference(meta_after_virtual_step, loss_net))
+    assert info["meta_loss"] == pytest.approx(meta_after_virtual_step(), rel=1e-12)
+    # the real step's gradient is the learned loss's gradient at theta
+    params = model_params(model)
+    expected = torch.autograd.grad(loss_value(loss_net, forward(model, params, x), y), list(params.values()))
+    for a, b in zip(g_theta, expected):
+        assert torch.allclose(a, b, rtol=1e-10, atol=1e-14) and not a.requires_grad
+
+
+def test_offline_unroll_meta_gradient_matches_finite_differences_for_horizon_two():
+    model, loss_net, lr = tiny_bn_net(), tiny_loss_net(seed=1), 0.5
+    x, y, xm, ym = weighted_problem()
+    batches = [(x[:4], y[:4]), (x[4:], y[4:])]
+    params = {k: p.detach().clone().requires_grad_(True) for k, p in model_params(model).items()}
+
+    def meta(horizon=2):
+        return unrolled_meta_loss(model, params, loss_net, batches[:horizon], (xm, ym), lr)
+
+    grads = torch.autograd.grad(meta(), list(loss_net.parameters()))
+    assert_matches(grads, finite_difference(lambda: meta().item(), loss_net))
+    one = torch.autograd.grad(meta(horizon=1), list(loss_net.parameters()))
+    assert not torch.allclose(torch.cat([g.flatten() for g in grads]), torch.cat([g.flatten() for g in one]))
+
+
+@pytest.mark.parametrize("activation", ["smooth_leaky_relu", "relu"])
+def test_learned_loss_is_non_negative_for_any_weights_and_extreme_logits(activation):
+    g = torch.Generator().manual_seed(0)
+    logits = torch.cat([torch.randn(64, 10, generator=g), 50 * torch.randn(64, 10, generator=g)])
+    y = torch.randint(10, (128,), generator=g)
+    for seed in range(5):
+        loss_net = LossNet(hidden=8, activation=activation)
+        torch.manual_seed(seed)
+        for p in loss_net.parameters():                              # weights far from the init too
+            p.data = 3 * torch.randn_like(p)
+        pairs = torch.rand(500, 2)
+        assert (loss_net(pairs) >= 0).all()
+        assert (loss_value(loss_net, logits, y, reduction="none") >= 0).all()
+        assert (loss_curve(loss_net, 10) >= 0).all()
+
+
+def test_loss_net_fitted_to_cross_entropy_falls_in_p_true_and_pushes_logits_like_cross_entropy():
+    from metabook.methods.online_loss import fit_to_cross_entropy
+    torch.manual_seed(0)
+    loss_net = LossNet(hidden=40)
+    assert fit_to_cross_entropy(loss_net) < 0.05
+    curve = loss_curve(loss_net, 10)[:40]                            # p_true in [0.01, 0.8]
+    assert (curve[1:] < curve[:-1]).all()
+    g = torch.Generator().manual_seed(1)
+    logits = (2 * torch.randn(256, 10, generator=g)).requires_grad_(True)
+    y = torch.randint(10, (256,), generator=g)
+    (learned,) = torch.autograd.grad(loss_value(loss_net, logits, y), logits)
+    (ce,) = torch.autograd.grad(F.cross_entropy(logits, y), logits)
+    assert F.cosine_similarity(learned.flatten(), ce.flatten(), dim=0) > 0.8
+    assert 0.5 < learned.norm() / ce.norm() < 2
+
+
+def separable_batches(n, centers, seed):
+    """Endless batches of a 3-class, 5-feature problem whose classes are well separated."""
+    from metabook.data import Batch
+    g = torch.Generator().manual_seed(seed)
+    while True:
+        y = torch.randint(3, (n,), generator=g)
+        yield Batch(centers[y] + 0.7 * torch.randn(n, 5, generator=g), y, torch.arange(n))
+
+
+@pytest.mark.parametrize("seed", [0, 1])
+def test_offline_init_turns_a_flat_random_loss_into_one_that_falls_as_p_true_rises(seed):
+    """ML^3 on a separable problem: the meta loss after one step falls, and the learned loss
+    becomes much lower at p_true = 0.99 than at 0.01 or 0.5 (like cross-entropy), from an
+    initial curve that is nearly flat."""
+    import torch.nn as nn
+    torch.manual_seed(seed)
+    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    loss_net = LossNet(hidden=40)
+    before = loss_curve(loss_net, 3)
+    centers = 2 * torch.randn(3, 5)
+    trace = offline_init(model, loss_net, separable_batches(32, centers, seed),
+                         separable_batches(32, centers, seed + 100), steps=150, horizon=1, lr=0.1, meta_lr=1e-2)
+    after = loss_curve(loss_net, 3)
+    drop_before = (before[0] - before[-1]).abs().item()
+    assert sum(trace[-20:]) / 20 < 0.8 * sum(trace[:20]) / 20
+    assert after[-1] < after[0] - 10 * max(drop_before, 0.1)
+    assert after[-1] < after[len(after) // 2]
+
+
+def tiny_run(synthetic, method_cls, overrides=None, out_dir=None, on_step=None, seed=0):
+    cfg = chapter_config("online_loss", "smoke", {**TINY, **(overrides or {})})
+    data = prepare_data(cfg, seed, torch.device("cpu"), synthetic)
+    seed_everything(seed)
+    model = make_model(cfg, synthetic.num_classes, torch.device("cpu"))
+    method = method_cls(cfg)
+    res = train(method, model, data, cfg, seed=seed, out_dir=out_dir, progress=False,
+                on_step=lambda step, m: on_step(step, m, method) if on_step else None)
+    return model, method, res
+
+
+@pytest.mark.parametrize("method_cls", [OnlineLoss, OfflineLoss])
+def test_online_loss_moves_phi_every_step_while_offline_loss_keeps_it_fixed(synthetic, method_cls):
+    seen = []
+
+    def record_phi(step, metrics, method):
+        seen.append(parameters_to_vector(method.loss_net.parameters()).clone())
+
+    _, method, res = tiny_run(synthetic, method_cls, on_step=record_phi)
+    assert len(seen) == res["cost"]["steps"] == 20
+    assert len(method.offline_trace) == 3                          # the offline init ran once, 3 steps
+    moved = [not torch.equal(a, b) for a, b in zip(seen, seen[1:])]
+    assert all(moved) if method_cls is OnlineLoss else not any(moved)
+    curves = method.extras()["curves"]
+    assert [c["step"] for c in curves] == [0, 10, 20]              # after the init, then every epoch
+    assert (curves[0]["loss"] != curves[-1]["loss"]) == (method_cls is OnlineLoss)
+
+
+def test_online_loss_with_meta_lr_zero_trains_exactly_like_the_frozen_offline_loss(synthetic):
+    """The real step of OnlineLoss is the base step on M_phi: with phi frozen the two methods
+    must follow the same trajectory (same offline init, same batches)."""
+    model_on, method_on, _ = tiny_run(synthetic, OnlineLoss, {"lfl.meta_lr": 0.0, "epochs": 1.0})
+    model_off, method_off, _ = tiny_run(synthetic, OfflineLoss, {"lfl.meta_lr": 0.0, "epochs": 1.0})
+    assert method_on.offline_trace == method_off.offline_trace
+    for (name, a), b in zip(model_on.state_dict().items(), model_off.state_dict().values()):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), name
+
+
+def test_killed_online_run_resumes_to_bitwise_identical_results_without_redoing_the_offline_init(
+        synthetic, tmp_path, monkeypatch):
+    overrides = {"checkpoint_every": 4}
+    model_a, method_a, full = tiny_run(synthetic, OnlineLoss, overrides)
+
+    class Killed(Exception):
+        pass
+
+    def kill_at_step_11(step, metrics, method):
+        if step == 11:
+            raise Killed
+
+    with pytest.raises(Killed):
+        tiny_run(synthetic, OnlineLoss, overrides, out_dir=tmp_path, on_step=kill_at_step_11)
+    assert (tmp_path / "checkpoint.pt").exists()
+    calls = []
+    monkeypatch.setattr(lfl, "offline_init", lambda *a, **k: calls.append(1) or [])
+    model_b, method_b, resumed = tiny_run(synthetic, OnlineLoss, overrides, out_dir=tmp_path)
+    assert calls == []                                              # restored, not recomputed
+    assert resumed["metrics"] == full["metrics"]
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    for a, b in zip(method_a.loss_net.parameters(), method_b.loss_net.parameters()):
+        assert torch.equal(a, b)
+    ea, eb = method_a.extras(), method_b.extras()
+    assert ea["curves"] == eb["curves"] and ea["offline_meta_loss"] == eb["offline_meta_loss"]
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"lfl.activation": "tanh"}, "lfl.activation='tanh' is not valid; choose one of: smooth_leaky_relu, relu"),
+    ({"lfl.offline_horizon": "0"}, "lfl.offline_horizon=0 is not valid; it must be >= 1"),
+    ({"lfl.leak": "1.5"}, "it must be in [0, 1)"),
+    ({"lfl.init": "ce"}, "choose one of: random, cross_entropy"),
+    ({"lfl.hiden": "8"}, "valid keys:"),
+])
+def test_bad_config_values_raise_config_error_naming_the_choices(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        chapter_config("online_loss", "smoke", overrides)
+    assert needle in str(err.value)
+
+
+def test_chapter_run_records_all_arms_cost_ratio_and_learned_loss_curves(synthetic, tmp_path):
+    from metabook import run_chapter
+    rec = run_chapter("online_loss", "smoke", seeds=[0], out_dir=tmp_path, overrides={**TINY, "epochs": 1.0},
+                      progress=False, dataset=synthetic)
+    assert set(rec["arms"]) == {"baseline", "offline_loss", "online_loss", "baseline_same_time"}
+    assert rec["method"] == "online_loss" and rec["cost"]["step_cost_ratio"] > 1
+    extras = rec["arms"]["online_loss"]["extras"]["0"]
+    assert len(extras["curves"]) >= 2 and len(extras["curves"][0]["loss"]) == len(extras["p_true"])
+    assert len(extras["offline_meta_loss"]) == 3 and extras["offline_seconds"] > 0
+    assert "grad_ratio" in rec["arms"]["online_loss"]["history"]["0"][-1]
+    assert (tmp_path / "result.json").exists()
