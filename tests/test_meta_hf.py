@@ -1,0 +1,303 @@
+"""Hessian-free optimisation: Gauss-Newton products against the explicit matrix, CG, damping,
+one HF step against SGD, bitwise resume, config errors."""
+import pytest
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from torch.func import jacrev
+
+from helpers import tiny_bn_net, weighted_problem
+from metabook import ConfigError, chapter_config
+from metabook.data import Batch, make_synthetic
+from metabook.meta import forward, model_params
+from metabook.methods.baseline import Baseline
+from metabook.methods.meta_hf import (GaussNewton, HessianFree, flatten, gnvp, lm_damping, pcg,
+                                      unflatten)
+from metabook.train import make_model, prepare_data, seed_everything, train
+
+
+def tiny_mlp():
+    torch.manual_seed(0)
+    return nn.Sequential(nn.Linear(5, 6), nn.Tanh(), nn.Linear(6, 3)).double()
+
+
+def explicit_gauss_newton(model, x, y, weight_decay=0.0):
+    """G = J^T H J + wd I as a (P, P) matrix: J (B*C, P) from jacrev, H block-diagonal."""
+    params = {k: p.detach() for k, p in model_params(model).items()}
+    jac = jacrev(lambda p: forward(model, p, x))(params)                     # name -> (B, C, *shape)
+    B, C = len(y), 3
+    J = torch.cat([j.reshape(B * C, -1) for j in jac.values()], dim=1)        # (B*C, P)
+    p = F.softmax(forward(model, params, x), 1).detach()
+    H = torch.block_diag(*[torch.diag(p[i]) - torch.outer(p[i], p[i]) for i in range(B)]) / B
+    return J.T @ H @ J + weight_decay * torch.eye(J.shape[1], dtype=J.dtype)
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_bn_net])
+def test_gnvp_equals_the_explicit_gauss_newton_matrix_times_v(make):
+    model = make()
+    x, y, _, _ = weighted_problem()
+    params = model_params(model)
+    before = {k: b.clone() for k, b in model.named_buffers()}
+    G = explicit_gauss_newton(model, x, y, weight_decay=0.01)
+    g = torch.Generator().manual_seed(2)
+    for _ in range(3):
+        v = torch.randn(G.shape[0], generator=g, dtype=torch.float64)
+        gv = gnvp(model, params, x, y, v, weight_decay=0.01)
+        assert (gv - G @ v).abs().max() < 1e-10 * max(1.0, (G @ v).abs().max().item())
+    assert (G - 0.01 * torch.eye(len(G), dtype=G.dtype)).abs().max() > 1e-3     # not vacuous
+    for k, b in model.named_buffers():                                         # BatchNorm untouched
+        assert torch.equal(before[k], b), k
+
+
+def test_gauss_newton_equals_the_hessian_for_linear_softmax_regression():
+    """Logits linear in theta: the Gauss-Newton matrix is the exact Hessian (checks H_L itself)."""
+    torch.manual_seed(1)
+    model = nn.Linear(5, 3).double()
+    x, y, _, _ = weighted_problem()
+    params = {k: p.detach() for k, p in model_params(model).items()}
+    shapes = {k: p.shape for k, p in params.items()}
+
+    def loss(flat):
+        return F.cross_entropy(forward(model, unflatten(flat, params), x), y)
+
+    H = torch.func.hessian(loss)(flatten(params))
+    G = torch.stack([gnvp(model, params, x, y, e) for e in torch.eye(len(H), dtype=torch.float64)], 1)
+    assert torch.allclose(G, H, atol=1e-12) and H.abs().max() > 1e-2
+    assert {k: v.shape for k, v in unflatten(flatten(params), params).items()} == shapes
+
+
+def test_gauss_newton_is_symmetric_positive_semidefinite_on_a_batchnorm_net():
+    model = tiny_bn_net()
+    x, y, _, _ = weighted_problem()
+    G = GaussNewton(model, model_params(model), x, y)
+    g = torch.Generator().manual_seed(3)
+    P = len(flatten(G.params))
+    for _ in range(5):
+        u, v = torch.randn(2, P, generator=g, dtype=torch.float64)
+        assert abs(u @ G(v) - v @ G(u)) < 1e-12 * (1 + abs(u @ G(v)))
+        assert v @ G(v) >= -1e-14
+    assert torch.linalg.eigvalsh(explicit_gauss_newton(model, x, y)).min() > -1e-12
+
+
+def test_fisher_diagonal_with_chunk_one_is_the_mean_of_squared_per_example_gradients():
+    model = tiny_bn_net()
+    x, y, _, _ = weighted_problem()
+    params = model_params(model)
+    losses = F.cross_entropy(forward(model, params, x), y, reduction="none")
+    per_example = torch.stack([flatten(torch.autograd.grad(losses[i], list(params.values()), retain_graph=True))
+                               for i in range(len(y))])                        # (B, P), BN-coupled
+    G = GaussNewton(model, params, x, y)
+    assert torch.allclose(G.fisher_diagonal(1), (per_example ** 2).mean(0), atol=1e-14)
+    # chunks of 4: 4 * (mean gradient of the chunk)^2, averaged
+    chunks = per_example.view(2, 4, -1).mean(1)
+    assert torch.allclose(G.fisher_diagonal(4), 4 * (chunks ** 2).mean(0), atol=1e-14)
+
+
+def spd(n, seed, scales=None):
+    g = torch.Generator().manual_seed(seed)
+    Q = torch.randn(n, n, generator=g, dtype=torch.float64)
+    A = Q @ Q.T / n + 0.5 * torch.eye(n, dtype=torch.float64)
+    if scales is not None:
+        A = scales[:, None] * A * scales[None, :]
+    return A, torch.randn(n, generator=g, dtype=torch.float64)
+
+
+def test_pcg_solves_a_small_spd_system_and_keeps_backtracking_iterates():
+    A, b = spd(30, 0)
+    res = pcg(lambda v: A @ v, b, max_iters=200, tol=0.0, rtol=1e-12)
+    assert res.stop == "residual" and res.iters <= 60
+    assert torch.allclose(res.x, torch.linalg.solve(A, b), atol=1e-9)
+    assert res.phi == pytest.approx((0.5 * res.x @ A @ res.x - b @ res.x).item(), rel=1e-10)
+    saved = [i for i, _, _ in res.iterates]
+    assert saved[:5] == [1, 2, 3, 4, 5] and saved[-1] == res.iters and saved == sorted(set(saved))
+    phis = [phi for _, _, phi in res.iterates]
+    assert all(a >= b - 1e-12 for a, b in zip(phis, phis[1:])) and phis[0] > phis[-1]   # CG decreases phi
+    # warm start from the solution: nothing left to do
+    assert pcg(lambda v: A @ v, b, x0=res.x, max_iters=5, tol=0.0, rtol=1e-8).iters <= 1
+
+
+def test_diagonal_preconditioner_needs_fewer_iterations_on_a_badly_scaled_system():
+    scales = torch.logspace(-2, 2, 40, dtype=torch.float64)
+    A, b = spd(40, 1, scales)
+    plain = pcg(lambda v: A @ v, b, max_iters=1000, tol=0.0, rtol=1e-8)
+    pre = pcg(lambda v: A @ v, b, precond=torch.diagonal(A).clone(), max_iters=1000, tol=0.0, rtol=1e-8)
+    assert pre.stop == "residual" and pre.iters < plain.iters / 2
+    assert torch.allclose(pre.x, torch.linalg.solve(A, b), rtol=1e-5)
+
+
+def test_martens_rule_stops_cg_once_relative_progress_stalls():
+    """An ill-conditioned diagonal system (condition number 1e4): CG needs ~1,000 iterations to
+    converge; the rule stops once 10 iterations gain < 0.5% of phi, with most of the decrease made."""
+    A, b = torch.diag(torch.logspace(-4, 0, 400, dtype=torch.float64)), torch.ones(400, dtype=torch.float64)
+    full = pcg(lambda v: A @ v, b, max_iters=2000, tol=0.0, rtol=1e-12)
+    early = pcg(lambda v: A @ v, b, max_iters=2000, tol=5e-4, rtol=0.0)
+    assert early.stop == "relative progress" and 10 < early.iters < full.iters / 4
+    assert early.phi < 0 and early.phi <= 0.95 * full.phi                   # most of the decrease made
+
+
+def test_levenberg_marquardt_raises_damping_on_bad_and_lowers_it_on_good_predictions():
+    assert lm_damping(1.0, 0.1) == pytest.approx(1.5)
+    assert lm_damping(1.0, -1.0) == pytest.approx(1.5)
+    assert lm_damping(1.0, 0.9) == pytest.approx(2 / 3)
+    assert lm_damping(1.0, 0.5) == 1.0
+
+
+HF_CFG = {"hf.damping": 1e-3, "hf.damping_rule": "lm", "hf.cg_iters": 50, "hf.cg_tol": 5e-4,
+          "hf.precond_exponent": 0.75, "hf.fisher_chunk": 1, "hf.gn_batch_size": 64, "hf.warm_start": 0.95,
+          "hf.backtrack": True, "hf.line_search": True, "weight_decay": 0.0}
+
+
+def softmax_regression_problem(e=0.0):
+    """64 examples of 3 overlapping Gaussian classes in 5-D, the features scaled by 10^-e ... 10^e
+    (e=1: two orders of magnitude apart, a badly conditioned loss)."""
+    g = torch.Generator().manual_seed(4)
+    centers = torch.randn(3, 5, generator=g, dtype=torch.float64)
+    y = torch.arange(64) % 3
+    x = (centers[y] + torch.randn(64, 5, generator=g, dtype=torch.float64))
+    x = x * torch.logspace(-e, e, 5, dtype=torch.float64)
+    return Batch(x, y, torch.arange(64))
+
+
+def loss_after_one_step(method, batch):
+    """Linear softmax regression from zero weights (loss log 3); the loss after one step."""
+    model = nn.Linear(5, 3).double()
+    nn.init.zeros_(model.weight), nn.init.zeros_(model.bias)
+    method.setup(model, None, {"lr": 1.0, "momentum": 0.0, "nesterov": False, "weight_decay": 0.0})
+    out = method.step(batch, None, 1.0)
+    with torch.no_grad():
+        return out, F.cross_entropy(model(batch.x), batch.y).item(), model
+
+
+class SGD(Baseline):
+    """Plain SGD (no momentum) at a fixed learning rate, through the baseline's code."""
+
+    def __init__(self, lr):
+        super().__init__({"label_smoothing": 0.0})
+        self.lr = lr
+
+    def step(self, batch, meta_batch, _):
+        return super().step(batch, meta_batch, self.lr)
+
+
+def test_one_hf_step_decreases_a_convex_loss_more_than_the_best_sgd_step():
+    """On badly scaled features one HF step beats SGD at the best of 15 learning rates (0.01 to
+    30) by far, and lands almost where it lands on well-scaled features (Newton's step does not
+    care about the scale of the coordinates; SGD's does)."""
+    batch = softmax_regression_problem(e=1.0)
+    out, hf_loss, model = loss_after_one_step(HessianFree(HF_CFG), batch)
+    f0 = torch.log(torch.tensor(3.0, dtype=torch.float64)).item()
+    assert out["loss"] == pytest.approx(f0) and out["cg_iters"] >= 2 and out["step_size"] == 1.0
+    # rho = (f(d) - f(0)) / (g^T d + 1/2 d^T H d), recomputed here with the exact Hessian at 0
+    zero = torch.zeros(18, dtype=torch.float64)
+    loss = lambda flat: F.cross_entropy(batch.x @ flat[:15].view(3, 5).T + flat[15:], batch.y)
+    g, H = torch.func.grad(loss)(zero), torch.func.hessian(loss)(zero)
+    d = torch.cat([model.weight.detach().reshape(-1), model.bias.detach()])
+    assert out["rho"] == pytest.approx((hf_loss - f0) / (g @ d + 0.5 * d @ H @ d).item(), rel=1e-9)
+    assert out["rho"] > 0.25
+    best_sgd = min(loss_after_one_step(SGD(lr), batch)[1] for lr in torch.logspace(-2, 1.5, 15).tolist())
+    assert hf_loss < 0.6 * best_sgd, (hf_loss, best_sgd)
+    _, hf_well_scaled, _ = loss_after_one_step(HessianFree(HF_CFG), softmax_regression_problem(e=0.0))
+    assert abs(hf_loss - hf_well_scaled) < 0.05 and hf_loss < 0.5
+
+
+def test_hf_step_updates_batchnorm_statistics_exactly_once():
+    """Many extra forward passes (G v, trial points), but only the real one touches the buffers."""
+    model = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    reference = nn.Sequential(nn.Linear(5, 6), nn.BatchNorm1d(6), nn.Tanh(), nn.Linear(6, 3)).double()
+    reference.load_state_dict(model.state_dict())
+    batch = softmax_regression_problem()
+    method = HessianFree({**HF_CFG, "hf.gn_batch_size": 16, "hf.fisher_chunk": 4})
+    method.setup(model, None, {})
+    method.step(batch, None, 0.1)
+    reference(batch.x)                                                        # one plain forward
+    assert model[1].num_batches_tracked.item() == 1
+    assert torch.equal(model[1].running_mean, reference[1].running_mean)
+    assert torch.equal(model[1].running_var, reference[1].running_var)
+
+
+TINY = {"dataset": "synthetic", "train_size": 192, "meta_size": 64, "batch_size": 32, "width": 4,
+        "test_size": 100, "epochs": 2.0, "eval_every": 1.0, "hf.cg_iters": 8, "hf.gn_batch_size": 8,
+        "hf.fisher_chunk": 4, "checkpoint_every": 3}
+
+
+def run_hf(overrides=None, out_dir=None, on_step=None):
+    cfg = chapter_config("meta_hf", "smoke", {**TINY, **(overrides or {})})
+    dataset = make_synthetic(400, 100, seed=0)
+    data = prepare_data(cfg, 0, torch.device("cpu"), dataset)
+    seed_everything(0)
+    model = make_model(cfg, dataset.num_classes, torch.device("cpu"))
+    method = HessianFree(cfg)
+    res = train(method, model, data, cfg, seed=0, out_dir=out_dir, progress=False, on_step=on_step)
+    return model, method, res
+
+
+def test_killed_hf_run_resumes_bitwise(tmp_path):
+    model_a, method_a, full = run_hf()
+
+    class Killed(Exception):
+        pass
+
+    def kill(step, metrics):
+        if step == 8:
+            raise Killed
+
+    with pytest.raises(Killed):
+        run_hf(out_dir=tmp_path, on_step=kill)
+    steps = []
+    model_b, method_b, resumed = run_hf(out_dir=tmp_path, on_step=lambda s, m: steps.append(s))
+    assert steps[0] == 7                                                      # from the step-6 checkpoint
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    sa, sb = method_a.state_dict(), method_b.state_dict()
+    assert sa["damping"] == sb["damping"] and torch.equal(sa["prev"], sb["prev"]) and sa["steps"] == sb["steps"] == 12
+    timeless = lambda history: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
+    assert timeless(resumed["history"]) == timeless(full["history"])
+    assert sa["prev"].abs().max() > 0 and sa["damping"] != 1.0       # the state is really used
+
+
+@pytest.mark.parametrize("key, value, phrase", [("hf.damping_rule", "adaptive", "lm, fixed"),
+                                                ("hf.precond_exponent", 2.0, "in [0, 1]"),
+                                                ("hf.cg_iters", 0, ">= 1")])
+def test_bad_hf_config_values_raise_config_errors_naming_the_valid_choices(key, value, phrase):
+    with pytest.raises(ConfigError, match=rf"{key}.*{phrase}".replace("[", r"\[").replace("]", r"\]")):
+        chapter_config("meta_hf", "smoke", {key: value})
+
+
+def test_chapter_run_records_sgd_adam_hf_and_the_baseline_at_hf_wall_clock(tmp_path):
+    from metabook import run_chapter
+    tiny = {**TINY, "train_size": 128, "epochs": 1.0, "hf.cg_iters": 4}
+    rec = run_chapter("meta_hf", "smoke", seeds=[0], out_dir=tmp_path, overrides=tiny, progress=False)
+    assert set(rec["arms"]) == {"baseline", "adam", "hf", "baseline_same_time"} and rec["method"] == "hf"
+    assert rec["cost"]["step_cost_ratio"] > 1                  # an HF step costs several SGD steps
+    extras = rec["arms"]["hf"]["extras"]["0"]
+    assert 1 <= extras["cg_iters_mean"] <= 4 and extras["final_damping"] > 0
+    assert (tmp_path / "result.json").exists()
+
+
+@pytest.mark.parametrize("make", [tiny_mlp, tiny_bn_net])
+def test_unrolled_pcg_is_differentiable_in_damping_and_preconditioner(make):
+    """Groundwork of MLHF: K unrolled CG iterations with G held constant (its products use detached
+    parameters); the meta loss after the step must have exact gradients in lambda and in the
+    diagonal preconditioner P, the two things MLHF's recurrent nets output."""
+    model = make()
+    x, y, xm, ym = weighted_problem()
+    params = model_params(model)
+    g = flatten(torch.autograd.grad(F.cross_entropy(forward(model, params, x), y), list(params.values())))
+    G = GaussNewton(model, params, x, y)
+    theta = flatten(params).detach()
+
+    def meta_loss(lam, P):
+        d = pcg(lambda v: G(v) + lam * v, -g, precond=P, max_iters=5, tol=0.0, rtol=0.0).x
+        return F.cross_entropy(forward(model, unflatten(theta + d, params), xm), ym)
+
+    lam = torch.tensor(0.3, dtype=torch.float64, requires_grad=True)
+    P = ((G.fisher_diagonal(1) + 0.3) ** 0.75).requires_grad_(True)
+    g_lam, g_P = torch.autograd.grad(meta_loss(lam, P), [lam, P])
+    direction = torch.randn(len(P), generator=torch.Generator().manual_seed(5), dtype=torch.float64) * P.detach()
+    h = 1e-6
+    with torch.no_grad():
+        fd_lam = (meta_loss(lam + h, P) - meta_loss(lam - h, P)) / (2 * h)
+        fd_P = (meta_loss(lam, P + h * direction) - meta_loss(lam, P - h * direction)) / (2 * h)
+    assert abs(fd_lam) > 1e-3 and abs(fd_P) > 1e-4                           # not vacuous
+    assert g_lam.item() == pytest.approx(fd_lam.item(), rel=1e-6)
+    assert (g_P @ direction).item() == pytest.approx(fd_P.item(), rel=1e-6)
