@@ -80,6 +80,8 @@ def test_chapter_run_records_noise_auc_rates_and_all_arms(tmp_path):
     rec = run_chapter("instance_lr", "smoke", seeds=[0], out_dir=tmp_path, overrides=tiny, progress=False)
     assert set(rec["arms"]) == {"baseline", "instance_lr", "l2rw", "baseline_same_time"}
     assert 0 <= rec["metrics"]["noise_auc"] <= 1 and 0 <= rec["metrics"]["loss_auc"] <= 1
+    assert 0 <= rec["metrics"]["baseline_loss_auc"] <= 1                 # the free detector of plain SGD
+    assert "loss_auc" in rec["arms"]["baseline_same_time"]["extras"]["0"]
     assert rec["cost"]["step_cost_ratio"] > 1                     # a meta step costs more than a plain one
     assert rec["dataset"]["noise"]["kind"] == "symmetric" and rec["dataset"]["noise"]["corrupted"] > 100
     saved = np.load(tmp_path / "instance_lr-seed0.npz")

@@ -135,6 +135,22 @@ def per_example_losses(model, loader) -> torch.Tensor:
     return out
 
 
+class NoisyBaseline(Baseline):
+    """Plain SGD (the `baseline` arm), reporting the free noise detector at the end: the ROC-AUC
+    of its own per-example training loss for telling corrupted labels from clean ones."""
+
+    def setup(self, model, data, cfg):
+        super().setup(model, data, cfg)
+        self.corrupted, self.train_loader = data.corrupted, data.train
+
+    def extras(self) -> dict:
+        from ..results import roc_auc
+
+        if not self.corrupted.any() or self.corrupted.all():
+            return {}
+        return {"loss_auc": roc_auc(per_example_losses(self.model, self.train_loader).cpu(), self.corrupted.cpu())}
+
+
 class ReweightL2RW(Baseline):
     """Learning to Reweight (Ren et al. 2018): per-step weights, no memory (metabook.meta)."""
 
@@ -156,7 +172,7 @@ DEFAULTS: dict = {
     "ilr.arms": "baseline,instance_lr,l2rw",   # which arms to run (baseline is always needed)
     "ilr.same_time": True,       # also run the baseline for instance_lr's wall-clock
 }
-ARMS = {"baseline": Baseline, "instance_lr": InstanceLR, "l2rw": ReweightL2RW}
+ARMS = {"baseline": NoisyBaseline, "instance_lr": InstanceLR, "l2rw": ReweightL2RW}
 PRESETS: dict = {
     "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50},
     # 10,000 noisy training images, 10 epochs: each example's rate is updated 10 times, and the
@@ -192,10 +208,10 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     for key in ("target_acc", "target_acc_prior"):
         if key in record["arms"]["instance_lr"]:
             record["metrics"][key] = record["arms"]["instance_lr"][key]["mean"]
-    extras = record["arms"]["instance_lr"].get("extras", {})
-    for key in ("noise_auc", "loss_auc"):
-        values = [e[key] for e in extras.values() if key in e]
+    for arm, key, name in (("instance_lr", "noise_auc", "noise_auc"), ("instance_lr", "loss_auc", "loss_auc"),
+                           ("baseline", "loss_auc", "baseline_loss_auc")):
+        values = [e[key] for e in record["arms"][arm].get("extras", {}).values() if key in e]
         if values:
-            record["metrics"][key] = seed_stats(values)["mean"]
-            record["metrics"][f"{key}_per_seed"] = values
+            record["metrics"][name] = seed_stats(values)["mean"]
+            record["metrics"][f"{name}_per_seed"] = values
     return record
