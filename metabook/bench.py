@@ -108,6 +108,42 @@ def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: i
             "memory_ratio": mem["meta"] / mem["plain"]}
 
 
+def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0, dataset=None,
+                           reference: str = "baseline", warmup: int = 3) -> dict:
+    """Seconds per step of each arm of a chapter (name -> factory(cfg) returning a Method), timed
+    in interleaved rounds: every round gives each arm one step on the same batch and meta batch,
+    so a change of the machine's load during the measurement hits every arm alike (a run's own
+    `step_cost_ratio` compares arms trained one after another). Medians over `steps` rounds after
+    `warmup`; `ratio` is each arm's median over the reference arm's."""
+    from .config import pick_device
+    from .train import _meta_batch_at, _sync, lr_at, make_model, prepare_data, seed_everything
+
+    device = pick_device(cfg["device"])
+    data = prepare_data(cfg, seed, device, dataset)
+    methods = {}
+    for name, factory in arms.items():
+        seed_everything(seed)
+        method = factory(cfg)
+        method.setup(make_model(cfg, data.dataset.num_classes, device), data, cfg)
+        methods[name] = method
+    times: dict[str, list[float]] = {name: [] for name in arms}
+    total = warmup + steps
+    for step in range(total):
+        batch = next(data.train.epoch(step // len(data.train), start=step % len(data.train)))
+        meta_batch = _meta_batch_at(data.meta, step)
+        lr = lr_at(step, total, cfg)
+        for name, method in methods.items():
+            _sync(device)
+            t0 = time.perf_counter()
+            method.step(batch, meta_batch if method.uses_meta else None, lr)
+            _sync(device)
+            if step >= warmup:
+                times[name].append(time.perf_counter() - t0)
+    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+    return {name: {"seconds_per_step": median[name], "ratio": median[name] / median[reference]}
+            for name in arms}
+
+
 def loader_throughput(x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 128, batches: int = 100,
                       device: str = "cpu") -> dict:
     """Images per second of the device loader (crop + flip + normalise, batched) against a

@@ -39,3 +39,25 @@ def test_loader_throughput_compares_both_pipelines_on_the_same_images():
     assert r["ours_img_per_s"] > 0 and r["torchvision_img_per_s"] > 0
     assert r["speedup"] == r["ours_img_per_s"] / r["torchvision_img_per_s"] or abs(
         r["speedup"] - r["ours_img_per_s"] / r["torchvision_img_per_s"]) < 1e-9
+
+
+def test_interleaved_step_costs_see_a_known_extra_cost():
+    import time as _time
+
+    from metabook import chapter_config
+    from metabook.bench import interleaved_step_costs
+    from metabook.data import make_synthetic
+    from metabook.methods.baseline import Baseline
+
+    class SlowBaseline(Baseline):            # a plain step plus exactly 30 ms
+        def step(self, batch, meta_batch, lr):
+            _time.sleep(0.03)
+            return super().step(batch, meta_batch, lr)
+
+    cfg = chapter_config("baseline", "smoke", {"dataset": "synthetic", "train_size": 256, "meta_size": 64,
+                                               "batch_size": 32, "width": 8})
+    cost = interleaved_step_costs({"baseline": Baseline, "slow": SlowBaseline}, cfg, steps=8,
+                                  dataset=make_synthetic(400, 100, seed=0))
+    assert cost["baseline"]["ratio"] == 1.0
+    extra = cost["slow"]["seconds_per_step"] - cost["baseline"]["seconds_per_step"]
+    assert extra > 0.025 and cost["slow"]["ratio"] > 1          # the 30 ms are seen (noise only adds)
