@@ -86,6 +86,7 @@ def test_chapter_run_records_noise_auc_rates_and_all_arms(tmp_path):
     assert rec["dataset"]["noise"]["kind"] == "symmetric" and rec["dataset"]["noise"]["corrupted"] > 100
     saved = np.load(tmp_path / "instance_lr-seed0.npz")
     assert saved["rate"].shape == saved["train_index"].shape == saved["corrupted"].shape == (512,)
+    assert saved["label"].shape == (512,) and saved["label"].max() < 10
     assert (tmp_path / "result.json").exists()
 
 

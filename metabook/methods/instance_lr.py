@@ -68,13 +68,15 @@ class InstanceLR:
         self.train_idx = getattr(data, "train_idx", None)
 
     def save_artifacts(self, out_dir, seed: int) -> None:
-        """instance_lr-seed{S}.npz: final rates r_i, training indices (into the dataset), corruption mask."""
+        """instance_lr-seed{S}.npz: final rates r_i, training indices (into the dataset), the labels
+        trained on (after any corruption) and the corruption mask."""
         import numpy as np
         from pathlib import Path
 
         Path(out_dir).mkdir(parents=True, exist_ok=True)
         np.savez_compressed(Path(out_dir) / f"instance_lr-seed{seed}.npz", rate=self.sigma.exp().cpu().numpy(),
-                            train_index=self.train_idx.cpu().numpy(), corrupted=self.corrupted.cpu().numpy())
+                            train_index=self.train_idx.cpu().numpy(), label=self.train_loader.y.cpu().numpy(),
+                            corrupted=self.corrupted.cpu().numpy())
 
     def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
         set_lr(self.opt, lr)
