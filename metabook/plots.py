@@ -73,6 +73,8 @@ def plot_rate_histogram(ax, rate, corrupted) -> None:
     if corrupted.any():
         ax.hist(rate[corrupted], bins=bins, alpha=0.6, label=f"corrupted ({corrupted.sum():,})")
     ax.set_xscale("log")
+    from matplotlib.ticker import NullFormatter
+    ax.xaxis.set_minor_formatter(NullFormatter())          # label only the powers of ten
     ax.set_xlabel("learned learning-rate multiplier $r_i$")
     ax.set_ylabel("examples")
     ax.legend(fontsize=7)
