@@ -15,3 +15,15 @@ def weighted_problem():
     x, y = torch.randn(8, 5, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g)
     xm, ym = torch.randn(6, 5, generator=g, dtype=torch.float64), torch.randint(3, (6,), generator=g)
     return x, y, xm, ym
+
+
+class Killed(Exception):
+    """Raised by a `kill_at` callback: stops a training run mid-way, as a killed process would."""
+
+
+def kill_at(step: int):
+    """An on_step callback that raises Killed once `step` steps have run."""
+    def on_step(done, *_):
+        if done == step:
+            raise Killed
+    return on_step

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
+from helpers import Killed, kill_at
 from metabook import ConfigError, chapter_config
 from metabook.data import Batch, make_synthetic
 from metabook.methods import grad_instructor as gi
@@ -224,15 +225,8 @@ def test_killed_grad_instructor_run_resumes_bitwise(synthetic, tmp_path):
     overrides = {"checkpoint_every": 4}
     model_a, full = run_arm(synthetic, factory, overrides)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_step_11(step, metrics):
-        if step == 11:
-            raise Killed
-
     with pytest.raises(Killed):
-        run_arm(synthetic, factory, overrides, out_dir=tmp_path, on_step=kill_at_step_11)
+        run_arm(synthetic, factory, overrides, out_dir=tmp_path, on_step=kill_at(11))
     steps_run = []
     model_b, resumed = run_arm(synthetic, factory, overrides, out_dir=tmp_path,
                                on_step=lambda step, m: steps_run.append(step))

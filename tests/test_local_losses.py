@@ -5,6 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import functional_call
 
+from helpers import Killed, kill_at
 from metabook import chapter_config
 from metabook.config import ConfigError
 from metabook.data import make_synthetic
@@ -277,14 +278,8 @@ def test_killed_run_resumes_bitwise(synthetic, tmp_path):
 
     model_a, method_a, full = run()
 
-    class Killed(Exception):
-        pass
-
-    def kill(step, metrics):
-        if step == 10:
-            raise Killed
     with pytest.raises(Killed):
-        run(tmp_path, kill)
+        run(tmp_path, kill_at(10))
     assert (tmp_path / "checkpoint.pt").exists()
     model_b, method_b, resumed = run(tmp_path)
     assert resumed["metrics"] == full["metrics"]

@@ -6,7 +6,7 @@ import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import jacrev
 
-from helpers import tiny_bn_net, weighted_problem
+from helpers import Killed, kill_at, tiny_bn_net, weighted_problem
 from metabook import ConfigError, chapter_config
 from metabook.data import Batch, make_synthetic
 from metabook.meta import forward, model_params
@@ -234,15 +234,8 @@ def run_hf(overrides=None, out_dir=None, on_step=None):
 def test_killed_hf_run_resumes_bitwise(tmp_path):
     model_a, method_a, full = run_hf()
 
-    class Killed(Exception):
-        pass
-
-    def kill(step, metrics):
-        if step == 8:
-            raise Killed
-
     with pytest.raises(Killed):
-        run_hf(out_dir=tmp_path, on_step=kill)
+        run_hf(out_dir=tmp_path, on_step=kill_at(8))
     steps = []
     model_b, method_b, resumed = run_hf(out_dir=tmp_path, on_step=lambda s, m: steps.append(s))
     assert steps[0] == 7                                                      # from the step-6 checkpoint

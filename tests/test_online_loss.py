@@ -5,7 +5,7 @@ import torch
 import torch.nn.functional as F
 from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
-from helpers import tiny_bn_net, weighted_problem
+from helpers import Killed, kill_at, tiny_bn_net, weighted_problem
 from metabook import ConfigError, chapter_config
 from metabook.data import make_synthetic
 from metabook.meta import forward, lookahead_params, model_params
@@ -188,15 +188,8 @@ def test_killed_online_run_resumes_to_bitwise_identical_results_without_redoing_
     overrides = {"checkpoint_every": 4}
     model_a, method_a, full = tiny_run(synthetic, OnlineLoss, overrides)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_step_11(step, metrics, method):
-        if step == 11:
-            raise Killed
-
     with pytest.raises(Killed):
-        tiny_run(synthetic, OnlineLoss, overrides, out_dir=tmp_path, on_step=kill_at_step_11)
+        tiny_run(synthetic, OnlineLoss, overrides, out_dir=tmp_path, on_step=kill_at(11))
     assert (tmp_path / "checkpoint.pt").exists()
     calls = []
     monkeypatch.setattr(lfl, "offline_init", lambda *a, **k: calls.append(1) or [])

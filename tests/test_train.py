@@ -6,6 +6,8 @@ import sys
 import pytest
 import torch
 
+from helpers import Killed, kill_at
+
 from metabook import chapter_config
 from metabook.data import make_synthetic
 from metabook.methods.baseline import Baseline
@@ -39,15 +41,8 @@ def test_killed_run_resumes_from_its_checkpoint_to_bitwise_identical_results(syn
     overrides = {"checkpoint_every": 4}
     model_a, full = run_tiny(synthetic, overrides)
 
-    class Killed(Exception):
-        pass
-
-    def kill_at_step_11(step, metrics):
-        if step == 11:
-            raise Killed
-
     with pytest.raises(Killed):
-        run_tiny(synthetic, overrides, out_dir=tmp_path, on_step=kill_at_step_11)
+        run_tiny(synthetic, overrides, out_dir=tmp_path, on_step=kill_at(11))
     assert (tmp_path / "checkpoint.pt").exists()                  # written at step 8
     steps_run = []
     model_b, resumed = run_tiny(synthetic, overrides, out_dir=tmp_path,
