@@ -47,7 +47,7 @@ BASE: dict = {
 
 CHOICES: dict[str, tuple] = {
     "dataset": ("cifar10", "cifar100", "cifar100_coarse", "synthetic"),
-    "model": ("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp"),
+    "model": ("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp", "cuda_convnet"),
     "schedule": ("onecycle", "cosine", "constant"),
     "noise.kind": ("none", "symmetric", "pairflip"),
     "device": ("auto", "cpu", "cuda"),
@@ -97,6 +97,13 @@ RANGES: dict[str, tuple] = {
     "hf.fisher_chunk": (lambda v: v >= 1, ">= 1"),
     "hf.gn_batch_size": (lambda v: v >= 1, ">= 1"),
     "hf.warm_start": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = CG from zero)"),
+    "hf.mlhf_cg_iters": (lambda v: v >= 1, ">= 1"),
+    "hf.mlhf_hidden": (lambda v: v >= 1, ">= 1"),
+    "hf.mlhf_meta_steps": (lambda v: v >= 0, ">= 0 (0 = untrained nets)"),
+    "hf.mlhf_unroll": (lambda v: v >= 1, ">= 1"),
+    "hf.mlhf_meta_lr": (lambda v: v >= 0, ">= 0"),
+    "hf.mlhf_replay_size": (lambda v: v >= 0, ">= 0 (0 = every episode from a fresh initialisation)"),
+    "hf.mlhf_fresh_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
     "adam.lr": (lambda v: v > 0, "> 0"),
     "gi.weight": (lambda v: v >= 0, ">= 0"),
     "gi.canvas": (lambda v: v >= 1, ">= 1"),

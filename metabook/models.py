@@ -1,4 +1,5 @@
-"""Models: a small CNN, a deep CNN with or without skip connections, ResNet-18 (CIFAR), an MLP.
+"""Models: a small CNN, a deep CNN with or without skip connections, ResNet-18 (CIFAR), an MLP,
+and the CUDA-convnet-sized CNN of the MLHF paper's CIFAR-10 experiment.
 
 All take (B, 3, 32, 32) images and return (B, classes) logits. `DeepCNN.features(x)` returns the
 output of every block, so local heads (chapter 3) can be attached without changing the model.
@@ -138,7 +139,37 @@ class MLP(nn.Module):
         return self.head(x)
 
 
-MODELS = ("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp")
+class CudaConvnet(nn.Module):
+    """The CUDA-convnet-sized CNN (after Krizhevsky's cuda-convnet `layers-18pct` for CIFAR-10):
+
+        conv5x5-w, max-pool 3/2, ReLU, LRN  ->  conv5x5-w, ReLU, avg-pool 3/2, LRN
+        ->  conv5x5-2w, ReLU, avg-pool 3/2  ->  linear (2w * 4 * 4 -> classes)
+
+    (B, 3, 32, 32) -> 16x16 -> 8x8 -> 4x4 -> (B, classes). At width 32 (channels 32/32/64) it has
+    89,578 parameters. LRN: size 3, alpha 5e-5, beta 0.75 (that config's `rnorm` layers). No
+    BatchNorm, as in the original, so the `batchnorm` option of build_model does not apply; the
+    cuda-convnet config's per-layer weight decay and initial scales are not reproduced (PyTorch's
+    default initialisation). The MLHF paper says only "CUDA-convnet"; methods.md section 6.5
+    describes the larger TF-tutorial variant (64/64 channels, FC-384, FC-192), which is not this one.
+    """
+
+    def __init__(self, num_classes: int = 10, width: int = 32):
+        super().__init__()
+        w = width
+        self.conv1 = nn.Conv2d(3, w, 5, padding=2)
+        self.conv2 = nn.Conv2d(w, w, 5, padding=2)
+        self.conv3 = nn.Conv2d(w, 2 * w, 5, padding=2)
+        self.lrn = nn.LocalResponseNorm(3, alpha=5e-5, beta=0.75)
+        self.head = nn.Linear(2 * w * 4 * 4, num_classes)
+
+    def forward(self, x):
+        x = self.lrn(F.relu(F.max_pool2d(self.conv1(x), 3, 2, padding=1)))            # (B, w, 16, 16)
+        x = self.lrn(F.avg_pool2d(F.relu(self.conv2(x)), 3, 2, padding=1))            # (B, w, 8, 8)
+        x = F.avg_pool2d(F.relu(self.conv3(x)), 3, 2, padding=1)                      # (B, 2w, 4, 4)
+        return self.head(x.flatten(1))
+
+
+MODELS = ("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp", "cuda_convnet")
 
 
 def build_model(name: str, num_classes: int, width: int = 32, depth: int = 8, batchnorm: bool = True) -> nn.Module:
@@ -151,6 +182,8 @@ def build_model(name: str, num_classes: int, width: int = 32, depth: int = 8, ba
         return ResNet18(num_classes, width)
     if name == "mlp":
         return MLP(num_classes, width, depth)
+    if name == "cuda_convnet":
+        return CudaConvnet(num_classes, width)
     raise ConfigError(f"unknown model {name!r}; choose one of: {', '.join(MODELS)}")
 
 

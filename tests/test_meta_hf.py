@@ -1,5 +1,7 @@
 """Hessian-free optimisation: Gauss-Newton products against the explicit matrix, CG, damping,
-one HF step against SGD, bitwise resume, config errors."""
+one HF step against SGD, bitwise resume, config errors; MLHF: its meta-gradient against central
+finite differences, meta-training on a tiny problem, the untrained nets = HF with fixed damping,
+NaN handling, bitwise resume, the chapter's five arms."""
 import pytest
 import torch
 import torch.nn as nn
@@ -11,9 +13,11 @@ from metabook import ConfigError, chapter_config
 from metabook.data import Batch, make_synthetic
 from metabook.meta import forward, model_params
 from metabook.methods.baseline import Baseline
-from metabook.methods.meta_hf import (GaussNewton, HessianFree, flatten, gnvp, lm_damping, pcg,
-                                      unflatten)
-from metabook.train import make_model, prepare_data, seed_everything, train
+from metabook.methods import meta_hf
+from metabook.methods.meta_hf import (MLHF, GaussNewton, HessianFree, MetaTrainConfig, MLHFNets, MLHFSettings,
+                                      OptState, flatten, fresh_theta, gnvp, lm_damping, meta_train, mlhf_direction,
+                                      mlhf_features, pcg, unflatten, unroll)
+from metabook.train import NonFiniteError, make_model, prepare_data, seed_everything, train
 
 
 def tiny_mlp():
@@ -215,7 +219,7 @@ def test_hf_step_updates_batchnorm_statistics_exactly_once():
     assert torch.equal(model[1].running_var, reference[1].running_var)
 
 
-TINY = {"dataset": "synthetic", "train_size": 192, "meta_size": 64, "batch_size": 32, "width": 4,
+TINY = {"dataset": "synthetic", "model": "small_cnn", "train_size": 192, "meta_size": 64, "batch_size": 32, "width": 4,
         "test_size": 100, "epochs": 2.0, "eval_every": 1.0, "hf.cg_iters": 8, "hf.gn_batch_size": 8,
         "hf.fisher_chunk": 4, "checkpoint_every": 3}
 
@@ -250,20 +254,36 @@ def test_killed_hf_run_resumes_bitwise(tmp_path):
 
 @pytest.mark.parametrize("key, value, phrase", [("hf.damping_rule", "adaptive", "lm, fixed"),
                                                 ("hf.precond_exponent", 2.0, "in [0, 1]"),
-                                                ("hf.cg_iters", 0, ">= 1")])
+                                                ("hf.cg_iters", 0, ">= 1"),
+                                                ("hf.mlhf_unroll", 0, ">= 1"),
+                                                ("hf.mlhf_fresh_prob", 1.5, "in [0, 1]"),
+                                                ("model", "cuda-convnet", "cuda_convnet")])
 def test_bad_hf_config_values_raise_config_errors_naming_the_valid_choices(key, value, phrase):
     with pytest.raises(ConfigError, match=rf"{key}.*{phrase}".replace("[", r"\[").replace("]", r"\]")):
         chapter_config("meta_hf", "smoke", {key: value})
 
 
-def test_chapter_run_records_sgd_adam_hf_and_the_baseline_at_hf_wall_clock(tmp_path):
+def test_chapter_run_records_sgd_adam_hf_mlhf_and_the_baseline_at_mlhf_wall_clock(tmp_path):
+    """The chapter's run at the smoke preset (shrunk: synthetic data, cuda_convnet at width 4)."""
+    import math
+
     from metabook import run_chapter
-    tiny = {**TINY, "train_size": 128, "epochs": 1.0, "hf.cg_iters": 4}
+    tiny = {**TINY, "model": "cuda_convnet", "train_size": 128, "epochs": 1.0, "hf.cg_iters": 4,
+            "hf.mlhf_cg_iters": 3, "hf.mlhf_meta_steps": 2, "hf.mlhf_unroll": 2}
     rec = run_chapter("meta_hf", "smoke", seeds=[0], out_dir=tmp_path, overrides=tiny, progress=False)
-    assert set(rec["arms"]) == {"baseline", "adam", "hf", "baseline_same_time"} and rec["method"] == "hf"
-    assert rec["cost"]["step_cost_ratio"] > 1                  # an HF step costs several SGD steps
+    assert set(rec["arms"]) == {"baseline", "adam", "hf", "mlhf", "baseline_same_time"} and rec["method"] == "mlhf"
+    assert rec["cost"]["step_cost_ratio"] > 1                  # an (ML)HF step costs several SGD steps
+    assert rec["arms"]["hf"]["step_cost_ratio"] > 1
     extras = rec["arms"]["hf"]["extras"]["0"]
     assert 1 <= extras["cg_iters_mean"] <= 4 and extras["final_damping"] > 0
+    mlhf = rec["arms"]["mlhf"]
+    assert math.isfinite(mlhf["test_acc"]["mean"]) and math.isfinite(rec["metrics"]["test_acc"])
+    assert all(math.isfinite(row["train_loss"]) for row in mlhf["history"]["0"])
+    e = mlhf["extras"]["0"]
+    assert e["meta_episodes"] == 2 and e["meta_train_seconds"] > 0 and e["final_damping"] > 0
+    assert rec["cost"]["meta_train_seconds"] == e["meta_train_seconds"]
+    # the baseline at mlhf's wall-clock, meta-training included
+    assert rec["arms"]["baseline_same_time"]["train_seconds"]["mean"] <= mlhf["train_seconds"]["mean"] + 1.0
     assert (tmp_path / "result.json").exists()
 
 
@@ -294,3 +314,190 @@ def test_unrolled_pcg_is_differentiable_in_damping_and_preconditioner(make):
     assert abs(fd_lam) > 1e-3 and abs(fd_P) > 1e-4                           # not vacuous
     assert g_lam.item() == pytest.approx(fd_lam.item(), rel=1e-6)
     assert (g_P @ direction).item() == pytest.approx(fd_P.item(), rel=1e-6)
+
+
+# ----------------------------------------------------------------------------- MLHF
+
+def mlhf_settings(**changes):
+    base = dict(cg_iters=4, precond_exponent=0.75, fisher_chunk=1, gn_batch=8, warm_start=0.95,
+                weight_decay=0.01, hidden_damping=3, hidden_precond=2, damping0=0.3)
+    return MLHFSettings(**{**base, **changes})
+
+
+def random_nets(s, seed=3):
+    """Nets with all weights random (the output layers start at zero, which would make the
+    gradients of the GRU weights vanish and the check vacuous)."""
+    nets = MLHFNets(s.hidden_damping, s.hidden_precond).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in nets.parameters():
+            p.copy_(0.4 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+    return nets
+
+
+def episode_batches(T, seed=1, n=8):
+    g = torch.Generator().manual_seed(seed)
+    return [(torch.randn(n, 5, generator=g, dtype=torch.float64), torch.randint(3, (n,), generator=g))
+            for _ in range(T + 1)]
+
+
+def meta_loss_along(nets, direction, h, fn):
+    """fn() with the nets' flat weights shifted by h * direction (restored afterwards)."""
+    def shift(sign):
+        with torch.no_grad():
+            i = 0
+            for p in nets.parameters():
+                p.add_(sign * h * direction[i:i + p.numel()].view_as(p))
+                i += p.numel()
+    shift(1)
+    try:
+        return fn()                       # may need autograd itself (the episode's first gradient)
+    finally:
+        shift(-1)
+
+
+@pytest.mark.parametrize("make, T", [(tiny_mlp, 1), (tiny_bn_net, 3)])
+def test_mlhf_meta_gradient_matches_central_finite_differences(make, T):
+    """float64. T = 1: nothing is truncated, so the gradient must be that of the true function
+    phi -> log f(theta_1(phi); B_1), checked by differencing the whole episode. T = 3 (BatchNorm
+    net, warm-started CG, recurrent states carried over 3 steps): the gradient of the surrogate
+    with g_t, G_t, the Fisher diagonal, the features and the CG start held at their recorded
+    values (`unroll(..., frozen=records)`), as the docstring of meta_hf's MLHF section defines it."""
+    model = make()
+    s = mlhf_settings()
+    like = {k: p.detach() for k, p in model_params(model).items()}
+    theta0 = flatten(like)
+    state = OptState.fresh(len(theta0), s.hidden_damping, s.hidden_precond, s.damping0, theta0)
+    nets = random_nets(s)
+    batches = episode_batches(T)
+    loss, _, end, records = unroll(nets, model, like, theta0, state, batches, s)
+    grads = torch.autograd.grad(loss, list(nets.parameters()))
+    flat = flatten(grads)
+    frozen = records if T > 1 else None
+    episode = lambda: unroll(nets, model, like, theta0, state, batches, s, frozen=frozen)[0].item()
+    assert episode() == pytest.approx(loss.item(), rel=1e-12)                  # the replay is the same function
+    h = 1e-6
+    gen = torch.Generator().manual_seed(7)
+    for _ in range(2):
+        direction = torch.randn(len(flat), generator=gen, dtype=torch.float64)
+        fd = (meta_loss_along(nets, direction, h, episode) - meta_loss_along(nets, direction, -h, episode)) / (2 * h)
+        assert abs(fd) > 1e-4                                                   # not vacuous
+        assert (flat @ direction).item() == pytest.approx(fd, rel=1e-6, abs=1e-10)
+    named = dict(zip([n for n, _ in nets.named_parameters()], grads))
+    for name in ("damping.cell.weight_ih", "precond.cell.weight_ih", "damping.out.weight", "precond.out.weight"):
+        assert named[name].abs().max() > 1e-6, name                             # both nets are in the graph
+    assert end.age == T and end.h_precond.shape == (len(theta0), s.hidden_precond)
+
+
+def test_untrained_mlhf_step_is_hf_with_fixed_damping_and_martens_preconditioner():
+    """The nets' output layers start at zero: lambda stays at hf.damping and P is exactly
+    (F + wd + lambda)^xi, so the direction is K iterations of HF's own PCG."""
+    model = tiny_bn_net()
+    s = mlhf_settings()
+    x, y, _, _ = weighted_problem()
+    params = model_params(model)
+    theta = flatten(params).detach()
+    g = flatten(torch.autograd.grad(F.cross_entropy(forward(model, params, x), y), list(params.values())))
+    g = g + s.weight_decay * theta
+    G = GaussNewton(model, params, x, y, s.weight_decay)
+    fisher = G.fisher_diagonal(1)
+    state = OptState.fresh(len(theta), s.hidden_damping, s.hidden_precond, s.damping0, theta)
+    u, X, v = mlhf_features(state, g)
+    assert u.shape == (4,) and X.shape == (len(theta), 3) and torch.equal(v, g * g)
+    cg, lam, P, _, _, _ = mlhf_direction(MLHFNets(3, 2).double(), state, u, X, g, G, fisher, None, s)
+    assert lam.item() == pytest.approx(0.3, rel=1e-12)
+    reference = pcg(lambda w: G(w) + 0.3 * w, -g, (fisher + 0.01 + 0.3) ** 0.75, max_iters=4, tol=0.0, rtol=0.0)
+    assert torch.allclose(cg.x, reference.x, rtol=1e-10, atol=1e-14) and cg.iters == 4
+
+
+def separable_problem(gen, n=32):
+    """3 Gaussian classes in 5-D, centres fixed (seed 4), examples from `gen`: float64 (x, y)."""
+    centers = 2 * torch.randn(3, 5, generator=torch.Generator().manual_seed(4), dtype=torch.float64)
+    y = torch.randint(3, (n,), generator=gen)
+    return centers[y] + torch.randn(n, 5, generator=gen, dtype=torch.float64), y
+
+
+def held_out_episodes(nets, model, s, episodes=6, T=4):
+    """Mean meta-loss of `episodes` fixed episodes (fresh initialisations and batches not used in
+    meta-training) and the damping at their end."""
+    like = {k: p.detach() for k, p in model_params(model).items()}
+    gen, total, dampings = torch.Generator().manual_seed(99), 0.0, []
+    for e in range(episodes):
+        theta0 = fresh_theta(model, 10_000 + e)
+        state = OptState.fresh(len(theta0), s.hidden_damping, s.hidden_precond, s.damping0, theta0)
+        loss, _, end, _ = unroll(nets, model, like, theta0, state, [separable_problem(gen) for _ in range(T + 1)], s)
+        total += loss.item() / episodes
+        dampings.append(end.log_damping.exp().item())
+    return total, dampings
+
+
+def test_meta_training_lowers_too_large_damping_and_held_out_episode_loss():
+    """Tiny MLP on separable classes, initial damping 10 (far too large: the HF steps are short).
+    Meta-training (20 episodes with replay) must lower the damping the damping net outputs and
+    the meta-loss on held-out episodes; the replay buffer must hold states older than one episode."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    s = mlhf_settings(cg_iters=5, fisher_chunk=4, gn_batch=16, weight_decay=0.0, hidden_damping=4,
+                      hidden_precond=4, damping0=10.0)
+    torch.manual_seed(1)
+    nets = MLHFNets(4, 4).double()
+    before, damping_before = held_out_episodes(nets, model, s)
+    assert damping_before == pytest.approx([10.0] * 6)                     # untrained: fixed damping
+    gen = torch.Generator().manual_seed(5)
+    stats = meta_train(nets, model, lambda: separable_problem(gen), s,
+                       MetaTrainConfig(steps=20, unroll=3, lr=3e-2, replay_size=8, fresh_prob=0.3, seed=0))
+    after, damping_after = held_out_episodes(nets, model, s)
+    assert max(damping_after) < 1.0, damping_after
+    assert after < before - 0.3, (before, after)
+    assert len(stats["meta_losses"]) == 20 and stats["meta_train_seconds"] > 0
+    assert 1 <= stats["fresh_episodes"] < 20 and stats["replay_age_max"] > 3   # chained episodes
+
+
+def test_nonfinite_meta_loss_raises_naming_the_episode_and_quantity():
+    model = tiny_mlp()
+    s = mlhf_settings()
+    x, y = episode_batches(1)[0]
+    x = x.clone()
+    x[0, 0] = float("nan")
+    with pytest.raises(NonFiniteError, match="episode 0: meta_loss is nan"):
+        meta_train(MLHFNets(3, 2).double(), model, lambda: (x, y), s,
+                   MetaTrainConfig(steps=2, unroll=1, lr=1e-2, replay_size=2, fresh_prob=0.5, seed=0))
+
+
+MLHF_TINY = {"hf.mlhf_cg_iters": 3, "hf.mlhf_meta_steps": 3, "hf.mlhf_unroll": 2, "hf.mlhf_replay_size": 2}
+
+
+def run_mlhf(out_dir=None, on_step=None):
+    cfg = chapter_config("meta_hf", "smoke", {**TINY, **MLHF_TINY})
+    dataset = make_synthetic(400, 100, seed=0)
+    data = prepare_data(cfg, 0, torch.device("cpu"), dataset)
+    seed_everything(0)
+    model = make_model(cfg, dataset.num_classes, torch.device("cpu"))
+    method = MLHF(cfg)
+    res = train(method, model, data, cfg, seed=0, out_dir=out_dir, progress=False, on_step=on_step)
+    return model, method, res
+
+
+def test_killed_mlhf_run_resumes_bitwise_without_meta_training_again(tmp_path, monkeypatch):
+    model_a, method_a, full = run_mlhf()
+
+    with pytest.raises(Killed):
+        run_mlhf(out_dir=tmp_path, on_step=kill_at(8))
+    calls = []
+    real = meta_hf.meta_train
+    monkeypatch.setattr(meta_hf, "meta_train", lambda *a, **k: calls.append(1) or real(*a, **k))
+    steps = []
+    model_b, method_b, resumed = run_mlhf(out_dir=tmp_path, on_step=lambda s, m: steps.append(s))
+    assert steps[0] == 7 and calls == []                        # from the step-6 checkpoint, no new meta-training
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    for (name, a), b in zip(method_a.nets.state_dict().items(), method_b.nets.state_dict().values()):
+        assert torch.equal(a, b), name
+    sa, sb = method_a.state.to_dict(), method_b.state.to_dict()
+    for key, a in sa.items():
+        assert torch.equal(a, sb[key]) if torch.is_tensor(a) else a == sb[key], key
+    timeless = lambda history: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
+    assert timeless(resumed["history"]) == timeless(full["history"])
+    assert method_a.meta_stats["meta_losses"] == method_b.meta_stats["meta_losses"]
+    assert len(method_a.meta_stats["meta_losses"]) == 3 and sa["age"] == 12
+    assert sa["h_precond"].abs().max() > 0 and method_a.nets.damping.out.weight.abs().max() > 0   # state is used

@@ -6,7 +6,7 @@ from metabook.models import DeepCNN, build_model, count_params
 from metabook.config import ConfigError
 
 
-@pytest.mark.parametrize("name", ["small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp"])
+@pytest.mark.parametrize("name", ["small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp", "cuda_convnet"])
 def test_every_model_maps_images_to_logits(name):
     model = build_model(name, num_classes=7, width=8, depth=5)
     assert model(torch.randn(2, 3, 32, 32)).shape == (2, 7)
@@ -18,6 +18,17 @@ def test_small_cnn_has_between_0_1_and_0_3_million_parameters():
 
 def test_resnet18_cifar_variant_has_11_2_million_parameters():
     assert abs(count_params(build_model("resnet18", 10, width=64)) - 11_173_962) < 1000
+
+
+def test_cuda_convnet_has_the_layers_18pct_size_and_shapes():
+    """conv5x5 32/32/64 with three 3/2 pools (32 -> 16 -> 8 -> 4 pixels), then linear 1024 -> 10:
+    2,432 + 25,632 + 51,264 + 10,250 = 89,578 parameters."""
+    model = build_model("cuda_convnet", 10, width=32)
+    assert count_params(model) == 89_578
+    assert [tuple(c.weight.shape) for c in (model.conv1, model.conv2, model.conv3)] == \
+        [(32, 3, 5, 5), (32, 32, 5, 5), (64, 32, 5, 5)]
+    assert model(torch.randn(3, 3, 32, 32)).shape == (3, 10)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
 
 
 def test_deep_cnn_exposes_one_feature_map_per_block():
@@ -39,5 +50,5 @@ def test_skips_change_the_function_but_not_the_parameters():
 
 
 def test_unknown_model_lists_the_choices():
-    with pytest.raises(ConfigError, match="choose one of: small_cnn, plain_cnn, res_cnn, resnet18, mlp"):
+    with pytest.raises(ConfigError, match="choose one of: small_cnn, plain_cnn, res_cnn, resnet18, mlp, cuda_convnet"):
         build_model("vgg", 10)

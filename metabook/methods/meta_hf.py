@@ -1,8 +1,10 @@
-"""Hessian-free optimisation from scratch (Martens 2010), the hand-tuned baseline of MLHF.
+"""Hessian-free optimisation from scratch (Martens 2010) and MLHF, its meta-learned variant.
 
 MLHF (Chen, Lu, Fokoue 2018, arXiv 1805.08462) keeps Martens' Hessian-free (HF) framework and
 replaces two hand-tuned parts of it, the damping rule and the preconditioner, by recurrent nets.
-This file is the framework those nets plug into; every equation below is one function.
+The first part of this file is that framework, every equation below one function; the section
+"MLHF" near the end adds the two nets, their meta-training with experience replay, and says
+exactly what its meta-gradient is the gradient of.
 
 Objective on a mini-batch (x, y) of B examples, with weight decay (L2) wd as in the other arms:
 
@@ -358,6 +360,422 @@ class AdamArm(Baseline):
         return super().step(batch, meta_batch, lr * self.scale)
 
 
+# ----------------------------------------------------------------------------- MLHF: learned damping and preconditioner
+#
+# MLHF (Chen, Lu, Fokoue 2018) keeps the HF step above and lets two recurrent nets output the
+# damping lambda_t and the diagonal preconditioner P_t of CG. What the paper establishes (methods.md
+# 6.2): two RNNs, one for the damping and one for the preconditioner; coordinate-wise weight
+# sharing; experience replay; a special treatment of the gradient with respect to the curvature;
+# CUDA-convnet on CIFAR-10. Everything else below is our reconstruction [R] (methods.md 6.4), namely:
+#
+#   damping net (one GRU cell, H_d units, input u_t (4,), shared state h_t (H_d,)):
+#       u_t = [clip(rho_{t-1}, -1, 2), clip(loss change_{t-1}, -1, 1), log10(lambda_{t-1}) / 4,
+#              log10(||g_t||) / 4]
+#       log lambda_t = log lambda_{t-1} + tanh(w_d^T h_t + b_d)            (a learned LM rule)
+#   preconditioner net (one GRU cell, H_p units, shared by all P coordinates; input X_t (P, 3),
+#   state (P, H_p)), per coordinate i:
+#       X_ti = [clip(g_i / sqrt(v_i), -5, 5), (log v_i - mean_j log v_j) / 5,
+#               clip(d_{t-1,i} / rms(d_{t-1}), -5, 5)],       v = EMA_0.95 of g^2 over HF steps
+#       P_ti = (F_ii + wd + lambda_t)^xi * exp(PRECOND_RANGE * tanh(w_p^T h_ti + b_p))
+#   i.e. a learned, bounded correction of Martens' preconditioner (F: the empirical Fisher diagonal of
+#   the curvature batch; hf.precond_exponent = 0 leaves the net's factor alone).
+#   The output layers start at zero: before meta-training MLHF is HF with a fixed damping
+#   (hf.damping) and Martens' preconditioner, run for exactly K CG iterations.
+#   step: d_t = PCG_K(G_t + lambda_t I, -g_t; P_t, x0 = warm * d_{t-1}),  theta_{t+1} = theta_t + d_t
+#   (no CG backtracking; at deployment the Armijo line search of HF may shorten the step,
+#   hf.mlhf_line_search; in meta-training alpha = 1).
+#
+# Meta-gradient. One meta-training episode starts from a replayed state (theta_0, optimiser state)
+# and unrolls T HF steps on training batches B_0..B_{T-1}; its meta-loss is
+#
+#       L(phi) = 1/T sum_{t=1..T} log f(theta_t; B_t)        (B_T: one more batch)
+#
+# (the log weighs early states, loss ~2.3, and late ones, loss ~0.3, alike). `unroll` returns the
+# EXACT gradient of L with respect to the nets' parameters phi under these stop-gradients:
+#   g_t, G_t (its products use detached parameters), the Fisher diagonal F_t, the features u_t and
+#   X_t, and the CG start x0 = warm * d_{t-1} are constants (computed at the detached theta_t).
+# What is differentiated: phi -> the recurrent states h_t and log lambda_t (through all t) ->
+# lambda_t, P_t -> the K unrolled CG iterations -> d_t -> theta_{t+1} = theta_t + d_t (so theta_t
+# carries the graph of all earlier steps) -> f(theta_t; B_t). This drops the terms in which
+# theta_t changes g_t and G_t (second and third derivatives of f), like L2L-by-GD's
+# "d grad / d phi = 0"; treating G as a constant is our reading of the paper's "gradient calculation
+# of H". For T = 1 nothing is dropped: the gradient is the exact one of f(theta_1(phi); B_1).
+# `unroll(..., frozen=records)` re-evaluates L with those constants taken from a recorded pass, so
+# a finite difference of it checks the gradient exactly (tests/test_meta_hf.py).
+#
+# Experience replay. Meta-training keeps a buffer of hf.mlhf_replay_size optimiser states
+# (theta, lambda, the nets' hidden states, v, d_{t-1}, rho, loss change, age = HF steps since its
+# fresh initialisation). Each episode starts from a fresh initialisation of the target net with
+# probability hf.mlhf_fresh_prob (always while the buffer is empty), else from a uniformly drawn
+# buffer entry; its end state goes back into the buffer (replacing a random entry once full). So
+# episodes chain into long target runs, and the buffer holds early and late training states side by
+# side (their ages are reported). A replayed state keeps the nets' hidden states as they were when
+# it was stored, i.e. computed with older weights of the nets. Meta-training runs once, before the
+# first training step of the `mlhf` arm (inside that step's time, so the arm's train_seconds and the
+# baseline at its wall-clock include it), on the arm's own training split; its seconds are recorded
+# in the arm's extras.
+
+PRECOND_RANGE = 3.0            # the learned factor of P lies in [e^-3, e^3]
+LOG_DAMPING_STEP = 1.0         # lambda changes by a factor in [e^-1, e] per HF step
+SQ_GRAD_DECAY = 0.95           # EMA of g^2 (the preconditioner net's v)
+META_GRAD_CLIP = 1.0           # norm clip of the meta-gradient (a stabiliser)
+META_EPOCH_OFFSET = 1_000_000  # meta-training reads epochs of the training split far from training's own
+N_DAMPING_FEATURES, N_COORD_FEATURES = 4, 3
+
+
+class DampingRNN(torch.nn.Module):
+    """u_t (4,), h (H,), log lambda_{t-1} () -> (log lambda_t (), h_t (H,))."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.cell = torch.nn.GRUCell(N_DAMPING_FEATURES, hidden)
+        self.out = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.out.weight), torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, u, h, log_damping):
+        h = self.cell(u[None], h[None])[0]
+        step = LOG_DAMPING_STEP * torch.tanh(self.out(h)[0])
+        return (log_damping + step).clamp(math.log(DAMPING_MIN), math.log(DAMPING_MAX)), h
+
+
+class PrecondRNN(torch.nn.Module):
+    """Coordinate-wise: X (P, 3), h (P, H) -> (log factor (P,) in [-3, 3], h_t (P, H)); the same
+    weights for every coordinate: 3H (3 + H) + 6H + H + 1 parameters, whatever P is."""
+
+    def __init__(self, hidden: int):
+        super().__init__()
+        self.cell = torch.nn.GRUCell(N_COORD_FEATURES, hidden)
+        self.out = torch.nn.Linear(hidden, 1)
+        torch.nn.init.zeros_(self.out.weight), torch.nn.init.zeros_(self.out.bias)
+
+    def forward(self, X, h):
+        h = self.cell(X, h)
+        return PRECOND_RANGE * torch.tanh(self.out(h)[:, 0]), h
+
+
+class MLHFNets(torch.nn.Module):
+    """The meta-learned parameters phi: the damping net and the preconditioner net."""
+
+    def __init__(self, hidden_damping: int, hidden_precond: int):
+        super().__init__()
+        self.damping = DampingRNN(hidden_damping)
+        self.precond = PrecondRNN(hidden_precond)
+
+
+@dataclass
+class OptState:
+    """MLHF's state in one target run (P parameters). Tensors are detached except, inside an
+    unroll, h_damping, log_damping and h_precond (they carry the graph from phi)."""
+    log_damping: torch.Tensor      # ()
+    h_damping: torch.Tensor        # (H_d,)
+    h_precond: torch.Tensor        # (P, H_p)
+    sq_grad: torch.Tensor          # (P,) EMA of g^2 (zeros before the first step)
+    prev_update: torch.Tensor      # (P,) the previous CG solution d_{t-1}
+    rho: float = 0.5               # previous reduction ratio (0.5: LM's neutral zone at the start)
+    loss_change: float = 0.0       # previous (f(theta + d) - f(theta)) / f(theta) on its batch
+    age: int = 0                   # HF steps since the target net's initialisation
+
+    @staticmethod
+    def fresh(P: int, hidden_damping: int, hidden_precond: int, damping: float, like: torch.Tensor):
+        z = lambda *shape: torch.zeros(*shape, dtype=like.dtype, device=like.device)
+        return OptState(torch.tensor(math.log(damping), dtype=like.dtype, device=like.device),
+                        z(hidden_damping), z(P, hidden_precond), z(P), z(P))
+
+    def detached(self) -> "OptState":
+        return OptState(self.log_damping.detach(), self.h_damping.detach(), self.h_precond.detach(),
+                        self.sq_grad, self.prev_update, self.rho, self.loss_change, self.age)
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+@dataclass
+class MLHFSettings:
+    """The per-step settings shared by meta-training and deployment."""
+    cg_iters: int                  # K, fixed and unrolled
+    precond_exponent: float        # xi of the base preconditioner (0 = none)
+    fisher_chunk: int
+    gn_batch: int
+    warm_start: float
+    weight_decay: float
+    hidden_damping: int
+    hidden_precond: int
+    damping0: float
+
+
+def mlhf_features(state: OptState, g: Vector) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Constants of one step (stop-gradient): u (4,), X (P, 3) and the updated EMA v (P,)."""
+    v = g * g if state.age == 0 else SQ_GRAD_DECAY * state.sq_grad + (1 - SQ_GRAD_DECAY) * g * g
+    tiny = torch.finfo(g.dtype).tiny ** 0.5
+    log10 = lambda t: math.log10(max(float(t), 1e-30))
+    u = torch.tensor([min(max(state.rho, -1.0), 2.0), min(max(state.loss_change, -1.0), 1.0),
+                      float(state.log_damping.detach()) / math.log(10) / 4, log10(g.norm()) / 4], dtype=g.dtype, device=g.device)
+    log_v = (v + tiny).log()
+    d = state.prev_update
+    X = torch.stack([(g / (v + tiny).sqrt()).clamp(-5, 5), (log_v - log_v.mean()) / 5,
+                     (d / (d.pow(2).mean().sqrt() + tiny)).clamp(-5, 5)], dim=1)
+    return u, X, v
+
+
+def mlhf_direction(nets: MLHFNets, state: OptState, u, X, g: Vector, G: "GaussNewton", fisher: Vector,
+                   x0: Vector | None, s: MLHFSettings):
+    """The differentiable core of one MLHF step: the nets, then K unrolled PCG iterations on
+    (G + lambda I) d = -g. Returns (cg result, lambda (), P (P,), log lambda, h_d, h_p)."""
+    log_lam, h_d = nets.damping(u, state.h_damping, state.log_damping)
+    log_factor, h_p = nets.precond(X, state.h_precond)
+    lam = log_lam.exp()
+    base = (fisher + s.weight_decay + lam) ** s.precond_exponent if s.precond_exponent > 0 else 1.0
+    P = base * log_factor.exp()
+    cg = pcg(lambda v: G(v) + lam * v, -g, P, x0=x0, max_iters=s.cg_iters, tol=0.0, rtol=0.0)
+    return cg, lam, P, log_lam, h_d, h_p
+
+
+def _objective(model, theta: Vector, like: Params, x, y, wd: float) -> torch.Tensor:
+    """f(theta) = mean CE + wd/2 ||theta||^2 on (x, y), through a functional forward (buffers copied)."""
+    return F.cross_entropy(forward(model, unflatten(theta, like), x), y) + 0.5 * wd * theta.dot(theta)
+
+
+def unroll(nets: MLHFNets, model, like: Params, theta0: Vector, state: OptState, batches: list,
+           s: MLHFSettings, frozen: list | None = None):
+    """One meta-training episode: T = len(batches) - 1 MLHF steps from theta0 (P,) and `state`.
+
+    batches: [(x, y)] * (T + 1); step t uses batches[t] for g_t and G_t (its first s.gn_batch
+    examples), the meta-loss term after it uses batches[t + 1]. Returns (meta-loss L (), theta_T
+    (P,) detached, the end state detached, records): records[t] holds the step's constants (see
+    the section comment); pass them back as `frozen` to re-evaluate L with the same constants.
+    """
+    T = len(batches) - 1
+    theta, records, terms = theta0.detach(), [], []
+    wd = s.weight_decay
+    f_theta = None
+    for t in range(T):
+        x, y = batches[t]
+        if frozen is None:
+            if f_theta is None:                                     # the episode's first f and g
+                th = theta.detach().requires_grad_(True)
+                f_theta = _objective(model, th, like, x, y, wd)
+                g = torch.autograd.grad(f_theta, th)[0]
+            else:
+                g = torch.autograd.grad(f_theta, theta, retain_graph=True)[0]   # f_theta: the last term
+            G = GaussNewton(model, unflatten(theta.detach(), like), x[:s.gn_batch], y[:s.gn_batch], wd)
+            fisher = G.fisher_diagonal(s.fisher_chunk) if s.precond_exponent > 0 else None
+            u, X, v = mlhf_features(state, g)
+            x0 = s.warm_start * state.prev_update if s.warm_start > 0 and state.age > 0 else None
+            rec = {"g": g, "G": G, "fisher": fisher, "u": u, "X": X, "v": v, "x0": x0, "f0": f_theta.item()}
+            records.append(rec)
+        else:
+            rec = frozen[t]
+        cg, lam, P, log_lam, h_d, h_p = mlhf_direction(nets, state, rec["u"], rec["X"], rec["g"], rec["G"],
+                                                       rec["fisher"], rec["x0"], s)
+        d = cg.x
+        if frozen is None:                                          # rho and loss change: next step's features
+            with torch.no_grad():
+                f1 = _objective(model, theta.detach() + d.detach(), like, x, y, wd).item()
+            predicted = cg.phi - 0.5 * lam.item() * d.detach().dot(d.detach()).item()
+            rho = (f1 - rec["f0"]) / predicted if predicted < 0 else -1.0
+            change = (f1 - rec["f0"]) / max(abs(rec["f0"]), 1e-12)
+        else:
+            rho, change = 0.0, 0.0
+        theta = theta + d
+        state = OptState(log_lam, h_d, h_p, rec["v"], d.detach(), rho, change, state.age + 1)
+        xn, yn = batches[t + 1]
+        f_theta = _objective(model, theta, like, xn, yn, wd)
+        terms.append(f_theta.log())
+    return torch.stack(terms).mean(), theta.detach(), state.detached(), records
+
+
+def fresh_theta(model: torch.nn.Module, seed: int) -> Vector:
+    """The flat parameters (P,) of a fresh initialisation of `model`'s architecture (its modules'
+    own reset_parameters, seeded; the global RNG is left as it was)."""
+    import copy
+
+    clone = copy.deepcopy(model)
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        for m in clone.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+    return flatten(model_params(clone)).detach()
+
+
+@dataclass
+class MetaTrainConfig:
+    steps: int                     # meta-iterations (episodes)
+    unroll: int                    # T, HF steps per episode
+    lr: float                      # Adam on phi
+    replay_size: int
+    fresh_prob: float
+    seed: int
+
+
+def meta_train(nets: MLHFNets, model, next_batch: Callable[[], tuple], s: MLHFSettings, m: MetaTrainConfig,
+               start: OptState | None = None) -> dict:
+    """Meta-train `nets` in place on episodes of MLHF training of `model`'s architecture (see the
+    section comment: meta-loss, stop-gradients, replay). next_batch() -> (x, y), a new training batch.
+    Returns statistics: the meta-loss per episode, seconds, replay ages."""
+    import time
+
+    from ..train import NonFiniteError
+
+    t0 = time.perf_counter()
+    like = {k: p.detach() for k, p in model_params(model).items()}
+    P = sum(p.numel() for p in like.values())
+    ref = next(iter(like.values()))
+    opt = torch.optim.Adam(nets.parameters(), lr=m.lr)
+    rng = torch.Generator().manual_seed(m.seed)
+    replay: list[tuple[Vector, OptState]] = []
+    losses, fresh = [], 0
+    for it in range(m.steps):
+        if not replay or torch.rand((), generator=rng).item() < m.fresh_prob:
+            theta0 = fresh_theta(model, m.seed * 7919 + it).to(ref)
+            state = OptState.fresh(P, s.hidden_damping, s.hidden_precond, s.damping0, ref)
+            fresh += 1
+        else:
+            theta0, state = replay[int(torch.randint(len(replay), (), generator=rng))]
+        batches = [next_batch() for _ in range(m.unroll + 1)]
+        loss, theta_end, state_end, _ = unroll(nets, model, like, theta0, state, batches, s)
+        if not torch.isfinite(loss):
+            raise NonFiniteError(f"MLHF meta-training episode {it}: meta_loss is {loss.item()} "
+                                 f"(start state age {state.age}); stopped instead of training on")
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        norm = torch.nn.utils.clip_grad_norm_(nets.parameters(), META_GRAD_CLIP)
+        if not torch.isfinite(norm):
+            raise NonFiniteError(f"MLHF meta-training episode {it}: the meta-gradient norm is {norm.item()}; "
+                                 f"stopped instead of training on")
+        opt.step()
+        losses.append(loss.item())
+        entry = (theta_end, state_end)
+        if len(replay) < m.replay_size:
+            replay.append(entry)
+        elif m.replay_size > 0:
+            replay[int(torch.randint(len(replay), (), generator=rng))] = entry
+    ages = [st.age for _, st in replay] or [0]
+    return {"meta_losses": losses, "meta_train_seconds": time.perf_counter() - t0, "fresh_episodes": fresh,
+            "replay_age_mean": sum(ages) / len(ages), "replay_age_max": max(ages)}
+
+
+class MLHF:
+    """MLHF as a plug-in of the training loop (name "mlhf"). The first call of step() meta-trains
+    the nets (hf.mlhf_meta_steps episodes, 0 = keep the initial nets, i.e. HF with fixed damping);
+    every step then runs the learned HF step on the real model. The loop's learning rate is not
+    used. State: the nets' weights, the optimiser state (OptState) and the meta-training
+    statistics, all restored by load_state_dict, so a resumed run does not meta-train again."""
+
+    name = "mlhf"
+    uses_meta = False
+
+    def __init__(self, cfg: dict):
+        self.s = MLHFSettings(cfg["hf.mlhf_cg_iters"], cfg["hf.precond_exponent"], cfg["hf.fisher_chunk"],
+                              cfg["hf.gn_batch_size"], cfg["hf.warm_start"], cfg["weight_decay"],
+                              cfg["hf.mlhf_hidden"], cfg["hf.mlhf_hidden"], cfg["hf.damping"])
+        self.meta = dict(steps=cfg["hf.mlhf_meta_steps"], unroll=cfg["hf.mlhf_unroll"], lr=cfg["hf.mlhf_meta_lr"],
+                         replay_size=cfg["hf.mlhf_replay_size"], fresh_prob=cfg["hf.mlhf_fresh_prob"])
+        self.search = cfg["hf.mlhf_line_search"]
+
+    def setup(self, model, data, cfg):
+        self.model = model
+        like = flatten(model_params(model)).detach()
+        self.meta_seed = int(torch.randint(2 ** 31 - 1, ()))        # deterministic: the loop seeds before
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.meta_seed)
+            self.nets = MLHFNets(self.s.hidden_damping, self.s.hidden_precond).to(like)
+        self.state = OptState.fresh(len(like), self.s.hidden_damping, self.s.hidden_precond, self.s.damping0, like)
+        self.loader = data.train if data is not None else None
+        self.meta_stats: dict = {}
+        self.steps, self.skipped = 0, 0
+
+    def _meta_train(self, batch: Batch) -> None:
+        if self.meta["steps"] > 0:
+            counter = iter(range(10 ** 9))
+            loader = self.loader
+
+            def next_batch():
+                if loader is None:                                # tests without a loader: the step's batch
+                    return batch.x, batch.y
+                e, b = divmod(next(counter), len(loader))
+                nb = next(loader.epoch(META_EPOCH_OFFSET + e, start=b))
+                return nb.x, nb.y
+
+            with torch.random.fork_rng(devices=[]):
+                stats = meta_train(self.nets, self.model, next_batch, self.s,
+                                   MetaTrainConfig(seed=self.meta_seed, **self.meta))
+        else:
+            stats = {"meta_losses": [], "meta_train_seconds": 0.0, "fresh_episodes": 0,
+                     "replay_age_mean": 0.0, "replay_age_max": 0}
+        self.meta_stats = stats
+
+    def step(self, batch: Batch, meta_batch, lr: float) -> dict:
+        """One learned HF step on batch (x (B, ...), y (B,)); meta-trains first if not done yet."""
+        if not self.meta_stats:
+            self._meta_train(batch)
+        model, s, wd = self.model, self.s, self.s.weight_decay
+        params = model_params(model)
+        theta = flatten(params).detach()
+        logits = model(batch.x)                                   # the one real forward (BatchNorm stats)
+        loss = F.cross_entropy(logits, batch.y)
+        g = flatten(torch.autograd.grad(loss, list(params.values()))).detach() + wd * theta
+        f0 = loss.item() + 0.5 * wd * theta.dot(theta).item()
+        m = min(s.gn_batch, len(batch.y))
+        G = GaussNewton(model, params, batch.x[:m], batch.y[:m], wd)
+        fisher = G.fisher_diagonal(s.fisher_chunk) if s.precond_exponent > 0 else None
+        state = self.state
+        u, X, v = mlhf_features(state, g)
+        x0 = s.warm_start * state.prev_update if s.warm_start > 0 and state.age > 0 else None
+        with torch.no_grad():
+            log_lam, h_d = self.nets.damping(u, state.h_damping, state.log_damping)
+            log_factor, h_p = self.nets.precond(X, state.h_precond)
+        lam = log_lam.exp().item()
+        base = (fisher + wd + lam) ** s.precond_exponent if s.precond_exponent > 0 else 1.0
+        cg = pcg(lambda w: G(w) + lam * w, -g, base * log_factor.exp(), x0=x0, max_iters=s.cg_iters, tol=0.0, rtol=0.0)
+        d = cg.x.detach()
+        like = {k: p.detach() for k, p in params.items()}
+        f_at = lambda a: self.objective_at(theta + a * d, like, batch)
+        f1 = f_at(1.0)
+        predicted = cg.phi - 0.5 * lam * d.dot(d).item()
+        rho = (f1 - f0) / predicted if predicted < 0 else -1.0
+        alpha, f_new = line_search(f_at, f0, g.dot(d).item(), f1) if self.search else (1.0, f1)
+        with torch.no_grad():
+            for p, w in zip(params.values(), unflatten(alpha * d, params).values()):
+                p.add_(w)
+        self.state = OptState(log_lam, h_d, h_p, v, d, rho, (f1 - f0) / max(abs(f0), 1e-12), state.age + 1)
+        self.steps += 1
+        self.skipped += alpha == 0.0
+        out = {"loss": loss.item(), "acc": (logits.argmax(1) == batch.y).float().mean().item(),
+               "damping": lam, "rho": float(rho), "step_size": alpha, "f_after": f_new,
+               "precond_factor_min": log_factor.min().exp().item(), "precond_factor_max": log_factor.max().exp().item()}
+        if self.steps == 1:
+            out["meta_train_seconds"] = float(self.meta_stats["meta_train_seconds"])
+        return out
+
+    def objective_at(self, theta: Vector, like: Params, batch: Batch) -> float:
+        with torch.no_grad():
+            return _objective(self.model, theta, like, batch.x, batch.y, self.s.weight_decay).item()
+
+    def state_dict(self) -> dict:
+        return {"nets": self.nets.state_dict(), "opt_state": self.state.to_dict(), "meta_stats": self.meta_stats,
+                "steps": self.steps, "skipped": self.skipped}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nets.load_state_dict(state["nets"])
+        o = state["opt_state"]
+        self.state = OptState(**{k: v.clone() if torch.is_tensor(v) else v for k, v in o.items()})
+        self.meta_stats = dict(state["meta_stats"])
+        self.steps, self.skipped = state["steps"], state["skipped"]
+
+    def extras(self) -> dict:
+        ms = self.meta_stats
+        losses = ms.get("meta_losses", [])
+        k = max(1, len(losses) // 5)
+        return {"meta_train_seconds": ms.get("meta_train_seconds", 0.0), "meta_episodes": len(losses),
+                "meta_loss_first": sum(losses[:k]) / k if losses else None,
+                "meta_loss_last": sum(losses[-k:]) / k if losses else None,
+                "fresh_episodes": ms.get("fresh_episodes", 0), "replay_age_mean": ms.get("replay_age_mean", 0.0),
+                "replay_age_max": ms.get("replay_age_max", 0), "final_damping": math.exp(float(self.state.log_damping)),
+                "skipped_steps": self.skipped,
+                "meta_params": sum(p.numel() for p in self.nets.parameters())}
+
+
 # ----------------------------------------------------------------------------- chapter config and run
 
 DEFAULTS: dict = {
@@ -372,24 +790,45 @@ DEFAULTS: dict = {
     "hf.backtrack": True,         # CG backtracking over the saved iterates
     "hf.line_search": True,       # Armijo line search on the chosen direction
     "adam.lr": 1e-3,              # peak learning rate of the Adam arm
+    # MLHF (the `mlhf` arm); hf.damping is its initial damping, hf.precond_exponent its base
+    # preconditioner's xi, hf.fisher_chunk / gn_batch_size / warm_start as for hf.
+    "hf.mlhf_cg_iters": 10,       # K: CG iterations per step, fixed and unrolled
+    "hf.mlhf_hidden": 8,          # GRU units of each of the two nets
+    "hf.mlhf_meta_steps": 30,     # meta-training episodes before training (0 = untrained nets)
+    "hf.mlhf_unroll": 4,          # T: HF steps per episode
+    "hf.mlhf_meta_lr": 1e-2,      # Adam step size on the nets' weights
+    "hf.mlhf_replay_size": 16,    # replay buffer of optimiser states (0 = every episode fresh)
+    "hf.mlhf_fresh_prob": 0.2,    # probability that an episode starts from a fresh initialisation
+    "hf.mlhf_line_search": True,  # Armijo line search on the learned step at deployment
 }
-# The paper trains CUDA-convnet (conv5x5-64, pool, LRN, conv5x5-64, LRN, pool, FC-384, FC-192);
-# metabook.models has no such model yet, so every preset uses the small CNN for now.
+# The paper trains "CUDA-convnet" on CIFAR-10; `cuda_convnet` is Krizhevsky's layers-18pct-sized net
+# (conv5x5 32/32/64, three pools, linear; 89,578 parameters at width 32), see metabook.models.
 PRESETS: dict = {
-    # CI, about a minute on one core for all four arms (30 steps each).
-    "smoke": {"train_size": 2000, "meta_size": 200, "test_size": 1000, "epochs": 2.0, "width": 8,
-              "eval_every": 0.5, "hf.cg_iters": 10, "hf.gn_batch_size": 16, "checkpoint_every": 20},
-    # 2 CPU cores: 234 steps per arm; an HF step costs about 10-15 SGD steps at these settings.
-    "cpu": {"train_size": 10000, "epochs": 3.0, "width": 16, "eval_every": 0.5, "checkpoint_every": 20},
+    # CI, about a minute on one core for all five arms (30 steps each; mlhf meta-trains for 6
+    # episodes of 3 steps first, about 5 s of one core at width 8).
+    "smoke": {"train_size": 2000, "meta_size": 200, "test_size": 1000, "epochs": 2.0, "model": "cuda_convnet",
+              "width": 8, "eval_every": 0.5, "hf.cg_iters": 10, "hf.gn_batch_size": 16, "checkpoint_every": 20,
+              "hf.mlhf_cg_iters": 5, "hf.mlhf_meta_steps": 6, "hf.mlhf_unroll": 3},
+    # 2 CPU cores: 156 steps per arm. Measured on one core at width 32, batch 128: an SGD step
+    # ~0.2 s, an HF step ~2 s, an MLHF step ~1.4 s, one meta-training episode (T = 3) ~7 s.
+    "cpu": {"train_size": 10000, "epochs": 2.0, "model": "cuda_convnet", "width": 32, "eval_every": 0.5,
+            "checkpoint_every": 20, "hf.mlhf_meta_steps": 20, "hf.mlhf_unroll": 3},
     "gpu": {"epochs": 30.0, "batch_size": 512, "hf.gn_batch_size": 128, "hf.cg_iters": 100},
     "paper": {"epochs": 100.0, "batch_size": 1000, "hf.gn_batch_size": 250, "hf.cg_iters": 250},
 }
 
 
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
-    """Arms at equal epochs: baseline (SGD with Nesterov momentum), adam, hf; and the baseline at
-    hf's wall-clock. (MLHF, the meta-learned damping and preconditioner, is to come.)"""
+    """Arms at equal epochs: baseline (SGD with Nesterov momentum), adam, hf, mlhf (the chapter's
+    method: its metrics are the record's); and the baseline at mlhf's wall-clock, which includes
+    mlhf's meta-training (also recorded alone as cost.meta_train_seconds)."""
     from ..train import run_arms
 
-    return run_arms("meta_hf", "hf", {"baseline": Baseline, "adam": AdamArm, "hf": HessianFree},
-                    cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset, same_time_for="hf")
+    from ..results import seed_stats
+
+    record = run_arms("meta_hf", "mlhf", {"baseline": Baseline, "adam": AdamArm, "hf": HessianFree, "mlhf": MLHF},
+                      cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset, same_time_for="mlhf")
+    seconds = [e["meta_train_seconds"] for e in record["arms"]["mlhf"].get("extras", {}).values()]
+    if seconds:
+        record["cost"]["meta_train_seconds"] = seed_stats(seconds)["mean"]
+    return record
