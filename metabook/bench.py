@@ -110,8 +110,9 @@ def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: i
 
 def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0, dataset=None,
                            reference: str = "baseline", warmup: int = 3) -> dict:
-    """Seconds per step of each arm of a chapter (name -> factory(cfg) returning a Method), timed
-    in interleaved rounds: every round gives each arm one step on the same batch and meta batch,
+    """Seconds per step of each arm of a chapter, timed in interleaved rounds. `arms`: name ->
+    factory(cfg) returning a Method, or name -> (factory, config changes of that arm), as a
+    chapter's ARMS table has them (e.g. local_losses' `skips` arm changes the model). Interleaved: every round gives each arm one step on the same batch and meta batch,
     so a change of the machine's load during the measurement hits every arm alike (a run's own
     `step_cost_ratio` compares arms trained one after another). Medians over `steps` rounds after
     `warmup`; `ratio` is each arm's median over the reference arm's."""
@@ -121,10 +122,12 @@ def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0
     device = pick_device(cfg["device"])
     data = prepare_data(cfg, seed, device, dataset)
     methods = {}
-    for name, factory in arms.items():
+    for name, arm in arms.items():
+        factory, changes = arm if isinstance(arm, tuple) else (arm, {})
+        arm_cfg = {**cfg, **changes}
         seed_everything(seed)
-        method = factory(cfg)
-        method.setup(make_model(cfg, data.dataset.num_classes, device), data, cfg)
+        method = factory(arm_cfg)
+        method.setup(make_model(arm_cfg, data.dataset.num_classes, device), data, arm_cfg)
         methods[name] = method
     times: dict[str, list[float]] = {name: [] for name in arms}
     total = warmup + steps

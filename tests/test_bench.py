@@ -61,3 +61,25 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
     assert cost["baseline"]["ratio"] == 1.0
     extra = cost["slow"]["seconds_per_step"] - cost["baseline"]["seconds_per_step"]
     assert extra > 0.025 and cost["slow"]["ratio"] > 1          # the 30 ms are seen (noise only adds)
+
+
+def test_interleaved_step_costs_build_each_arm_with_its_own_config_changes():
+    """ARMS tables give (factory, config changes); the `skips` arm of local_losses changes the model."""
+    from metabook import chapter_config
+    from metabook.bench import interleaved_step_costs
+    from metabook.data import make_synthetic
+    from metabook.methods.baseline import Baseline
+
+    built = {}
+
+    class Recording(Baseline):
+        def setup(self, model, data, cfg):
+            built[cfg["model"]] = model.skips
+            return super().setup(model, data, cfg)
+
+    cfg = chapter_config("local_losses", "smoke", {"dataset": "synthetic", "train_size": 256, "meta_size": 64,
+                                                   "batch_size": 32})
+    cost = interleaved_step_costs({"baseline": Recording, "skips": (Recording, {"model": "res_cnn"})}, cfg,
+                                  steps=2, warmup=1, dataset=make_synthetic(400, 100, seed=0))
+    assert set(cost) == {"baseline", "skips"}
+    assert built == {"plain_cnn": False, "res_cnn": True} and cost["skips"]["seconds_per_step"] > 0
