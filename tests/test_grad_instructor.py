@@ -211,6 +211,17 @@ def test_saliency_gives_one_map_per_weight_image():
         gi.saliency(enn, x, "lime")
 
 
+def test_saliency_of_a_frozen_enn_equals_that_of_a_trainable_one():
+    """train_enn returns the ENN frozen (requires_grad off); Grad-CAM must still work, also under no_grad."""
+    mlp, enn = tiny_mlp_and_enn()
+    x = torch.stack([gi.render_weights(gi.weight_matrices(mlp), canvas=8, resolution=0.5)] * 2)
+    expected = {k: gi.saliency(enn, x, k) for k in ("grad_cam", "grad_x_input")}
+    enn.requires_grad_(False)
+    with torch.no_grad():
+        for kind, want in expected.items():
+            assert torch.allclose(gi.saliency(enn, x, kind), want), kind
+
+
 def test_he_init_arm_starts_from_kaiming_normal_weights():
     torch.manual_seed(0)
     mlp = MLP(10, width=256, depth=2)

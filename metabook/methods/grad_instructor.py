@@ -203,15 +203,16 @@ def saliency(enn: ENN, x: torch.Tensor, kind: str = "grad_cam") -> torch.Tensor:
     b, c, s, _ = x.shape
     layers = c // 2
     x = x.detach().requires_grad_(kind == "grad_x_input")
-    if kind == "grad_cam":
-        a = enn.features(x)
-        (g,) = torch.autograd.grad(enn.from_features(a).sum(), a)
-        a, g = a.view(b, layers, -1, s, s), g.view(b, layers, -1, s, s)
-        alpha = g.mean(dim=(3, 4), keepdim=True)                      # (B, L, channels, 1, 1)
-        return F.relu((alpha * a).sum(2)).detach()
-    if kind == "grad_x_input":
-        (g,) = torch.autograd.grad(enn(x).sum(), x)
-        return (g * x).view(b, layers, 2, s, s).sum(2).detach()
+    with torch.enable_grad():         # works for a frozen ENN (requires_grad off) and under no_grad
+        if kind == "grad_cam":
+            a = enn.features(x).detach().requires_grad_(True)          # the activations are the leaf
+            (g,) = torch.autograd.grad(enn.from_features(a).sum(), a)
+            a, g = a.view(b, layers, -1, s, s), g.view(b, layers, -1, s, s)
+            alpha = g.mean(dim=(3, 4), keepdim=True)                  # (B, L, channels, 1, 1)
+            return F.relu((alpha * a).sum(2)).detach()
+        if kind == "grad_x_input":
+            (g,) = torch.autograd.grad(enn(x).sum(), x)
+            return (g * x).view(b, layers, 2, s, s).sum(2).detach()
     raise ValueError(f"unknown saliency kind {kind!r}; choose one of: grad_cam, grad_x_input")
 
 
