@@ -224,13 +224,14 @@ TINY = {"dataset": "synthetic", "model": "small_cnn", "train_size": 192, "meta_s
         "hf.fisher_chunk": 4, "checkpoint_every": 3}
 
 
-def run_hf(overrides=None, out_dir=None, on_step=None):
+def run_hf(overrides=None, out_dir=None, on_step=None, method_class=None):
+    """Train the tiny smoke setting with HessianFree (or `method_class`) on synthetic data."""
     cfg = chapter_config("meta_hf", "smoke", {**TINY, **(overrides or {})})
     dataset = make_synthetic(400, 100, seed=0)
     data = prepare_data(cfg, 0, torch.device("cpu"), dataset)
     seed_everything(0)
     model = make_model(cfg, dataset.num_classes, torch.device("cpu"))
-    method = HessianFree(cfg)
+    method = (method_class or HessianFree)(cfg)
     res = train(method, model, data, cfg, seed=0, out_dir=out_dir, progress=False, on_step=on_step)
     return model, method, res
 
@@ -468,14 +469,7 @@ MLHF_TINY = {"hf.mlhf_cg_iters": 3, "hf.mlhf_meta_steps": 3, "hf.mlhf_unroll": 2
 
 
 def run_mlhf(out_dir=None, on_step=None):
-    cfg = chapter_config("meta_hf", "smoke", {**TINY, **MLHF_TINY})
-    dataset = make_synthetic(400, 100, seed=0)
-    data = prepare_data(cfg, 0, torch.device("cpu"), dataset)
-    seed_everything(0)
-    model = make_model(cfg, dataset.num_classes, torch.device("cpu"))
-    method = MLHF(cfg)
-    res = train(method, model, data, cfg, seed=0, out_dir=out_dir, progress=False, on_step=on_step)
-    return model, method, res
+    return run_hf(MLHF_TINY, out_dir, on_step, method_class=MLHF)
 
 
 def test_killed_mlhf_run_resumes_bitwise_without_meta_training_again(tmp_path, monkeypatch):
