@@ -2,6 +2,8 @@
 
     python -m metabook run CHAPTER --preset {smoke,cpu,gpu,paper,auto} [--seed N] [--seeds K]
                                    [--out DIR] [--set key=value ...]
+    python -m metabook bench [--preset cpu] [--seeds N] [--out DIR] [--set key=value ...]
+                                   # every method against its baseline, same budget: one table
     python -m metabook config CHAPTER --preset cpu [--set key=value ...]   # print the resolved config
     python -m metabook build [--preset smoke|cpu|gpu|auto]                  # execute chapters, render the book
     python -m metabook student OUT_DIR                                      # notebooks without solutions
@@ -25,6 +27,15 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("--out", default=None, help="output directory (default runs/CHAPTER-PRESET)")
     run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
     run.add_argument("--no-progress", action="store_true")
+    bench = sub.add_parser("bench", help="run the baseline and every method under the same budget and seeds "
+                                         "(chapter `compare`) and print one table")
+    bench.add_argument("--preset", default="auto")
+    bench.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    bench.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
+    bench.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
+    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                       help="override a config key, e.g. compare.methods=instance_lr,meta_hf")
+    bench.add_argument("--no-progress", action="store_true")
     cfg = sub.add_parser("config", help="print a chapter's resolved config")
     cfg.add_argument("chapter")
     cfg.add_argument("--preset", default="auto")
@@ -43,7 +54,9 @@ def main(argv: list[str] | None = None) -> int:
     from .download import DownloadError
 
     try:
-        if args.command == "run":
+        if args.command == "bench":
+            args.chapter = "compare"
+        if args.command in ("run", "bench"):
             from .methods import run_chapter
             from .results import format_table, arms_table
 
@@ -58,7 +71,12 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{record['chapter']} @ {record['preset']} on {ds['name']}"
                   f"{' (SYNTHETIC data)' if ds['synthetic'] else ''}: train {ds['train_size']}, "
                   f"test {ds['test_size']} images; seeds {record['seeds']}")
-            print(format_table(arms_table(record)))
+            if record["chapter"] == "compare":
+                from .methods.compare import table
+
+                print(format_table(table(record)))
+            else:
+                print(format_table(arms_table(record)))
             print(f"wrote {out / 'result.json'}")
         elif args.command == "config":
             from .methods import chapter_config

@@ -63,6 +63,55 @@ def peak_autograd_bytes(fn) -> int:
     return state["peak"]
 
 
+def peak_tensor_bytes(fn) -> int:
+    """Peak bytes of the tensors created while `fn()` runs that are alive at the same time (each
+    storage once): activations, temporaries, gradients and optimiser state, on any device and also
+    inside torch.func transforms (where saved-tensor hooks are refused). Every operator's outputs
+    are seen through a TorchDispatchMode; a storage counts from its first output until the last
+    tensor seen on it is freed. Tensors that existed before `fn` (data, weights) are not counted."""
+    import warnings
+    import weakref
+
+    from torch.utils._python_dispatch import TorchDispatchMode
+    from torch.utils._pytree import tree_flatten
+
+    class LiveTensors(TorchDispatchMode):
+        def __init__(self):
+            super().__init__()
+            self.size, self.refs, self.now, self.peak = {}, {}, 0, 0
+
+        def release(self, key):
+            self.refs[key] -= 1
+            if self.refs[key] == 0:
+                self.now -= self.size.pop(key)
+                del self.refs[key]
+
+        def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+            out = func(*args, **(kwargs or {}))
+            for t in tree_flatten(out)[0]:
+                if not isinstance(t, torch.Tensor):
+                    continue
+                try:
+                    storage = t.untyped_storage()
+                    key, nbytes = (t.device.type, storage.data_ptr()), storage.nbytes()
+                except RuntimeError:          # a tensor without a plain storage: count its own size
+                    key, nbytes = ("id", id(t)), t.numel() * t.element_size()
+                if key not in self.size:
+                    self.size[key], self.refs[key] = nbytes, 0
+                    self.now += nbytes
+                    self.peak = max(self.peak, self.now)
+                self.refs[key] += 1
+                weakref.finalize(t, self.release, key)
+            return out
+
+    mode = LiveTensors()
+    with warnings.catch_warnings():      # torch.func may warn about its own jit use on first load
+        warnings.simplefilter("ignore", FutureWarning)
+        with mode:
+            fn()
+    return mode.peak
+
+
 def _step_setup(model_name, width, batch_size, channels_last, dev, seed):
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -59,6 +59,7 @@ CHOICES: dict[str, tuple] = {
     "gi.enn_objective": ("rl", "regression"),
     "ll.weights": ("meta_net", "free", "equal"),
     "ll.mode": ("jvp", "fd"),
+    "compare.noise_kind": ("none", "symmetric", "pairflip"),
 }
 
 # (test, phrase) pairs: the phrase completes "must be ..." in the error message.
@@ -133,6 +134,7 @@ RANGES: dict[str, tuple] = {
     "ll.hidden": (lambda v: v >= 1, ">= 1"),
     "ll.ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
     "ll.head_pool": (lambda v: v >= 1, ">= 1"),
+    "compare.noise_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
 }
 
 

@@ -349,7 +349,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
             factory = arms.get(name, arms[reference])
             if name == "baseline_same_time":
                 budget = per_arm[same_time_for][-1]["cost"]["train_seconds"]
-                sps = per_arm[reference][-1]["cost"]["seconds_per_step"]
+                ref = per_arm[reference][-1]["cost"]            # its mean step time, as the budget counts it
+                sps = ref["train_seconds"] / max(ref["steps"], 1)
                 arm_cfg["epochs"] = max(budget / sps / len(data.train), 1 / len(data.train))
                 arm_cfg["time_budget_s"] = budget
                 per_arm.setdefault(name, [])

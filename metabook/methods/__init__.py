@@ -6,10 +6,11 @@ same seed gives the same numbers from either.
 from __future__ import annotations
 
 from ..config import ConfigError, make_config
-from . import baseline, depth, grad_instructor, instance_lr, local_losses, meta_hf, online_loss
+from . import baseline, compare, depth, grad_instructor, instance_lr, local_losses, meta_hf, online_loss
 
 CHAPTERS = {"baseline": baseline, "depth": depth, "instance_lr": instance_lr, "online_loss": online_loss,
-            "meta_hf": meta_hf, "grad_instructor": grad_instructor, "local_losses": local_losses}
+            "meta_hf": meta_hf, "grad_instructor": grad_instructor, "local_losses": local_losses,
+            "compare": compare}
 
 
 def chapter_module(name: str):

@@ -681,20 +681,28 @@ def load_or_train_enn(cfg: dict, data, num_classes: int, out_dir=None, progress:
     return enn, info
 
 
+def make_arms(cfg: dict, seeds: list[int], dataset, out_dir=None, progress: bool = False) -> tuple[dict, dict]:
+    """Phase A: one ENN (trained, or loaded from out_dir/enn.pt) on the first seed's split; returns
+    the arms (name -> factory) and the ENN's info (its cost and quality)."""
+    from ..config import pick_device
+    from ..train import prepare_data
+
+    data = prepare_data(cfg, seeds[0], pick_device(cfg["device"]), dataset)
+    enn, info = load_or_train_enn(cfg, data, dataset.num_classes, out_dir, progress)
+    arms = {"baseline": PlainBP, "l1": L1Reg, "he_init": HeInit,
+            "grad_instructor": lambda c: GradInstructor(c, copy.deepcopy(enn), info)}
+    return arms, info
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """Phase A: one ENN for the run (episodes on the first seed's split). Phase B: the arms
     baseline, l1, he_init, grad_instructor at equal epochs and seeds (and, with gi.same_time, the
     baseline at grad_instructor's wall-clock). The ENN's cost and quality go to record["enn"]."""
-    from ..config import pick_device
     from ..data import load_dataset
-    from ..train import prepare_data, run_arms
+    from ..train import run_arms
 
-    device = pick_device(cfg["device"])
     dataset = dataset or load_dataset(cfg["dataset"])
-    data = prepare_data(cfg, seeds[0], device, dataset)
-    enn, info = load_or_train_enn(cfg, data, dataset.num_classes, out_dir, progress)
-    arms = {"baseline": PlainBP, "l1": L1Reg, "he_init": HeInit,
-            "grad_instructor": lambda c: GradInstructor(c, copy.deepcopy(enn), info)}
+    arms, info = make_arms(cfg, seeds, dataset, out_dir, progress)
     record = run_arms("grad_instructor", "grad_instructor", arms, cfg, seeds, out_dir=out_dir, progress=progress,
                       dataset=dataset, same_time_for="grad_instructor" if cfg["gi.same_time"] else None)
     record["enn"] = info

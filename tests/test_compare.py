@@ -1,0 +1,108 @@
+"""The bench (chapter `compare`): every method against its baseline under one budget, and the
+memory measurement its table uses."""
+import pytest
+import torch
+
+from metabook.bench import peak_tensor_bytes
+from metabook.config import ConfigError
+from metabook.data import make_synthetic
+
+TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "test_size": 100, "batch_size": 32,
+        "epochs": 2.0, "compare.methods": "instance_lr,meta_hf"}
+
+
+def test_peak_tensor_bytes_counts_temporaries_alive_together_once():
+    a = torch.randn(256, 256)                           # exists before: not counted
+    mib = a.numel() * a.element_size()
+
+    def three_temporaries_two_alive():
+        b = a * 2
+        c = b + 1
+        del b
+        return c * 3
+
+    assert peak_tensor_bytes(three_temporaries_two_alive) == 2 * mib
+    assert peak_tensor_bytes(lambda: a.view(-1)) == mib   # a view is seen once, at its storage's size
+    assert peak_tensor_bytes(lambda: [a * 2 for _ in range(3)]) == 3 * mib
+
+
+def test_peak_tensor_bytes_sees_inside_torch_func_transforms():
+    from torch.func import functional_call, vjp
+
+    layer = torch.nn.Linear(64, 32)
+    x = torch.randn(128, 64)
+    params = {k: v.detach() for k, v in layer.named_parameters()}
+
+    def pullback():
+        out, pb = vjp(lambda p: functional_call(layer, p, (x,)), params)
+        return pb(torch.ones_like(out))
+
+    assert peak_tensor_bytes(pullback) >= 128 * 32 * 4 + (64 * 32 + 32) * 4    # output + gradients
+
+
+@pytest.fixture(scope="module")
+def bench_record(tmp_path_factory):
+    from metabook import run_chapter
+
+    out = tmp_path_factory.mktemp("bench")
+    dataset = make_synthetic(400, 100, seed=0)
+    rec = run_chapter("compare", "smoke", seeds=[0], out_dir=out, overrides=TINY, progress=False, dataset=dataset)
+    return rec, out, dataset
+
+
+def test_bench_pairs_each_method_with_its_baseline_under_one_budget(bench_record):
+    rec, out, _ = bench_record
+    assert list(rec["rows"]) == ["instance_lr", "meta_hf"]               # the book's order
+    for name, row in rec["rows"].items():
+        mcfg = rec["method_configs"][name]
+        assert all(mcfg[k] == rec["config"][k] for k in ("train_size", "meta_size", "test_size", "epochs",
+                                                            "batch_size", "dataset"))
+        assert row["delta"]["per_seed"][0] == pytest.approx(
+            row["test_acc"]["per_seed"][0] - row["baseline_acc"]["per_seed"][0])
+        assert row["total_time_ratio"] == pytest.approx(
+            (row["train_seconds"] + row["one_off_seconds"]) / row["baseline_train_seconds"])
+        sub = (out / name / "result.json")
+        assert sub.exists()
+    # the noise-targeting method and its baseline train on noisy labels, the others on clean ones
+    assert rec["method_configs"]["instance_lr"]["noise.kind"] == "symmetric"
+    assert rec["method_configs"]["instance_lr"]["noise.rate"] == 0.4
+    assert rec["method_configs"]["meta_hf"]["noise.kind"] == "none"
+    # each method keeps its chapter's model
+    assert rec["rows"]["meta_hf"]["model"] == "cuda_convnet" and rec["rows"]["instance_lr"]["model"] == "small_cnn"
+    # an HF step (CG over Gauss-Newton products, the nets' state) holds more than an SGD step
+    assert rec["rows"]["meta_hf"]["memory_ratio"] > 1.5
+
+
+def test_bench_table_shows_every_method_with_ratios(bench_record):
+    from metabook.methods.compare import table
+
+    rows = table(bench_record[0])
+    assert [r["method"] for r in rows] == ["instance_lr", "meta_hf"]
+    assert all(r["time/step"].endswith("x") and "±" in r["test acc"] for r in rows)
+
+
+def test_bench_resumes_from_finished_runs(bench_record):
+    from metabook import run_chapter
+
+    rec, out, dataset = bench_record
+    again = run_chapter("compare", "smoke", seeds=[0], out_dir=out, overrides=TINY, progress=False, dataset=dataset)
+    for name, row in rec["rows"].items():
+        assert again["rows"][name]["test_acc"] == row["test_acc"]                # loaded, not retrained
+        assert again["rows"][name]["train_seconds"] == row["train_seconds"]
+
+
+def test_bench_rejects_an_unknown_method_naming_the_choices():
+    from metabook import chapter_config
+    from metabook.methods.compare import parse_methods
+
+    with pytest.raises(ConfigError, match="local_losses, instance_lr, online_loss, grad_instructor, meta_hf"):
+        parse_methods("instance_lr,l2rw")
+    with pytest.raises(ConfigError, match="symmetric"):
+        chapter_config("compare", "smoke", {"compare.noise_kind": "uniform"})
+
+
+def test_bench_command_line_reports_a_bad_method(capsys):
+    from metabook.__main__ import main
+
+    assert main(["bench", "--preset", "smoke", "--set", "compare.methods=nope"]) == 2
+    assert "choose one or more of local_losses" in capsys.readouterr().err
