@@ -17,7 +17,8 @@ so a change of the machine's load hits all alike; medians over the rounds):
 
 Before timing, the three are run once from identical copies of the model and their weights are
 compared (they must agree to float32 rounding). Peak memory: bench.peak_tensor_bytes on CPU (the
-peak bytes of the tensors a step creates), torch.cuda.max_memory_allocated above the start on CUDA.
+peak bytes of the tensors a step creates), torch.cuda.max_memory_allocated above the start on CUDA;
+and, on any device, bench.peak_autograd_bytes (the bytes the graphs hold for backward).
 Writes OUT/result.json (default book/results/compare-higher/) with provenance.
 """
 from __future__ import annotations
@@ -30,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from metabook.bench import peak_tensor_bytes
+from metabook.bench import peak_autograd_bytes, peak_tensor_bytes
 from metabook.meta import reweighting_step
 from metabook.models import build_model
 from metabook.results import provenance, write_result
@@ -101,7 +102,7 @@ def main() -> None:
                 times[n].append(time.perf_counter() - t0)
     median = {n: sorted(t)[len(t) // 2] for n, t in times.items()}
 
-    memory = {}
+    memory, saved = {}, {}
     for n in names:
         step = variant(n)
         step()                                     # optimiser state exists, as in training
@@ -113,6 +114,7 @@ def main() -> None:
             memory[n] = int(torch.cuda.max_memory_allocated(dev) - before)
         else:
             memory[n] = peak_tensor_bytes(step)
+        saved[n] = peak_autograd_bytes(step)          # what the graphs hold for backward, any device
     record = {
         "chapter": "compare", "method": "higher_vs_lookahead", "preset": "benchmark",
         "config": {"model": a.model, "width": a.width, "batch_size": a.batch_size, "rounds": a.rounds,
@@ -122,6 +124,8 @@ def main() -> None:
         "seconds_per_step": median, "per_round_seconds": times,
         "time_ratio_vs_higher": {n: median[n] / median["higher"] for n in names},
         "peak_bytes": memory, "memory_ratio_vs_higher": {n: memory[n] / memory["higher"] for n in names},
+        "saved_for_backward_bytes": saved,
+        "saved_ratio_vs_higher": {n: saved[n] / saved["higher"] for n in names},
         "memory_kind": "cuda max_memory_allocated above the start" if dev.type == "cuda"
         else "peak bytes of the tensors a step creates (bench.peak_tensor_bytes)",
         "provenance": provenance(dev),
@@ -129,7 +133,8 @@ def main() -> None:
     path = write_result(record, a.out)
     for n in names:
         print(f"{n:>11}: {1e3 * median[n]:7.1f} ms/step ({record['time_ratio_vs_higher'][n]:.2f}x higher), "
-              f"peak {memory[n] / 2**20:6.1f} MiB ({record['memory_ratio_vs_higher'][n]:.2f}x)"
+              f"peak {memory[n] / 2**20:6.1f} MiB ({record['memory_ratio_vs_higher'][n]:.2f}x), saved for backward "
+              f"{saved[n] / 2**20:6.1f} MiB ({record['saved_ratio_vs_higher'][n]:.2f}x)"
               + (f", max |w - w_higher| {agreement[n]:.1e}" if n in agreement else ""))
     print(f"wrote {path}")
 
