@@ -1,7 +1,10 @@
 """Hessian-free optimisation: Gauss-Newton products against the explicit matrix, CG, damping,
 one HF step against SGD, bitwise resume, config errors; MLHF: its meta-gradient against central
-finite differences, meta-training on a tiny problem, the untrained nets = HF with fixed damping,
-NaN handling, bitwise resume, the chapter's five arms."""
+finite differences, meta-training on a tiny problem, the untrained nets = HF with Levenberg-Marquardt
+damping, the learned damping bounded by LM's direction and MLHF's ceiling, deployment = the
+meta-training unroll, NaN handling, bitwise resume, the chapter's five arms."""
+import math
+
 import pytest
 import torch
 import torch.nn as nn
@@ -14,9 +17,9 @@ from metabook.data import Batch, make_synthetic
 from metabook.meta import forward, model_params
 from metabook.methods.baseline import Baseline
 from metabook.methods import meta_hf
-from metabook.methods.meta_hf import (MLHF, GaussNewton, HessianFree, MetaTrainConfig, MLHFNets, MLHFSettings,
-                                      OptState, flatten, fresh_theta, gnvp, lm_damping, meta_train, mlhf_direction,
-                                      mlhf_features, pcg, unflatten, unroll)
+from metabook.methods.meta_hf import (DAMPING_MIN, MLHF, MLHF_DAMPING_MAX, DampingRNN, GaussNewton, HessianFree,
+                                      MetaTrainConfig, MLHFNets, MLHFSettings, OptState, flatten, fresh_theta, gnvp,
+                                      lm_damping, meta_train, mlhf_direction, mlhf_features, pcg, unflatten, unroll)
 from metabook.train import NonFiniteError, make_model, prepare_data, seed_everything, train
 
 
@@ -390,9 +393,10 @@ def test_mlhf_meta_gradient_matches_central_finite_differences(make, T):
     assert end.age == T and end.h_precond.shape == (len(theta0), s.hidden_precond)
 
 
-def test_untrained_mlhf_step_is_hf_with_fixed_damping_and_martens_preconditioner():
-    """The nets' output layers start at zero: lambda stays at hf.damping and P is exactly
-    (F + wd + lambda)^xi, so the direction is K iterations of HF's own PCG."""
+def test_untrained_mlhf_first_step_is_k_iterations_of_hf_pcg_at_the_initial_damping():
+    """The nets' output layers start at zero and a fresh run has no rho yet: lambda is hf.damping
+    and P is exactly (F + wd + lambda)^xi, so the direction is K iterations of HF's own PCG.
+    (Later steps follow LM: see the next test.)"""
     model = tiny_bn_net()
     s = mlhf_settings()
     x, y, _, _ = weighted_problem()
@@ -409,6 +413,139 @@ def test_untrained_mlhf_step_is_hf_with_fixed_damping_and_martens_preconditioner
     assert lam.item() == pytest.approx(0.3, rel=1e-12)
     reference = pcg(lambda w: G(w) + 0.3 * w, -g, (fisher + 0.01 + 0.3) ** 0.75, max_iters=4, tol=0.0, rtol=0.0)
     assert torch.allclose(cg.x, reference.x, rtol=1e-10, atol=1e-14) and cg.iters == 4
+
+
+def mlhf_cfg(damping, line_search=True, hidden=3):
+    """An MLHF plug-in config for the tiny float64 problems: K = 3, no meta-training."""
+    return {"hf.mlhf_cg_iters": 3, "hf.precond_exponent": 0.75, "hf.fisher_chunk": 4, "hf.gn_batch_size": 16,
+            "hf.warm_start": 0.95, "weight_decay": 0.0, "hf.mlhf_hidden": hidden, "hf.damping": damping,
+            "hf.mlhf_meta_steps": 0, "hf.mlhf_unroll": 2, "hf.mlhf_meta_lr": 1e-2, "hf.mlhf_replay_size": 2,
+            "hf.mlhf_fresh_prob": 0.5, "hf.mlhf_line_search": line_search}
+
+
+def deploy_mlhf(method, steps, seed=5):
+    """MLHF trains a tiny tanh MLP (float64) on `steps` fresh batches of separable_problem.
+    Returns the model, the batches and the step outputs."""
+    torch.manual_seed(0)
+    model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
+    method.setup(model, None, {})
+    gen = torch.Generator().manual_seed(seed)
+    batches = [separable_problem(gen) for _ in range(steps + 1)]
+    outs = [method.step(Batch(x, y, torch.arange(len(y))), None, None) for x, y in batches[:steps]]
+    return model, batches, outs
+
+
+def test_untrained_mlhf_damping_follows_levenberg_marquardt_step_by_step():
+    """Output layers at zero: the deployed MLHF's damping is lm_damping applied to its own rho
+    sequence, from hf.damping, step by step (the run sees rho < 1/4, > 3/4 and in between)."""
+    method = MLHF(mlhf_cfg(0.1))
+    _, _, outs = deploy_mlhf(method, 12)
+    lams, rhos = [o["damping"] for o in outs], [o["rho"] for o in outs]
+    assert lams[0] == pytest.approx(0.1, rel=1e-12)
+    for t in range(1, len(lams)):
+        assert lams[t] == pytest.approx(lm_damping(lams[t - 1], rhos[t - 1]), rel=1e-12), t
+    assert method.extras()["final_damping"] == pytest.approx(lams[-1], rel=1e-12)     # the last one used
+    moves = {(b > a) - (b < a) for a, b in zip(lams, lams[1:])}
+    assert moves == {-1, 0, 1}, (lams, rhos)                                  # all three LM cases occur
+
+
+def random_damping_net(hidden, seed, bias=None):
+    net = DampingRNN(hidden).double()
+    g = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for p in net.parameters():
+            p.copy_(2.0 * torch.randn(p.shape, generator=g, dtype=p.dtype))
+        if bias is not None:
+            net.out.bias.fill_(bias)
+    return net
+
+
+@pytest.mark.parametrize("bias", [100.0, -100.0])
+def test_learned_damping_never_overturns_lm_direction_and_stays_within_mlhf_bounds(bias):
+    """Whatever the net outputs (its tanh saturated either way by an output bias of +-100, or any
+    random weights and inputs), rho > 3/4 lowers lambda, rho < 1/4 raises it, in between it moves
+    by at most 1.4 either way, and lambda stays in [DAMPING_MIN, MLHF_DAMPING_MAX]."""
+    sign = 1.0 if bias > 0 else -1.0
+    net = random_damping_net(4, seed=0, bias=bias)
+    g = torch.Generator().manual_seed(1)
+    u, h = torch.randn(4, generator=g, dtype=torch.float64), torch.randn(4, generator=g, dtype=torch.float64)
+    ratio = lambda rho, lam=1.0: (net(u, h, torch.tensor(math.log(lam), dtype=torch.float64), rho)[0].exp() / lam).item()
+    assert ratio(0.9) == pytest.approx(2 / 3 * 1.4 ** sign, rel=1e-12) and ratio(0.9) < 1
+    assert ratio(0.1) == pytest.approx(3 / 2 * 1.4 ** sign, rel=1e-12) and ratio(0.1) > 1
+    assert ratio(-5.0) > 1 and ratio(50.0) < 1                            # rho of failed / lucky steps
+    assert ratio(0.5) == pytest.approx(1.4 ** sign, rel=1e-12)
+    assert ratio(None) == pytest.approx(1.4 ** sign, rel=1e-12)           # first step: no LM change
+    # at the bounds: the ceiling holds against rho < 1/4 and a net pushing up, the floor likewise
+    top, bottom = ratio(0.1, MLHF_DAMPING_MAX) * MLHF_DAMPING_MAX, ratio(0.9, DAMPING_MIN) * DAMPING_MIN
+    assert top == pytest.approx(MLHF_DAMPING_MAX, rel=1e-12) and bottom == pytest.approx(DAMPING_MIN, rel=1e-12)
+    assert MLHF_DAMPING_MAX <= 1e4
+    # random nets, inputs, states and rho: a long chain never leaves the bounds nor LM's direction
+    lam, gen = torch.tensor(0.0, dtype=torch.float64), torch.Generator().manual_seed(2)
+    for k in range(300):
+        net_k = random_damping_net(4, seed=100 + k % 7, bias=bias if k % 2 else None)
+        rho = [0.9, 0.1, 0.5, -3.0, 7.0][k % 5]
+        new, _ = net_k(3 * torch.randn(4, generator=gen, dtype=torch.float64),
+                       3 * torch.randn(4, generator=gen, dtype=torch.float64), lam, rho)
+        assert math.log(DAMPING_MIN) - 1e-9 <= new.item() <= math.log(MLHF_DAMPING_MAX) + 1e-9, k
+        if rho > 0.75:
+            assert new < lam or new.item() == pytest.approx(math.log(DAMPING_MIN)), k
+        elif rho < 0.25:
+            assert new > lam or new.item() == pytest.approx(math.log(MLHF_DAMPING_MAX)), k
+        else:
+            assert abs(new.item() - lam.item()) <= math.log(1.4) + 1e-12, k
+        lam = new if k % 50 else torch.tensor(math.log([1e3, 1e-6][k // 50 % 2]), dtype=torch.float64)
+
+
+@pytest.mark.parametrize("bias", [100.0, -100.0])
+def test_deployed_mlhf_with_saturated_damping_net_still_moves_lambda_in_lms_direction(bias):
+    """End to end, the deployed plug-in: the damping net's output bias at +-100 (it asks for 1.4x
+    more or less damping at every step); lambda still falls after every rho > 3/4 and rises after
+    every rho < 1/4."""
+    method = MLHF(mlhf_cfg(0.1))
+    real_setup = method.setup
+
+    def setup(*args):
+        real_setup(*args)
+        with torch.no_grad():
+            method.nets.damping.out.bias.fill_(bias)
+    method.setup = setup
+    _, _, outs = deploy_mlhf(method, 12)
+    lams, rhos = [o["damping"] for o in outs], [o["rho"] for o in outs]
+    sign = 1.0 if bias > 0 else -1.0
+    assert lams[0] == pytest.approx(0.1 * 1.4 ** sign, rel=1e-12)
+    for t in range(1, len(lams)):
+        expected = lm_damping(lams[t - 1], rhos[t - 1]) * 1.4 ** sign
+        assert lams[t] == pytest.approx(expected, rel=1e-12), t
+        if rhos[t - 1] > 0.75:
+            assert lams[t] < lams[t - 1], t
+        elif rhos[t - 1] < 0.25:
+            assert lams[t] > lams[t - 1], t
+    assert any(r > 0.75 for r in rhos[:-1]) and any(r < 0.25 for r in rhos[:-1]), rhos
+
+
+def test_deployed_mlhf_takes_the_same_steps_and_dampings_as_the_meta_training_unroll():
+    """With random nets (so the learned terms are not zero) and no line search, training with the
+    MLHF plug-in and one meta-training episode over the same batches run the same rule: the same
+    rho at every step, the same damping, the same final parameters."""
+    method = MLHF(mlhf_cfg(0.1, line_search=False))
+    real_setup = method.setup
+
+    def setup(model, *args):
+        real_setup(model, *args)
+        method.nets = random_nets(method.s)
+        method.theta0 = flatten(model_params(model)).detach().clone()
+    method.setup = setup
+    T = 6
+    model, batches, outs = deploy_mlhf(method, T)
+    like = {k: p.detach() for k, p in model_params(model).items()}
+    state = OptState.fresh(len(method.theta0), 3, 3, 0.1, method.theta0)
+    _, theta_T, end, records = unroll(method.nets, model, like, method.theta0, state, batches, method.s)
+    for t, (o, rec) in enumerate(zip(outs, records)):
+        assert o["rho"] == pytest.approx(rec["rho"], rel=1e-9, abs=1e-12), t
+    assert end.log_damping.item() == pytest.approx(method.state.log_damping.item(), rel=1e-9)
+    assert torch.allclose(theta_T, flatten(model_params(model)).detach(), rtol=1e-9, atol=1e-12)
+    lams = [o["damping"] for o in outs]
+    assert max(lams) / min(lams) > 1.5 and len(set(lams)) == T                # the damping really moves
 
 
 def separable_problem(gen, n=32):
@@ -434,8 +571,11 @@ def held_out_episodes(nets, model, s, episodes=6, T=4):
 
 def test_meta_training_lowers_too_large_damping_and_held_out_episode_loss():
     """Tiny MLP on separable classes, initial damping 10 (far too large: the HF steps are short).
-    Meta-training (20 episodes with replay) must lower the damping the damping net outputs and
-    the meta-loss on held-out episodes; the replay buffer must hold states older than one episode."""
+    Untrained, MLHF's damping is LM's, which comes down only by 2/3 per step (10 -> 2.96 in the 4
+    held-out steps). Meta-training (20 episodes with replay) must make the net lower it further,
+    below 1 (the fastest the bounded correction allows is 10 / 1.4 * (2/3 / 1.4)^3 = 0.77), and
+    lower the meta-loss on held-out episodes; the replay buffer must hold states older than one
+    episode."""
     torch.manual_seed(0)
     model = nn.Sequential(nn.Linear(5, 8), nn.Tanh(), nn.Linear(8, 3)).double()
     s = mlhf_settings(cg_iters=5, fisher_chunk=4, gn_batch=16, weight_decay=0.0, hidden_damping=4,
@@ -443,13 +583,13 @@ def test_meta_training_lowers_too_large_damping_and_held_out_episode_loss():
     torch.manual_seed(1)
     nets = MLHFNets(4, 4).double()
     before, damping_before = held_out_episodes(nets, model, s)
-    assert damping_before == pytest.approx([10.0] * 6)                     # untrained: fixed damping
+    assert damping_before == pytest.approx([10.0 * (2 / 3) ** 3] * 6)       # untrained: LM, rho > 3/4 at steps 1-3
     gen = torch.Generator().manual_seed(5)
     stats = meta_train(nets, model, lambda: separable_problem(gen), s,
                        MetaTrainConfig(steps=20, unroll=3, lr=3e-2, replay_size=8, fresh_prob=0.3, seed=0))
     after, damping_after = held_out_episodes(nets, model, s)
     assert max(damping_after) < 1.0, damping_after
-    assert after < before - 0.3, (before, after)
+    assert after < before - 0.15, (before, after)
     assert len(stats["meta_losses"]) == 20 and stats["meta_train_seconds"] > 0
     assert 1 <= stats["fresh_episodes"] < 20 and stats["replay_age_max"] > 3   # chained episodes
 

@@ -23,7 +23,7 @@ One-off stages: AdaLFL's offline initialisation and MLHF's meta-training run ins
 first step, so they are in its training seconds (and in the budget of its baseline_same_time);
 Grad-Instructor's evaluation network is trained before training starts, once for all seeds (the
 paper amortises it over target nets), so it is added to the total time ratio but not to the
-same-time budget. Each method's sub-record is written to OUT/<method>/result.json, its finished
+same-time budget. Each method's run_arms record is written to OUT/<method>/arms.json, its finished
 (arm, seed) runs to OUT/<method>/runs/ (a killed bench resumes there).
 """
 from __future__ import annotations
@@ -153,7 +153,7 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     wall-clock, same budget and seeds; the record's `rows` hold the table (see `table`)."""
     from ..config import pick_device
     from ..data import load_dataset
-    from ..results import provenance, write_result
+    from ..results import provenance, write_json
     from ..train import run_arms
 
     names = parse_methods(cfg["compare.methods"])
@@ -169,8 +169,8 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
                        same_time_for=arm, arm_configs=arm_configs)
         memory = step_memory(arms, arm_configs, mcfg, dataset, seeds[0])
         rec["step_memory"] = memory
-        if sub:
-            write_result(rec, sub)
+        if sub:          # arms.json, not result.json: the chapters' own record finders must not pick it up
+            write_json(rec, sub / "arms.json")
         rows[name] = summarise(name, rec, memory, one_off_s, info)
         sub_records[name] = {"config": mcfg, "dataset": rec["dataset"]}
     first = sub_records[names[0]]["dataset"]

@@ -224,14 +224,23 @@ def pcg(Av: Callable[[Vector], Vector], b: Vector, precond: Vector | None = None
 
 # ----------------------------------------------------------------------------- damping and step size
 
+def lm_factor(rho: float | None) -> float:
+    """The Levenberg-Marquardt multiplier of lambda for reduction ratio rho: 3/2 when the model
+    over-promised (rho < 1/4), 2/3 when it predicted well (rho > 3/4), 1 in between and when there
+    is no rho yet (None: before the first step)."""
+    if rho is None:
+        return 1.0
+    if rho < RHO_LOW:
+        return LM_BOOST
+    if rho > RHO_HIGH:
+        return LM_DROP
+    return 1.0
+
+
 def lm_damping(damping: float, rho: float) -> float:
     """Levenberg-Marquardt: more damping when the model over-promised (rho < 1/4), less when it
     predicted well (rho > 3/4), unchanged in between."""
-    if rho < RHO_LOW:
-        damping *= LM_BOOST
-    elif rho > RHO_HIGH:
-        damping *= LM_DROP
-    return min(max(damping, DAMPING_MIN), DAMPING_MAX)
+    return min(max(damping * lm_factor(rho), DAMPING_MIN), DAMPING_MAX)
 
 
 def cg_backtrack(f: Callable[[Vector], float], iterates: list) -> tuple[int, float]:
@@ -366,12 +375,25 @@ class AdamArm(Baseline):
 # damping lambda_t and the diagonal preconditioner P_t of CG. What the paper establishes (methods.md
 # 6.2): two RNNs, one for the damping and one for the preconditioner; coordinate-wise weight
 # sharing; experience replay; a special treatment of the gradient with respect to the curvature;
-# CUDA-convnet on CIFAR-10. Everything else below is our reconstruction [R] (methods.md 6.4), namely:
+# CUDA-convnet on CIFAR-10. The paper gives no formula for either net. Everything else below is our
+# reconstruction [R] (methods.md 6.4), namely:
 #
 #   damping net (one GRU cell, H_d units, input u_t (4,), shared state h_t (H_d,)):
 #       u_t = [clip(rho_{t-1}, -1, 2), clip(loss change_{t-1}, -1, 1), log10(lambda_{t-1}) / 4,
 #              log10(||g_t||) / 4]
-#       log lambda_t = log lambda_{t-1} + tanh(w_d^T h_t + b_d)            (a learned LM rule)
+#       log lambda_t = clamp(log LM(lambda_{t-1}, rho_{t-1}) + C tanh(w_d^T h_t + b_d),
+#                            log DAMPING_MIN, log MLHF_DAMPING_MAX),      C = log 1.4
+#   i.e. a learned, bounded correction of the Levenberg-Marquardt rule (`lm_factor`: x3/2 when
+#   rho < 1/4, x2/3 when rho > 3/4, x1 in between and at a target run's first step, which has no
+#   rho yet). Since e^C = 1.4 < 3/2, the net can never overturn LM's direction: with rho > 3/4
+#   lambda always falls (by a factor in [2/3 / 1.4, 2/3 * 1.4] = [0.48, 0.93]), with rho < 1/4 it
+#   always rises (by [1.07, 2.1]); in between the net alone moves it, by at most 1.4 either way.
+#   The net modulates how much LM moves, not which way. The ceiling MLHF_DAMPING_MAX = 1e4 (HF's
+#   is 1e8) keeps the steps from shrinking to where rho is float32 rounding noise that the net
+#   would be fed back. (An earlier version had a free rule, log lambda_t = log lambda_{t-1} +
+#   tanh(.), no LM term, ceiling 1e8: meta-trained on 3-step episodes it learned "raise lambda"
+#   and, deployed for 156 steps on CIFAR, raised it to 1e8; book/results/meta_hf-cpu.)
+#   rho_{t-1} enters only through the LM factor and the features: a stop-gradient constant.
 #   preconditioner net (one GRU cell, H_p units, shared by all P coordinates; input X_t (P, 3),
 #   state (P, H_p)), per coordinate i:
 #       X_ti = [clip(g_i / sqrt(v_i), -5, 5), (log v_i - mean_j log v_j) / 5,
@@ -379,8 +401,8 @@ class AdamArm(Baseline):
 #       P_ti = (F_ii + wd + lambda_t)^xi * exp(PRECOND_RANGE * tanh(w_p^T h_ti + b_p))
 #   i.e. a learned, bounded correction of Martens' preconditioner (F: the empirical Fisher diagonal of
 #   the curvature batch; hf.precond_exponent = 0 leaves the net's factor alone).
-#   The output layers start at zero: before meta-training MLHF is HF with a fixed damping
-#   (hf.damping) and Martens' preconditioner, run for exactly K CG iterations.
+#   The output layers start at zero: before meta-training MLHF is HF with Levenberg-Marquardt
+#   damping (from hf.damping) and Martens' preconditioner, run for exactly K CG iterations.
 #   step: d_t = PCG_K(G_t + lambda_t I, -g_t; P_t, x0 = warm * d_{t-1}),  theta_{t+1} = theta_t + d_t
 #   (no CG backtracking; at deployment the Armijo line search of HF may shorten the step,
 #   hf.mlhf_line_search; in meta-training alpha = 1).
@@ -393,15 +415,17 @@ class AdamArm(Baseline):
 # (the log weighs early states, loss ~2.3, and late ones, loss ~0.3, alike). `unroll` returns the
 # EXACT gradient of L with respect to the nets' parameters phi under these stop-gradients:
 #   g_t, G_t (its products use detached parameters), the Fisher diagonal F_t, the features u_t and
-#   X_t, and the CG start x0 = warm * d_{t-1} are constants (computed at the detached theta_t).
+#   X_t, the CG start x0 = warm * d_{t-1} and rho_{t-1} (so LM's factor) are constants (computed
+#   at the detached theta_t).
 # What is differentiated: phi -> the recurrent states h_t and log lambda_t (through all t) ->
 # lambda_t, P_t -> the K unrolled CG iterations -> d_t -> theta_{t+1} = theta_t + d_t (so theta_t
 # carries the graph of all earlier steps) -> f(theta_t; B_t). This drops the terms in which
 # theta_t changes g_t and G_t (second and third derivatives of f), like L2L-by-GD's
 # "d grad / d phi = 0"; treating G as a constant is our reading of the paper's "gradient calculation
 # of H". For T = 1 nothing is dropped: the gradient is the exact one of f(theta_1(phi); B_1).
-# `unroll(..., frozen=records)` re-evaluates L with those constants taken from a recorded pass, so
-# a finite difference of it checks the gradient exactly (tests/test_meta_hf.py).
+# `unroll(..., frozen=records)` re-evaluates L with those constants taken from a recorded pass
+# (rho included, so the piecewise LM factor is the same on both sides), so a finite difference of
+# it checks the gradient exactly (tests/test_meta_hf.py).
 #
 # Experience replay. Meta-training keeps a buffer of hf.mlhf_replay_size optimiser states
 # (theta, lambda, the nets' hidden states, v, d_{t-1}, rho, loss change, age = HF steps since its
@@ -416,7 +440,8 @@ class AdamArm(Baseline):
 # in the arm's extras.
 
 PRECOND_RANGE = 3.0            # the learned factor of P lies in [e^-3, e^3]
-LOG_DAMPING_STEP = 1.0         # lambda changes by a factor in [e^-1, e] per HF step
+DAMPING_CORRECTION = math.log(1.4)   # C: the net multiplies LM's lambda by [1/1.4, 1.4]; must stay < log 3/2
+MLHF_DAMPING_MAX = 1e4         # MLHF's damping ceiling (HF's DAMPING_MAX is 1e8)
 SQ_GRAD_DECAY = 0.95           # EMA of g^2 (the preconditioner net's v)
 META_GRAD_CLIP = 1.0           # norm clip of the meta-gradient (a stabiliser)
 META_EPOCH_OFFSET = 1_000_000  # meta-training reads epochs of the training split far from training's own
@@ -424,7 +449,9 @@ N_DAMPING_FEATURES, N_COORD_FEATURES = 4, 3
 
 
 class DampingRNN(torch.nn.Module):
-    """u_t (4,), h (H,), log lambda_{t-1} () -> (log lambda_t (), h_t (H,))."""
+    """u_t (4,), h (H,), log lambda_{t-1} (), rho_{t-1} (float, None before the first step)
+    -> (log lambda_t (), h_t (H,)): LM's update of lambda_{t-1} times the net's factor
+    exp(C tanh(.)) in [1/1.4, 1.4], clamped to [DAMPING_MIN, MLHF_DAMPING_MAX]."""
 
     def __init__(self, hidden: int):
         super().__init__()
@@ -432,10 +459,11 @@ class DampingRNN(torch.nn.Module):
         self.out = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(self.out.weight), torch.nn.init.zeros_(self.out.bias)
 
-    def forward(self, u, h, log_damping):
+    def forward(self, u, h, log_damping, rho: float | None = None):
         h = self.cell(u[None], h[None])[0]
-        step = LOG_DAMPING_STEP * torch.tanh(self.out(h)[0])
-        return (log_damping + step).clamp(math.log(DAMPING_MIN), math.log(DAMPING_MAX)), h
+        correction = DAMPING_CORRECTION * torch.tanh(self.out(h)[0])
+        log_lm = log_damping + math.log(lm_factor(rho))                 # rho: a constant (stop-gradient)
+        return (log_lm + correction).clamp(math.log(DAMPING_MIN), math.log(MLHF_DAMPING_MAX)), h
 
 
 class PrecondRNN(torch.nn.Module):
@@ -481,6 +509,11 @@ class OptState:
         return OptState(torch.tensor(math.log(damping), dtype=like.dtype, device=like.device),
                         z(hidden_damping), z(P, hidden_precond), z(P), z(P))
 
+    @property
+    def last_rho(self) -> float | None:
+        """rho of the previous step, for LM's factor; None at a target run's first step."""
+        return self.rho if self.age > 0 else None
+
     def detached(self) -> "OptState":
         return OptState(self.log_damping.detach(), self.h_damping.detach(), self.h_precond.detach(),
                         self.sq_grad, self.prev_update, self.rho, self.loss_change, self.age)
@@ -521,7 +554,7 @@ def mlhf_direction(nets: MLHFNets, state: OptState, u, X, g: Vector, G: "GaussNe
                    x0: Vector | None, s: MLHFSettings):
     """The differentiable core of one MLHF step: the nets, then K unrolled PCG iterations on
     (G + lambda I) d = -g. Returns (cg result, lambda (), P (P,), log lambda, h_d, h_p)."""
-    log_lam, h_d = nets.damping(u, state.h_damping, state.log_damping)
+    log_lam, h_d = nets.damping(u, state.h_damping, state.log_damping, state.last_rho)
     log_factor, h_p = nets.precond(X, state.h_precond)
     lam = log_lam.exp()
     base = (fisher + s.weight_decay + lam) ** s.precond_exponent if s.precond_exponent > 0 else 1.0
@@ -542,7 +575,8 @@ def unroll(nets: MLHFNets, model, like: Params, theta0: Vector, state: OptState,
     batches: [(x, y)] * (T + 1); step t uses batches[t] for g_t and G_t (its first s.gn_batch
     examples), the meta-loss term after it uses batches[t + 1]. Returns (meta-loss L (), theta_T
     (P,) detached, the end state detached, records): records[t] holds the step's constants (see
-    the section comment); pass them back as `frozen` to re-evaluate L with the same constants.
+    the section comment) and its rho and loss change (the next step's LM factor and features);
+    pass them back as `frozen` to re-evaluate L with the same constants.
     """
     T = len(batches) - 1
     theta, records, terms = theta0.detach(), [], []
@@ -574,8 +608,9 @@ def unroll(nets: MLHFNets, model, like: Params, theta0: Vector, state: OptState,
             predicted = cg.phi - 0.5 * lam.item() * d.detach().dot(d.detach()).item()
             rho = (f1 - rec["f0"]) / predicted if predicted < 0 else -1.0
             change = (f1 - rec["f0"]) / max(abs(rec["f0"]), 1e-12)
-        else:
-            rho, change = 0.0, 0.0
+            rec["rho"], rec["change"] = rho, change
+        else:                                                       # the recorded ones: the same LM factor
+            rho, change = rec["rho"], rec["change"]
         theta = theta + d
         state = OptState(log_lam, h_d, h_p, rec["v"], d.detach(), rho, change, state.age + 1)
         xn, yn = batches[t + 1]
@@ -657,7 +692,7 @@ def meta_train(nets: MLHFNets, model, next_batch: Callable[[], tuple], s: MLHFSe
 
 class MLHF:
     """MLHF as a plug-in of the training loop (name "mlhf"). The first call of step() meta-trains
-    the nets (hf.mlhf_meta_steps episodes, 0 = keep the initial nets, i.e. HF with fixed damping);
+    the nets (hf.mlhf_meta_steps episodes, 0 = keep the initial nets, i.e. HF with LM damping);
     every step then runs the learned HF step on the real model. The loop's learning rate is not
     used. State: the nets' weights, the optimiser state (OptState) and the meta-training
     statistics, all restored by load_state_dict, so a resumed run does not meta-train again."""
@@ -723,7 +758,7 @@ class MLHF:
         u, X, v = mlhf_features(state, g)
         x0 = s.warm_start * state.prev_update if s.warm_start > 0 and state.age > 0 else None
         with torch.no_grad():
-            log_lam, h_d = self.nets.damping(u, state.h_damping, state.log_damping)
+            log_lam, h_d = self.nets.damping(u, state.h_damping, state.log_damping, state.last_rho)
             log_factor, h_p = self.nets.precond(X, state.h_precond)
         lam = log_lam.exp().item()
         base = (fisher + wd + lam) ** s.precond_exponent if s.precond_exponent > 0 else 1.0
