@@ -173,14 +173,96 @@ def test_online_loss_moves_phi_every_step_while_offline_loss_keeps_it_fixed(synt
     assert (curves[0]["loss"] != curves[-1]["loss"]) == (method_cls is OnlineLoss)
 
 
-def test_online_loss_with_meta_lr_zero_trains_exactly_like_the_frozen_offline_loss(synthetic):
-    """The real step of OnlineLoss is the base step on M_phi: with phi frozen the two methods
-    must follow the same trajectory (same offline init, same batches)."""
-    model_on, method_on, _ = tiny_run(synthetic, OnlineLoss, {"lfl.meta_lr": 0.0, "epochs": 1.0})
-    model_off, method_off, _ = tiny_run(synthetic, OfflineLoss, {"lfl.meta_lr": 0.0, "epochs": 1.0})
-    assert method_on.offline_trace == method_off.offline_trace
+SHORT = {"epochs": 1.0, "train_size": 80, "batch_size": 8, "meta_size": 40, "test_size": 40,
+         "lfl.init": "random"}                    # 10 steps; no 1000-step fit to cross-entropy
+
+
+def trajectory(synthetic, method_cls, overrides):
+    """A 10-step tiny run (1 epoch of batch 8): per step, the metrics and the model and loss-net
+    parameters after it."""
+    steps = []
+
+    def record(step, metrics, method):
+        steps.append((dict(metrics), [p.detach().clone() for p in method.model.parameters()],
+                      [p.detach().clone() for p in method.loss_net.parameters()]))
+
+    model, method, _ = tiny_run(synthetic, method_cls, {**SHORT, **overrides}, on_step=record)
+    return model, method, steps
+
+
+@pytest.fixture(scope="module")
+def trajectories(synthetic):
+    """online and offline at lfl.meta_lr = 0, offline with the lr 1e-6 higher (relatively),
+    online at lfl.meta_lr = 1e-3 (OfflineLoss never reads lfl.meta_lr)."""
+    lr = chapter_config("online_loss", "smoke", TINY)["lr"]
+    return {"online": trajectory(synthetic, OnlineLoss, {"lfl.meta_lr": 0.0}),
+            "offline": trajectory(synthetic, OfflineLoss, {"lfl.meta_lr": 0.0}),
+            "offline_lr": trajectory(synthetic, OfflineLoss, {"lfl.meta_lr": 0.0, "lr": lr * (1 + 1e-6)}),
+            "online_learning": trajectory(synthetic, OnlineLoss, {"lfl.meta_lr": 1e-3})}
+
+
+def same_tensors(a, b):
+    return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
+
+
+def test_online_loss_with_meta_lr_zero_is_bitwise_the_frozen_offline_loss(trajectories):
+    """With lfl.meta_lr = 0 the online arm's real step is the offline arm's plain step on M_phi:
+    same offline init, batches, lr and loss network, so after every one of 10 steps the model
+    parameters, the BN statistics and the loss-net parameters are bit-for-bit equal, and phi is
+    still the offline init's. A perturbed arm (lr 1e-6 higher, relatively) is not equal, so
+    the comparison can fail."""
+    (model_on, on, steps_on), (model_off, off, steps_off) = trajectories["online"], trajectories["offline"]
+    assert len(steps_on) == len(steps_off) == 10
+    assert on.offline_trace == off.offline_trace and len(on.offline_trace) == 3
+    assert on.snapshots[0] == off.snapshots[0]                      # phi right after the init
+    for t, ((m_on, th_on, phi_on), (m_off, th_off, phi_off)) in enumerate(zip(steps_on, steps_off)):
+        assert same_tensors(th_on, th_off), f"model parameters differ after step {t + 1}"
+        assert same_tensors(phi_on, phi_off), f"loss-net parameters differ after step {t + 1}"
+        assert m_on["loss"] == m_off["loss"] and m_on["learned_loss"] == m_off["learned_loss"]
     for (name, a), b in zip(model_on.state_dict().items(), model_off.state_dict().values()):
-        assert torch.allclose(a.float(), b.float(), rtol=1e-4, atol=1e-6), name
+        assert torch.equal(a, b), name                                # running stats too
+    assert same_tensors(steps_on[0][2], steps_on[-1][2])            # phi never moved
+    assert not same_tensors(steps_on[0][1], steps_on[-1][1])        # the model did
+    # the comparison is sharp: a 1e-6 relative change of the lr breaks the equality
+    assert not same_tensors(trajectories["offline_lr"][2][-1][1], steps_off[-1][1])
+
+
+def test_online_loss_with_positive_meta_lr_changes_phi_and_then_the_model(trajectories):
+    """The companion of the bitwise test: with lfl.meta_lr > 0 the loss net moves at the first
+    online step and keeps moving, and the model parts from the frozen-loss trajectory: after step
+    1 it is still equal (both steps used phi_0), from step 2 on it is not (phi_1 != phi_0)."""
+    (_, on, steps_on), (_, off, steps_off) = trajectories["online_learning"], trajectories["offline"]
+    assert on.offline_trace == off.offline_trace
+    assert not same_tensors(steps_on[0][2], steps_off[0][2])        # phi_1 != phi_0
+    assert all(not same_tensors(a[2], b[2]) for a, b in zip(steps_on, steps_on[1:]))
+    assert same_tensors(steps_on[0][1], steps_off[0][1])            # step 1 used phi_0 in both
+    assert not same_tensors(steps_on[1][1], steps_off[1][1])        # step 2 used phi_1 online
+
+
+def test_monotone_loss_net_never_rewards_moving_probability_away_from_the_target():
+    """lfl.monotone: for any weights, l(p, 1) does not increase and l(p, 0) does not decrease in
+    p, and M falls as p_true rises; the default (unconstrained) net violates this for some
+    weights, so the check can fail."""
+    p = torch.linspace(0, 1, 201, dtype=torch.float64)
+    violated = []
+    for monotone in (True, False):
+        for seed in range(5):
+            torch.manual_seed(seed)
+            net = LossNet(hidden=8, monotone=monotone).double()
+            for q in net.parameters():
+                q.data = 3 * torch.randn_like(q)
+            with torch.no_grad():
+                pos = net(torch.stack([p, torch.ones_like(p)], 1))
+                neg = net(torch.stack([p, torch.zeros_like(p)], 1))
+            ok = bool((pos.diff() <= 1e-12).all() and (neg.diff() >= -1e-12).all()
+                      and (loss_curve(net, 10).diff() <= 1e-12).all())
+            if monotone:
+                assert ok, seed
+            else:
+                violated.append(not ok)
+    assert any(violated)
+    assert chapter_config("online_loss", "smoke", {"lfl.monotone": "true"})["lfl.monotone"] is True
+    assert chapter_config("online_loss", "smoke")["lfl.monotone"] is False
 
 
 def test_killed_online_run_resumes_to_bitwise_identical_results_without_redoing_the_offline_init(
