@@ -31,7 +31,7 @@ import time
 import torch
 import torch.nn.functional as F
 
-from metabook.bench import peak_autograd_bytes, peak_tensor_bytes
+from metabook.bench import peak_autograd_bytes, peak_step_bytes
 from metabook.meta import reweighting_step
 from metabook.models import build_model
 from metabook.results import provenance, write_result
@@ -106,14 +106,7 @@ def main() -> None:
     for n in names:
         step = variant(n)
         step()                                     # optimiser state exists, as in training
-        if dev.type == "cuda":
-            torch.cuda.synchronize(dev)
-            torch.cuda.reset_peak_memory_stats(dev)
-            before = torch.cuda.memory_allocated(dev)
-            step()
-            memory[n] = int(torch.cuda.max_memory_allocated(dev) - before)
-        else:
-            memory[n] = peak_tensor_bytes(step)
+        memory[n], memory_kind = peak_step_bytes(step, dev)
         saved[n] = peak_autograd_bytes(step)          # what the graphs hold for backward, any device
     record = {
         "chapter": "compare", "method": "higher_vs_lookahead", "preset": "benchmark",
@@ -126,8 +119,7 @@ def main() -> None:
         "peak_bytes": memory, "memory_ratio_vs_higher": {n: memory[n] / memory["higher"] for n in names},
         "saved_for_backward_bytes": saved,
         "saved_ratio_vs_higher": {n: saved[n] / saved["higher"] for n in names},
-        "memory_kind": "cuda max_memory_allocated above the start" if dev.type == "cuda"
-        else "peak bytes of the tensors a step creates (bench.peak_tensor_bytes)",
+        "memory_kind": memory_kind,
         "provenance": provenance(dev),
     }
     path = write_result(record, a.out)

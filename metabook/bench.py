@@ -112,6 +112,18 @@ def peak_tensor_bytes(fn) -> int:
     return mode.peak
 
 
+def peak_step_bytes(fn, device: torch.device) -> tuple[int, str]:
+    """(peak bytes, what was measured) of running `fn()` on `device`: on CUDA the allocator's peak
+    above what was allocated before; elsewhere peak_tensor_bytes."""
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        before = torch.cuda.memory_allocated(device)
+        fn()
+        return int(torch.cuda.max_memory_allocated(device) - before), "cuda max_memory_allocated above the start"
+    return peak_tensor_bytes(fn), "peak bytes of the tensors created (bench.peak_tensor_bytes)"
+
+
 def _step_setup(model_name, width, batch_size, channels_last, dev, seed):
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format

@@ -114,9 +114,7 @@ def method_arms(name: str, mcfg: dict, seeds: list[int], dataset, out_dir, progr
 def step_memory(arms: dict, arm_configs: dict, mcfg: dict, dataset, seed: int = 0) -> dict:
     """Peak memory of each arm's first two training steps (one-off stages cut to one episode, see
     MEMORY_PROBE), same model and batches: {arm: bytes}, and the kind of measurement."""
-    import torch
-
-    from ..bench import peak_tensor_bytes
+    from ..bench import peak_step_bytes
     from ..config import pick_device
     from ..train import _meta_batch_at, make_model, prepare_data, seed_everything
 
@@ -135,16 +133,7 @@ def step_memory(arms: dict, arm_configs: dict, mcfg: dict, dataset, seed: int = 
                     batch = next(data.train.epoch(0, start=step))
                     method.step(batch, _meta_batch_at(data.meta, step) if method.uses_meta else None, cfg["lr"])
 
-            if device.type == "cuda":
-                torch.cuda.synchronize(device)
-                torch.cuda.reset_peak_memory_stats(device)
-                before = torch.cuda.memory_allocated(device)
-                two_steps()
-                out[name] = int(torch.cuda.max_memory_allocated(device) - before)
-            else:
-                out[name] = peak_tensor_bytes(two_steps)
-    kind = "cuda max_memory_allocated above the start" if device.type == "cuda" else \
-        "peak bytes of the tensors the two steps create (bench.peak_tensor_bytes)"
+            out[name], kind = peak_step_bytes(two_steps, device)
     return {"bytes": out, "kind": kind}
 
 
