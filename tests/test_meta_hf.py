@@ -635,3 +635,14 @@ def test_killed_mlhf_run_resumes_bitwise_without_meta_training_again(tmp_path, m
     assert method_a.meta_stats["meta_losses"] == method_b.meta_stats["meta_losses"]
     assert len(method_a.meta_stats["meta_losses"]) == 3 and sa["age"] == 12
     assert sa["h_precond"].abs().max() > 0 and method_a.nets.damping.out.weight.abs().max() > 0   # state is used
+
+
+@pytest.mark.parametrize("method_class", [HessianFree, MLHF], ids=["hf", "mlhf"])
+def test_hf_and_mlhf_train_the_gpu_presets_batchnorm_resnet(method_class):
+    """The gpu/paper presets use ResNet-18 (BatchNorm in train mode): HF's and MLHF's steps must run
+    on it, stay finite and lower the training loss (here: a width-4 ResNet-18 on synthetic data)."""
+    assert chapter_config("meta_hf", "gpu")["model"] == "resnet18"
+    _, _, res = run_hf({"model": "resnet18", "width": 4, "epochs": 3.0, "hf.mlhf_meta_steps": 2,
+                        "hf.mlhf_unroll": 2}, method_class=method_class)
+    losses = [row["train_loss"] for row in res["history"]]
+    assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
