@@ -356,7 +356,13 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
                 per_arm.setdefault(name, [])
             done = out / "runs" / f"{name}-seed{seed}.json" if out else None
             if done and done.exists():
-                per_arm[name].append(load_result(done))
+                finished = load_result(done)
+                if finished.get("config", _comparable(arm_cfg)) != _comparable(arm_cfg):
+                    changed = sorted(k for k in set(finished["config"]) | set(arm_cfg)
+                                     if finished["config"].get(k) != _comparable(arm_cfg).get(k))
+                    raise ValueError(f"{done} is a finished run with another config (differs in "
+                                     f"{', '.join(changed)}); delete it or choose another --out")
+                per_arm[name].append(finished)
                 continue
             seed_everything(seed)                      # the same initial weights for every arm
             model = make_model(arm_cfg, dataset.num_classes, device)
@@ -365,6 +371,7 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
                         out_dir=out / "runs" / f"{name}-seed{seed}" if out else None,
                         desc=f"{name} seed {seed}")
             res["seed"] = seed
+            res["config"] = _comparable(arm_cfg)         # a resumed run must have the same config
             if hasattr(method, "extras"):
                 res["extras"] = method.extras()
             if out and hasattr(method, "save_artifacts"):

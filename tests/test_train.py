@@ -65,6 +65,21 @@ def test_checkpoint_of_another_config_is_not_resumed(synthetic, tmp_path):
         run_tiny(synthetic, {"checkpoint_every": 4, "lr": 0.05}, out_dir=tmp_path)
 
 
+def test_finished_arm_runs_are_reused_only_for_the_same_config(synthetic, tmp_path):
+    from metabook.train import run_arms
+
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 1.0})
+    first = run_arms("baseline", "baseline", {"baseline": Baseline}, cfg, [0], out_dir=tmp_path, progress=False,
+                     dataset=synthetic)
+    again = run_arms("baseline", "baseline", {"baseline": Baseline}, cfg, [0], out_dir=tmp_path, progress=False,
+                     dataset=synthetic)
+    assert again["arms"]["baseline"]["train_seconds"] == first["arms"]["baseline"]["train_seconds"]   # loaded
+    changed = chapter_config("baseline", "smoke", {**TINY, "epochs": 1.0, "lr": 0.05})
+    with pytest.raises(ValueError, match="another config.*lr"):
+        run_arms("baseline", "baseline", {"baseline": Baseline}, changed, [0], out_dir=tmp_path, progress=False,
+                 dataset=synthetic)
+
+
 def test_diverging_run_stops_with_an_error_naming_step_and_quantity(synthetic):
     with pytest.raises(NonFiniteError, match=r"step \d+: loss is (nan|inf)"):
         run_tiny(synthetic, {"model": "mlp", "batchnorm": False, "lr": 1e12, "momentum": 0.0,
