@@ -21,21 +21,17 @@ def _parser() -> argparse.ArgumentParser:
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a chapter's experiment and write DIR/result.json")
     run.add_argument("chapter")
-    run.add_argument("--preset", default="auto")
-    run.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    run.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ... (default 1)")
-    run.add_argument("--out", default=None, help="output directory (default runs/CHAPTER-PRESET)")
-    run.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="override a config key")
-    run.add_argument("--no-progress", action="store_true")
     bench = sub.add_parser("bench", help="run the baseline and every method under the same budget and seeds "
                                          "(chapter `compare`) and print one table")
-    bench.add_argument("--preset", default="auto")
-    bench.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
-    bench.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
-    bench.add_argument("--out", default=None, help="output directory (default runs/compare-PRESET)")
-    bench.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                       help="override a config key, e.g. compare.methods=instance_lr,meta_hf")
-    bench.add_argument("--no-progress", action="store_true")
+    for cmd, chapter in ((run, "CHAPTER"), (bench, "compare")):
+        cmd.add_argument("--preset", default="auto")
+        cmd.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+        cmd.add_argument("--seeds", type=int, default=1, help="number of seeds: seed, seed+1, ... (default 1)")
+        cmd.add_argument("--out", default=None, help=f"output directory (default runs/{chapter}-PRESET)")
+        cmd.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                        help="override a config key" + (", e.g. compare.methods=instance_lr,meta_hf"
+                                                        if cmd is bench else ""))
+        cmd.add_argument("--no-progress", action="store_true")
     cfg = sub.add_parser("config", help="print a chapter's resolved config")
     cfg.add_argument("chapter")
     cfg.add_argument("--preset", default="auto")

@@ -28,6 +28,36 @@ def _median_seconds(fn, repeats: int, warmup: int = 3) -> float:
     return sorted(times)[len(times) // 2]
 
 
+class _LiveStorages:
+    """The bytes of the storages that tracked tensors use right now, and their peak: a storage
+    counts once, from the first tracked tensor on it until the last of them is freed."""
+
+    def __init__(self):
+        self.size, self.refs, self.now, self.peak = {}, {}, 0, 0
+
+    def track(self, t: torch.Tensor) -> torch.Tensor:
+        import weakref
+
+        try:
+            storage = t.untyped_storage()
+            key, nbytes = (t.device.type, storage.data_ptr()), storage.nbytes()
+        except RuntimeError:          # no plain storage (e.g. a dual tensor of forward mode): its own size
+            key, nbytes = ("id", id(t)), t.numel() * t.element_size()
+        if key not in self.size:
+            self.size[key], self.refs[key] = nbytes, 0
+            self.now += nbytes
+            self.peak = max(self.peak, self.now)
+        self.refs[key] += 1
+        weakref.finalize(t, self._release, key)
+        return t
+
+    def _release(self, key) -> None:
+        self.refs[key] -= 1
+        if self.refs[key] == 0:
+            self.now -= self.size.pop(key)
+            del self.refs[key]
+
+
 def peak_autograd_bytes(fn) -> int:
     """Peak bytes of the tensors that autograd holds for backward while `fn()` runs.
 
@@ -35,32 +65,10 @@ def peak_autograd_bytes(fn) -> int:
     released when the graph frees it; the peak is the activation memory a step needs, measured the
     same way on any device. A double backward keeps the first backward's graph alive, which is
     what makes an exact meta step heavier."""
-    import weakref
-
-    live, refs, state = {}, {}, {"now": 0, "peak": 0}
-
-    def release(key):
-        refs[key] -= 1
-        if refs[key] == 0:
-            state["now"] -= live.pop(key)
-
-    def pack(t):
-        try:
-            key = t.untyped_storage().data_ptr()
-            size = t.untyped_storage().nbytes()
-        except RuntimeError:          # e.g. a dual tensor of forward mode: count its own size
-            key, size = ("id", id(t)), t.numel() * t.element_size()
-        if key not in live:
-            live[key], refs[key] = size, 0
-            state["now"] += size
-            state["peak"] = max(state["peak"], state["now"])
-        refs[key] += 1
-        weakref.finalize(t, release, key)
-        return t
-
-    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+    live = _LiveStorages()
+    with torch.autograd.graph.saved_tensors_hooks(live.track, lambda t: t):
         fn()
-    return state["peak"]
+    return live.peak
 
 
 def peak_tensor_bytes(fn) -> int:
@@ -70,46 +78,25 @@ def peak_tensor_bytes(fn) -> int:
     are seen through a TorchDispatchMode; a storage counts from its first output until the last
     tensor seen on it is freed. Tensors that existed before `fn` (data, weights) are not counted."""
     import warnings
-    import weakref
 
     from torch.utils._python_dispatch import TorchDispatchMode
     from torch.utils._pytree import tree_flatten
 
-    class LiveTensors(TorchDispatchMode):
-        def __init__(self):
-            super().__init__()
-            self.size, self.refs, self.now, self.peak = {}, {}, 0, 0
+    live = _LiveStorages()
 
-        def release(self, key):
-            self.refs[key] -= 1
-            if self.refs[key] == 0:
-                self.now -= self.size.pop(key)
-                del self.refs[key]
-
+    class TrackOutputs(TorchDispatchMode):
         def __torch_dispatch__(self, func, types, args=(), kwargs=None):
             out = func(*args, **(kwargs or {}))
             for t in tree_flatten(out)[0]:
-                if not isinstance(t, torch.Tensor):
-                    continue
-                try:
-                    storage = t.untyped_storage()
-                    key, nbytes = (t.device.type, storage.data_ptr()), storage.nbytes()
-                except RuntimeError:          # a tensor without a plain storage: count its own size
-                    key, nbytes = ("id", id(t)), t.numel() * t.element_size()
-                if key not in self.size:
-                    self.size[key], self.refs[key] = nbytes, 0
-                    self.now += nbytes
-                    self.peak = max(self.peak, self.now)
-                self.refs[key] += 1
-                weakref.finalize(t, self.release, key)
+                if isinstance(t, torch.Tensor):
+                    live.track(t)
             return out
 
-    mode = LiveTensors()
     with warnings.catch_warnings():      # torch.func may warn about its own jit use on first load
         warnings.simplefilter("ignore", FutureWarning)
-        with mode:
+        with TrackOutputs():
             fn()
-    return mode.peak
+    return live.peak
 
 
 def peak_step_bytes(fn, device: torch.device) -> tuple[int, str]:

@@ -356,10 +356,10 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
                 per_arm.setdefault(name, [])
             done = out / "runs" / f"{name}-seed{seed}.json" if out else None
             if done and done.exists():
-                finished = load_result(done)
-                if finished.get("config", _comparable(arm_cfg)) != _comparable(arm_cfg):
-                    changed = sorted(k for k in set(finished["config"]) | set(arm_cfg)
-                                     if finished["config"].get(k) != _comparable(arm_cfg).get(k))
+                finished, config = load_result(done), _comparable(arm_cfg)
+                if finished.get("config", config) != config:
+                    changed = sorted(k for k in set(finished["config"]) | set(config)
+                                     if finished["config"].get(k) != config.get(k))
                     raise ValueError(f"{done} is a finished run with another config (differs in "
                                      f"{', '.join(changed)}); delete it or choose another --out")
                 per_arm[name].append(finished)
