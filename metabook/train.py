@@ -40,6 +40,12 @@ class NonFiniteError(FloatingPointError):
     """A loss or meta-gradient became NaN/inf. The message names the step and the quantity."""
 
 
+class RunError(RuntimeError):
+    """A run cannot start or go on because of its state on disk (a checkpoint or finished run of
+    another config, a corrupt state file, an unwritable or locked output folder, a full disk).
+    The message is one line naming the file and the fix."""
+
+
 # ----------------------------------------------------------------------------- data for one run
 
 @dataclass
