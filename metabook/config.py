@@ -10,6 +10,8 @@ valid choices. The resolved dict is stored in every result record, so a run can 
 """
 from __future__ import annotations
 
+import math
+
 import torch
 
 PRESET_NAMES = ("smoke", "cpu", "gpu", "paper")
@@ -143,7 +145,10 @@ class ConfigError(ValueError):
 
 
 def _coerce(key: str, value, default):
-    """Parse a --set string (or any value) to the type of the key's default."""
+    """Parse a --set string (or any value) to the type of the key's default.
+
+    An integer key takes whole numbers only ("1e3" is 1000; "1.5" is refused, not truncated).
+    """
     if isinstance(value, str) and not isinstance(default, str):
         text = value.strip()
         if isinstance(default, bool):
@@ -153,19 +158,22 @@ def _coerce(key: str, value, default):
                 return False
             raise ConfigError(f"{key}={value!r}: expected a boolean (true/false)")
         try:
-            return type(default)(float(text)) if isinstance(default, int) else type(default)(text)
+            value = float(text) if isinstance(default, int) else type(default)(text)
         except ValueError:
             raise ConfigError(f"{key}={value!r}: expected a {type(default).__name__}") from None
     if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
         return float(value)
     if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        if value != int(value):
-            raise ConfigError(f"{key}={value!r}: expected an integer")
+        if not value.is_integer():
+            raise ConfigError(f"{key}={value!r} is not valid; it must be a whole number")
         return int(value)
     return value
 
 
 def validate(cfg: dict) -> dict:
+    for key, value in cfg.items():
+        if isinstance(value, float) and not math.isfinite(value):
+            raise ConfigError(f"{key}={value!r} is not valid; it must be a finite number")
     for key, options in CHOICES.items():
         if key in cfg and cfg[key] not in options:
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; choose one of: {', '.join(options)}")
@@ -173,6 +181,15 @@ def validate(cfg: dict) -> dict:
         if key in cfg and not ok(cfg[key]):
             raise ConfigError(f"{key}={cfg[key]!r} is not valid; it must be {phrase}")
     return cfg
+
+
+def check_seeds(first: int, count: int = 1) -> list[int]:
+    """The seeds first, first+1, ..., first+count-1, or ConfigError: numpy takes 0 .. 2**32-1."""
+    if count < 1:
+        raise ConfigError(f"--seeds {count} is not valid; it must be >= 1")
+    if first < 0 or first + count - 1 > 2**32 - 1:
+        raise ConfigError(f"--seed {first} is not valid; seeds must be in 0 .. {2**32 - 1}")
+    return list(range(first, first + count))
 
 
 def resolve_preset(preset: str) -> str:

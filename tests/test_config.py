@@ -57,3 +57,35 @@ def test_cli_rejects_bad_input_with_one_line_and_no_traceback(args, needle, tmp_
     assert needle in proc.stderr
     assert "Traceback" not in proc.stderr
     assert len(proc.stderr.strip().splitlines()) == 1
+
+
+@pytest.mark.parametrize("overrides, needle", [
+    ({"lr": "inf"}, "lr=inf is not valid; it must be a finite number"),
+    ({"epochs": "inf"}, "epochs=inf is not valid; it must be a finite number"),
+    ({"weight_decay": "nan"}, "weight_decay=nan is not valid; it must be a finite number"),
+    ({"lr": float("-inf")}, "lr=-inf is not valid; it must be a finite number"),
+    ({"batch_size": "1.5"}, "batch_size=1.5 is not valid; it must be a whole number"),
+    ({"train_size": "-0.5"}, "train_size=-0.5 is not valid; it must be a whole number"),
+    ({"batch_size": 2.5}, "batch_size=2.5 is not valid; it must be a whole number"),
+    ({"width": "inf"}, "width=inf is not valid; it must be a whole number"),
+])
+def test_non_finite_floats_and_fractional_integers_are_rejected_not_truncated(overrides, needle):
+    with pytest.raises(ConfigError) as err:
+        chapter_config("baseline", "smoke", overrides)
+    assert needle in str(err.value) and "\n" not in str(err.value)
+
+
+def test_whole_numbers_in_float_notation_are_accepted_for_integer_keys():
+    cfg = chapter_config("baseline", "smoke", {"batch_size": "1e2", "train_size": "64.0"})
+    assert cfg["batch_size"] == 100 and isinstance(cfg["batch_size"], int)
+    assert cfg["train_size"] == 64
+
+
+def test_check_seeds_accepts_numpys_range_only():
+    from metabook.config import check_seeds
+    assert check_seeds(3, 2) == [3, 4]
+    for first, count in ((-1, 1), (2**32, 1), (2**32 - 1, 2)):
+        with pytest.raises(ConfigError, match="seeds must be in 0 .. 4294967295"):
+            check_seeds(first, count)
+    with pytest.raises(ConfigError, match="--seeds 0 is not valid"):
+        check_seeds(0, 0)
