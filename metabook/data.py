@@ -1,10 +1,14 @@
 """Data: CIFAR-10/100 as uint8 arrays, splits, label noise, target distributions, a device loader.
 
 Where the arrays come from, in order (`load_dataset`):
-  1. `$METABOOK_DATA/<name>.npz`  (keys x_train, y_train, x_test, y_test; NHWC uint8)
+  1. `$METABOOK_DATA/<name>.npz`  (keys x_train, y_train, x_test, y_test; NHWC uint8). When
+     METABOOK_DATA is set, this file must be there: nothing falls through to the cache.
   2. the cache `$METABOOK_CACHE` or ~/.cache/metabook (a previous download)
   3. a checksum-verified download of the official archive (metabook.download), mirrors first
   4. otherwise a clear error naming METABOOK_DATA and the file expected.
+Every file read is checked (`check_arrays`: keys, uint8 NHWC 32x32x3 images, one integer label
+per image, labels in range of the class count); a bad one raises DataError naming the file.
+`dataset_fingerprint` is a content hash of what was loaded, so a run can tell the data changed.
 `synthetic` data is generated only when asked for by name and is marked `synthetic=True`.
 
 The loader keeps a whole split on the device as uint8 (airbench's idea): a batch is an index slice
@@ -14,8 +18,11 @@ exactly from any batch, which is what makes resume-from-checkpoint bitwise repro
 """
 from __future__ import annotations
 
+import hashlib
 import os
-from dataclasses import dataclass
+import zipfile
+import zlib
+from dataclasses import dataclass, field
 from functools import lru_cache
 from pathlib import Path
 
@@ -27,6 +34,13 @@ from .config import ConfigError
 DATASETS = ("cifar10", "cifar100", "cifar100_coarse", "synthetic")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
+NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "cifar100_coarse": 20}
+NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+
+
+class DataError(ValueError):
+    """A data file that cannot be used (unreadable, missing keys, wrong dtype, shape or labels).
+    The message is one line naming the file, what is wrong and the fix."""
 
 
 @dataclass
@@ -39,6 +53,7 @@ class Dataset:
     class_names: list
     synthetic: bool
     source: str             # where the arrays came from (a path, or "generated from seed S")
+    file_key: tuple | None = field(default=None, repr=False, compare=False)  # (path, size, mtime, name) read
 
     @property
     def num_classes(self) -> int:
@@ -59,30 +74,116 @@ def find_npz(name: str, download: bool = True) -> Path:
     from . import download as dl
 
     filename = _npz_name(name)
-    data_dir = os.environ.get("METABOOK_DATA")
-    if data_dir:
-        path = Path(data_dir).expanduser() / filename
-        if path.exists():
-            return path
+    from_env = dl.data_dir_npz(filename)       # METABOOK_DATA set but wrong: FileNotFoundError
+    if from_env:
+        return from_env
     cached = dl.default_cache_dir() / filename
     if cached.exists():
         return cached
     if download:
         return dl.fetch_npz(name.split("_")[0], dl.default_cache_dir())
-    where = f"METABOOK_DATA={data_dir!r} has no {filename}" if data_dir else "METABOOK_DATA is not set"
     raise FileNotFoundError(
-        f"{name}: {where}, and {cached} does not exist. Set METABOOK_DATA to a directory holding "
-        f"{filename} (keys x_train, y_train, x_test, y_test), or allow the download.")
+        f"{name}: METABOOK_DATA is not set and {cached} does not exist; set METABOOK_DATA to a "
+        f"directory holding {filename} (keys x_train, y_train, x_test, y_test), or allow the download.")
+
+
+def check_arrays(arrays: dict, name: str) -> None:
+    """Raise DataError (without the file's name: the caller adds it) unless `arrays` is a usable
+    dataset `name`: keys x_train/y_train/x_test/y_test, uint8 images (N, 32, 32, 3), one integer
+    label per image, labels in 0..C-1 and, if class names are given, C of them."""
+    classes = NUM_CLASSES[name]
+    coarse = "_coarse" if name == "cifar100_coarse" else ""
+    wanted = ["x_train", f"y_train{coarse}", "x_test", f"y_test{coarse}"]
+    missing = [k for k in wanted if k not in arrays]
+    if missing:
+        raise DataError(f"has no {', '.join(missing)} (it has: {', '.join(sorted(arrays)) or 'nothing'}); "
+                        f"expected the keys {', '.join(wanted)}")
+    for split in ("train", "test"):
+        x, y = arrays[f"x_{split}"], arrays[f"y_{split}{coarse}"]
+        if x.dtype != np.uint8:
+            raise DataError(f"x_{split} has dtype {x.dtype}; expected uint8 pixel values 0..255")
+        if x.ndim != 4 or x.shape[1:] != (32, 32, 3):
+            raise DataError(f"x_{split} has shape {x.shape}; expected (N, 32, 32, 3): 32x32 images, "
+                            f"3 colour channels last (NHWC)")
+        if len(x) == 0:
+            raise DataError(f"x_{split} holds no images")
+        if y.ndim != 1 or not np.issubdtype(y.dtype, np.integer):
+            raise DataError(f"y_{split}{coarse} has shape {y.shape} and dtype {y.dtype}; expected (N,) "
+                            f"integer class labels")
+        if len(y) != len(x):
+            raise DataError(f"y_{split}{coarse} has {len(y)} labels for the {len(x)} images of x_{split}")
+        low, high = int(y.min()), int(y.max())
+        if low < 0 or high >= classes:
+            raise DataError(f"y_{split}{coarse} has labels from {low} to {high}; {name} has {classes} "
+                            f"classes, labelled 0..{classes - 1}")
+    names = arrays.get(f"{coarse[1:]}_class_names" if coarse else "class_names")
+    if names is not None and len(names) != classes:
+        raise DataError(f"has {len(names)} class names; {name} has {classes} classes")
+
+
+def _file_key(path: Path) -> tuple:
+    st = path.stat()
+    return str(path.resolve()), st.st_size, st.st_mtime_ns
 
 
 @lru_cache(maxsize=2)
-def _read_npz(path: str, coarse: bool) -> tuple:
-    with np.load(path, allow_pickle=False) as f:
-        y_train = f["y_train_coarse"] if coarse else f["y_train"]
-        y_test = f["y_test_coarse"] if coarse else f["y_test"]
-        names_key = "coarse_class_names" if coarse else "class_names"
-        names = [str(s) for s in f[names_key]] if names_key in f else None
-        return f["x_train"], y_train, f["x_test"], y_test, names
+def _read_npz(key: tuple, name: str) -> tuple:
+    """(x_train, y_train, x_test, y_test, class names or None) of the file key[0], checked.
+    Keyed by (path, size, mtime), so a file replaced on disk is read (and checked) again."""
+    coarse = name == "cifar100_coarse"
+    try:
+        f = np.load(key[0], allow_pickle=False)
+        if not isinstance(f, np.lib.npyio.NpzFile):
+            raise DataError("is a single array (.npy), not an .npz archive of x_train, y_train, ...")
+        with f:
+            arrays = {k: f[k] for k in f.files}
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, zipfile.BadZipFile, zlib.error) as err:
+        raise DataError(f"cannot be read as an .npz archive ({type(err).__name__}: "
+                        f"{' '.join(str(err).split())})") from None
+    check_arrays(arrays, name)
+    names = arrays.get("coarse_class_names" if coarse else "class_names")
+    names = [str(s) for s in names] if names is not None else [f"class{i}" for i in range(NUM_CLASSES[name])]
+    suffix = "_coarse" if coarse else ""
+    return arrays["x_train"], arrays["y_train" + suffix], arrays["x_test"], arrays["y_test" + suffix], names
+
+
+def read_checked(path: Path, name: str) -> tuple:
+    """`_read_npz` with the file's name and the fix in any DataError: a file in METABOOK_DATA
+    is the user's to fix; a broken file in the cache is deleted and made again."""
+    try:
+        key = _file_key(path)
+        return key, _read_npz(key, name)
+    except DataError as err:
+        if os.environ.get("METABOOK_DATA"):
+            fix = "fix or replace this file, or unset METABOOK_DATA to use the cache or a download"
+        else:
+            fix = "it is a corrupt cached file: delete it, and the next run downloads it again"
+        raise DataError(f"{path}: {err}; {fix}") from None
+
+
+def dataset_fingerprint(ds: Dataset) -> str:
+    """A short content hash (16 hex digits of a sha256) of the four arrays of `ds`.
+
+    For a file, it is computed once per (path, size, mtime) read and kept in memory; synthetic
+    (or hand-made) data is hashed each time. Same arrays, same hash; one changed pixel or label,
+    another hash. A run stores it, so a resume can refuse data that changed under it.
+    """
+    if ds.file_key is not None and ds.file_key in _FINGERPRINTS:
+        return _FINGERPRINTS[ds.file_key]
+    h = hashlib.sha256()
+    for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+        a = np.ascontiguousarray(t.detach().cpu().numpy())
+        h.update(f"{a.dtype.str}{a.shape};".encode())
+        h.update(a.reshape(-1).view(np.uint8))
+    digest = h.hexdigest()[:16]
+    if ds.file_key is not None:
+        _FINGERPRINTS[ds.file_key] = digest
+    return digest
+
+
+_FINGERPRINTS: dict[tuple, str] = {}
 
 
 def make_synthetic(n_train: int = 10000, n_test: int = 2000, num_classes: int = 10,
@@ -116,12 +217,10 @@ def load_dataset(name: str, download: bool = True) -> Dataset:
     if name == "synthetic":
         return make_synthetic()
     path = find_npz(name, download=download)
-    x_train, y_train, x_test, y_test, names = _read_npz(str(path), name == "cifar100_coarse")
-    if names is None:
-        names = [f"class{i}" for i in range(int(y_train.max()) + 1)]
+    key, (x_train, y_train, x_test, y_test, names) = read_checked(path, name)
     return Dataset(name, torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64)),
                    torch.from_numpy(x_test), torch.from_numpy(y_test.astype(np.int64)),
-                   names, False, str(path))
+                   names, False, str(path), file_key=(*key, name))
 
 
 # ----------------------------------------------------------------------------- splits and noise

@@ -21,8 +21,9 @@ Environment variables:
     METABOOK_CIFAR_MIRRORS  comma-separated base URLs to try, in order, instead of the defaults
                             (each base URL must serve the archive under its official file name)
     METABOOK_CACHE          cache directory (default ~/.cache/metabook)
-    METABOOK_DATA           a directory already holding cifar10.npz / cifar100.npz; if the file
-                            is there, fetch_npz returns it and never touches the network
+    METABOOK_DATA           a directory already holding cifar10.npz / cifar100.npz; fetch_npz
+                            returns that file and never touches the network (a setting without
+                            the file is an error, never a silent download)
 """
 
 import hashlib
@@ -273,18 +274,44 @@ def archive_to_npz(name, archive_path, npz_path):
     return npz_path
 
 
+def data_dir_npz(filename):
+    """`$METABOOK_DATA/<filename>` when METABOOK_DATA is set, else None.
+
+    A setting that cannot be right (no such folder, a file instead of a folder, a folder without
+    the file) raises FileNotFoundError naming the variable and the file expected. It never falls
+    through to the cache or a download: that would train on other data than the one asked for.
+    """
+    setting = os.environ.get("METABOOK_DATA")
+    if not setting:
+        return None
+    folder = Path(setting).expanduser()
+    path = folder / filename
+    instead = f"or unset METABOOK_DATA to use the cache ({default_cache_dir()}) or a download"
+    if folder.is_file():
+        where = f"the folder {folder.parent}" if folder.name == filename else f"the folder holding {filename}"
+        raise FileNotFoundError(f"METABOOK_DATA={setting} is a file, not a folder; set it to {where}, {instead}")
+    if not folder.is_dir():
+        raise FileNotFoundError(f"METABOOK_DATA={setting} does not exist; set it to a folder holding "
+                                f"{filename}, {instead}")
+    if not path.is_file():
+        raise FileNotFoundError(f"METABOOK_DATA={setting} has no {filename} (expected {path}); put the "
+                                f"file there, {instead}")
+    return path
+
+
 def fetch_npz(name, cache_dir=None, mirrors=None, timeout=30, progress=True, md5=None):
     """Path to `<name>.npz` ("cifar10.npz" / "cifar100.npz"), downloading and converting if missing.
 
-    If $METABOOK_DATA is set and holds `<name>.npz`, that file is returned untouched. Otherwise
-    the file is `cache_dir/<name>.npz` (cache_dir defaults to `default_cache_dir()`); when it is
-    missing, the archive is fetched into cache_dir with `download_archive` (kept there, so a
-    re-conversion needs no network) and converted with `archive_to_npz`.
+    If $METABOOK_DATA is set, `$METABOOK_DATA/<name>.npz` is returned untouched (and a setting
+    without that file is an error, see `data_dir_npz`). Otherwise the file is
+    `cache_dir/<name>.npz` (cache_dir defaults to `default_cache_dir()`); when it is missing, the
+    archive is fetched into cache_dir with `download_archive` (kept there, so a re-conversion
+    needs no network) and converted with `archive_to_npz`.
     """
     _spec(name)
-    data_dir = os.environ.get("METABOOK_DATA")
-    if data_dir and (Path(data_dir) / f"{name}.npz").is_file():
-        return Path(data_dir) / f"{name}.npz"
+    from_env = data_dir_npz(f"{name}.npz")
+    if from_env:
+        return from_env
     cache_dir = Path(cache_dir) if cache_dir is not None else default_cache_dir()
     npz_path = cache_dir / f"{name}.npz"
     if npz_path.is_file():

@@ -44,6 +44,154 @@ def test_cifar100_coarse_reads_the_coarse_labels_of_the_npz(monkeypatch, tmp_pat
     assert coarse.y_train.max() == 19 and fine.y_train.max() == 39
 
 
+def _arrays(n=64, m=20, **changes):
+    """A tiny valid cifar10.npz's arrays; `changes` replace (or, with None, drop) keys."""
+    import numpy as np
+    rng = np.random.default_rng(0)
+    arrays = dict(x_train=rng.integers(0, 256, (n, 32, 32, 3), dtype=np.uint8), y_train=np.arange(n) % 10,
+                  x_test=rng.integers(0, 256, (m, 32, 32, 3), dtype=np.uint8), y_test=np.arange(m) % 10)
+    arrays.update(changes)
+    return {k: v for k, v in arrays.items() if v is not None}
+
+
+def _write_npz(folder, **changes):
+    import numpy as np
+    folder.mkdir(parents=True, exist_ok=True)
+    np.savez(folder / "cifar10.npz", **_arrays(**changes))
+    return folder / "cifar10.npz"
+
+
+def _bad_files():
+    import numpy as np
+    return [
+        ("float-images", dict(x_train=np.random.default_rng(0).random((64, 32, 32, 3), np.float32)),
+         "x_train has dtype float32; expected uint8"),
+        ("nan-images", dict(x_test=np.full((20, 32, 32, 3), np.nan)), "x_test has dtype float64"),
+        ("nchw", dict(x_train=np.zeros((64, 3, 32, 32), np.uint8)), "x_train has shape (64, 3, 32, 32); expected (N, 32, 32, 3)"),
+        ("28px", dict(x_test=np.zeros((20, 28, 28, 3), np.uint8)), "x_test has shape (20, 28, 28, 3)"),
+        ("grey", dict(x_train=np.zeros((64, 32, 32), np.uint8)), "x_train has shape (64, 32, 32)"),
+        ("no-images", dict(x_train=np.zeros((0, 32, 32, 3), np.uint8), y_train=np.zeros(0, np.int64)), "x_train holds no images"),
+        ("lengths", dict(y_train=np.arange(60) % 10), "y_train has 60 labels for the 64 images of x_train"),
+        ("test-lengths", dict(y_test=np.arange(21) % 10), "y_test has 21 labels for the 20 images of x_test"),
+        ("label-10", dict(y_train=np.arange(64) % 11), "y_train has labels from 0 to 10; cifar10 has 10 classes"),
+        ("label-negative", dict(y_test=np.arange(20) % 10 - 1), "y_test has labels from -1 to 8"),
+        ("float-labels", dict(y_train=(np.arange(64) % 10).astype(np.float32)), "expected (N,) integer class labels"),
+        ("one-hot", dict(y_train=np.eye(10, dtype=np.int64)[np.arange(64) % 10]), "y_train has shape (64, 10)"),
+        ("missing-key", dict(y_test=None), "has no y_test (it has: x_test, x_train, y_train)"),
+        ("class-names", dict(class_names=np.array(["a", "b", "c"])), "has 3 class names; cifar10 has 10 classes"),
+    ]
+
+
+@pytest.mark.parametrize("changes, needle", [c[1:] for c in _bad_files()], ids=[c[0] for c in _bad_files()])
+def test_a_bad_data_file_is_rejected_in_one_line_naming_the_file(changes, needle, monkeypatch, tmp_path):
+    path = _write_npz(tmp_path / "data", **changes)
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path / "data"))
+    with pytest.raises(D.DataError) as err:
+        D.load_dataset("cifar10", download=False)
+    message = str(err.value)
+    assert message.startswith(f"{path}: ") and needle in message and "\n" not in message
+    assert "unset METABOOK_DATA" in message
+
+
+@pytest.mark.parametrize("content, needle", [
+    (b"not a zip file", "cannot be read as an .npz archive"),
+    ("truncated", "cannot be read as an .npz archive"),
+    ("pickled", "cannot be read as an .npz archive"),
+    ("npy", "is a single array"),
+])
+def test_an_unreadable_data_file_is_rejected_naming_the_file(content, needle, monkeypatch, tmp_path):
+    import numpy as np
+    path = _write_npz(tmp_path)
+    if content == "truncated":
+        path.write_bytes(path.read_bytes()[:3000])
+    elif content == "pickled":
+        np.savez(path, **_arrays(), class_names=np.array([{"a": 1}] * 10, dtype=object))
+    elif content == "npy":
+        with open(path, "wb") as f:
+            np.save(f, np.zeros(3))
+    else:
+        path.write_bytes(content)
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path))
+    with pytest.raises(D.DataError) as err:
+        D.load_dataset("cifar10", download=False)
+    assert str(err.value).startswith(f"{path}: ") and needle in str(err.value)
+    assert "\n" not in str(err.value)
+
+
+def test_a_corrupt_cached_file_is_named_with_the_fix(monkeypatch, tmp_path):
+    cached = _write_npz(tmp_path / "cache")
+    cached.write_bytes(cached.read_bytes()[:-100])
+    monkeypatch.delenv("METABOOK_DATA", raising=False)
+    monkeypatch.setenv("METABOOK_CACHE", str(tmp_path / "cache"))
+    with pytest.raises(D.DataError) as err:
+        D.load_dataset("cifar10", download=False)
+    assert str(err.value).startswith(f"{cached}: ") and "delete it" in str(err.value)
+
+
+@pytest.mark.parametrize("setting, needle", [
+    ("data/cifar10.npz", "is a file, not a folder; set it to the folder {tmp}/data,"),
+    ("data/other.txt", "is a file, not a folder"),
+    ("empty", "has no cifar10.npz (expected {tmp}/empty/cifar10.npz)"),
+    ("nowhere", "does not exist"),
+])
+def test_metabook_data_without_the_file_is_refused_not_skipped(setting, needle, monkeypatch, tmp_path):
+    """A valid cached file must not be used in its place (nor a download tried)."""
+    _write_npz(tmp_path / "data")
+    (tmp_path / "data" / "other.txt").write_text("x")
+    (tmp_path / "empty").mkdir()
+    _write_npz(tmp_path / "cache")
+    monkeypatch.setenv("METABOOK_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setenv("METABOOK_CIFAR_MIRRORS", "http://127.0.0.1:9/")
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path / setting))
+    with pytest.raises(FileNotFoundError) as err:
+        D.load_dataset("cifar10")
+    message = str(err.value)
+    assert message.startswith(f"METABOOK_DATA={tmp_path / setting} ") and "\n" not in message
+    assert needle.format(tmp=tmp_path) in message and "unset METABOOK_DATA" in message
+
+
+def test_the_class_count_is_the_datasets_not_the_largest_label(monkeypatch, tmp_path):
+    import numpy as np
+    _write_npz(tmp_path, y_train=np.arange(64) % 5)
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path))
+    assert D.load_dataset("cifar10", download=False).num_classes == 10
+
+
+def test_a_file_replaced_on_disk_is_read_and_checked_again(monkeypatch, tmp_path):
+    import numpy as np
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path))
+    path = _write_npz(tmp_path)
+    first = D.load_dataset("cifar10", download=False)
+    _write_npz(tmp_path, y_train=np.arange(60) % 10)
+    os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))   # a later mtime, whatever the clock
+    with pytest.raises(D.DataError, match="60 labels"):
+        D.load_dataset("cifar10", download=False)
+    assert len(first.y_train) == 64
+
+
+def test_dataset_fingerprint_is_a_content_hash(monkeypatch, tmp_path):
+    import numpy as np
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path / "a"))
+    _write_npz(tmp_path / "a")
+    a = D.load_dataset("cifar10", download=False)
+    fp = D.dataset_fingerprint(a)
+    assert len(fp) == 16 and int(fp, 16) >= 0
+    assert D.dataset_fingerprint(D.load_dataset("cifar10", download=False)) == fp   # cached
+    x = _arrays()["x_train"]
+    x[5, 6, 7, 2] ^= 1                                                              # one pixel
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path / "b"))
+    _write_npz(tmp_path / "b", x_train=x)
+    assert D.dataset_fingerprint(D.load_dataset("cifar10", download=False)) != fp
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path / "c"))
+    _write_npz(tmp_path / "c", y_test=np.roll(np.arange(20) % 10, 1))              # labels only
+    assert D.dataset_fingerprint(D.load_dataset("cifar10", download=False)) != fp
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path / "d"))
+    _write_npz(tmp_path / "d")                                                      # same content
+    assert D.dataset_fingerprint(D.load_dataset("cifar10", download=False)) == fp
+    assert D.dataset_fingerprint(D.make_synthetic(50, 10, seed=1)) == D.dataset_fingerprint(D.make_synthetic(50, 10, seed=1))
+    assert D.dataset_fingerprint(D.make_synthetic(50, 10, seed=1)) != D.dataset_fingerprint(D.make_synthetic(50, 10, seed=2))
+
+
 def test_unknown_dataset_lists_the_choices():
     with pytest.raises(ConfigError, match="choose one of: cifar10, cifar100, cifar100_coarse, synthetic"):
         D.load_dataset("mnist")
