@@ -161,10 +161,10 @@ def reweighting_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, x
         meta = F.cross_entropy(forward(model, params, x_meta), y_meta)
         v = torch.autograd.grad(meta, list(params.values()))
         g_eps, losses = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode)
-        meta_loss = meta.item()
+        meta_loss = meta.detach()
     w = torch.clamp(-g_eps.detach(), min=0)
     w = w / w.sum() if w.sum() > 0 else w
     opt.zero_grad(set_to_none=True)
     (w * losses).sum().backward()
     opt.step()
-    return {"loss": losses.mean().item(), "meta_loss": meta_loss, "weights": w, "losses": losses.detach()}
+    return {"loss": losses.detach().mean(), "meta_loss": meta_loss, "weights": w, "losses": losses.detach()}

@@ -1,39 +1,48 @@
-"""The one training loop. Every method (the baseline and the five meta-learning methods) plugs in.
+"""The runner: the method contract, the one training loop, and arms x seeds.
 
-A method is a small object with four functions (see `Method`). The loop owns everything else:
-data order, the learning-rate schedule, evaluation, history, progress bar, per-step timing,
-NaN checks, checkpoints and resume. So the numbers and costs of all methods are comparable
-line for line.
+A method is a small object (`Method`) that the loop drives. It sees a `Context` (the model, its
+batch streams, the step schedule, the class and example counts), never the whole run's data or
+config: it reads its own knobs from the config once, when it is built (`factory(cfg)`).
+
+    setup(ctx)                  build optimisers and state (cheap; step() works right after it)
+    prepare()                   a one-off stage (an offline loss, a critic, meta-training): timed
+                                by the loop as `one_off_seconds`, checkpointed, never inside a step
+    step(batch, meta, lr)       one training step; returns scalar tensors (no host sync needed)
+    diagnostics(streams)        rates, AUCs, traces: at evaluation time, outside the timed region
+    extras(streams)             final diagnostics for the record; artifacts() per-example arrays
+    state_dict / load_state_dict
+
+The loop owns everything else: batch order (named, seeded streams, replayed exactly on resume),
+the learning-rate schedule, evaluation, timing (CUDA events on a GPU, so no step stalls the
+device), NaN checks, checkpoints, resume, and the one memory meter (`bench.peak_step_bytes`).
 """
 from __future__ import annotations
 
 import math
 import os
 import random
-import resource
+import signal
+import socket
+import threading
 import time
+import zlib
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Protocol
+from typing import Callable
 
 import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .config import pick_device
-from .data import (Batch, Dataset, DeviceLoader, class_skewed_weights, corrupt_labels, load_dataset,
-                   parse_classes, split_train_meta, target_subset)
+from .config import ConfigError, pick_device
+from .data import (Batch, Dataset, DeviceLoader, class_skewed_weights, corrupt_labels,
+                   load_dataset, parse_classes, split_train_meta, target_subset)
+try:  # TEMPSHIM: until data.dataset_fingerprint lands
+    from .data import dataset_fingerprint
+except ImportError:
+    def dataset_fingerprint(ds):
+        return None
 from .models import build_model
-
-
-class Method(Protocol):
-    name: str
-    uses_meta: bool          # does step() need a batch from the held-out meta split?
-
-    def setup(self, model: torch.nn.Module, data: "RunData", cfg: dict) -> None: ...
-    def step(self, batch: Batch, meta_batch: Batch | None, lr: float) -> dict[str, float]: ...
-    def state_dict(self) -> dict: ...
-    def load_state_dict(self, state: dict) -> None: ...
 
 
 class NonFiniteError(FloatingPointError):
@@ -44,6 +53,112 @@ class RunError(RuntimeError):
     """A run cannot start or go on because of its state on disk (a checkpoint or finished run of
     another config, a corrupt state file, an unwritable or locked output folder, a full disk).
     The message is one line naming the file and the fix."""
+
+
+# ----------------------------------------------------------------------------- data for one run
+
+# ----------------------------------------------------------------------------- the contract
+
+class Streams:
+    """The batches a method may draw, owned by the loop. `batch(name, i)` is a pure function of
+    (name, i), so a resumed run replays every stream exactly, whatever a method drew before.
+
+    'train' is the training order (shuffled, augmented) and 'meta' the held-out split (shuffled,
+    not augmented): the loop's own streams. Any other name is an independent shuffle of the split
+    named by `split` ('train' by default), e.g. batch('offline', i) for a one-off stage.
+    `examples` and `take` give examples without augmentation, for diagnostics and for methods
+    that pick examples themselves; `corrupted` (N_train,) says which training labels the run
+    corrupted (diagnostics only: a method must not train on it).
+    """
+
+    def __init__(self, train: DeviceLoader, meta: DeviceLoader, test: DeviceLoader | None = None,
+                 corrupted: torch.Tensor | None = None):
+        self.loaders = {"train": train, "meta": meta, "test": test}
+        self.corrupted = corrupted if corrupted is not None else torch.zeros(len(train.y), dtype=torch.bool)
+
+    def batch(self, name: str, i: int, split: str | None = None) -> Batch:
+        """The i-th batch (0-based) of stream `name` over `split` (default: 'meta' for the
+        stream 'meta', else 'train')."""
+        split = split or ("meta" if name == "meta" else "train")
+        loader = self.loaders[split]
+        if len(loader) == 0:
+            raise ConfigError(f"stream {name!r}: the {split} split ({len(loader.y)} images) is smaller than one "
+                              f"batch ({loader.batch_size}); lower batch_size or enlarge that split")
+        epoch, b = divmod(i, len(loader))
+        if name not in ("train", "meta"):        # far from the training epochs (< 1000), one range per name
+            epoch += 1000 * (1 + zlib.crc32(name.encode()))
+        return next(loader.epoch(epoch, start=b))
+
+    def take(self, split: str, idx: torch.Tensor) -> Batch:
+        """The examples `idx` (positions in the split) as stored, normalised, not augmented."""
+        loader = self.loaders[split]
+        idx = idx.to(loader.y.device)
+        return Batch(loader.normalise(loader.x[idx]), loader.y[idx], idx)
+
+    def examples(self, split: str, start: int = 0, stop: int | None = None) -> Batch:
+        """Examples start..stop of a split in stored order, normalised, not augmented."""
+        stop = self.size(split) if stop is None else min(stop, self.size(split))
+        return self.take(split, torch.arange(start, stop))
+
+    def size(self, split: str) -> int:
+        return len(self.loaders[split].y)
+
+    def batch_size(self, split: str = "train") -> int:
+        return self.loaders[split].batch_size
+
+
+@dataclass
+class Context:
+    """What a method sees of a run."""
+    model: torch.nn.Module
+    streams: Streams
+    total_steps: int              # steps the loop will run
+    steps_per_epoch: int
+    num_classes: int
+    num_train: int                # examples in the training split (batch.idx indexes them)
+    seed: int = 0                 # the run's seed (a method seeds its own generators from it)
+    cache_dir: Path | None = None  # where prepare() may keep results to reuse (None: do not cache)
+
+
+class Method:
+    """The contract (see the module docstring). Subclasses override what they need."""
+
+    name = "method"
+    uses_meta = False             # does step() need the loop's meta batch?
+
+    def setup(self, ctx: Context) -> None:
+        self.ctx, self.model = ctx, ctx.model
+
+    def prepare(self) -> None:
+        """A one-off stage before the first step (nothing by default)."""
+
+    def step(self, batch: Batch, meta_batch: Batch | None, lr: float) -> dict:
+        raise NotImplementedError
+
+    def diagnostics(self, streams: Streams) -> dict[str, float]:
+        return {}
+
+    def extras(self, streams: Streams) -> dict:
+        return {}
+
+    def artifacts(self) -> dict[str, np.ndarray]:
+        """Per-training-example arrays to save beside the record (run_arms adds the examples'
+        dataset indices, labels and corruption mask)."""
+        return {}
+
+    def state_dict(self) -> dict:
+        return {}
+
+    def load_state_dict(self, state: dict) -> None:
+        pass
+
+
+@dataclass(frozen=True)
+class Arm:
+    """One arm of a chapter: the method's factory (factory(cfg) -> Method) and the config keys
+    this arm changes."""
+    factory: Callable[[dict], Method]
+    changes: dict = field(default_factory=dict)
 
 
 # ----------------------------------------------------------------------------- data for one run
@@ -62,6 +177,10 @@ class RunData:
     target_probs: torch.Tensor | None = None   # (C,) target class distribution (personalization)
     train_prior: torch.Tensor | None = None    # (C,) class frequencies of the (noisy) training labels
 
+    def streams(self) -> Streams:
+        """The batch streams a method may draw from (see Streams)."""
+        return Streams(self.train, self.meta, self.test, self.corrupted)
+
 
 def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | None = None) -> RunData:
     """Load the dataset, split train/meta by seed, corrupt training labels if asked, build loaders."""
@@ -77,7 +196,7 @@ def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | 
         meta_idx = pool[target_subset(ds.y_train[pool], target_probs, cfg["meta_size"], seed)]
     y_train, corrupted = corrupt_labels(ds.y_train[train_idx], cfg["noise.kind"], cfg["noise.rate"],
                                         ds.num_classes, seed)
-    n_test = cfg["test_size"] or len(ds.y_test)
+    n_test = min(cfg["test_size"] or len(ds.y_test), len(ds.y_test))     # what is used, not what was asked
     common = dict(device=device, channels_last=cfg["channels_last"])
     bs = cfg["batch_size"]
     train = DeviceLoader(ds.x_train[train_idx], y_train, bs, train=True, seed=seed,
@@ -87,8 +206,13 @@ def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | 
     val = DeviceLoader(ds.x_train[meta_idx], ds.y_train[meta_idx], 500, train=False, **common)
     test = DeviceLoader(ds.x_test[:n_test], ds.y_test[:n_test], 500, train=False, **common)
     info = {**ds.describe(), "train_size": len(train_idx), "meta_size": len(meta_idx),
-            "test_size": n_test, "noise": {"kind": cfg["noise.kind"], "rate": cfg["noise.rate"],
+            "test_size": n_test, "test_size_requested": cfg["test_size"] or None, "noise": {"kind": cfg["noise.kind"], "rate": cfg["noise.rate"],
                                            "corrupted": int(corrupted.sum())}}
+    if cfg["test_size"] and cfg["test_size"] > n_test:
+        import warnings
+        warnings.warn(f"test_size={cfg['test_size']} asked for, but the data holds {n_test} test images: "
+                      f"all {n_test} are used and recorded")
+    info["fingerprint"] = dataset_fingerprint(ds)
     train_prior = None
     if target_probs is not None:
         info["target"] = {"classes": favoured, "ratio": cfg["target.ratio"], "probs": target_probs.tolist()}
@@ -102,7 +226,7 @@ def make_model(cfg: dict, num_classes: int, device: torch.device) -> torch.nn.Mo
     return model.to(memory_format=torch.channels_last) if cfg["channels_last"] else model
 
 
-# ----------------------------------------------------------------------------- helpers
+# ----------------------------------------------------------------------------- small helpers
 
 def seed_everything(seed: int) -> None:
     random.seed(seed)
@@ -162,28 +286,108 @@ def target_accuracy(model: torch.nn.Module, loader: DeviceLoader, probs: torch.T
     return float(acc[0]), float(acc[1])
 
 
-def peak_memory_bytes(device: torch.device) -> tuple[int, str]:
-    if device.type == "cuda":
-        return int(torch.cuda.max_memory_allocated(device)), "cuda max_memory_allocated"
-    return int(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss) * 1024, "process peak RSS"
+# ----------------------------------------------------------------------------- timing, checks, files
+
+class StepTimer:
+    """Seconds of each timed region. On CUDA: a pair of events per region, read once per window
+    (no synchronisation per step); elsewhere perf_counter."""
+
+    def __init__(self, device: torch.device):
+        self.cuda = device.type == "cuda"
+        self.kind = "cuda events" if self.cuda else "perf_counter"
+        self.pending: list = []
+
+    def start(self):
+        if self.cuda:
+            self._t0 = torch.cuda.Event(enable_timing=True)
+            self._t0.record()
+        else:
+            self._t0 = time.perf_counter()
+
+    def stop(self):
+        if self.cuda:
+            t1 = torch.cuda.Event(enable_timing=True)
+            t1.record()
+            self.pending.append((self._t0, t1))
+        else:
+            self.pending.append(time.perf_counter() - self._t0)
+
+    def collect(self) -> list[float]:
+        """The seconds of the regions timed since the last collect (synchronises once on CUDA)."""
+        if self.cuda and self.pending:
+            self.pending[-1][1].synchronize()
+            out = [a.elapsed_time(b) / 1000 for a, b in self.pending]
+        else:
+            out = list(self.pending)
+        self.pending = []
+        return out
 
 
-def check_finite(metrics: dict, step: int) -> None:
-    for key, value in metrics.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise NonFiniteError(f"step {step}: {key} is {value} — the run diverged "
+def check_window(window: list[tuple[int, dict]]) -> dict[str, list[float]]:
+    """The window's per-step metrics as floats by key, after checking that all are finite: the
+    first non-finite one raises NonFiniteError naming its step (1-based) and the quantity."""
+    sums: dict[str, list[float]] = {}
+    if not window:
+        return sums
+    for key in window[0][1]:
+        values = torch.stack([torch.as_tensor(m[key], dtype=torch.float64).detach().cpu().reshape(())
+                              for _, m in window if key in m])
+        bad = ~torch.isfinite(values)
+        if bad.any():
+            step = [s for s, m in window if key in m][int(bad.nonzero()[0])]
+            raise NonFiniteError(f"step {step}: {key} is {values[bad][0].item()}: the run diverged "
                                  f"(try a lower lr); stopped instead of training on")
+        sums[key] = values.tolist()
+    return sums
 
 
 def _save_atomic(obj, path: Path) -> None:
+    """torch.save to path.tmp, then rename: a killed write never leaves half a checkpoint."""
     tmp = path.with_suffix(".tmp")
-    torch.save(obj, tmp)
-    os.replace(tmp, path)
+    try:
+        torch.save(obj, tmp)
+        os.replace(tmp, path)
+    except (OSError, RuntimeError) as err:
+        tmp.unlink(missing_ok=True)
+        full = "No space left" in str(err) or getattr(err, "errno", None) == 28
+        raise RunError(f"could not write {path}: {'the disk is full' if full else err}; "
+                       f"free some space and run again (the previous checkpoint is kept)") from None
 
 
-def _sync(device):
-    if device.type == "cuda":
-        torch.cuda.synchronize(device)
+def load_state(path: Path, device) -> dict:
+    """torch.load of a checkpoint (weights only); a corrupt file raises RunError naming it."""
+    try:
+        return torch.load(path, map_location=device, weights_only=True)
+    except Exception as err:      # torch raises several types for a truncated or foreign file
+        raise RunError(f"{path} is corrupt ({type(err).__name__}); delete it to start that run "
+                       f"afresh") from None
+
+
+def _comparable(cfg: dict) -> dict:
+    """The config keys that must match for a checkpoint or a finished run to be reused."""
+    return {k: v for k, v in cfg.items() if k not in ("checkpoint_every",)}
+
+
+class _StopRequest:
+    """Turns SIGINT into a flag the loop reads between steps (main thread only), so Ctrl-C
+    saves a checkpoint after the step in flight and then raises KeyboardInterrupt."""
+
+    def __init__(self):
+        self.flag, self.old = False, None
+
+    def __enter__(self):
+        if threading.current_thread() is threading.main_thread():
+            self.old = signal.signal(signal.SIGINT, self._handle)
+        return self
+
+    def _handle(self, *_):
+        if self.flag:                               # a second Ctrl-C: stop at once
+            raise KeyboardInterrupt
+        self.flag = True
+
+    def __exit__(self, *exc):
+        if self.old is not None:
+            signal.signal(signal.SIGINT, self.old)
 
 
 # ----------------------------------------------------------------------------- the loop
@@ -192,12 +396,12 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
           out_dir: str | Path | None = None, progress: bool = True,
           on_step: Callable[[int, dict], None] | None = None, desc: str | None = None) -> dict:
     """Train `model` with `method` for cfg['epochs'] epochs of data.train. Returns a dict with
-    metrics, history and cost (seconds per step, peak memory).
+    metrics, history and cost (one-off seconds, seconds per step, training seconds).
 
-    With `out_dir`, a checkpoint is written every cfg['checkpoint_every'] steps to
-    out_dir/checkpoint.pt, and a run that finds one (same config and seed) resumes from it and
-    ends with the same numbers as an uninterrupted run. `on_step(step, metrics)` is called after
-    every step (tests use it to interrupt a run).
+    With `out_dir`, a checkpoint is written after the one-off stage and every
+    cfg['checkpoint_every'] steps to out_dir/checkpoint.pt; a run that finds one (same config,
+    seed, method and data) resumes from it and ends with the same numbers as an uninterrupted
+    run. `on_step(step, metrics)` is called after every step (tests use it to interrupt a run).
     """
     import warnings
 
@@ -209,182 +413,309 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     device = next(model.parameters()).device
     spe = len(data.train)
     if spe == 0:
-        raise ValueError(f"the train split ({len(data.train.y)} images) is smaller than one batch "
-                         f"({data.train.batch_size})")
+        raise ConfigError(f"the train split ({len(data.train.y)} images) is smaller than one batch "
+                          f"(batch_size={data.train.batch_size}); lower batch_size or raise train_size")
     total = max(1, math.ceil(cfg["epochs"] * spe))
     eval_steps = max(1, round(cfg["eval_every"] * spe))
-    method.setup(model, data, cfg)
+    streams = data.streams()
+    cache = Path(out_dir).parent.parent / "cache" if out_dir else None      # OUT/cache beside OUT/runs/
+    method.setup(Context(model, streams, total, spe, data.dataset.num_classes, len(data.train.y), seed, cache))
 
-    step, history, elapsed, step_times = 0, [], 0.0, []
-    running = {"loss": 0.0, "acc": 0.0, "n": 0}
+    step, history, elapsed, step_times, one_off = 0, [], 0.0, [], 0.0
+    running: dict[str, float] = {"n": 0}
+    identity = {"config": _comparable(cfg), "seed": seed, "method": method.name, "data": data.info.get("fingerprint")}
     ckpt_path = Path(out_dir) / "checkpoint.pt" if out_dir else None
+
+    def save(step_done: int):
+        ckpt_path.parent.mkdir(parents=True, exist_ok=True)
+        _save_atomic({**identity, "step": step_done, "model": model.state_dict(),
+                      "method_state": method.state_dict(), "history": history, "elapsed": elapsed,
+                      "one_off": one_off, "step_times": step_times, "running": running,
+                      "rng": torch.get_rng_state(),
+                      "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
+                     ckpt_path)
+
     if ckpt_path and ckpt_path.exists():
-        ck = torch.load(ckpt_path, map_location=device, weights_only=True)
-        if ck["config"] != _comparable(cfg) or ck["seed"] != seed or ck["method"] != method.name:
-            raise ValueError(f"{ckpt_path} belongs to another run (config, seed or method differ); "
-                             f"delete it or choose another --out")
+        ck = load_state(ckpt_path, device)
+        differs = [k for k in identity if ck.get(k) != identity[k]]
+        if differs:
+            raise RunError(f"{ckpt_path} belongs to another run ({', '.join(differs)} differ); delete it "
+                           f"or choose another --out")
         model.load_state_dict(ck["model"])
         method.load_state_dict(ck["method_state"])
         step, history, elapsed, step_times = ck["step"], ck["history"], ck["elapsed"], ck["step_times"]
-        running = ck["running"]
+        one_off, running = ck["one_off"], ck["running"]
         torch.set_rng_state(ck["rng"])
         if device.type == "cuda" and ck.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
     else:
         seed_everything(seed)
+        t0 = time.perf_counter()
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            method.prepare()                 # the one-off stage: its own RNG, its own clock
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        one_off = time.perf_counter() - t0
+        if ckpt_path and one_off > 1.0:      # never redo a one-off stage after a kill
+            save(0)
 
-    stopped = None
+    timer = StepTimer(device)
+    window: list[tuple[int, dict]] = []
+    stopped, lr = None, lr_at(step, total, cfg)
+
+    last: dict = {}
+
+    def flush():
+        """Read the timer and check and sum the window's metrics (one host sync per window)."""
+        nonlocal elapsed, last
+        times = timer.collect()
+        step_times.extend(times)
+        elapsed += sum(times)
+        for key, values in check_window(window).items():
+            for v in values:                  # in step order, as a running Python sum
+                running[key] = running.get(key, 0.0) + v
+        running["n"] += len(window)
+        if window:
+            last = window[-1][1]
+        window.clear()
+
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", TqdmWarning)
         bar = tqdm(total=total, initial=step, desc=desc or method.name, disable=not progress,
                    mininterval=2.0, leave=True)
     model.train()
-    while step < total:
-        epoch, b = divmod(step, spe)
-        batch = next(data.train.epoch(epoch, start=b))
-        meta_batch = _meta_batch_at(data.meta, step) if method.uses_meta else None
-        lr = lr_at(step, total, cfg)
-        _sync(device)
-        t0 = time.perf_counter()
-        metrics = method.step(batch, meta_batch, lr)
-        _sync(device)
-        dt = time.perf_counter() - t0
-        check_finite(metrics, step)
-        elapsed += dt
-        step_times.append(dt)
-        step += 1
-        running["loss"] += metrics.get("loss", 0.0)
-        running["acc"] += metrics.get("acc", 0.0)
-        running["n"] += 1
-        bar.update(1)
-        if step % eval_steps == 0 or step == total:
-            history.append(_eval_row(model, data, step, spe, lr, running, elapsed, metrics))
-            running = {"loss": 0.0, "acc": 0.0, "n": 0}
-            bar.set_postfix(test_acc=f"{history[-1]['test_acc']:.3f}")
-        if on_step:
-            on_step(step, metrics)
-        if ckpt_path and cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0 and step < total:
-            ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-            _save_atomic({"config": _comparable(cfg), "seed": seed, "method": method.name, "step": step,
-                          "model": model.state_dict(), "method_state": method.state_dict(),
-                          "history": history, "elapsed": elapsed, "step_times": step_times,
-                          "running": running, "rng": torch.get_rng_state(),
-                          "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
-                         ckpt_path)
-        if cfg["time_budget_s"] and elapsed >= cfg["time_budget_s"] and step < total:
-            history.append(_eval_row(model, data, step, spe, lr, running, elapsed, metrics))
-            stopped = f"time budget of {cfg['time_budget_s']} s reached at step {step} of {total}"
-            break
+    with _StopRequest() as stop_request:
+        while step < total:
+            batch = streams.batch("train", step)
+            meta_batch = streams.batch("meta", step) if method.uses_meta else None
+            lr = lr_at(step, total, cfg)
+            timer.start()
+            metrics = method.step(batch, meta_batch, lr)
+            timer.stop()
+            step += 1
+            window.append((step, metrics))
+            bar.update(1)
+            budget_hit = False
+            if cfg["time_budget_s"]:          # the baseline given another arm's wall-clock
+                flush()
+                budget_hit = elapsed >= cfg["time_budget_s"] and step < total
+            if step % eval_steps == 0 or step == total or budget_hit:
+                flush()
+                history.append(_eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last))
+                running = {"n": 0}
+                bar.set_postfix(test_acc=f"{history[-1]['test_acc']:.3f}")
+            if on_step:
+                on_step(step, metrics)
+            due = ckpt_path and cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0 and step < total
+            if due or (stop_request.flag and ckpt_path):
+                flush()
+                save(step)
+            if stop_request.flag:
+                bar.close()
+                raise KeyboardInterrupt(f"stopped at step {step}" + (f"; {ckpt_path} resumes it" if ckpt_path else ""))
+            if budget_hit:
+                stopped = f"time budget of {cfg['time_budget_s']} s reached at step {step} of {total}"
+                break
     bar.close()
 
     final = history[-1]
+    for key in ("test_loss", "train_loss"):
+        if final[key] is None or not math.isfinite(final[key]):
+            raise NonFiniteError(f"step {step}: the final {key} is {final[key]}: the run diverged at its "
+                                 f"end (try a lower lr); no result is recorded")
     if ckpt_path and ckpt_path.exists():
         ckpt_path.unlink()
         if not any(ckpt_path.parent.iterdir()):
             ckpt_path.parent.rmdir()
     warm = step_times[min(5, len(step_times) - 1):]          # the first steps include warm-up
-    peak, peak_kind = peak_memory_bytes(device)
     return {
         "metrics": {"test_acc": final["test_acc"], "val_acc": final["val_acc"],
                     "test_loss": final["test_loss"], "train_loss": final["train_loss"],
                     **{k: final[k] for k in ("target_acc", "target_acc_prior") if k in final}},
         "history": history,
-        "cost": {"steps": step, "epochs": step / spe, "train_seconds": elapsed,
+        "cost": {"steps": step, "epochs": step / spe, "train_seconds": elapsed, "one_off_seconds": one_off,
                  "seconds_per_step": float(np.median(warm)), "seconds_per_step_mean": float(np.mean(warm)),
-                 "peak_memory_bytes": peak, "peak_memory_kind": peak_kind},
+                 "timer": timer.kind},
         "stopped_early": stopped,
     }
 
 
-def _meta_batch_at(loader: DeviceLoader, step: int) -> Batch:
-    """The meta batch of a step is a function of the step alone (so resume replays it exactly)."""
-    epoch, b = divmod(step, len(loader))
-    return next(loader.epoch(epoch, start=b))
-
-
-def _eval_row(model, data, step, spe, lr, running, elapsed, metrics) -> dict:
+def _eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last: dict) -> dict:
+    """One history row: the window's mean training loss/accuracy, validation and test accuracy,
+    the method's last-step metrics and its diagnostics (all outside the timed region)."""
     test_acc, test_loss = evaluate(model, data.test)
     val_acc, _ = evaluate(model, data.val) if len(data.val.y) else (float("nan"), None)
     n = max(running["n"], 1)
-    row = {"step": step, "epoch": step / spe, "lr": lr, "train_loss": running["loss"] / n,
-           "train_acc": running["acc"] / n, "val_acc": val_acc, "test_acc": test_acc,
+    row = {"step": step, "epoch": step / spe, "lr": lr, "train_loss": running.get("loss", 0.0) / n,
+           "train_acc": running.get("acc", 0.0) / n, "val_acc": val_acc, "test_acc": test_acc,
            "test_loss": test_loss, "elapsed_s": elapsed}
     if data.target_probs is not None:
         row["target_acc"], row["target_acc_prior"] = target_accuracy(model, data.test, data.target_probs,
                                                                      data.train_prior)
-    row.update({k: v for k, v in metrics.items() if k not in ("loss", "acc") and isinstance(v, float)})
+    row.update({k: float(v) for k, v in last.items() if k not in ("loss", "acc") and torch.as_tensor(v).numel() == 1})
+    with torch.no_grad():
+        row.update(method.diagnostics(streams))
     return row
-
-
-def _comparable(cfg: dict) -> dict:
-    """The config keys that must match for a checkpoint to be resumed."""
-    return {k: v for k, v in cfg.items() if k not in ("checkpoint_every",)}
 
 
 # ----------------------------------------------------------------------------- arms and seeds
 
-def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[int], *,
+class OutLock:
+    """An exclusive lock on a run folder (out/.lock holds the owner's pid and host): two runs
+    never write the same records. A lock whose process is gone is taken over."""
+
+    def __init__(self, out: Path | None):
+        self.path = out / ".lock" if out else None
+
+    def __enter__(self):
+        if self.path is None:
+            return self
+        out = self.path.parent
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out} is a file, not a folder; choose another --out")
+        try:
+            out.mkdir(parents=True, exist_ok=True)
+            fd = os.open(self.path, os.O_CREAT | os.O_EXCL | os.O_WRONLY)
+        except FileExistsError:
+            owner = self.path.read_text().split()
+            pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 and owner[0].isdigit() else (0, "")
+            if host == socket.gethostname() and pid and _alive(pid):
+                raise RunError(f"{out} is in use by another run (pid {pid}); wait for it or choose another "
+                               f"--out") from None
+            self.path.unlink(missing_ok=True)        # a stale lock: its process is gone
+            return self.__enter__()
+        except OSError as err:
+            raise RunError(f"--out {out} is not writable ({err.strerror}); choose another --out") from None
+        with os.fdopen(fd, "w") as f:
+            f.write(f"{os.getpid()} {socket.gethostname()}")
+        return self
+
+    def __exit__(self, *exc):
+        if self.path is not None:
+            self.path.unlink(missing_ok=True)
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return pid != os.getpid()
+
+
+def step_peak_bytes(arm: Arm, cfg: dict, data: RunData, seed: int) -> tuple[int, str]:
+    """Peak memory of an arm's first two steps, on a fresh model and method, outside any timed
+    region and the run's RNG (bench.peak_step_bytes: the allocator on CUDA, the tensor meter
+    elsewhere). The one-off stage is not run: its cost is its own."""
+    from .bench import peak_step_bytes
+
+    device = data.train.y.device
+    with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+        seed_everything(seed)
+        model = make_model(cfg, data.dataset.num_classes, device)
+        method = arm.factory(cfg)
+        streams = data.streams()
+        total = max(1, math.ceil(cfg["epochs"] * len(data.train)))
+        method.setup(Context(model, streams, total, len(data.train), data.dataset.num_classes,
+                             len(data.train.y), seed))
+
+        def two_steps():
+            for i in range(min(2, total)):
+                method.step(streams.batch("train", i), streams.batch("meta", i) if method.uses_meta else None,
+                            lr_at(i, total, cfg))
+
+        return peak_step_bytes(two_steps, device)
+
+
+def _finished_run(path: Path, config: dict) -> dict | None:
+    """A finished (arm, seed) run saved at `path`, if it was made with `config`."""
+    import json
+
+    if not path.exists():
+        return None
+    try:
+        finished = json.loads(path.read_text())
+    except (OSError, ValueError):
+        raise RunError(f"{path} is corrupt; delete it to run that arm and seed again") from None
+    if finished.get("config", config) != config:
+        changed = sorted(k for k in set(finished["config"]) | set(config)
+                         if finished["config"].get(k) != config.get(k))
+        raise RunError(f"{path} is a finished run with another config (differs in {', '.join(changed)}); "
+                       f"delete it or choose another --out")
+    return finished
+
+
+def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, seeds: list[int], *,
              out_dir=None, progress: bool = True, dataset: Dataset | None = None,
-             same_time_for: str | None = None, arm_configs: dict | None = None,
-             reference: str = "baseline") -> dict:
-    """Run every arm (name -> factory(cfg) returning a Method) for every seed, same data and budget.
+             same_time_for: str | None = None, reference: str = "baseline") -> dict:
+    """Run every arm (name -> Arm) for every seed, on the same data and budget; returns the record.
 
     `method_arm` names the chapter's own method (its metrics become the record's `metrics`);
-    `arms[reference]` (normally 'baseline') must exist: every arm's `step_cost_ratio` is its
-    seconds per step over the reference's, measured in this same run. `arm_configs` may change keys for one arm (e.g. a
-    reference model). With `same_time_for=NAME`, the baseline is also run for the wall-clock that
-    arm NAME used (arm `baseline_same_time`). Each finished (arm, seed) is saved under
+    every arm's `step_cost_ratio` is its seconds per step over the `reference` arm's, measured in
+    this same run. With `same_time_for=NAME`, the reference arm is also run for the wall-clock
+    that arm NAME used, one-off stage included (arm `baseline_same_time`; the steps it reached are
+    recorded, so `--set epochs=` can replay it). Each finished (arm, seed) is saved under
     out_dir/runs/, so a killed run skips what it already did and resumes the rest from its
-    checkpoint.
+    checkpoint; out_dir is locked while the run lasts.
     """
-    from .results import load_result, provenance, seed_stats, write_json
+    from .results import provenance, seed_stats, write_json
 
     if reference not in arms:
-        raise ValueError(f"run_arms needs a {reference!r} arm: every cost is a ratio to it")
+        raise ConfigError(f"run_arms needs a {reference!r} arm: every cost is a ratio to it")
     device = pick_device(cfg["device"])
     dataset = dataset or load_dataset(cfg["dataset"])
     out = Path(out_dir) if out_dir else None
+    arm_cfgs = {name: {**cfg, **arm.changes} for name, arm in arms.items()}
+    for name, arm in arms.items():              # bad combinations fail here, before anything trains
+        method = arm.factory(arm_cfgs[name])
+        if method.uses_meta and cfg["meta_size"] < 1:
+            raise ConfigError(f"arm {name!r} needs meta batches but meta_size={cfg['meta_size']}; "
+                              f"set meta_size >= 1 or leave that arm out")
     per_arm: dict[str, list[dict]] = {name: [] for name in arms}
     data_info = None
     order = list(arms) + (["baseline_same_time"] if same_time_for else [])
-    for seed in seeds:
-        data = prepare_data(cfg, seed, device, dataset)
-        data_info = data.info
-        for name in order:
-            arm_cfg = {**cfg, **(arm_configs or {}).get(name, {})}
-            factory = arms.get(name, arms[reference])
-            if name == "baseline_same_time":
-                budget = per_arm[same_time_for][-1]["cost"]["train_seconds"]
-                ref = per_arm[reference][-1]["cost"]            # its mean step time, as the budget counts it
-                sps = ref["train_seconds"] / max(ref["steps"], 1)
-                arm_cfg["epochs"] = max(budget / sps / len(data.train), 1 / len(data.train))
-                arm_cfg["time_budget_s"] = budget
-                per_arm.setdefault(name, [])
-            done = out / "runs" / f"{name}-seed{seed}.json" if out else None
-            if done and done.exists():
-                finished, config = load_result(done), _comparable(arm_cfg)
-                if finished.get("config", config) != config:
-                    changed = sorted(k for k in set(finished["config"]) | set(config)
-                                     if finished["config"].get(k) != config.get(k))
-                    raise ValueError(f"{done} is a finished run with another config (differs in "
-                                     f"{', '.join(changed)}); delete it or choose another --out")
-                per_arm[name].append(finished)
-                continue
-            seed_everything(seed)                      # the same initial weights for every arm
-            model = make_model(arm_cfg, dataset.num_classes, device)
-            method = factory(arm_cfg)
-            res = train(method, model, data, arm_cfg, seed=seed, progress=progress,
-                        out_dir=out / "runs" / f"{name}-seed{seed}" if out else None,
-                        desc=f"{name} seed {seed}")
-            res["seed"] = seed
-            res["config"] = _comparable(arm_cfg)         # a resumed run must have the same config
-            if hasattr(method, "extras"):
-                res["extras"] = method.extras()
-            if out and hasattr(method, "save_artifacts"):
-                method.save_artifacts(out, seed)
-            per_arm[name].append(res)
-            if done:
-                write_json(res, done)
+    with OutLock(out):
+        for seed in seeds:
+            data = prepare_data(cfg, seed, device, dataset)
+            data_info = data.info
+            for name in order:
+                arm = arms.get(name, arms[reference])
+                arm_cfg = dict(arm_cfgs.get(name, arm_cfgs[reference]))
+                if name == "baseline_same_time":
+                    target = per_arm[same_time_for][-1]["cost"]
+                    budget = target["train_seconds"] + target.get("one_off_seconds", 0.0)
+                    ref = per_arm[reference][-1]["cost"]            # its mean step time, as the budget counts it
+                    sps = ref["train_seconds"] / max(ref["steps"], 1)
+                    arm_cfg["epochs"] = max(budget / sps / len(data.train), 1 / len(data.train))
+                    arm_cfg["time_budget_s"] = budget
+                    per_arm.setdefault(name, [])
+                config = {**_comparable(arm_cfg), "data": data.info.get("fingerprint")}
+                done = out / "runs" / f"{name}-seed{seed}.json" if out else None
+                finished = _finished_run(done, config) if done else None
+                if finished is not None:
+                    per_arm[name].append(finished)
+                    continue
+                peak, peak_kind = step_peak_bytes(arm, arm_cfg, data, seed)
+                seed_everything(seed)                      # the same initial weights for every arm
+                model = make_model(arm_cfg, dataset.num_classes, device)
+                method = arm.factory(arm_cfg)
+                res = train(method, model, data, arm_cfg, seed=seed, progress=progress,
+                            out_dir=out / "runs" / f"{name}-seed{seed}" if out else None,
+                            desc=f"{name} seed {seed}")
+                res["cost"].update(peak_memory_bytes=peak, peak_memory_kind=peak_kind)
+                res["seed"], res["config"] = seed, config      # a resumed run must have the same config
+                with torch.no_grad():
+                    res["extras"] = method.extras(data.streams())
+                    arrays = method.artifacts()
+                if out and arrays:     # per-example arrays, with the examples they belong to
+                    np.savez_compressed(out / f"{name}-seed{seed}.npz", **arrays,
+                                        train_index=data.train_idx.cpu().numpy(), label=data.train.y.cpu().numpy(),
+                                        corrupted=data.corrupted.cpu().numpy())
+                per_arm[name].append(res)
+                if done:
+                    write_json(res, done)
 
     base_sps = float(np.mean([r["cost"]["seconds_per_step"] for r in per_arm[reference]]))
     arms_out = {}
@@ -395,16 +726,19 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
             "val_acc": seed_stats([r["metrics"]["val_acc"] for r in runs]),
             "seconds_per_step": sps, "step_cost_ratio": sps / base_sps,
             "steps": runs[0]["cost"]["steps"], "epochs": runs[0]["cost"]["epochs"],
+            "steps_per_seed": [r["cost"]["steps"] for r in runs],
             "train_seconds": seed_stats([r["cost"]["train_seconds"] for r in runs]),
+            "one_off_seconds": seed_stats([r["cost"].get("one_off_seconds", 0.0) for r in runs]),
             "peak_memory_bytes": max(r["cost"]["peak_memory_bytes"] for r in runs),
+            "peak_memory_kind": runs[0]["cost"]["peak_memory_kind"],
             "history": {str(r["seed"]): r["history"] for r in runs},
             "stopped_early": runs[0]["stopped_early"],
         }
         for key in ("target_acc", "target_acc_prior"):
             if key in runs[0]["metrics"]:
                 arms_out[name][key] = seed_stats([r["metrics"][key] for r in runs])
-        if "extras" in runs[0]:
-            arms_out[name]["extras"] = {str(r["seed"]): r["extras"] for r in runs}
+        if any(r.get("extras") for r in runs):
+            arms_out[name]["extras"] = {str(r["seed"]): r.get("extras", {}) for r in runs}
     main = per_arm[method_arm]
     return {
         "chapter": chapter, "method": method_arm, "preset": cfg["preset"], "reference_arm": reference,
@@ -416,8 +750,10 @@ def run_arms(chapter: str, method_arm: str, arms: dict, cfg: dict, seeds: list[i
         "cost": {"seconds_per_step": arms_out[method_arm]["seconds_per_step"],
                  "step_cost_ratio": arms_out[method_arm]["step_cost_ratio"],
                  "baseline_seconds_per_step": base_sps,
+                 "one_off_seconds": arms_out[method_arm]["one_off_seconds"]["mean"],
                  "peak_memory_bytes": arms_out[method_arm]["peak_memory_bytes"],
-                 "peak_memory_kind": main[0]["cost"]["peak_memory_kind"],
+                 "peak_memory_kind": arms_out[method_arm]["peak_memory_kind"],
+                 "timer": main[0]["cost"].get("timer"),
                  "train_seconds": arms_out[method_arm]["train_seconds"]["mean"]},
         "arms": arms_out,
         "provenance": provenance(device),

@@ -8,6 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch
+from ..train import Arm, Context, Method
 
 # Chapter "baseline": the small CNN on CIFAR-10.
 DEFAULTS: dict = {}
@@ -35,18 +36,18 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
         group["lr"] = lr
 
 
-class Baseline:
+class Baseline(Method):
     """Plain training: one forward, one backward, one optimiser step per batch."""
 
     name = "baseline"
-    uses_meta = False
 
     def __init__(self, cfg: dict):
         self.label_smoothing = cfg["label_smoothing"]
+        self.opt_cfg = {k: cfg[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
 
-    def setup(self, model, data, cfg):
-        self.model = model
-        self.opt = make_optimizer(model, cfg)
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.opt = make_optimizer(ctx.model, self.opt_cfg)
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         set_lr(self.opt, lr)
@@ -55,7 +56,7 @@ class Baseline:
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
         self.opt.step()
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == batch.y).float().mean().item()}
+        return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean()}
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict()}
@@ -64,9 +65,12 @@ class Baseline:
         self.opt.load_state_dict(state["opt"])
 
 
+ARMS = {"baseline": Arm(Baseline)}
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """The chapter's experiment: the baseline alone (its own reference, cost ratio 1)."""
     from ..train import run_arms
 
-    return run_arms("baseline", "baseline", {"baseline": Baseline}, cfg, seeds,
+    return run_arms("baseline", "baseline", ARMS, cfg, seeds,
                     out_dir=out_dir, progress=progress, dataset=dataset)

@@ -6,6 +6,7 @@ backprop as it deepens, while the same stack with identity shortcuts does not.
 """
 from __future__ import annotations
 
+from ..train import Arm
 from .baseline import Baseline
 
 DEFAULTS: dict = {"model": "plain_cnn", "width": 16, "depths": "4,8,16,32"}
@@ -29,6 +30,12 @@ def parse_depths(text: str) -> list[int]:
     return depths
 
 
+def arms(depths: list[int]) -> dict[str, Arm]:
+    """`plain-D` (no skips) and `skips-D` (identity shortcuts) for every depth D."""
+    return {f"{kind}-{d}": Arm(Baseline, {"depth": d, "model": model})
+            for d in depths for kind, model in (("plain", "plain_cnn"), ("skips", "res_cnn"))}
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """For each depth: arms `plain` (no skips) and `skips` (identity shortcuts), same budget.
     Returns one record whose `arms` are named like `plain-16` and `skips-16`; the shallowest
@@ -36,12 +43,7 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     from ..train import run_arms
 
     depths = parse_depths(cfg["depths"])
-    arms, arm_configs = {}, {}
-    for d in depths:
-        for kind, model in (("plain", "plain_cnn"), ("skips", "res_cnn")):
-            arms[f"{kind}-{d}"] = Baseline
-            arm_configs[f"{kind}-{d}"] = {"depth": d, "model": model}
-    record = run_arms("depth", f"plain-{depths[-1]}", arms, cfg, seeds, out_dir=out_dir, progress=progress,
-                      dataset=dataset, arm_configs=arm_configs, reference=f"plain-{depths[0]}")
+    record = run_arms("depth", f"plain-{depths[-1]}", arms(depths), cfg, seeds, out_dir=out_dir, progress=progress,
+                      dataset=dataset, reference=f"plain-{depths[0]}")
     record["depths"] = depths
     return record

@@ -22,7 +22,9 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..meta import (example_weight_meta_gradient, forward, lookahead_params, model_params,
                     reweighting_step)
-from .baseline import Baseline, make_optimizer, set_lr
+from ..results import roc_auc
+from ..train import Arm
+from .baseline import Baseline, set_lr
 
 
 def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: float,
@@ -47,36 +49,23 @@ def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: fl
         meta = F.cross_entropy(forward(model, params, x_meta), y_meta)
         v = torch.autograd.grad(meta, list(params.values()))
         jv, losses = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode)
-    return jv * r / b, losses, meta.item()
+    return jv * r / b, losses, meta.detach()
 
 
-class InstanceLR:
+class InstanceLR(Baseline):
     """The method as a plug-in of the training loop. State: sigma (N_train,), the optimizer."""
 
     name = "instance_lr"
     uses_meta = True
 
     def __init__(self, cfg: dict):
+        super().__init__(cfg)
         self.meta_lr, self.lookahead, self.mode = cfg["ilr.meta_lr"], cfg["ilr.lookahead"], cfg["ilr.mode"]
         self.lo, self.hi = cfg["ilr.sigma_min"], cfg["ilr.sigma_max"]
 
-    def setup(self, model, data, cfg):
-        self.model, self.opt = model, make_optimizer(model, cfg)
-        self.sigma = torch.zeros(len(data.train.y), device=data.train.y.device)
-        self.corrupted = data.corrupted
-        self.train_loader = data.train
-        self.train_idx = getattr(data, "train_idx", None)
-
-    def save_artifacts(self, out_dir, seed: int) -> None:
-        """instance_lr-seed{S}.npz: final rates r_i, training indices (into the dataset), the labels
-        trained on (after any corruption) and the corruption mask."""
-        import numpy as np
-        from pathlib import Path
-
-        Path(out_dir).mkdir(parents=True, exist_ok=True)
-        np.savez_compressed(Path(out_dir) / f"instance_lr-seed{seed}.npz", rate=self.sigma.exp().cpu().numpy(),
-                            train_index=self.train_idx.cpu().numpy(), label=self.train_loader.y.cpu().numpy(),
-                            corrupted=self.corrupted.cpu().numpy())
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        self.sigma = torch.zeros(ctx.num_train, device=next(ctx.model.parameters()).device)
 
     def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
         set_lr(self.opt, lr)
@@ -90,18 +79,16 @@ class InstanceLR:
         self.opt.zero_grad(set_to_none=True)
         (sigma.exp() * losses).mean().backward()
         self.opt.step()
-        return {"loss": losses.mean().item(), "meta_loss": meta_loss, "acc": 0.0, **self.rate_summary()}
+        return {"loss": losses.detach().mean(), "meta_loss": meta_loss}
 
-    def rate_summary(self) -> dict:
+    def diagnostics(self, streams) -> dict:
         """Mean rate of all examples, of the clean and of the corrupted ones, and the ROC-AUC of a
-        low rate for a corrupted label (~1 ms for 10,000 examples; the history keeps one per epoch)."""
-        from ..results import roc_auc
-
-        r = self.sigma.exp()
+        low rate for a corrupted label."""
+        r, corrupted = self.sigma.exp(), streams.corrupted.to(self.sigma.device)
         out = {"mean_rate": r.mean().item()}
-        if self.corrupted.any() and not self.corrupted.all():
-            out.update(rate_clean=r[~self.corrupted].mean().item(), rate_corrupted=r[self.corrupted].mean().item(),
-                       rate_auc=roc_auc(-self.sigma.cpu(), self.corrupted.cpu()))
+        if corrupted.any() and not corrupted.all():
+            out.update(rate_clean=r[~corrupted].mean().item(), rate_corrupted=r[corrupted].mean().item(),
+                       rate_auc=roc_auc(-self.sigma.cpu(), corrupted.cpu()))
         return out
 
     def state_dict(self) -> dict:
@@ -111,28 +98,34 @@ class InstanceLR:
         self.opt.load_state_dict(state["opt"])
         self.sigma.copy_(state["sigma"])
 
-    def extras(self) -> dict:
+    def extras(self, streams) -> dict:
         """Final rates and how well a low rate flags a corrupted label (ROC-AUC), with the free
         detector beside it: the final model's per-example training loss."""
-        from ..results import roc_auc
-
-        out = {"rate_quantiles": torch.quantile(self.sigma.exp(), torch.tensor([0.1, 0.5, 0.9], device=self.sigma.device)).tolist()}
-        if self.corrupted.any() and not self.corrupted.all():
-            out["noise_auc"] = roc_auc(-self.sigma.cpu(), self.corrupted.cpu())
-            out["loss_auc"] = roc_auc(per_example_losses(self.model, self.train_loader).cpu(), self.corrupted.cpu())
+        q = torch.tensor([0.1, 0.5, 0.9], device=self.sigma.device)
+        out = {"rate_quantiles": torch.quantile(self.sigma.exp(), q).tolist()}
+        corrupted = streams.corrupted
+        if corrupted.any() and not corrupted.all():
+            out["noise_auc"] = roc_auc(-self.sigma.cpu(), corrupted.cpu())
+            out["loss_auc"] = roc_auc(per_example_losses(self.model, streams).cpu(), corrupted.cpu())
         return out
+
+    def artifacts(self) -> dict:
+        """The final rate r_i of every training example (run_arms saves it with the split's
+        indices, labels and corruption mask)."""
+        return {"rate": self.sigma.exp().cpu().numpy()}
 
 
 @torch.no_grad()
-def per_example_losses(model, loader) -> torch.Tensor:
-    """(N,) cross-entropy of every example of a loader's split (its stored labels), eval mode,
-    no augmentation, in the split's order."""
+def per_example_losses(model, streams, split: str = "train") -> torch.Tensor:
+    """(N,) cross-entropy of every example of a split (its stored labels, after any corruption),
+    eval mode, no augmentation, in the split's order."""
     was = model.training
     model.eval()
-    out = torch.empty(len(loader.y), device=loader.y.device)
-    for s in range(0, len(loader.y), 500):
-        x = loader.normalise(loader.x[s:s + 500])
-        out[s:s + 500] = F.cross_entropy(model(x), loader.y[s:s + 500], reduction="none")
+    n = streams.size(split)
+    out = torch.empty(n, device=next(model.parameters()).device)
+    for s in range(0, n, 500):
+        b = streams.examples(split, s, s + 500)
+        out[s:s + len(b.y)] = F.cross_entropy(model(b.x), b.y, reduction="none")
     model.train(was)
     return out
 
@@ -141,16 +134,11 @@ class NoisyBaseline(Baseline):
     """Plain SGD (the `baseline` arm), reporting the free noise detector at the end: the ROC-AUC
     of its own per-example training loss for telling corrupted labels from clean ones."""
 
-    def setup(self, model, data, cfg):
-        super().setup(model, data, cfg)
-        self.corrupted, self.train_loader = data.corrupted, data.train
-
-    def extras(self) -> dict:
-        from ..results import roc_auc
-
-        if not self.corrupted.any() or self.corrupted.all():
+    def extras(self, streams) -> dict:
+        corrupted = streams.corrupted
+        if not corrupted.any() or corrupted.all():
             return {}
-        return {"loss_auc": roc_auc(per_example_losses(self.model, self.train_loader).cpu(), self.corrupted.cpu())}
+        return {"loss_auc": roc_auc(per_example_losses(self.model, streams).cpu(), corrupted.cpu())}
 
 
 class ReweightL2RW(Baseline):
@@ -162,7 +150,7 @@ class ReweightL2RW(Baseline):
     def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
         set_lr(self.opt, lr)
         out = reweighting_step(self.model, self.opt, batch.x, batch.y, meta_batch.x, meta_batch.y, lr, mode="jvp")
-        return {"loss": out["loss"], "meta_loss": out["meta_loss"], "acc": 0.0}
+        return {"loss": out["loss"], "meta_loss": out["meta_loss"]}
 
 
 DEFAULTS: dict = {
@@ -174,7 +162,7 @@ DEFAULTS: dict = {
     "ilr.arms": "baseline,instance_lr,l2rw",   # which arms to run (baseline is always needed)
     "ilr.same_time": True,       # also run the baseline for instance_lr's wall-clock
 }
-ARMS = {"baseline": NoisyBaseline, "instance_lr": InstanceLR, "l2rw": ReweightL2RW}
+ARMS = {"baseline": Arm(NoisyBaseline), "instance_lr": Arm(InstanceLR), "l2rw": Arm(ReweightL2RW)}
 PRESETS: dict = {
     "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50},
     # 10,000 noisy training images, 10 epochs: each example's rate is updated 10 times, and the
