@@ -12,9 +12,12 @@ What happens:
    (https://github.com/pytorch/vision/issues/9536).
 2. Every download is checked against the md5 published on https://www.cs.toronto.edu/~kriz/cifar.html
    before it is used, so a mirror can only be slow or broken, never serve different data.
-   A mirror that fails (HTTP error, connection error, a read stalled past `timeout`, wrong md5)
-   is skipped and the next one is tried.
-3. The pickled batches are read straight out of the tar.gz (nothing is extracted to disk) and
+   A mirror that fails (HTTP error, connection error, a read stalled past `timeout`, a trickle
+   below `min_rate` bytes/s over any `rate_window` seconds, no end after `deadline` seconds,
+   wrong md5) is skipped and the next one is tried.
+3. A download is written to `<file>.<random>.part` (locked while it is written) and renamed
+   into place once verified. A `.part` left behind by a killed run is deleted at the next start.
+4. The pickled batches are read straight out of the tar.gz (nothing is extracted to disk) and
    written as one compressed `.npz` of plain arrays, loadable with `allow_pickle=False`.
 
 Environment variables:
@@ -26,12 +29,14 @@ Environment variables:
                             the file is an error, never a silent download)
 """
 
+import glob
 import hashlib
 import os
 import pickle
 import socket
 import tarfile
 import tempfile
+import time
 import urllib.error
 import urllib.request
 from pathlib import Path
@@ -77,11 +82,26 @@ ARCHIVES = {
     },
 }
 
-CHUNK = 1 << 20  # bytes per read while streaming
+try:
+    import fcntl      # POSIX: a .part being written is locked, so a cleanup never deletes it
+except ImportError:   # elsewhere, a .part is judged by its age alone
+    fcntl = None
+
+CHUNK = 1 << 20        # bytes per read while streaming (a read returns what has arrived, up to this)
+DEADLINE_S = 7200      # a mirror that has not finished after this is abandoned (the official host
+                       # needs ~50 minutes at its throttled ~55 kB/s)
+MIN_RATE = 20_000      # bytes/s: a mirror slower than this over RATE_WINDOW_S is abandoned
+RATE_WINDOW_S = 60
+STALE_PART_S = 600     # without file locks: a .part untouched this long is a killed run's leftover
 
 
 class DownloadError(RuntimeError):
-    """Every URL for an archive failed. The message lists each URL and why it failed."""
+    """Every URL for an archive failed, or the cache folder cannot be written. The message is
+    one line: each URL and why it failed, then the fixes."""
+
+
+class _TooSlow(Exception):
+    """A mirror sends, but below the minimum rate or past its deadline."""
 
 
 def default_cache_dir():
@@ -120,25 +140,76 @@ def file_md5(path):
     return h.hexdigest()
 
 
-def _fetch_one(url, dest, md5, timeout, progress):
+def _lock(fd):
+    """Hold an exclusive lock on an open file (POSIX) until it is closed; BlockingIOError if held."""
+    if fcntl is not None:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+
+
+def _temp_part(dest):
+    """(fd, path) of a new `<dest name>.<random>.part` next to `dest`, locked by this process."""
+    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    _lock(fd)
+    return fd, tmp
+
+
+def remove_stale_parts(directory, name):
+    """Delete the `<name>.*.part` files in `directory` that a killed download or conversion left.
+
+    A file that a live process is writing is kept: it holds a lock on it (without file locks,
+    i.e. not on POSIX: a file touched in the last STALE_PART_S seconds is kept). Returns the
+    paths deleted.
+    """
+    removed = []
+    for part in Path(directory).glob(glob.escape(name) + ".*.part"):
+        try:
+            age = time.time() - part.stat().st_mtime
+            if age < (2 if fcntl is not None else STALE_PART_S):
+                continue                       # just created: its writer may not hold the lock yet
+            with open(part, "rb") as f:
+                _lock(f.fileno())              # BlockingIOError: being written, keep it
+                part.unlink()
+            removed.append(part)
+        except OSError:
+            continue
+    return removed
+
+
+def _fetch_one(url, dest, md5, timeout, progress, deadline=DEADLINE_S, min_rate=MIN_RATE,
+               rate_window=RATE_WINDOW_S):
     """Stream `url` into a temp file next to `dest`, check the md5, then rename it onto `dest`.
 
     `timeout` is the socket timeout: it bounds the connect and every single read, so a server
-    that stops sending is abandoned after `timeout` seconds. Raises on any failure; the temp
-    file is always removed.
+    that stops sending is abandoned after `timeout` seconds. A server that keeps sending a
+    trickle is abandoned when fewer than `min_rate` bytes/s arrive over `rate_window` seconds,
+    and any download when it has not finished after `deadline` seconds (0 = no such limit).
+    Raises on any failure; the temp file is always removed.
     """
     request = urllib.request.Request(url, headers={"User-Agent": "metabook (python urllib)"})
-    fd, tmp = tempfile.mkstemp(dir=dest.parent, prefix=dest.name + ".", suffix=".part")
+    fd, tmp = _temp_part(dest)
     try:
+        start = time.monotonic()
         with os.fdopen(fd, "wb") as out, urllib.request.urlopen(request, timeout=timeout) as response:
             total = response.headers.get("Content-Length")
             h = hashlib.md5()
+            done, window_start, window_bytes = 0, start, 0
             with tqdm(total=int(total) if total else None, unit="B", unit_scale=True,
                       unit_divisor=1024, desc=dest.name, disable=not progress, leave=False) as bar:
-                for chunk in iter(lambda: response.read(CHUNK), b""):
+                for chunk in iter(lambda: response.read1(CHUNK), b""):
                     out.write(chunk)
                     h.update(chunk)
                     bar.update(len(chunk))
+                    now = time.monotonic()
+                    done, window_bytes = done + len(chunk), window_bytes + len(chunk)
+                    if deadline and now - start > deadline:
+                        raise _TooSlow(f"not finished after {deadline} s ({done} of "
+                                       f"{total or 'unknown'} bytes)")
+                    if min_rate and now - window_start >= rate_window:
+                        rate = window_bytes / (now - window_start)
+                        if rate < min_rate:
+                            raise _TooSlow(f"too slow: {rate:.0f} bytes/s over {now - window_start:.1f} s, "
+                                           f"below the minimum {min_rate} bytes/s")
+                        window_start, window_bytes = now, 0
         if h.hexdigest() != md5:
             raise ValueError(f"md5 mismatch: got {h.hexdigest()}, expected {md5}")
         os.replace(tmp, dest)  # atomic: `dest` is either absent or complete
@@ -151,17 +222,35 @@ def _why(err, timeout):
     """A one-line reason for a failed URL."""
     if isinstance(err, urllib.error.HTTPError):
         return f"HTTP {err.code} {err.reason}"
+    if isinstance(err, _TooSlow):
+        return str(err)
     reason = err.reason if isinstance(err, urllib.error.URLError) else err
     if isinstance(reason, (socket.timeout, TimeoutError)):
         return f"no data for {timeout} s (timed out)"
-    return f"{type(reason).__name__}: {reason}"
+    return " ".join(f"{type(reason).__name__}: {reason}".split())
 
 
-def download_archive(name, dest_dir, mirrors=None, timeout=30, progress=True, md5=None):
+def _writable_folder(folder, name):
+    """Create `folder` if needed and check a file can be written in it, or raise DownloadError."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise DownloadError(
+            f"cannot write the download to the cache folder {folder} ({type(err).__name__}: "
+            f"{err.strerror or err}); set METABOOK_CACHE to a writable folder, or put {name}.npz in a "
+            f"folder and set METABOOK_DATA to it") from None
+
+
+def download_archive(name, dest_dir, mirrors=None, timeout=30, progress=True, md5=None,
+                     deadline=DEADLINE_S, min_rate=MIN_RATE, rate_window=RATE_WINDOW_S):
     """Download the official archive for `name` ("cifar10" or "cifar100") into `dest_dir`.
 
     Tries each base URL in order (see `_mirror_list`), with `timeout` seconds as the socket
-    timeout for the connect and for each read. A download is kept only if its md5 matches
+    timeout for the connect and for each read; a mirror is also abandoned when it sends fewer
+    than `min_rate` bytes/s over `rate_window` seconds or has not finished after `deadline`
+    seconds. `.part` files of killed downloads are deleted first. A download is kept only if its md5 matches
     (`md5` overrides the official checksum; tests use it). An archive already in `dest_dir`
     with the right md5 is reused without any network access. Returns the archive's path.
     Raises DownloadError, naming every URL tried and why it failed, if all of them fail.
@@ -169,8 +258,12 @@ def download_archive(name, dest_dir, mirrors=None, timeout=30, progress=True, md
     spec = _spec(name)
     md5 = md5 or spec["md5"]
     dest_dir = Path(dest_dir)
-    dest_dir.mkdir(parents=True, exist_ok=True)
+    _writable_folder(dest_dir, name)
     dest = dest_dir / spec["filename"]
+    removed = remove_stale_parts(dest_dir, spec["filename"])
+    if removed and progress:
+        tqdm.write(f"metabook: deleted {len(removed)} unfinished download(s) of a killed run: "
+                   f"{', '.join(p.name for p in removed)}")
     if dest.exists() and file_md5(dest) == md5:
         return dest
 
@@ -180,16 +273,16 @@ def download_archive(name, dest_dir, mirrors=None, timeout=30, progress=True, md
         if progress:
             tqdm.write(f"metabook: downloading {url}")
         try:
-            _fetch_one(url, dest, md5, timeout, progress)
+            _fetch_one(url, dest, md5, timeout, progress, deadline, min_rate, rate_window)
             return dest
         except Exception as err:  # noqa: BLE001 -- any failure means: try the next mirror
             failures.append((url, _why(err, timeout)))
             if progress:
                 tqdm.write(f"metabook: failed ({failures[-1][1]}), trying the next URL")
 
-    tried = "\n".join(f"  - {url}: {why}" for url, why in failures)
+    tried = "; ".join(f"{url}: {why}" for url, why in failures)
     raise DownloadError(
-        f"could not download {spec['filename']} (md5 {md5}) for {name!r}. Tried:\n{tried}\n"
+        f"could not download {spec['filename']} (md5 {md5}) for {name!r}; tried {tried}. "
         f"Fixes: set METABOOK_CIFAR_MIRRORS to comma-separated base URLs that serve "
         f"{spec['filename']}, or put {name}.npz (cifar10.npz / cifar100.npz, made by "
         f"metabook.download.archive_to_npz) in a directory and set METABOOK_DATA to it."
@@ -263,7 +356,8 @@ def archive_to_npz(name, archive_path, npz_path):
 
     npz_path = Path(npz_path)
     npz_path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=npz_path.parent, prefix=npz_path.name + ".", suffix=".part")
+    remove_stale_parts(npz_path.parent, npz_path.name)
+    fd, tmp = _temp_part(npz_path)
     try:
         with os.fdopen(fd, "wb") as f:  # a file object, so numpy does not append ".npz"
             np.savez_compressed(f, **arrays)
@@ -299,14 +393,15 @@ def data_dir_npz(filename):
     return path
 
 
-def fetch_npz(name, cache_dir=None, mirrors=None, timeout=30, progress=True, md5=None):
+def fetch_npz(name, cache_dir=None, mirrors=None, timeout=30, progress=True, md5=None, **limits):
     """Path to `<name>.npz` ("cifar10.npz" / "cifar100.npz"), downloading and converting if missing.
 
     If $METABOOK_DATA is set, `$METABOOK_DATA/<name>.npz` is returned untouched (and a setting
     without that file is an error, see `data_dir_npz`). Otherwise the file is
     `cache_dir/<name>.npz` (cache_dir defaults to `default_cache_dir()`); when it is missing, the
     archive is fetched into cache_dir with `download_archive` (kept there, so a re-conversion
-    needs no network) and converted with `archive_to_npz`.
+    needs no network) and converted with `archive_to_npz`. `limits` (deadline, min_rate,
+    rate_window) go to `download_archive`.
     """
     _spec(name)
     from_env = data_dir_npz(f"{name}.npz")
@@ -317,5 +412,5 @@ def fetch_npz(name, cache_dir=None, mirrors=None, timeout=30, progress=True, md5
     if npz_path.is_file():
         return npz_path
     archive = download_archive(name, cache_dir, mirrors=mirrors, timeout=timeout,
-                               progress=progress, md5=md5)
+                               progress=progress, md5=md5, **limits)
     return archive_to_npz(name, archive, npz_path)

@@ -126,6 +126,18 @@ class _Handler(http.server.BaseHTTPRequestHandler):
             self.send_error(404)
         elif route == "stall":
             srv.release.wait(STALL_S)  # send nothing: the client must give up on its own
+        elif isinstance(route, tuple) and route[0] == "trickle":
+            _, piece, interval = route          # `piece` every `interval` s, for ever
+            self.send_response(200)
+            self.send_header("Content-Length", str(10**9))
+            self.end_headers()
+            while not srv.release.is_set():
+                try:
+                    self.wfile.write(piece)
+                    self.wfile.flush()
+                except OSError:                 # the client gave up
+                    return
+                srv.release.wait(interval)
         elif isinstance(route, tuple) and route[0] == "redirect":
             self.send_response(302)
             self.send_header("Location", route[1])
@@ -151,7 +163,8 @@ class _Server(http.server.ThreadingHTTPServer):
 
 @pytest.fixture
 def server():
-    """Local server. Set `server.routes[path] = bytes | "stall" | ("redirect", url)`; 404 otherwise."""
+    """Local server. Set `server.routes[path] = bytes | "stall" | ("redirect", url) |
+    ("trickle", bytes, seconds)`; 404 otherwise."""
     srv = _Server(("127.0.0.1", 0), _Handler)
     srv.routes, srv.requests, srv.release = {}, [], threading.Event()
     srv.base = lambda prefix: f"http://127.0.0.1:{srv.server_address[1]}/{prefix}/"
@@ -269,6 +282,7 @@ def test_all_mirrors_failing_raises_download_error_naming_every_url(server, arch
         assert base + "cifar-10-python.tar.gz" in msg
     assert "404" in msg and "md5 mismatch" in msg
     assert "METABOOK_DATA" in msg and "cifar10.npz" in msg
+    assert "\n" not in msg                                  # one line: the command line prints it
     assert not (tmp_path / "cifar-10-python.tar.gz").exists()
     assert _no_temp_files(tmp_path)
 
@@ -291,6 +305,69 @@ def test_stalled_only_mirror_reports_timeout(server, archives, tmp_path):
     with pytest.raises(dl.DownloadError, match="timed out"):
         dl.download_archive("cifar10", tmp_path, mirrors=[stall], timeout=0.3, md5=md5,
                             progress=False)
+
+
+def test_a_trickling_mirror_is_abandoned_below_the_minimum_rate(server, archives, tmp_path):
+    """One byte every 0.05 s never stalls a read past `timeout`: only a rate limit ends it."""
+    blob, md5, _ = archives["cifar10"]
+    trickle = _serve(server, "trickle", "cifar10", ("trickle", b"x", 0.05))
+    good = _serve(server, "good", "cifar10", blob)
+    t0 = time.monotonic()
+    path = dl.download_archive("cifar10", tmp_path, mirrors=[trickle, good], timeout=2, md5=md5,
+                               progress=False, min_rate=1000, rate_window=0.5)
+    assert path.read_bytes() == blob and time.monotonic() - t0 < 3
+    assert _no_temp_files(tmp_path)
+
+
+def test_a_mirror_that_never_finishes_is_abandoned_at_its_deadline(server, archives, tmp_path):
+    _, md5, _ = archives["cifar10"]
+    slow = _serve(server, "slow", "cifar10", ("trickle", b"x" * 4096, 0.01))   # ~400 kB/s, 1 GB
+    t0 = time.monotonic()
+    with pytest.raises(dl.DownloadError) as info:
+        dl.download_archive("cifar10", tmp_path, mirrors=[slow], timeout=2, md5=md5, progress=False,
+                            min_rate=1000, rate_window=0.2, deadline=1)
+    assert time.monotonic() - t0 < 3
+    assert "not finished after 1 s" in str(info.value) and "\n" not in str(info.value)
+    assert _no_temp_files(tmp_path)
+
+
+def test_parts_left_by_a_killed_download_are_deleted_at_the_next_start(server, archives, tmp_path):
+    import os
+    blob, md5, _ = archives["cifar10"]
+    good = _serve(server, "good", "cifar10", blob)
+    old = time.time() - 60
+    stale = [tmp_path / "cifar-10-python.tar.gz.abc123.part", tmp_path / "cifar10.npz.def456.part"]
+    for part in stale:
+        part.write_bytes(b"half a download")
+        os.utime(part, (old, old))
+    other = tmp_path / "notes.part"
+    other.write_bytes(b"not ours")
+    os.utime(other, (old, old))
+    dl.fetch_npz("cifar10", tmp_path, mirrors=[good], md5=md5, progress=False)
+    assert not any(p.exists() for p in stale) and other.exists()
+
+
+def test_a_part_that_a_live_download_is_writing_is_kept(tmp_path):
+    import os
+    fd, tmp = dl._temp_part(tmp_path / "cifar-10-python.tar.gz")      # locked, like a live download
+    try:
+        os.utime(tmp, (time.time() - 60,) * 2)
+        if dl.fcntl is not None:
+            assert dl.remove_stale_parts(tmp_path, "cifar-10-python.tar.gz") == []
+            assert os.path.exists(tmp)
+    finally:
+        os.close(fd)
+    assert dl.remove_stale_parts(tmp_path, "cifar-10-python.tar.gz") == [tmp_path / os.path.basename(tmp)]
+
+
+def test_an_unwritable_cache_folder_is_one_clear_error(tmp_path):
+    cache = tmp_path / "cache"
+    cache.write_text("a file where the cache folder should be")
+    with pytest.raises(dl.DownloadError) as info:
+        dl.fetch_npz("cifar10", cache, mirrors=["http://127.0.0.1:9/"], progress=False)
+    message = str(info.value)
+    assert f"cannot write the download to the cache folder {cache}" in message
+    assert "METABOOK_CACHE" in message and "\n" not in message
 
 
 def test_existing_valid_archive_is_not_downloaded_again(server, archives, tmp_path):
