@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import time
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -111,7 +112,8 @@ def peak_step_bytes(fn, device: torch.device) -> tuple[int, str]:
     return peak_tensor_bytes(fn), "peak bytes of the tensors created (bench.peak_tensor_bytes)"
 
 
-def _step_setup(model_name, width, batch_size, channels_last, dev, seed):
+def step_setup(model_name, width, batch_size, channels_last, dev, seed):
+    """(model, SGD optimiser, x, y, x_meta, y_meta): random CIFAR-shaped batches for timing a step."""
     torch.manual_seed(seed)
     fmt = torch.channels_last if channels_last else torch.contiguous_format
     model = build_model(model_name, 10, width).to(dev).to(memory_format=fmt)
@@ -133,7 +135,7 @@ def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: i
     `memory_ratio` is the meta step's peak autograd memory over the plain step's
     (peak_autograd_bytes)."""
     dev = torch.device(device)
-    model, opt, x, y, xm, ym = _step_setup(model_name, width, batch_size, channels_last, dev, seed)
+    model, opt, x, y, xm, ym = step_setup(model_name, width, batch_size, channels_last, dev, seed)
 
     def plain():
         loss = F.cross_entropy(model(x), y)
@@ -158,39 +160,35 @@ def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: i
 
 def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0, dataset=None,
                            reference: str = "baseline", warmup: int = 3) -> dict:
-    """Seconds per step of each arm of a chapter, timed in interleaved rounds. `arms`: name ->
-    factory(cfg) returning a Method, or name -> (factory, config changes of that arm), as a
-    chapter's ARMS table has them (e.g. local_losses' `skips` arm changes the model). Interleaved: every round gives each arm one step on the same batch and meta batch,
-    so a change of the machine's load during the measurement hits every arm alike (a run's own
-    `step_cost_ratio` compares arms trained one after another). Medians over `steps` rounds after
-    `warmup`; `ratio` is each arm's median over the reference arm's."""
+    """Seconds per step of each arm of a chapter (name -> train.Arm, as its ARMS declares them),
+    timed in interleaved rounds: every round gives each arm one step on the same batch and meta
+    batch, so a change of the machine's load during the measurement hits every arm alike (a
+    run's own `step_cost_ratio` compares arms trained one after another). One-off stages are not
+    run (their cost is their own). Medians over `steps` rounds after `warmup`; `ratio` is each
+    arm's median over the reference arm's."""
     from .config import pick_device
-    from .train import _meta_batch_at, _sync, lr_at, make_model, prepare_data, seed_everything
+    from .train import Context, StepTimer, lr_at, make_model, prepare_data, seed_everything
 
     device = pick_device(cfg["device"])
     data = prepare_data(cfg, seed, device, dataset)
+    streams, total = data.streams(), warmup + steps
     methods = {}
     for name, arm in arms.items():
-        factory, changes = arm if isinstance(arm, tuple) else (arm, {})
-        arm_cfg = {**cfg, **changes}
+        arm_cfg = {**cfg, **arm.changes}
         seed_everything(seed)
-        method = factory(arm_cfg)
-        method.setup(make_model(arm_cfg, data.dataset.num_classes, device), data, arm_cfg)
+        model = make_model(arm_cfg, data.dataset.num_classes, device)
+        method = arm.factory(arm_cfg)
+        method.setup(Context(model, streams, total, len(data.train), data.dataset.num_classes,
+                             len(data.train.y), seed))
         methods[name] = method
-    times: dict[str, list[float]] = {name: [] for name in arms}
-    total = warmup + steps
+    timers = {name: StepTimer(device) for name in arms}
     for step in range(total):
-        batch = next(data.train.epoch(step // len(data.train), start=step % len(data.train)))
-        meta_batch = _meta_batch_at(data.meta, step)
-        lr = lr_at(step, total, cfg)
+        batch, meta_batch, lr = streams.batch("train", step), streams.batch("meta", step), lr_at(step, total, cfg)
         for name, method in methods.items():
-            _sync(device)
-            t0 = time.perf_counter()
+            timers[name].start()
             method.step(batch, meta_batch if method.uses_meta else None, lr)
-            _sync(device)
-            if step >= warmup:
-                times[name].append(time.perf_counter() - t0)
-    median = {name: sorted(t)[len(t) // 2] for name, t in times.items()}
+            timers[name].stop()
+    median = {name: float(np.median(t.collect()[warmup:])) for name, t in timers.items()}
     return {name: {"seconds_per_step": median[name], "ratio": median[name] / median[reference]}
             for name in arms}
 

@@ -73,7 +73,7 @@ class Streams:
 
     def __init__(self, train: DeviceLoader, meta: DeviceLoader, test: DeviceLoader | None = None,
                  corrupted: torch.Tensor | None = None):
-        self.loaders = {"train": train, "meta": meta, "test": test}
+        self.loaders = {"train": train, "meta": meta, "test": test}       # None where a toy has no images
         self.corrupted = corrupted if corrupted is not None else torch.zeros(len(train.y), dtype=torch.bool)
 
     def batch(self, name: str, i: int, split: str | None = None) -> Batch:
@@ -456,7 +456,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         one_off = time.perf_counter() - t0
-        if ckpt_path and one_off > 1.0:      # never redo a one-off stage after a kill
+        if ckpt_path and type(method).prepare is not Method.prepare:     # never redo a one-off stage
             save(0)
 
     timer = StepTimer(device)

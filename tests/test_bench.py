@@ -2,12 +2,12 @@
 import torch
 import torch.nn.functional as F
 
-from metabook.bench import _step_setup, loader_throughput, meta_step_cost, peak_autograd_bytes
+from metabook.bench import step_setup, loader_throughput, meta_step_cost, peak_autograd_bytes
 from metabook.data import make_synthetic
 
 
 def test_peak_autograd_memory_counts_coexisting_graphs_not_sequential_ones():
-    model, opt, x, y, xm, ym = _step_setup("small_cnn", 8, 16, False, torch.device("cpu"), 0)
+    model, opt, x, y, xm, ym = step_setup("small_cnn", 8, 16, False, torch.device("cpu"), 0)
 
     def one():
         F.cross_entropy(model(x), y).backward()
@@ -27,8 +27,7 @@ def test_peak_autograd_memory_counts_coexisting_graphs_not_sequential_ones():
 
 def test_meta_step_cost_reports_time_and_memory_ratios():
     r = meta_step_cost("small_cnn", width=8, batch_size=16, repeats=2, mode="exact")
-    assert r["plain_step_s"] > 0 and r["meta_step_s"] > 0
-    assert r["ratio"] == r["meta_step_s"] / r["plain_step_s"]
+    assert r["ratio"] > 1.2                             # a virtual step + a double backward cost more than a step
     assert r["memory_ratio"] > 1.5                      # the double backward keeps a second graph
 
 
@@ -36,9 +35,7 @@ def test_loader_throughput_compares_both_pipelines_on_the_same_images():
     ds = make_synthetic(512, 10)
     r = loader_throughput(ds.x_train, ds.y_train, batch_size=64, batches=4)
     assert r["images"] == 256
-    assert r["ours_img_per_s"] > 0 and r["torchvision_img_per_s"] > 0
-    assert r["speedup"] == r["ours_img_per_s"] / r["torchvision_img_per_s"] or abs(
-        r["speedup"] - r["ours_img_per_s"] / r["torchvision_img_per_s"]) < 1e-9
+    assert r["speedup"] > 1                             # batched crops on tensors beat PIL per image
 
 
 def test_interleaved_step_costs_see_a_known_extra_cost():
@@ -48,6 +45,7 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
     from metabook.bench import interleaved_step_costs
     from metabook.data import make_synthetic
     from metabook.methods.baseline import Baseline
+    from metabook.train import Arm
 
     class SlowBaseline(Baseline):            # a plain step plus exactly 30 ms
         def step(self, batch, meta_batch, lr):
@@ -56,7 +54,7 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
 
     cfg = chapter_config("baseline", "smoke", {"dataset": "synthetic", "train_size": 256, "meta_size": 64,
                                                "batch_size": 32, "width": 8})
-    cost = interleaved_step_costs({"baseline": Baseline, "slow": SlowBaseline}, cfg, steps=8,
+    cost = interleaved_step_costs({"baseline": Arm(Baseline), "slow": Arm(SlowBaseline)}, cfg, steps=8,
                                   dataset=make_synthetic(400, 100, seed=0))
     assert cost["baseline"]["ratio"] == 1.0
     extra = cost["slow"]["seconds_per_step"] - cost["baseline"]["seconds_per_step"]
@@ -64,22 +62,23 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
 
 
 def test_interleaved_step_costs_build_each_arm_with_its_own_config_changes():
-    """ARMS tables give (factory, config changes); the `skips` arm of local_losses changes the model."""
+    """An Arm carries its config changes; the `skips` arm of local_losses changes the model."""
     from metabook import chapter_config
     from metabook.bench import interleaved_step_costs
     from metabook.data import make_synthetic
     from metabook.methods.baseline import Baseline
+    from metabook.train import Arm
 
-    built = {}
+    built = []
 
     class Recording(Baseline):
-        def setup(self, model, data, cfg):
-            built[cfg["model"]] = model.skips
-            return super().setup(model, data, cfg)
+        def setup(self, ctx):
+            built.append(ctx.model.skips)
+            return super().setup(ctx)
 
     cfg = chapter_config("local_losses", "smoke", {"dataset": "synthetic", "train_size": 256, "meta_size": 64,
                                                    "batch_size": 32})
-    cost = interleaved_step_costs({"baseline": Recording, "skips": (Recording, {"model": "res_cnn"})}, cfg,
+    cost = interleaved_step_costs({"baseline": Arm(Recording), "skips": Arm(Recording, {"model": "res_cnn"})}, cfg,
                                   steps=2, warmup=1, dataset=make_synthetic(400, 100, seed=0))
     assert set(cost) == {"baseline", "skips"}
-    assert built == {"plain_cnn": False, "res_cnn": True} and cost["skips"]["seconds_per_step"] > 0
+    assert built == [False, True]

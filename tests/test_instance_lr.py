@@ -37,8 +37,9 @@ def test_instance_lr_meta_gradient_matches_finite_differences_in_float64(mode, r
 def test_corrupted_examples_end_with_lower_learning_rates():
     """Behaviour: train a small net on separable data with 25% flipped labels; the rates of the
     flipped examples must fall below those of the clean ones (AUC well above chance)."""
-    from metabook.methods.instance_lr import InstanceLR
     from metabook.data import Batch
+    from metabook.methods.instance_lr import InstanceLR
+    from metabook.train import Context, Streams
     torch.manual_seed(0)
     centers = torch.randn(3, 5) * 2
     y = torch.arange(240) % 3
@@ -48,20 +49,18 @@ def test_corrupted_examples_end_with_lower_learning_rates():
     ym = torch.arange(60) % 3
     xm = centers[ym] + 0.5 * torch.randn(60, 5)
     model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    cfg = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "ilr.meta_lr": 300.0,
-           "ilr.lookahead": True, "ilr.mode": "jvp", "ilr.sigma_min": -5.0, "ilr.sigma_max": 2.0}
+    cfg = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "label_smoothing": 0.0,
+           "ilr.meta_lr": 300.0, "ilr.lookahead": True, "ilr.mode": "jvp", "ilr.sigma_min": -5.0, "ilr.sigma_max": 2.0}
     method = InstanceLR(cfg)
-
-    class Data:
-        corrupted = flipped
-        train = type("L", (), {"y": y_noisy})()
-    method.setup(model, Data, cfg)
+    streams = Streams(None, None, corrupted=flipped)        # a toy without images: only the noise mask
+    method.setup(Context(model, streams, total_steps=90, steps_per_epoch=6, num_classes=3, num_train=240))
     for epoch in range(15):
         for b in torch.randperm(240).split(40):
-            metrics = method.step(Batch(x[b], y_noisy[b], b), Batch(xm, ym, torch.arange(60)), lr=0.1)
+            method.step(Batch(x[b], y_noisy[b], b), Batch(xm, ym, torch.arange(60)), lr=0.1)
     assert roc_auc(-method.sigma, flipped) > 0.8
-    assert metrics["rate_auc"] == roc_auc(-method.sigma, flipped)        # the history's per-epoch summary
-    assert metrics["rate_corrupted"] < metrics["rate_clean"]
+    summary = method.diagnostics(streams)                       # what the history records at evaluation
+    assert summary["rate_auc"] == roc_auc(-method.sigma, flipped)
+    assert summary["rate_corrupted"] < summary["rate_clean"]
 
 
 def test_roc_auc_of_known_cases():

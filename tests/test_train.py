@@ -11,7 +11,8 @@ from helpers import Killed, kill_at
 from metabook import chapter_config
 from metabook.data import make_synthetic
 from metabook.methods.baseline import Baseline
-from metabook.train import NonFiniteError, lr_at, make_model, prepare_data, seed_everything, train
+from metabook.train import (Arm, NonFiniteError, RunError, lr_at, make_model, prepare_data, run_arms,
+                            seed_everything, train)
 
 TINY = {"dataset": "synthetic", "train_size": 640, "meta_size": 100, "batch_size": 64, "width": 8,
         "test_size": 200, "epochs": 2.0, "eval_every": 1.0}
@@ -61,22 +62,20 @@ def test_checkpoint_of_another_config_is_not_resumed(synthetic, tmp_path):
             raise KeyboardInterrupt
     with pytest.raises(KeyboardInterrupt):
         run_tiny(synthetic, {"checkpoint_every": 4}, out_dir=tmp_path, on_step=stop)
-    with pytest.raises(ValueError, match="belongs to another run"):
+    with pytest.raises(RunError, match="checkpoint.pt belongs to another run"):
         run_tiny(synthetic, {"checkpoint_every": 4, "lr": 0.05}, out_dir=tmp_path)
 
 
 def test_finished_arm_runs_are_reused_only_for_the_same_config(synthetic, tmp_path):
-    from metabook.train import run_arms
-
     cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 1.0})
-    first = run_arms("baseline", "baseline", {"baseline": Baseline}, cfg, [0], out_dir=tmp_path, progress=False,
+    first = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path, progress=False,
                      dataset=synthetic)
-    again = run_arms("baseline", "baseline", {"baseline": Baseline}, cfg, [0], out_dir=tmp_path, progress=False,
+    again = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path, progress=False,
                      dataset=synthetic)
     assert again["arms"]["baseline"]["train_seconds"] == first["arms"]["baseline"]["train_seconds"]   # loaded
     changed = chapter_config("baseline", "smoke", {**TINY, "epochs": 1.0, "lr": 0.05})
-    with pytest.raises(ValueError, match="another config.*lr"):
-        run_arms("baseline", "baseline", {"baseline": Baseline}, changed, [0], out_dir=tmp_path, progress=False,
+    with pytest.raises(RunError, match="another config.*lr"):
+        run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, changed, [0], out_dir=tmp_path, progress=False,
                  dataset=synthetic)
 
 
@@ -170,3 +169,163 @@ def test_latest_recorded_picks_the_newest_record_whose_config_matches(tmp_path):
     assert latest_recorded("instance_lr", "cpu", tmp_path, where={"noise.kind": "pairflip"})["name"] == "b"
     assert latest_recorded("instance_lr", "cpu", tmp_path, where={"noise.kind": "none"}) is None
     assert latest_recorded("instance_lr", "gpu", tmp_path) is None
+
+
+# ----------------------------------------------------------------------------- the runner's contract and meters
+
+class Sleepy(Baseline):
+    """A plain step; a one-off stage of 0.3 s; diagnostics that take 0.2 s."""
+    prepared = 0
+
+    def prepare(self):
+        import time
+        Sleepy.prepared += 1
+        time.sleep(0.3)
+
+    def diagnostics(self, streams):
+        import time
+        time.sleep(0.2)
+        return {"slow_diagnostic": 1.0}
+
+
+def test_one_off_stage_and_diagnostics_stay_outside_the_step_time(synthetic):
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 2.0, "eval_every": 0.5})
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    seed_everything(0)
+    res = train(Sleepy(cfg), make_model(cfg, 10, torch.device("cpu")), data, cfg, progress=False)
+    assert res["cost"]["one_off_seconds"] >= 0.3
+    assert res["cost"]["train_seconds"] < 0.3 * 4            # four evaluations x 0.2 s would be 0.8 s more
+    assert res["cost"]["seconds_per_step"] < 0.05
+    assert all(row["slow_diagnostic"] == 1.0 for row in res["history"]) and len(res["history"]) == 4
+
+
+def test_killed_run_resumes_after_its_one_off_stage_without_repeating_it(synthetic, tmp_path):
+    cfg = chapter_config("baseline", "smoke", {**TINY, "checkpoint_every": 100})
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    Sleepy.prepared = 0
+    with pytest.raises(Killed):
+        seed_everything(0)
+        train(Sleepy(cfg), make_model(cfg, 10, torch.device("cpu")), data, cfg, out_dir=tmp_path,
+              progress=False, on_step=kill_at(3))
+    seed_everything(0)
+    res = train(Sleepy(cfg), make_model(cfg, 10, torch.device("cpu")), data, cfg, out_dir=tmp_path, progress=False)
+    assert Sleepy.prepared == 1 and res["cost"]["one_off_seconds"] >= 0.3     # resumed from the step-0 checkpoint
+
+
+class NanAt(Baseline):
+    """Reports a NaN loss at one step (1-based), or poisons the weights after the last step."""
+    bad_step, poison_last = 7, False
+
+    def step(self, batch, meta_batch, lr):
+        out = super().step(batch, meta_batch, lr)
+        self.t = getattr(self, "t", 0) + 1
+        if self.t == self.bad_step:
+            out["loss"] = torch.tensor(float("nan"))
+        if self.poison_last and self.t == self.ctx.total_steps:
+            with torch.no_grad():
+                next(self.model.parameters()).fill_(float("nan"))
+        return out
+
+
+def test_nan_inside_an_evaluation_window_is_named_by_its_own_step(synthetic):
+    cfg = chapter_config("baseline", "smoke", {**TINY, "eval_every": 2.0})       # one window of 20 steps
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    with pytest.raises(NonFiniteError, match=r"^step 7: loss is nan"):
+        train(NanAt(cfg), make_model(cfg, 10, torch.device("cpu")), data, cfg, progress=False)
+
+
+def test_a_run_whose_final_evaluation_is_nan_is_not_recorded(synthetic):
+    cfg = chapter_config("baseline", "smoke", TINY)
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    method = NanAt(cfg)
+    method.bad_step, method.poison_last = -1, True
+    with pytest.raises(NonFiniteError, match="final test_loss"):
+        train(method, make_model(cfg, 10, torch.device("cpu")), data, cfg, progress=False)
+
+
+def test_peak_memory_is_measured_per_arm_not_inherited_from_a_heavier_one(synthetic):
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2})
+    arms = {"wide": Arm(Baseline, {"width": 64}), "baseline": Arm(Baseline, {"width": 4})}
+    rec = run_arms("baseline", "baseline", arms, cfg, [0], progress=False, dataset=synthetic)
+    wide, narrow = rec["arms"]["wide"]["peak_memory_bytes"], rec["arms"]["baseline"]["peak_memory_bytes"]
+    assert narrow < wide / 4                     # a process-lifetime peak would give narrow >= wide
+    assert "tensor" in rec["cost"]["peak_memory_kind"]
+
+
+def test_ctrl_c_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(synthetic, tmp_path):
+    import os
+    import signal
+
+    overrides = {"checkpoint_every": 1000}
+    _, full = run_tiny(synthetic, overrides)
+
+    def interrupt(step, _):
+        if step == 6:
+            os.kill(os.getpid(), signal.SIGINT)
+    with pytest.raises(KeyboardInterrupt, match="stopped at step 6"):
+        run_tiny(synthetic, overrides, out_dir=tmp_path, on_step=interrupt)
+    steps = []
+    _, resumed = run_tiny(synthetic, overrides, out_dir=tmp_path, on_step=lambda s, m: steps.append(s))
+    assert steps[0] == 7 and resumed["metrics"] == full["metrics"]
+
+
+def test_a_full_disk_during_a_checkpoint_is_named_and_leaves_no_temporary_file(synthetic, tmp_path, monkeypatch):
+    import metabook.train as runner
+
+    real_save, calls = torch.save, []
+
+    def save(obj, path):
+        calls.append(path)
+        if len(calls) == 2:                       # the second checkpoint hits a full disk
+            raise OSError(28, "No space left on device")
+        return real_save(obj, path)
+    monkeypatch.setattr(runner.torch, "save", save)
+    with pytest.raises(RunError, match="checkpoint.pt: the disk is full"):
+        run_tiny(synthetic, {"checkpoint_every": 4}, out_dir=tmp_path)
+    assert not (tmp_path / "checkpoint.tmp").exists()
+    assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 4    # the previous one is kept
+
+
+def test_corrupt_state_files_are_named_with_the_fix(synthetic, tmp_path):
+    (tmp_path / "checkpoint.pt").write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match=r"checkpoint.pt is corrupt.*delete it"):
+        run_tiny(synthetic, out_dir=tmp_path)
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2})
+    (tmp_path / "runs").mkdir()
+    (tmp_path / "runs" / "baseline-seed0.json").write_text('{"metrics": {"test_acc": 0.')
+    with pytest.raises(RunError, match=r"baseline-seed0.json is corrupt.*delete it"):
+        run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path,
+                 progress=False, dataset=synthetic)
+
+
+def test_two_runs_never_share_an_output_folder(synthetic, tmp_path):
+    import subprocess as sp
+
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2})
+    other = sp.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
+    try:
+        (tmp_path / ".lock").write_text(f"{other.pid} {__import__('socket').gethostname()}")
+        with pytest.raises(RunError, match=rf"in use by another run \(pid {other.pid}\)"):
+            run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path,
+                     progress=False, dataset=synthetic)
+    finally:
+        other.kill()
+        other.wait()
+    rec = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path,
+                   progress=False, dataset=synthetic)             # the lock of a dead process is taken over
+    assert rec["arms"]["baseline"]["steps"] == 2 and not (tmp_path / ".lock").exists()
+    (tmp_path / "file").write_text("")
+    with pytest.raises(RunError, match="is a file, not a folder"):
+        run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path / "file",
+                 progress=False, dataset=synthetic)
+
+
+def test_impossible_budgets_fail_before_anything_trains(synthetic):
+    from metabook.config import ConfigError
+    from metabook.methods.instance_lr import ARMS
+
+    cfg = chapter_config("instance_lr", "smoke", {**TINY, "meta_size": 0, "epochs": 0.2})
+    with pytest.raises(ConfigError, match="'instance_lr' needs meta batches but meta_size=0"):
+        run_arms("instance_lr", "instance_lr", ARMS, cfg, [0], progress=False, dataset=synthetic)
+    with pytest.raises(ConfigError, match="smaller than one batch"):
+        run_tiny(synthetic, {"batch_size": 1000})

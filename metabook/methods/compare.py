@@ -11,27 +11,23 @@ others train on clean labels.
 
 Every method is paired with its own chapter's baseline (plain SGD on the same model, same data,
 same seeds) and with that baseline given the method's wall-clock (`baseline_same_time`), in one
-`run_arms` call per method, so every ratio in the table is measured in the same run:
+`run_arms` call per method with the arms its chapter declares (`ARMS`), so every ratio in the
+table is measured in the same run:
 
     step cost ratio  = median seconds per step of the method / of its baseline
-    total time ratio = (training seconds + one-off seconds outside training) / baseline's training seconds
-    memory ratio     = peak memory of the first two steps of the method / of its baseline, same model
-                       and batches (CPU: the peak bytes of the tensors they create,
-                       bench.peak_tensor_bytes; CUDA: max_memory_allocated above the start)
+    total time ratio = (training seconds + one-off seconds) / baseline's training seconds
+    memory ratio     = peak memory of the method's first two steps / its baseline's (run_arms'
+                       one meter, bench.peak_step_bytes: tensor bytes on the CPU, allocator on CUDA)
 
-One-off stages: AdaLFL's offline initialisation and MLHF's meta-training run inside the method's
-first step, so they are in its training seconds (and in the budget of its baseline_same_time);
-Grad-Instructor's evaluation network is trained before training starts, once for all seeds (the
-paper amortises it over target nets), so it is added to the total time ratio but not to the
-same-time budget. Each method's run_arms record is written to OUT/<method>/arms.json, its finished
-(arm, seed) runs to OUT/<method>/runs/ (a killed bench resumes there).
+One-off stages (AdaLFL's offline initialisation, Grad-Instructor's critic, MLHF's meta-training)
+run in the method's prepare(), once per seed: they are in the total time ratio and in the budget
+of its baseline_same_time, not in its step cost. Each method's run_arms record is written to
+OUT/<method>/arms.json, its finished (arm, seed) runs to OUT/<method>/runs/ (a killed bench
+resumes there).
 """
 from __future__ import annotations
 
-import copy
 from pathlib import Path
-
-import numpy as np
 
 from ..config import ConfigError
 
@@ -47,9 +43,6 @@ NOISE_TARGETING = ("instance_lr",)
 # The keys the bench sets for every method alike (its budget); everything else is the chapter's.
 SHARED_KEYS = ("dataset", "train_size", "meta_size", "test_size", "epochs", "batch_size", "device",
                "eval_every", "checkpoint_every", "augment")
-# For the one-step memory probe only: one-off stages cut to a single episode/step (their peak is
-# reached in one), so the probe does not repeat minutes of meta-training.
-MEMORY_PROBE = {"hf.mlhf_meta_steps": 1, "lfl.offline_steps": 1}
 
 DEFAULTS: dict = {
     "compare.methods": ",".join(METHODS),
@@ -92,49 +85,13 @@ def method_config(name: str, cfg: dict) -> dict:
     return validate(mcfg)
 
 
-def method_arms(name: str, mcfg: dict, seeds: list[int], dataset, out_dir, progress: bool):
-    """(arms {'baseline': factory, method arm: factory}, arm_configs, one-off seconds, info) of a row."""
-    from . import grad_instructor, instance_lr, local_losses, meta_hf, online_loss
+def method_arms(name: str) -> dict:
+    """The row's two arms, as its chapter declares them: {'baseline': Arm, method arm: Arm}."""
+    from . import chapter_module
 
     chapter, arm = METHODS[name]
-    if name == "local_losses":
-        base, meth = local_losses.ARMS["baseline"], local_losses.ARMS[arm]
-        return {"baseline": base[0], arm: meth[0]}, {"baseline": base[1], arm: meth[1]}, 0.0, {}
-    if name == "instance_lr":
-        return {"baseline": instance_lr.NoisyBaseline, arm: instance_lr.InstanceLR}, {}, 0.0, {}
-    if name == "online_loss":
-        return {"baseline": online_loss.Baseline, arm: online_loss.OnlineLoss}, {}, 0.0, {}
-    if name == "grad_instructor":
-        arms, info = grad_instructor.make_arms(mcfg, seeds, dataset, out_dir, progress)
-        return {"baseline": arms["baseline"], arm: arms[arm]}, {}, float(info["seconds"]), \
-            {"enn_spearman_all": info.get("spearman_all")}
-    return {"baseline": meta_hf.Baseline, arm: meta_hf.MLHF}, {}, 0.0, {}
-
-
-def step_memory(arms: dict, arm_configs: dict, mcfg: dict, dataset, seed: int = 0) -> dict:
-    """Peak memory of each arm's first two training steps (one-off stages cut to one episode, see
-    MEMORY_PROBE), same model and batches: {arm: bytes}, and the kind of measurement."""
-    from ..bench import peak_step_bytes
-    from ..config import pick_device
-    from ..train import _meta_batch_at, make_model, prepare_data, seed_everything
-
-    device = pick_device(mcfg["device"])
-    data = prepare_data(mcfg, seed, device, dataset)
-    out = {}
-    for name, factory in arms.items():
-        cfg = {**mcfg, **arm_configs.get(name, {}), **{k: v for k, v in MEMORY_PROBE.items() if k in mcfg}}
-        for _ in range(2):       # the first pass fills the process's one-time caches; the second counts
-            seed_everything(seed)
-            method = factory(cfg)
-            method.setup(make_model(cfg, dataset.num_classes, device), data, cfg)
-
-            def two_steps():
-                for step in range(2):
-                    batch = next(data.train.epoch(0, start=step))
-                    method.step(batch, _meta_batch_at(data.meta, step) if method.uses_meta else None, cfg["lr"])
-
-            out[name], kind = peak_step_bytes(two_steps, device)
-    return {"bytes": out, "kind": kind}
+    arms = chapter_module(chapter).ARMS
+    return {"baseline": arms["baseline"], arm: arms[arm]}
 
 
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
@@ -153,14 +110,11 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
         chapter, arm = METHODS[name]
         mcfg = method_config(name, cfg)
         sub = out / name if out else None
-        arms, arm_configs, one_off_s, info = method_arms(name, mcfg, seeds, dataset, sub, progress)
-        rec = run_arms(chapter, arm, arms, mcfg, seeds, out_dir=sub, progress=progress, dataset=dataset,
-                       same_time_for=arm, arm_configs=arm_configs)
-        memory = step_memory(arms, arm_configs, mcfg, dataset, seeds[0])
-        rec["step_memory"] = memory
+        rec = run_arms(chapter, arm, method_arms(name), mcfg, seeds, out_dir=sub, progress=progress,
+                       dataset=dataset, same_time_for=arm)
         if sub:          # arms.json, not result.json: the chapters' own record finders must not pick it up
             write_json(rec, sub / "arms.json")
-        rows[name] = summarise(name, rec, memory, one_off_s, info)
+        rows[name] = summarise(name, rec)
         sub_records[name] = {"config": mcfg, "dataset": rec["dataset"]}
     first = sub_records[names[0]]["dataset"]
     return {"chapter": "compare", "method": "compare", "preset": cfg["preset"], "seed": seeds[0],
@@ -170,7 +124,7 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
             "provenance": provenance(pick_device(cfg["device"]))}
 
 
-def summarise(name: str, rec: dict, memory: dict, one_off_s: float, info: dict) -> dict:
+def summarise(name: str, rec: dict) -> dict:
     """One row of the table from a method's run_arms record."""
     from ..results import seed_stats
 
@@ -179,22 +133,23 @@ def summarise(name: str, rec: dict, memory: dict, one_off_s: float, info: dict) 
     delta = seed_stats([m - n for m, n in zip(a["test_acc"]["per_seed"], b["test_acc"]["per_seed"])])
     delta_same = seed_stats([m - n for m, n in zip(a["test_acc"]["per_seed"], s["test_acc"]["per_seed"])])
     cfg = rec["config"]
+    one_off = a["one_off_seconds"]["mean"]
     return {
         "method": name, "chapter": chapter, "arm": arm, "model": cfg["model"],
         "depth": cfg["depth"], "width": cfg["width"],
         "noise": f"{cfg['noise.kind']} {cfg['noise.rate']:.0%}" if cfg["noise.kind"] != "none" else "none",
         "test_acc": a["test_acc"], "baseline_acc": b["test_acc"], "same_time_acc": s["test_acc"],
         "delta": delta, "delta_same_time": delta_same,
-        "steps": a["steps"], "same_time_steps": s["steps"],
+        "steps": a["steps"], "same_time_steps": s["steps"], "same_time_steps_per_seed": s["steps_per_seed"],
         "same_time_stopped_early": s["stopped_early"],
         "seconds_per_step": a["seconds_per_step"], "baseline_seconds_per_step": b["seconds_per_step"],
         "step_cost_ratio": a["step_cost_ratio"],
         "train_seconds": a["train_seconds"]["mean"], "baseline_train_seconds": b["train_seconds"]["mean"],
-        "one_off_seconds": one_off_s,
-        "total_time_ratio": (a["train_seconds"]["mean"] + one_off_s) / b["train_seconds"]["mean"],
-        "memory_bytes": memory["bytes"][arm], "baseline_memory_bytes": memory["bytes"]["baseline"],
-        "memory_ratio": memory["bytes"][arm] / max(memory["bytes"]["baseline"], 1),
-        "memory_kind": memory["kind"], **info,
+        "one_off_seconds": one_off,
+        "total_time_ratio": (a["train_seconds"]["mean"] + one_off) / b["train_seconds"]["mean"],
+        "memory_bytes": a["peak_memory_bytes"], "baseline_memory_bytes": b["peak_memory_bytes"],
+        "memory_ratio": a["peak_memory_bytes"] / max(b["peak_memory_bytes"], 1),
+        "memory_kind": a["peak_memory_kind"],
     }
 
 
