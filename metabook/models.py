@@ -44,8 +44,8 @@ class DeepCNN(nn.Module):
     8 pixels), global average pooling and a linear classifier.
 
     skips=False: a plain stack, the net that gets hard to train as it deepens.
-    skips=True: the same layers with an identity shortcut around every pair of same-shape layers
-    (ResNet-style), the reference that trains at any depth.
+    skips=True: the same layers with an identity shortcut around every second layer of a stage
+    (z_2 = h_2(z_1) + z_1, z_4 = h_4(z_3) + z_3, ...), the reference that trains at any depth.
     """
 
     def __init__(self, depth: int = 8, width: int = 16, num_classes: int = 10,
@@ -66,17 +66,20 @@ class DeepCNN(nn.Module):
         self.skips = skips
         self.head = nn.Linear(c_in, num_classes)
 
-    def features(self, x) -> list[torch.Tensor]:
-        """The output of every block, (B, C_l, H_l, W_l) for l = 1..depth."""
+    def features(self, x, detach: bool = False) -> list[torch.Tensor]:
+        """The output of every block, (B, C_l, H_l, W_l) for l = 1..depth. detach=True cuts the graph
+        at every block's input but the first (same values; chapter 3's detached local losses)."""
         feats, pair_input = [], None
         for i, block in enumerate(self.blocks):
             if self.pool_before[i]:
                 x = F.max_pool2d(x, 2)
                 pair_input = None
+            if detach and i > 0:
+                x = x.detach()
             out = block(x)
             if self.skips:
                 if pair_input is not None and pair_input.shape == out.shape:
-                    out = out + pair_input            # shortcut around the last two layers
+                    out = out + pair_input            # shortcut around this one layer
                     pair_input = None
                 elif pair_input is None:
                     pair_input = out

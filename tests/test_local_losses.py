@@ -8,13 +8,13 @@ from torch.func import functional_call
 from helpers import Killed, kill_at
 from metabook import chapter_config
 from metabook.config import ConfigError
-from metabook.data import make_synthetic
+from metabook.data import Batch, make_synthetic
 from metabook.meta import forward, lookahead_params, model_params
 from metabook.methods.local_losses import (Balancer, LocalLosses, LocalNet, balancer_meta_gradient,
                                            fold_of_examples, layer_losses, layer_weight_meta_gradient,
                                            parse_arms)
 from metabook.models import DeepCNN
-from metabook.train import make_model, prepare_data, seed_everything, train
+from metabook.train import Context, make_model, prepare_data, seed_everything, train
 
 TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "test_size": 100, "batch_size": 32,
         "width": 4, "depth": 4, "epochs": 1.0, "ll.dropout": 0.0, "ll.cv_folds": 0}
@@ -172,9 +172,16 @@ def make_method(synthetic, overrides, cls=LocalLosses):
     return cfg, data, model, method
 
 
+def context(model, data, cfg, seed=0):
+    """The Context that train() gives a method, for driving its steps by hand."""
+    spe = len(data.train)
+    return Context(model, data.streams(), round(cfg["epochs"] * spe), spe, data.dataset.num_classes,
+                   len(data.train.y), seed)
+
+
 def test_dropout_drops_the_expected_fraction_and_a_dropped_loss_moves_nothing(synthetic):
     cfg, data, model, method = make_method(synthetic, {"ll.dropout": 0.3, "depth": 6})
-    method.setup(model, data, cfg)
+    method.setup(context(model, data, cfg))
     torch.manual_seed(0)
     masks = torch.stack([method.draw_mask() for _ in range(2000)])        # (2000, K=5)
     assert masks.shape == (2000, 5) and set(masks.unique().tolist()) == {0.0, 1.0}
@@ -183,12 +190,12 @@ def test_dropout_drops_the_expected_fraction_and_a_dropped_loss_moves_nothing(sy
     for weights in ("meta_net", "equal", "free"):
         cfg, data, model, method = make_method(synthetic, {"ll.weights": weights, "depth": 6, "momentum": 0.0,
                                                            "weight_decay": 0.0})
-        method.setup(model, data, cfg)
+        method.setup(context(model, data, cfg))
         method.draw_mask = lambda: torch.tensor([1.0, 1.0, 0.0, 1.0, 1.0])
         before = [p.detach().clone() for p in method.net.heads.parameters()]
-        batch = next(data.train.epoch(0))
-        meta = next(data.meta.epoch(0))
-        method.step(batch, meta, 0.1)
+        streams = data.streams()
+        metrics = method.step(streams.batch("train", 0), streams.batch("meta", 0), 0.1)
+        assert all(torch.is_tensor(v) and not v.requires_grad for v in metrics.values()), metrics
         moved = [not torch.equal(a, b) for a, b in zip(before, method.net.heads.parameters())]
         assert moved[4:6] == [False, False], weights                  # head 3's weight and bias
         if weights != "free":                                          # (free weights may be 0 by themselves)
@@ -227,35 +234,54 @@ class HarmfulLayer(LocalLosses):
         return torch.stack([-F.cross_entropy(o, y) if l == 1 else F.cross_entropy(o, y) for l, o in enumerate(outs)])
 
 
-class TinyImages:
-    """3 classes of 8x8 colour patterns plus noise, enough for the method's setup (no CV loop)."""
-
-    def __init__(self, n_train=240, n_meta=60, seed=0):
-        g = torch.Generator().manual_seed(seed)
-        patterns = torch.randn(3, 3, 8, 8, generator=g)
-        self.y, self.ym = torch.arange(n_train) % 3, torch.arange(n_meta) % 3
-        self.x = patterns[self.y] + 1.5 * torch.randn(n_train, 3, 8, 8, generator=g)
-        self.xm = patterns[self.ym] + 1.5 * torch.randn(n_meta, 3, 8, 8, generator=g)
-        self.dataset = type("D", (), {"num_classes": 3})()
-        self.train = [None] * (n_train // 40)                       # len() = steps per epoch
-        self.meta = type("M", (), {"batch_size": n_meta})()
+def tiny_images(n_train=240, n_meta=60, seed=0):
+    """3 classes of 8x8 colour patterns plus noise: (x, y) to train on, (xm, ym) a meta batch."""
+    g = torch.Generator().manual_seed(seed)
+    patterns = torch.randn(3, 3, 8, 8, generator=g)
+    y, ym = torch.arange(n_train) % 3, torch.arange(n_meta) % 3
+    return (patterns[y] + 1.5 * torch.randn(n_train, 3, 8, 8, generator=g), y,
+            patterns[ym] + 1.5 * torch.randn(n_meta, 3, 8, 8, generator=g), ym)
 
 
-def weight_trace(cls, weights, epochs=10, seed=0):
-    from metabook.data import Batch
+def toy_method(cls, weights, epochs, seed=0, **overrides):
+    """The method on a depth-4 DeepCNN for 8x8 images, driven by hand (no streams: no CV loop)."""
     cfg = chapter_config("local_losses", "smoke", {"ll.weights": weights, "ll.meta_lr": 0.005, "ll.dropout": 0.0,
-                                                   "ll.cv_folds": 0, "epochs": float(epochs), "lr": 0.05})
-    data = TinyImages(seed=seed)
+                                                   "ll.cv_folds": 0, "epochs": float(epochs), "lr": 0.05,
+                                                   **overrides})
     torch.manual_seed(seed)
     model = DeepCNN(depth=4, width=4, num_classes=3)
     method = cls(cfg)
-    method.setup(model, data, cfg)
-    meta = Batch(data.xm, data.ym, torch.arange(len(data.ym)))
+    method.setup(Context(model, None, total_steps=6 * epochs, steps_per_epoch=6, num_classes=3, num_train=240))
+    return method
+
+
+def weight_trace(cls, weights, epochs=10, seed=0):
+    x, y, xm, ym = tiny_images(seed=seed)
+    method = toy_method(cls, weights, epochs, seed)
+    meta = Batch(xm, ym, torch.arange(len(ym)))
     for epoch in range(epochs):
-        for b in torch.randperm(len(data.y)).split(40):
-            method.step(Batch(data.x[b], data.y[b], b), meta, 0.05)
-    trace = torch.tensor(method.extras()["trace"]["weights"])          # (rows, K=3)
+        for b in torch.randperm(len(y)).split(40):
+            method.step(Batch(x[b], y[b], b), meta, 0.05)
+    trace = torch.tensor(method.extras(None)["trace"]["weights"])      # (rows, K=3)
     return trace[len(trace) // 2:].mean(0)                               # mean over the second half
+
+
+def test_weight_trace_rows_are_window_means_and_diagnostics_close_the_open_window():
+    x, y, xm, ym = tiny_images()
+    method = toy_method(LocalLosses, "equal", epochs=50, **{"ll.dropout": 0.5})    # 300 steps: windows of 3
+    masks, draw = [], method.draw_mask
+    method.draw_mask = lambda: masks.append(draw()) or masks[-1]
+    meta = Batch(xm, ym, torch.arange(len(ym)))
+    for s in range(4):
+        method.step(Batch(x[40 * s:40 * s + 40], y[40 * s:40 * s + 40], torch.arange(40 * s, 40 * s + 40)), meta, 0.05)
+    assert method.trace["step"] == [] and len(method.rows) == 1             # nothing read out in step()
+    diag = method.diagnostics(None)
+    trace = method.trace
+    assert trace["step"] == [3, 4] and trace["epoch"] == [0.5, 4 / 6]        # the open window closed at 4
+    kept = torch.stack(masks).mean(1)
+    assert trace["kept"] == pytest.approx([kept[:3].mean().item(), kept[3].item()], abs=1e-6)
+    assert trace["weights"] == [[1.0] * 3] * 2 and diag["kept"] == trace["kept"][-1]
+    assert method.diagnostics(None) == diag and len(trace["step"]) == 2      # no new step: no new row
 
 
 def test_meta_learned_weight_of_a_harmful_local_loss_goes_to_zero():
@@ -289,7 +315,8 @@ def test_killed_run_resumes_bitwise(synthetic, tmp_path):
         assert torch.equal(a, b)
     for a, b in zip(method_a.balancer.parameters(), method_b.balancer.parameters()):
         assert torch.equal(a, b)
-    assert method_a.extras() == method_b.extras()
+    assert method_a.extras(None) == method_b.extras(None)
+    assert resumed["history"] == [{**r, "elapsed_s": s["elapsed_s"]} for r, s in zip(full["history"], resumed["history"])]
 
 
 def test_bad_config_values_name_the_valid_choices():
@@ -317,7 +344,7 @@ def test_chapter_run_records_all_arms_weight_traces_and_cost(synthetic, tmp_path
     assert rec["method"] == "meta" and rec["reference_arm"] == "baseline"
     # the ratio itself is timing (noisy over 8 tiny steps on a shared machine): check what it is
     arms = rec["arms"]
-    assert rec["cost"]["step_cost_ratio"] == arms["meta"]["seconds_per_step"] / arms["baseline"]["seconds_per_step"] > 0
+    assert rec["cost"]["step_cost_ratio"] == arms["meta"]["seconds_per_step"] / arms["baseline"]["seconds_per_step"]
     assert arms["baseline_same_time"]["train_seconds"]["mean"] <= arms["meta"]["train_seconds"]["mean"] + 1.0
     assert rec["arm_configs"]["skips"] == {"model": "res_cnn"}
     assert set(rec["meta_gap"]) == set(rec["arms"])

@@ -82,7 +82,8 @@ from ..config import ConfigError
 from ..data import Batch
 from ..meta import forward, lookahead_params, model_params
 from ..models import DeepCNN
-from .baseline import Baseline, make_optimizer, set_lr
+from ..train import Arm, Context
+from .baseline import Baseline, set_lr
 
 # ----------------------------------------------------------------------------- heads and the net
 
@@ -102,7 +103,8 @@ class LocalHead(nn.Module):
 class LocalNet(nn.Module):
     """A plain DeepCNN (`body`, the loop's model: evaluation and checkpoints see only it) with a
     LocalHead on each of its first K = L-1 blocks. forward(x, detach) -> list of L logits
-    (B, classes): the K local heads, then the body's own classifier (the global output)."""
+    (B, classes): the K local heads on body.features(x, detach), then the body's own classifier
+    (the global output)."""
 
     def __init__(self, body: nn.Module, num_classes: int, pool: int = 2):
         super().__init__()
@@ -113,18 +115,8 @@ class LocalNet(nn.Module):
         self.heads = nn.ModuleList(LocalHead(c, num_classes, pool) for c in body.channels[:-1])
 
     def forward(self, x, detach: bool = False) -> list[torch.Tensor]:
-        # the block loop of DeepCNN.features (plain case), with an optional detach of each block's input
-        outs, body = [], self.body
-        for i, block in enumerate(body.blocks):
-            if body.pool_before[i]:
-                x = F.max_pool2d(x, 2)
-            if detach and i > 0:
-                x = x.detach()
-            x = block(x)
-            if i < len(self.heads):
-                outs.append(self.heads[i](x))
-        outs.append(body.head(x.mean(dim=(2, 3))))
-        return outs
+        feats = self.body.features(x, detach=detach)
+        return [head(z) for head, z in zip(self.heads, feats)] + [self.body.head(feats[-1].mean(dim=(2, 3)))]
 
 
 def layer_losses(outs: list[torch.Tensor], y: torch.Tensor) -> torch.Tensor:
@@ -152,7 +144,7 @@ def layer_weight_meta_gradient(net: LocalNet, losses, x, y, x_meta, y_meta, lam,
     Returns (g (K,), grads, info): `grads` is grad [L_G + sum_l mask_l lam_l L_l] for every
     parameter of `net` (a list in net_params order): the real step can use
     it when it keeps these lam (retain_graph=True keeps the forward's graph for another backward);
-    info has meta_loss and meta_acc (the global loss and accuracy on the meta batch at theta').
+    info has meta_loss and meta_acc (global loss and accuracy on the meta batch at theta', tensors).
     """
     inner = losses[-1] + (mask * lam * losses[:-1]).sum()
     params = model_params(net.body)                    # the virtual step moves only the body
@@ -163,7 +155,7 @@ def layer_weight_meta_gradient(net: LocalNet, losses, x, y, x_meta, y_meta, lam,
     v = torch.autograd.grad(meta, list(fast.values()))
     d = directional_derivative(net, params, v, x, y, losses[:-1].detach(), detach=detach, mode=mode,
                                fd_eps=fd_eps, loss_fn=loss_fn)                      # <v, grad L_l>
-    info = {"meta_loss": meta.item(), "meta_acc": (logits.argmax(1) == y_meta).float().mean().item()}
+    info = {"meta_loss": meta.detach(), "meta_acc": (logits.argmax(1) == y_meta).float().mean()}
     return -lr * mask * d, grads, info
 
 
@@ -212,7 +204,7 @@ def free_weights(g: torch.Tensor) -> torch.Tensor:
     (all zero when no local loss would lower the meta loss this step)."""
     w = torch.clamp(-g, min=0)
     total = w.sum()
-    return w * (len(w) / total) if total > 0 else w
+    return torch.where(total > 0, w * (len(w) / total), w)      # no host sync for the test
 
 
 # ----------------------------------------------------------------------------- the balancer network
@@ -271,16 +263,18 @@ def fold_of_examples(n: int, folds: int, seed: int) -> torch.Tensor:
 TRACE_ROWS = 100        # the weight trace keeps at most about this many rows (means over windows of steps)
 
 
-class LocalLosses:
+class LocalLosses(Baseline):
     """Local losses on a plain DeepCNN, weighted by `ll.weights` (meta_net | free | equal).
 
-    State: the optimiser (body + heads), the heads, the balancer and its Adam, the step count, the
-    loss EMA / previous losses (balancer features) and the weight trace (for extras()).
+    State: the optimiser (the baseline's, plus the heads), the heads, the balancer and its Adam,
+    the step count, the loss EMA / previous losses (balancer features) and the weight trace (means
+    over windows of steps, summed on the device by step(), read out by diagnostics() and extras()).
     """
 
     name = "local_losses"
 
     def __init__(self, cfg: dict):
+        super().__init__(cfg)
         self.weights, self.detach, self.mode = cfg["ll.weights"], cfg["ll.detach"], cfg["ll.mode"]
         self.p, self.meta_lr, self.hidden = cfg["ll.dropout"], cfg["ll.meta_lr"], cfg["ll.hidden"]
         self.ema_decay, self.pool = cfg["ll.ema"], cfg["ll.head_pool"]
@@ -292,26 +286,24 @@ class LocalLosses:
 
     loss_fn = staticmethod(layer_losses)      # (outs, y) -> (L,); a test swaps it to corrupt one layer
 
-    def setup(self, model, data, cfg):
-        param = next(model.parameters())
-        self.num_classes = data.dataset.num_classes
-        self.net = LocalNet(model, self.num_classes, self.pool).to(device=param.device, dtype=param.dtype)
-        if cfg["channels_last"]:
-            self.net.heads.to(memory_format=torch.channels_last)
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)                             # self.model, self.opt (the body's)
+        param = next(ctx.model.parameters())
+        self.num_classes = ctx.num_classes
+        self.net = LocalNet(ctx.model, ctx.num_classes, self.pool).to(device=param.device, dtype=param.dtype)
+        self.opt.add_param_group({"params": list(self.net.heads.parameters())})
         self.k = len(self.net.heads)
-        self.opt = make_optimizer(self.net, cfg)
         self.balancer = Balancer(self.hidden).to(device=param.device, dtype=param.dtype)
         self.meta_opt = torch.optim.Adam(self.balancer.parameters(), lr=self.meta_lr)
-        self.spe = len(data.train)
-        self.window = max(1, math.ceil(cfg["epochs"] * self.spe) // TRACE_ROWS)
-        self.train_loader, self.meta_batch_size = data.train, data.meta.batch_size
+        self.spe, self.window = ctx.steps_per_epoch, max(1, ctx.total_steps // TRACE_ROWS)
         if self.cv:
-            self.fold = fold_of_examples(len(data.train.y), self.cv, data.train.seed).to(data.train.y.device)
+            self.fold = fold_of_examples(ctx.num_train, self.cv, ctx.seed).to(param.device)
             self.members = [torch.nonzero(self.fold == f).flatten() for f in range(self.cv)]
             self.cv_steps = max(1, round(self.cv_every * self.spe))
         self.t = 0
         self.ema = self.prev = None
-        self.sums = {"weights": torch.zeros(self.k), "kept": 0.0, "meta_acc": 0.0, "meta_loss": 0.0, "n": 0}
+        self.sums = torch.zeros(self.k + 3, device=param.device, dtype=param.dtype)  # lambda (K), kept, meta acc, loss
+        self.n, self.rows = 0, []          # steps in the open window; closed windows not yet read out
         self.trace = {"step": [], "epoch": [], "weights": [], "kept": [], "meta_acc": [], "meta_loss": []}
         self.last_train_idx = self.last_meta_idx = None      # for inspection (tests)
 
@@ -330,10 +322,9 @@ class LocalLosses:
         """The meta batch of step t in the CV loop: examples of the held-out fold, drawn without
         replacement by a generator seeded with (run seed, t), not augmented."""
         pool = self.members[self.held_out_fold(t)]
-        g = torch.Generator().manual_seed(2**40 + 1_000_003 * self.train_loader.seed + t)
-        idx = pool[torch.randperm(len(pool), generator=g)[:self.meta_batch_size].to(pool.device)]
-        loader = self.train_loader
-        return Batch(loader.normalise(loader.x[idx]), loader.y[idx], idx)
+        g = torch.Generator().manual_seed(2**40 + 1_000_003 * self.ctx.seed + t)
+        idx = pool[torch.randperm(len(pool), generator=g)[:self.ctx.streams.batch_size("meta")].to(pool.device)]
+        return self.ctx.streams.take("train", idx)
 
     def step(self, batch: Batch, meta_batch: Batch | None, lr: float) -> dict:
         set_lr(self.opt, lr)
@@ -348,7 +339,7 @@ class LocalLosses:
         outs = self.net(x, detach=self.detach)        # the one real forward (BatchNorm stats update here)
         losses = self.loss_fn(outs, y)                 # (L,): L_1..L_K, L_G
         kw = dict(detach=self.detach, mode=self.mode, loss_fn=self.loss_fn)
-        info, extra = {"meta_loss": 0.0, "meta_acc": 0.0}, {}
+        info, extra = dict.fromkeys(("meta_loss", "meta_acc"), losses.new_zeros(())), {}
         if self.weights == "equal":
             lam = torch.ones_like(mask)
             self.opt.zero_grad(set_to_none=True)
@@ -360,7 +351,7 @@ class LocalLosses:
             lam = free_weights(g)
             self.opt.zero_grad(set_to_none=True)
             (losses[-1] + (mask * lam * losses[:-1]).sum()).backward()
-            extra["meta_grad_norm"] = g.norm().item()
+            extra["meta_grad_norm"] = g.norm()
         else:                                          # meta_net: lambda_t = g_phi_t(s_t)
             feats = self.features(losses[:-1].detach())
             phi_grads, lam, g, grads, info = balancer_meta_gradient(
@@ -370,12 +361,12 @@ class LocalLosses:
             for p, gp in zip(self.balancer.parameters(), phi_grads):
                 p.grad = gp
             self.meta_opt.step()                       # phi_t -> phi_{t+1}, used from the next step
-            extra["meta_grad_norm"] = g.norm().item()
+            extra["meta_grad_norm"] = g.norm()
         self.opt.step()
-        self._update_state(losses[:-1].detach(), lam, mask, info)
-        acc = (outs[-1].argmax(1) == y).float().mean().item()
-        return {"loss": losses[-1].item(), "acc": acc, **info, **extra,
-                "w_min": lam.min().item(), "w_max": lam.max().item()}
+        self.update_state(losses[:-1].detach(), lam.detach(), mask, info)
+        acc = (outs[-1].argmax(1) == y).float().mean()
+        return {"loss": losses[-1].detach(), "acc": acc, **info, **extra, "w_min": lam.min().detach(),
+                "w_max": lam.max().detach()}
 
     def features(self, local_losses) -> torch.Tensor:
         """The balancer's input (K, 4) from this step's local losses at theta (K,), detached."""
@@ -383,39 +374,47 @@ class LocalLosses:
         prev = local_losses if self.prev is None else self.prev
         return layer_features(local_losses, ema, prev, self.num_classes)
 
-    def _update_state(self, local_losses, lam, mask, info) -> None:
-        """EMA and previous losses (balancer features), the weight trace, the step count."""
+    def update_state(self, local_losses, lam, mask, info) -> None:
+        """EMA and previous losses (balancer features), the trace's sums (on the device), the step count."""
         if self.ema is None:
             self.ema = local_losses.clone()
         self.ema = self.ema_decay * self.ema + (1 - self.ema_decay) * local_losses
         self.prev = local_losses.clone()
-        self.sums["weights"] += lam.detach().float().cpu()
-        self.sums["kept"] += mask.mean().item()
-        self.sums["meta_acc"] += info["meta_acc"]
-        self.sums["meta_loss"] += info["meta_loss"]
-        self.sums["n"] += 1
+        self.sums += torch.cat([lam, mask.mean()[None], info["meta_acc"][None], info["meta_loss"][None]])
+        self.n += 1
         self.t += 1
         if self.t % self.window == 0:
-            self._flush()
+            self.close_window()
 
-    def _flush(self) -> None:
-        n = self.sums["n"]
-        if not n:
-            return
-        self.trace["step"].append(self.t)
-        self.trace["epoch"].append(self.t / self.spe)
-        self.trace["weights"].append((self.sums["weights"] / n).tolist())
-        for key in ("kept", "meta_acc", "meta_loss"):
-            self.trace[key].append(self.sums[key] / n)
-        self.sums = {"weights": torch.zeros(self.k), "kept": 0.0, "meta_acc": 0.0, "meta_loss": 0.0, "n": 0}
+    def close_window(self) -> None:
+        """Keep the open window's means as a row (step, (K + 3,) on the device); open a new window."""
+        if self.n:
+            self.rows.append((self.t, self.sums / self.n))
+            self.sums, self.n = torch.zeros_like(self.sums), 0
 
-    # -- checkpoint, extras
+    def read_trace(self) -> dict:
+        """Close the open window and move the closed rows into the trace (one host copy)."""
+        self.close_window()
+        if self.rows:
+            steps, values = zip(*self.rows)
+            for t, row in zip(steps, torch.stack(values).tolist()):      # keys: step, epoch, weights, kept, meta_*
+                for key, v in zip(self.trace, (t, t / self.spe, row[:self.k], *row[self.k:])):
+                    self.trace[key].append(v)
+        self.rows = []
+        return self.trace
+
+    # -- diagnostics, checkpoint, extras
+    def diagnostics(self, streams) -> dict:
+        """At every evaluation: close the trace window; the last row's smallest and largest mean
+        weight and fraction of local losses kept."""
+        w, kept = self.read_trace()["weights"], self.trace["kept"]
+        return {"w_mean_min": min(w[-1]), "w_mean_max": max(w[-1]), "kept": kept[-1]} if w else {}
+
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "heads": self.net.heads.state_dict(),
                 "balancer": self.balancer.state_dict(), "meta_opt": self.meta_opt.state_dict(), "t": self.t,
-                "ema": self.ema, "prev": self.prev,
-                "sums": {k: (v.clone() if torch.is_tensor(v) else v) for k, v in self.sums.items()},
-                "trace": {k: list(v) for k, v in self.trace.items()}}
+                "ema": self.ema, "prev": self.prev, "sums": self.sums.clone(), "n": self.n,
+                "rows": list(self.rows), "trace": {k: list(v) for k, v in self.trace.items()}}
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
@@ -423,17 +422,16 @@ class LocalLosses:
         self.balancer.load_state_dict(state["balancer"])
         self.meta_opt.load_state_dict(state["meta_opt"])
         self.t, self.ema, self.prev = state["t"], state["ema"], state["prev"]
-        self.sums = dict(state["sums"])
+        self.sums, self.n, self.rows = state["sums"].clone(), state["n"], list(state["rows"])
         self.trace = {k: list(v) for k, v in state["trace"].items()}
 
-    def extras(self) -> dict:
+    def extras(self, streams) -> dict:
         """The per-layer weight trace: `weights` (rows, K), the mean lambda over windows of steps
         (before the dropout mask), at `epoch` (rows,); `kept` the fraction of local losses kept;
         `meta_acc` / `meta_loss` on the meta batches at theta' (the balancer's own objective)."""
-        self._flush()
         return {"layers": self.k, "depth_fraction": [(l + 1) / (self.k + 1) for l in range(self.k)],
                 "weights_mode": self.weights, "detach": self.detach, "cv_folds": self.cv,
-                "trace": {k: list(v) for k, v in self.trace.items()}}
+                "trace": {k: list(v) for k, v in self.read_trace().items()}}
 
 
 # ----------------------------------------------------------------------------- config and the chapter
@@ -453,18 +451,18 @@ DEFAULTS: dict = {
     "ll.arms": "baseline,skips,equal,free,meta,meta_nodrop,meta_nocv",
     "ll.same_time": True,        # also run the baseline for the `meta` arm's wall-clock
 }
-# Every arm: (method class, the config keys it changes). `meta` is the chapter's method.
+# Every arm: its method and the config keys it changes. `meta` is the chapter's method.
 ARMS: dict = {
-    "baseline": (Baseline, {}),                                       # end-to-end backprop, plain net
-    "skips": (Baseline, {"model": "res_cnn"}),                         # the same layers with skips
-    "equal": (LocalLosses, {"ll.weights": "equal", "ll.dropout": 0.0, "ll.cv_folds": 0}),
-    "free": (LocalLosses, {"ll.weights": "free"}),
-    "meta": (LocalLosses, {"ll.weights": "meta_net"}),
-    "meta_nodrop": (LocalLosses, {"ll.weights": "meta_net", "ll.dropout": 0.0}),
-    "meta_nocv": (LocalLosses, {"ll.weights": "meta_net", "ll.cv_folds": 0}),
-    "equal_detached": (LocalLosses, {"ll.weights": "equal", "ll.dropout": 0.0, "ll.cv_folds": 0,
-                                     "ll.detach": True}),
-    "meta_detached": (LocalLosses, {"ll.weights": "meta_net", "ll.detach": True, "ll.mode": "jvp"}),
+    "baseline": Arm(Baseline),                                        # end-to-end backprop, plain net
+    "skips": Arm(Baseline, {"model": "res_cnn"}),                      # the same layers with skips
+    "equal": Arm(LocalLosses, {"ll.weights": "equal", "ll.dropout": 0.0, "ll.cv_folds": 0}),
+    "free": Arm(LocalLosses, {"ll.weights": "free"}),
+    "meta": Arm(LocalLosses, {"ll.weights": "meta_net"}),
+    "meta_nodrop": Arm(LocalLosses, {"ll.weights": "meta_net", "ll.dropout": 0.0}),
+    "meta_nocv": Arm(LocalLosses, {"ll.weights": "meta_net", "ll.cv_folds": 0}),
+    "equal_detached": Arm(LocalLosses, {"ll.weights": "equal", "ll.dropout": 0.0, "ll.cv_folds": 0,
+                                        "ll.detach": True}),
+    "meta_detached": Arm(LocalLosses, {"ll.weights": "meta_net", "ll.detach": True, "ll.mode": "jvp"}),
 }
 PRESETS: dict = {
     # CI: 15 steps per arm on 2,000 images, a 6-layer plain net (5 local heads); about 26 s of CPU
@@ -499,10 +497,8 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     from ..train import run_arms
 
     names = parse_arms(cfg["ll.arms"])
-    arm_configs = {n: ARMS[n][1] for n in names}
-    record = run_arms("local_losses", "meta", {n: ARMS[n][0] for n in names}, cfg, seeds, out_dir=out_dir,
-                      progress=progress, dataset=dataset, arm_configs=arm_configs,
-                      same_time_for="meta" if cfg["ll.same_time"] else None)
-    record["arm_configs"] = arm_configs
+    record = run_arms("local_losses", "meta", {n: ARMS[n] for n in names}, cfg, seeds, out_dir=out_dir,
+                      progress=progress, dataset=dataset, same_time_for="meta" if cfg["ll.same_time"] else None)
+    record["arm_configs"] = {n: dict(ARMS[n].changes) for n in names}
     record["meta_gap"] = {n: a["val_acc"]["mean"] - a["test_acc"]["mean"] for n, a in record["arms"].items()}
     return record
