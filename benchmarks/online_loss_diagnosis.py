@@ -10,7 +10,7 @@ import torch, torch.nn.functional as F
 from metabook.methods import chapter_config
 from metabook.methods.online_loss import OnlineLoss, loss_curve, loss_value
 from metabook.meta import forward, model_params
-from metabook.train import prepare_data, make_model, seed_everything, lr_at, evaluate, _meta_batch_at
+from metabook.train import Context, prepare_data, make_model, seed_everything, lr_at, evaluate
 from metabook.data import load_dataset
 
 seed, nsteps, out = int(sys.argv[1]), int(sys.argv[2]), sys.argv[3]
@@ -25,8 +25,11 @@ seed_everything(seed)
 model = make_model(cfg, ds.num_classes, dev)
 method = OnlineLoss(cfg)
 spe = len(data.train); total = max(1, math.ceil(cfg["epochs"] * spe))
-method.setup(model, data, cfg)
+streams = data.streams()
+method.setup(Context(model, streams, total, spe, ds.num_classes, len(data.train.y), seed))
 seed_everything(seed)
+with torch.random.fork_rng():
+    method.prepare()   # the offline stage, as train() runs it (its own RNG), so we log phi_0
 model.train()
 C = ds.num_classes
 PT = torch.tensor([0.01, 0.1, 0.5, 0.9, 0.99])
@@ -44,12 +47,8 @@ def per_class_shape(net):
 f = open(out, "w")
 t0 = time.time()
 for step in range(nsteps):
-    epoch, b = divmod(step, spe)
-    batch = next(data.train.epoch(epoch, start=b))
-    mb = _meta_batch_at(data.meta, step)
+    batch, mb = streams.batch("train", step), streams.batch("meta", step)
     lr = lr_at(step, total, cfg)
-    if not method.initialised:
-        method._initialise()   # exactly what step() does first; done here so we log phi_0
     # ---- diagnostics at (theta_t, phi_t), same batch, no side effects
     params = model_params(model)
     logits = forward(model, {k: p.detach() for k, p in params.items()}, batch.x).detach().requires_grad_(True)
@@ -66,7 +65,7 @@ for step in range(nsteps):
         logit_scale = logits.std(1).mean().item()
     phi_before = torch.cat([q.detach().flatten() for q in method.loss_net.parameters()]).clone()
     theta_before = torch.cat([q.detach().flatten() for q in model.parameters()]).clone()
-    m = method.step(batch, mb, lr)
+    m = {k: float(v) for k, v in method.step(batch, mb, lr).items()}
     with torch.no_grad():
         phi_after = torch.cat([q.detach().flatten() for q in method.loss_net.parameters()])
         metag = torch.cat([q.grad.flatten() for q in method.loss_net.parameters()])

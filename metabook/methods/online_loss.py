@@ -50,12 +50,13 @@ What is the paper's and what is ours (methods.md section 4; [V] = read in the pa
 
 Methods for the loop: `OnlineLoss` (offline init, then online updates: AdaLFL) and
 `OfflineLoss` (the same offline init, then frozen: the short-horizon ML^3 baseline the paper
-argues against). Cross-entropy is `Baseline`. The offline initialisation runs inside the first
-call to `step` (so a resumed run does not redo it, and its time counts in the run's wall-clock).
+argues against). Cross-entropy is `Baseline`. The offline initialisation is their `prepare()`
+(timed as the run's one_off_seconds, checkpointed, never redone on resume).
 """
 from __future__ import annotations
 
 import copy
+import itertools
 import math
 import time
 
@@ -65,8 +66,8 @@ import torch.nn.functional as F
 
 from ..data import Batch
 from ..meta import Params, forward, lookahead_params, model_params
-from ..train import NonFiniteError, lr_at
-from .baseline import Baseline, make_optimizer, set_lr
+from ..train import Arm, NonFiniteError, lr_at
+from .baseline import Baseline, set_lr
 
 # ----------------------------------------------------------------------------- the loss network
 
@@ -119,11 +120,6 @@ class LossNet(nn.Module):
         w1 = torch.stack([first.weight[:, 0].abs(), first.weight[:, 1]], dim=1)
         h = act2(F.linear(act1(F.linear(h, w1, first.bias)), second.weight.abs(), second.bias))
         return F.softplus(F.linear(h, last.weight.abs(), last.bias)).squeeze(-1)
-
-
-def make_loss_net(cfg: dict) -> LossNet:
-    return LossNet(cfg["lfl.hidden"], cfg["lfl.activation"], cfg["lfl.beta"], cfg["lfl.leak"],
-                   cfg["lfl.monotone"])
 
 
 def loss_of_probs(loss_net: nn.Module, probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
@@ -185,9 +181,10 @@ def online_meta_step(model: nn.Module, loss_net: nn.Module, x, y, x_meta, y_meta
     (g_theta, g_phi, info): g_theta, one detached tensor per model parameter, is grad_theta
     M_phi on the batch (for the real step); g_phi, one tensor per loss-net parameter, is the
     gradient of cross-entropy on the meta batch after the virtual step theta' = theta - lr g_theta.
-    info: `loss` (M_phi of the batch), `ce` (cross-entropy of the batch), `meta_loss` (at theta'),
-    `grad_ratio` = ||dM/dlogits|| / ||dCE/dlogits|| on the batch (the learned loss's implicit
-    learning-rate scale). The forward on x is the real one: BatchNorm running stats update once.
+    info, detached 0-d tensors: `loss` (M_phi of the batch), `ce` (cross-entropy of the batch),
+    `meta_loss` (at theta'), `grad_ratio` = ||dM/dlogits|| / ||dCE/dlogits|| on the batch (the
+    learned loss's implicit learning-rate scale), `acc`. The forward on x is the real one:
+    BatchNorm running stats update once.
     """
     params = model_params(model)
     logits = model(x)                                                                # (B, C)
@@ -196,11 +193,11 @@ def online_meta_step(model: nn.Module, loss_net: nn.Module, x, y, x_meta, y_meta
     fast = lookahead_params(params, g_theta, lr)                                     # theta'(phi)
     meta = F.cross_entropy(forward(model, fast, x_meta), y_meta)
     g_phi = torch.autograd.grad(meta, list(loss_net.parameters()))
-    with torch.no_grad():
+    with torch.no_grad():           # 0-d tensors: no host sync
         ce_grad = (logits.softmax(1) - F.one_hot(y, logits.shape[1]).to(logits.dtype)) / len(y)
-        info = {"loss": inner.item(), "ce": F.cross_entropy(logits, y).item(), "meta_loss": meta.item(),
-                "grad_ratio": (g_logits.norm() / ce_grad.norm().clamp_min(1e-12)).item(),
-                "acc": (logits.argmax(1) == y).float().mean().item()}
+        info = {"loss": inner.detach(), "ce": F.cross_entropy(logits, y), "meta_loss": meta.detach(),
+                "grad_ratio": g_logits.norm() / ce_grad.norm().clamp_min(1e-12),
+                "acc": (logits.argmax(1) == y).float().mean()}
     return [g.detach() for g in g_theta], list(g_phi), info
 
 
@@ -256,68 +253,54 @@ def offline_init(model: nn.Module, loss_net: nn.Module, train_batches, meta_batc
 
 # ----------------------------------------------------------------------------- methods for the loop
 
-OFFLINE_EPOCH = 1_000_000      # the offline init draws its batches from these epochs' shuffles
-
-
-class OfflineLoss:
-    """ML^3-style: offline initialisation of the loss network, then train on it frozen.
-
-    State: the base optimiser, the loss net, the online Adam (unused by this class), whether the
-    offline init ran, its meta-loss trace and time, and snapshots of the learned loss curve.
-    """
+class OfflineLoss(Baseline):
+    """ML^3-style: the offline initialisation of the loss network (prepare), then plain steps on
+    it, frozen. State: the base optimiser, the loss net, the online Adam (unused by this class),
+    the offline stage's meta-loss trace and seconds, and the learned loss curve at every
+    evaluation (`snapshots`, taken in diagnostics)."""
 
     name = "offline_loss"
-    uses_meta = True
+    uses_meta = True       # its offline stage needs the meta split (run_arms checks meta_size early)
 
     def __init__(self, cfg: dict):
-        self.meta_lr, self.snapshot_every = cfg["lfl.meta_lr"], cfg["lfl.snapshot_every"]
+        super().__init__(cfg)
+        self.net_args = (cfg["lfl.hidden"], cfg["lfl.activation"], cfg["lfl.beta"], cfg["lfl.leak"],
+                         cfg["lfl.monotone"])
+        self.meta_lr, self.init = cfg["lfl.meta_lr"], cfg["lfl.init"]
         self.offline = dict(steps=cfg["lfl.offline_steps"], horizon=cfg["lfl.offline_horizon"],
                             lr=cfg["lfl.offline_lr"] or lr_at(0, 1, cfg), meta_lr=cfg["lfl.offline_meta_lr"])
-        self.init = cfg["lfl.init"]
 
-    def setup(self, model, data, cfg):
-        param = next(model.parameters())
-        self.model, self.data, self.opt = model, data, make_optimizer(model, cfg)
-        self.loss_net = make_loss_net(cfg).to(device=param.device, dtype=param.dtype)
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        param = next(ctx.model.parameters())
+        self.loss_net = LossNet(*self.net_args).to(device=param.device, dtype=param.dtype)
         self.meta_opt = torch.optim.Adam(self.loss_net.parameters(), lr=self.meta_lr)
-        self.num_classes = data.dataset.num_classes
-        self.snap_steps = max(1, round(self.snapshot_every * len(data.train)))
-        self.steps_per_epoch = len(data.train)
-        self.init_seed = int(torch.randint(0, 2**31 - 1, ()).item())   # fixed by the run's seed
-        self.initialised, self.steps = False, 0
-        self.offline_trace, self.offline_seconds, self.snapshots = [], 0.0, []
+        self.steps, self.offline_trace, self.offline_seconds, self.snapshots = 0, [], 0.0, []
 
-    # -- the offline stage, run once, inside the first step
-    def _initialise(self):
+    def prepare(self) -> None:
+        """The offline stage (ML^3, after an optional fit to cross-entropy), on the streams
+        'offline' (training split) and 'offline_meta' (meta split); then the first snapshot."""
         t0 = time.perf_counter()
-        device = next(self.model.parameters()).device
-        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            torch.manual_seed(self.init_seed)
-            if self.init == "cross_entropy":
-                fit_to_cross_entropy(self.loss_net, seed=self.init_seed)
-            self.offline_trace = offline_init(
-                self.model, self.loss_net, self.data.train.forever(OFFLINE_EPOCH),
-                self.data.meta.forever(OFFLINE_EPOCH), **self.offline)
+        streams = self.ctx.streams
+        if self.init == "cross_entropy":
+            fit_to_cross_entropy(self.loss_net, seed=self.ctx.seed)
+        self.offline_trace = offline_init(
+            self.model, self.loss_net, (streams.batch("offline", i) for i in itertools.count()),
+            (streams.batch("offline_meta", i, split="meta") for i in itertools.count()), **self.offline)
         self.offline_seconds = time.perf_counter() - t0
-        self.initialised = True
-        self._snapshot()
+        self.snapshot()
 
-    def _snapshot(self):
-        curve = loss_curve(self.loss_net, self.num_classes)
-        self.snapshots.append({"step": self.steps, "epoch": self.steps / self.steps_per_epoch,
-                               "loss": curve.tolist()})
+    def snapshot(self) -> None:
+        """Append the learned loss curve (loss_curve) at the current step."""
+        self.snapshots.append({"step": self.steps, "epoch": self.steps / self.ctx.steps_per_epoch,
+                               "loss": loss_curve(self.loss_net, self.ctx.num_classes).tolist()})
 
     def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
-        if not self.initialised:
-            self._initialise()
         set_lr(self.opt, lr)
-        metrics = self._update(batch, meta_batch, lr)
         self.steps += 1
-        if self.steps % self.snap_steps == 0:
-            self._snapshot()
-        return metrics
+        return self.update(batch, meta_batch, lr)
 
-    def _update(self, batch, meta_batch, lr) -> dict:
+    def update(self, batch, meta_batch, lr) -> dict:
         """Frozen loss: a plain step on M_phi. `loss` is cross-entropy (comparable across arms)."""
         logits = self.model(batch.x)
         learned = loss_value(self.loss_net, logits, batch.y)
@@ -325,29 +308,32 @@ class OfflineLoss:
         learned.backward(inputs=list(self.model.parameters()))
         self.opt.step()
         with torch.no_grad():
-            return {"loss": F.cross_entropy(logits, batch.y).item(), "learned_loss": learned.item(),
-                    "acc": (logits.argmax(1) == batch.y).float().mean().item()}
+            return {"loss": F.cross_entropy(logits, batch.y), "learned_loss": learned.detach(),
+                    "acc": (logits.argmax(1) == batch.y).float().mean()}
+
+    def diagnostics(self, streams) -> dict:
+        self.snapshot()
+        return {}
 
     def state_dict(self) -> dict:
         return {"opt": self.opt.state_dict(), "loss_net": self.loss_net.state_dict(),
-                "meta_opt": self.meta_opt.state_dict(), "initialised": self.initialised,
-                "init_seed": self.init_seed, "steps": self.steps, "offline_trace": list(self.offline_trace),
-                "offline_seconds": self.offline_seconds, "snapshots": list(self.snapshots)}
+                "meta_opt": self.meta_opt.state_dict(), "steps": self.steps,
+                "offline_trace": list(self.offline_trace), "offline_seconds": self.offline_seconds,
+                "snapshots": list(self.snapshots)}
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
         self.loss_net.load_state_dict(state["loss_net"])
         self.meta_opt.load_state_dict(state["meta_opt"])
-        self.initialised, self.init_seed, self.steps = state["initialised"], state["init_seed"], state["steps"]
+        self.steps, self.snapshots = state["steps"], list(state["snapshots"])
         self.offline_trace, self.offline_seconds = list(state["offline_trace"]), state["offline_seconds"]
-        self.snapshots = list(state["snapshots"])
 
-    def extras(self) -> dict:
-        """The learned loss curve at every snapshot (after the offline init, every
-        lfl.snapshot_every epochs, and at the end) and the offline init's meta-loss trace."""
+    def extras(self, streams) -> dict:
+        """The learned loss curve after the offline stage, at every evaluation and at the end,
+        and the offline stage's meta-loss trace and seconds."""
         if not self.snapshots or self.snapshots[-1]["step"] != self.steps:
-            self._snapshot()
-        return {"p_true": P_GRID.tolist(), "num_classes": self.num_classes, "curves": self.snapshots,
+            self.snapshot()
+        return {"p_true": P_GRID.tolist(), "num_classes": self.ctx.num_classes, "curves": self.snapshots,
                 "offline_meta_loss": self.offline_trace, "offline_seconds": self.offline_seconds}
 
 
@@ -356,7 +342,7 @@ class OnlineLoss(OfflineLoss):
 
     name = "online_loss"
 
-    def _update(self, batch, meta_batch, lr) -> dict:
+    def update(self, batch, meta_batch, lr) -> dict:
         g_theta, g_phi, info = online_meta_step(self.model, self.loss_net, batch.x, batch.y,
                                                 meta_batch.x, meta_batch.y, lr)
         for p, g in zip(model_params(self.model).values(), g_theta):   # real step with phi_t
@@ -382,7 +368,6 @@ DEFAULTS: dict = {
     "lfl.offline_horizon": 1,             # SGD steps unrolled per offline step [V: 1]
     "lfl.offline_meta_lr": 1e-3,          # Adam on phi, offline stage [R]
     "lfl.offline_lr": 0.0,                # alpha of the unrolled steps (0 = the schedule's first lr) [R]
-    "lfl.snapshot_every": 1.0,            # epochs between snapshots of the learned loss curve
     "lfl.monotone": False,                # ours: l_phi monotone in p for each y (False = the paper's net)
     "lfl.same_time": True,                # also run the baseline for online_loss's wall-clock
 }
@@ -402,6 +387,7 @@ PRESETS: dict = {
     "paper": {"epochs": 427.0, "meta_size": 5000, "model": "resnet18", "width": 64, "lr": 0.01,
               "schedule": "cosine", "warmup": 0.0, "lfl.offline_steps": 2500},
 }
+ARMS = {"baseline": Arm(Baseline), "offline_loss": Arm(OfflineLoss), "online_loss": Arm(OnlineLoss)}
 
 
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
@@ -410,7 +396,5 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     init included)."""
     from ..train import run_arms
 
-    return run_arms("online_loss", "online_loss",
-                    {"baseline": Baseline, "offline_loss": OfflineLoss, "online_loss": OnlineLoss},
-                    cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset,
-                    same_time_for="online_loss" if cfg["lfl.same_time"] else None)
+    return run_arms("online_loss", "online_loss", ARMS, cfg, seeds, out_dir=out_dir, progress=progress,
+                    dataset=dataset, same_time_for="online_loss" if cfg["lfl.same_time"] else None)
