@@ -1,6 +1,6 @@
 """Grad-Instructor: the weight rendering (shapes, exactness, finite differences), the ENN term in
-the target's update, TD(lambda) returns, a behavioural test of the ENN's ranking, Grad-CAM,
-resume, config errors, and the chapter's record."""
+the target's update, TD(lambda) returns, a behavioural test of the ENN's ranking, Grad-CAM, the
+per-seed ENN of prepare() and its cache, resume, config errors, and the chapter's record."""
 import math
 
 import pytest
@@ -11,9 +11,11 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 from helpers import Killed, kill_at
 from metabook import ConfigError, chapter_config
 from metabook.data import Batch, make_synthetic
+from metabook.methods import enn as en
 from metabook.methods import grad_instructor as gi
 from metabook.models import MLP
-from metabook.train import make_model, prepare_data, seed_everything, train
+from metabook.results import RESULTS_DIR
+from metabook.train import Context, RunError, make_model, prepare_data, seed_everything, train
 
 TINY = {"dataset": "synthetic", "train_size": 320, "meta_size": 100, "batch_size": 32, "width": 8,
         "test_size": 100, "epochs": 2.0, "gi.weight": 1.0, "gi.episodes": 6, "gi.rounds": 2,
@@ -29,14 +31,14 @@ def tiny_mlp_and_enn():
     """MLP 12 -> 6 -> 6 -> 3 and an ENN for its 3 weight images, float64, fixed weights."""
     torch.manual_seed(0)
     mlp = MLP(num_classes=3, width=6, depth=2, in_dim=12).double()
-    enn = gi.ENN(layers=3, channels=4).double()
+    enn = en.ENN(layers=3, channels=4).double()
     return mlp, enn
 
 
 def test_rendering_has_the_default_015_resolution_and_one_mean_and_one_rms_image_per_matrix():
-    assert gi.image_size(64, 0.15) == 10 and gi.image_size(64, 0.5) == 32 and gi.image_size(4, 0.1) == 1
+    assert en.image_size(64, 0.15) == 10 and en.image_size(64, 0.5) == 32 and en.image_size(4, 0.1) == 1
     mlp = MLP(10, width=256, depth=2)
-    x = gi.render_weights(gi.weight_matrices(mlp))                 # canvas 64, resolution 0.15
+    x = en.render_weights(en.weight_matrices(mlp))                 # canvas 64, resolution 0.15
     assert x.shape == (6, 10, 10)                                   # 3 matrices x (mean, rms)
     assert (x[1::2] > 0).all()                                      # rms images
     # the scaling makes a random init O(1) whatever the layer's size (default init: rms sqrt(1/3))
@@ -49,7 +51,7 @@ def test_rendering_equals_resize_then_downsample_by_adaptive_average_pooling():
     for shape in [(256, 3072), (10, 256), (7, 5)]:
         w = torch.randn(shape, dtype=torch.float64)
         down = lambda a: F.adaptive_avg_pool2d(F.adaptive_avg_pool2d(a[None, None], (64, 64)), (10, 10))[0, 0]
-        mean_img, rms_img = gi.render_weights([w])
+        mean_img, rms_img = en.render_weights([w])
         per_pixel = max(shape[0] * shape[1] / 100, 1.0)
         assert torch.allclose(mean_img, down(w) * math.sqrt(shape[1] * per_pixel), atol=1e-12)
         assert torch.allclose(rms_img, torch.sqrt(down(w * w) + 1e-12) * math.sqrt(shape[1]), atol=1e-12)
@@ -57,10 +59,10 @@ def test_rendering_equals_resize_then_downsample_by_adaptive_average_pooling():
 
 def test_enn_gradient_through_the_rendering_matches_finite_differences_in_float64():
     mlp, enn = tiny_mlp_and_enn()
-    weights = gi.weight_matrices(mlp)
+    weights = en.weight_matrices(mlp)
 
     def value():
-        return enn(gi.render_weights(weights, canvas=8, resolution=0.5)[None])[0]
+        return enn(en.render_weights(weights, canvas=8, resolution=0.5)[None])[0]
 
     grads = torch.autograd.grad(value(), weights)
     theta = parameters_to_vector(weights).detach()
@@ -85,10 +87,6 @@ def step_cfg(weight=0.5, schedule="constant"):
             "epochs": 1.0}
 
 
-class OneBatch:
-    train = type("L", (), {"__len__": lambda self: 10})()
-
-
 def test_the_enn_term_reaches_the_mlp_weights_in_the_update():
     """One SGD step (no momentum): the Grad-Instructor update minus the plain update must be
     exactly lr * w * grad_W E(render(W)) on the weight matrices, and zero on the biases."""
@@ -98,21 +96,22 @@ def test_the_enn_term_reaches_the_mlp_weights_in_the_update():
     batch = Batch(torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g),
                   torch.arange(8))
     names = [n for n, _ in mlp.named_parameters() if n.endswith("weight")]
-    g_enn = dict(zip(names, torch.autograd.grad(enn(gi.render_model(mlp, cfg)[None])[0], gi.weight_matrices(mlp))))
+    g_enn = dict(zip(names, torch.autograd.grad(enn(en.render_model(mlp, cfg)[None])[0], en.weight_matrices(mlp))))
     plain, guided = [MLP(3, 6, 2, 12).double() for _ in range(2)]
     for m in (plain, guided):
         m.load_state_dict(mlp.state_dict())
     base = gi.PlainBP(cfg)
-    base.setup(plain, OneBatch, cfg)
+    base.setup(Context(plain, None, total_steps=10, steps_per_epoch=10, num_classes=3, num_train=8))
     base.step(batch, None, lr)
     method = gi.GradInstructor(cfg, enn)
-    method.setup(guided, OneBatch, cfg)
+    method.setup(Context(guided, None, total_steps=10, steps_per_epoch=10, num_classes=3, num_train=8))
     metrics = method.step(batch, None, lr)
     for (name, p), q in zip(guided.named_parameters(), plain.parameters()):
         expected = lr * 0.5 * g_enn[name] if name in g_enn else torch.zeros_like(p)
         assert torch.allclose(p - q, expected, rtol=1e-10, atol=1e-15), name
     assert all(g.abs().sum() > 0 for g in g_enn.values())
-    assert metrics["enn_grad_ratio"] > 0 and 0 < metrics["enn_value"] < 1 and metrics["gi_weight"] == 0.5
+    assert metrics["gi_weight"] == 0.5 and not metrics["enn_value"].requires_grad
+    assert metrics["enn_value"].item() == enn(en.render_model(mlp, cfg)[None])[0].item()   # at the weights before
 
 
 def test_weight_schedules():
@@ -123,26 +122,70 @@ def test_weight_schedules():
 
 
 def run_arm(synthetic, factory, overrides=None, out_dir=None, on_step=None, seed=0):
+    """train() of one arm on TINY; with out_dir, the run's folder is out_dir/runs/arm-seedS, so
+    its cache (prepare()'s ENN) is out_dir/cache, as in run_arms."""
     cfg = chapter_config("grad_instructor", "smoke", {**TINY, **(overrides or {})})
     data = prepare_data(cfg, seed, torch.device("cpu"), synthetic)
     seed_everything(seed)
     model = make_model(cfg, synthetic.num_classes, torch.device("cpu"))
-    return model, train(factory(cfg), model, data, cfg, seed=seed, out_dir=out_dir, progress=False, on_step=on_step)
+    method = factory(cfg)
+    res = train(method, model, data, cfg, seed=seed, progress=False, on_step=on_step,
+                out_dir=out_dir / "runs" / f"arm-seed{seed}" if out_dir else None)
+    res["extras"] = method.extras(data.streams())
+    return model, res
 
 
 def fixed_enn(layers=3):
     torch.manual_seed(5)
-    return gi.ENN(layers, channels=2)
+    return en.ENN(layers, channels=2)
 
 
 def test_with_weight_zero_the_grad_instructor_arm_is_plain_backprop_bitwise(synthetic):
+    """Also with its ENN trained in prepare(): that stage draws from its own streams and RNG."""
     model_a, res_a = run_arm(synthetic, gi.PlainBP)
-    model_b, res_b = run_arm(synthetic, lambda c: gi.GradInstructor(c, fixed_enn()), {"gi.weight": 0.0})
+    model_b, res_b = run_arm(synthetic, gi.GradInstructor, {"gi.weight": 0.0})
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
     assert res_a["metrics"] == res_b["metrics"]
-    model_c, _ = run_arm(synthetic, lambda c: gi.GradInstructor(c, fixed_enn()), {"gi.weight": 1.0})
+    assert res_b["extras"]["enn"]["fit_episodes"] > 0 and res_b["cost"]["one_off_seconds"] > 0
+    assert all(row["enn_grad_ratio"] == 0 for row in res_b["history"])
+    model_c, res_c = run_arm(synthetic, lambda c: gi.GradInstructor(c, fixed_enn()), {"gi.weight": 1.0})
     assert not torch.equal(model_a.hidden[0].weight, model_c.hidden[0].weight)   # and with w > 0 it is not
+    assert all(row["enn_grad_ratio"] > 0 for row in res_c["history"])
+    assert res_c["cost"]["one_off_seconds"] < res_b["cost"]["one_off_seconds"]    # a given ENN is not trained
+
+
+def test_each_seed_trains_its_own_enn_and_a_second_run_loads_it_from_the_cache(synthetic, tmp_path):
+    _, first = run_arm(synthetic, gi.GradInstructor, out_dir=tmp_path)
+    path = tmp_path / "cache" / "enn-seed0.pt"
+    assert path.exists() and "loaded_from" not in first["extras"]["enn"]
+    _, again = run_arm(synthetic, gi.GradInstructor, out_dir=tmp_path)
+    assert again["extras"]["enn"]["loaded_from"] == str(path)
+    assert again["metrics"] == first["metrics"] and again["extras"]["enn_value_initial"] == first["extras"]["enn_value_initial"]
+    _, seed1 = run_arm(synthetic, gi.GradInstructor, out_dir=tmp_path, seed=1)      # another split, another ENN
+    assert (tmp_path / "cache" / "enn-seed1.pt").exists() and "loaded_from" not in seed1["extras"]["enn"]
+    assert seed1["extras"]["enn"]["final_accs"] != first["extras"]["enn"]["final_accs"]
+    _, same = run_arm(synthetic, gi.GradInstructor, {"gi.schedule": "linear_decay"}, out_dir=tmp_path)  # an arm knob
+    assert "loaded_from" in same["extras"]["enn"]
+    _, other = run_arm(synthetic, gi.GradInstructor, {"gi.enn_iters": 11}, out_dir=tmp_path)  # another ENN config
+    assert "loaded_from" not in other["extras"]["enn"]
+    path.write_bytes(b"not a checkpoint")
+    with pytest.raises(RunError, match=f"{path}.*delete it"):
+        run_arm(synthetic, gi.GradInstructor, out_dir=tmp_path)
+
+
+def test_the_recorded_enn_file_still_loads():
+    """book/results/grad_instructor-cpu/enn.pt (written before the per-seed cache) is what chapter
+    6's Grad-CAM figure uses."""
+    path = RESULTS_DIR / "grad_instructor-cpu" / "enn.pt"
+    if not path.exists():
+        pytest.skip("no recorded cpu run")
+    enn, saved = en.load_enn(path)
+    key = en.enn_config_key(chapter_config("grad_instructor", "cpu"))
+    assert enn.layers == 3 and enn.channels == 8 and "seed" not in saved
+    assert set(saved["key"]) < set(key)       # the old key had fewer keys; the notebook compares those,
+    assert all(key[k] == v for k, v in saved["key"].items())    # and at `cpu` they match: the figure uses it
+    assert 0 < enn(torch.zeros(1, 6, 10, 10)).item() < 1
 
 
 def test_lambda_returns_of_a_hand_made_episode():
@@ -150,18 +193,18 @@ def test_lambda_returns_of_a_hand_made_episode():
     v_next = torch.tensor([[4.0, 4.0, 99.0]])           # V(s_1), V(s_2), (V(s_3) ignored: terminal)
     term = torch.tensor([10.0])
     # lambda = 1 (Monte-Carlo), gamma = 0.5: G3 = 10, G2 = 3 + 5 = 8, G1 = 2 + 4 = 6, G0 = 1 + 3 = 4
-    assert gi.lambda_returns(r, v_next, term, 0.5, 1.0).tolist() == [[4.0, 6.0, 8.0, 10.0]]
+    assert en.lambda_returns(r, v_next, term, 0.5, 1.0).tolist() == [[4.0, 6.0, 8.0, 10.0]]
     # lambda = 0 (TD(0)): G2 = 3 + 0.5 * 10 (terminal known), G1 = 2 + 0.5 * 4, G0 = 1 + 0.5 * 4
-    assert gi.lambda_returns(r, v_next, term, 0.5, 0.0).tolist() == [[3.0, 4.0, 8.0, 10.0]]
+    assert en.lambda_returns(r, v_next, term, 0.5, 0.0).tolist() == [[3.0, 4.0, 8.0, 10.0]]
     # lambda = 0.5: G1 = 2 + 0.5 * (0.5 * 4 + 0.5 * 8) = 5, G0 = 1 + 0.5 * (0.5 * 4 + 0.5 * 5) = 3.25
-    assert gi.lambda_returns(r, v_next, term, 0.5, 0.5).tolist() == [[3.25, 5.0, 8.0, 10.0]]
+    assert en.lambda_returns(r, v_next, term, 0.5, 0.5).tolist() == [[3.25, 5.0, 8.0, 10.0]]
     # accuracies as rewards: gamma = 1 -> every state's return is the final accuracy,
     # gamma = 0 -> the next snapshot's accuracy
     accs = torch.tensor([[0.1, 0.2, 0.4, 0.3]])
-    rew, final = gi.episode_rewards(accs, 1.0)
-    assert gi.lambda_returns(rew, torch.zeros(1, 3), final, 1.0, 1.0)[0].tolist() == pytest.approx([0.3] * 4)
-    rew, final = gi.episode_rewards(accs, 0.0)
-    assert gi.lambda_returns(rew, torch.zeros(1, 3), final, 0.0, 0.7)[0].tolist() == pytest.approx([0.2, 0.4, 0.3, 0.3])
+    rew, final = en.episode_rewards(accs, 1.0)
+    assert en.lambda_returns(rew, torch.zeros(1, 3), final, 1.0, 1.0)[0].tolist() == pytest.approx([0.3] * 4)
+    rew, final = en.episode_rewards(accs, 0.0)
+    assert en.lambda_returns(rew, torch.zeros(1, 3), final, 0.0, 0.7)[0].tolist() == pytest.approx([0.2, 0.4, 0.3, 0.3])
 
 
 def toy_episodes(n, seed, k=4):
@@ -173,7 +216,7 @@ def toy_episodes(n, seed, k=4):
     c = torch.exp((torch.rand(n, generator=g) * 2 - 1) * 1.5)
     final = 0.1 + 0.8 * torch.exp(-c.log() ** 2)
     states = torch.stack([torch.stack([
-        gi.render_weights([c[e] * torch.randn(s, generator=g) * math.sqrt(2 / s[1]) for s in shapes],
+        en.render_weights([c[e] * torch.randn(s, generator=g) * math.sqrt(2 / s[1]) for s in shapes],
                           canvas=8, resolution=0.5) for _ in range(k + 1)]) for e in range(n)])
     accs = 0.1 + (final[:, None] - 0.1) * torch.linspace(0, 1, k + 1)
     return states, accs
@@ -184,67 +227,71 @@ def test_the_td_lambda_trained_enn_ranks_held_out_episodes_by_their_final_accura
     by their final accuracy from the *initial* weights alone, Spearman > 0.8 (measured 0.95-0.98)."""
     torch.manual_seed(0)
     states, accs = toy_episodes(48, seed=0)
-    enn = gi.ENN(layers=3, channels=4)
-    trace = gi.fit_enn(enn, states, accs, objective="rl", gamma=1.0, lam=0.8, iters=300, lr=1e-2, batch=64)
+    enn = en.ENN(layers=3, channels=4)
+    trace = en.fit_enn(enn, states, accs, objective="rl", gamma=1.0, lam=0.8, iters=300, lr=1e-2, batch=64)
     assert trace[-1] < trace[0]
     held_states, held_accs = toy_episodes(24, seed=1)
-    quality = gi.enn_quality(enn, gi.Episodes(held_states, held_accs, torch.zeros(24, 3), torch.zeros(24)))
+    quality = en.enn_quality(enn, en.Episodes(held_states, held_accs, torch.zeros(24, 3), torch.zeros(24)))
     assert quality["spearman_initial"] > 0.8, quality
 
 
 def test_spearman_of_known_cases():
-    assert gi.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
-    assert gi.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
-    assert gi.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
-    assert math.isnan(gi.spearman([1, 1, 1], [1, 2, 3]))
+    assert en.spearman([1, 2, 3, 4], [10, 20, 30, 40]) == pytest.approx(1.0)
+    assert en.spearman([1, 2, 3, 4], [4, 3, 2, 1]) == pytest.approx(-1.0)
+    assert en.spearman([1, 2, 3, 4], [1, 3, 2, 4]) == pytest.approx(0.8)
+    assert math.isnan(en.spearman([1, 1, 1], [1, 2, 3]))
 
 
 def test_saliency_gives_one_map_per_weight_image():
     mlp, enn = tiny_mlp_and_enn()
-    x = torch.stack([gi.render_weights(gi.weight_matrices(mlp), canvas=8, resolution=0.5)] * 2)   # (2, 6, 4, 4)
-    cam = gi.saliency(enn, x, "grad_cam")
-    gxi = gi.saliency(enn, x, "grad_x_input")
+    x = torch.stack([en.render_weights(en.weight_matrices(mlp), canvas=8, resolution=0.5)] * 2)   # (2, 6, 4, 4)
+    cam = en.saliency(enn, x, "grad_cam")
+    gxi = en.saliency(enn, x, "grad_x_input")
     assert cam.shape == gxi.shape == (2, 3, 4, 4)
     assert (cam >= 0).all() and gxi.abs().sum() > 0
-    assert gi.saliency_to_matrix(cam[0, 0], (6, 12)).shape == (6, 12)
+    assert en.saliency_to_matrix(cam[0, 0], (6, 12)).shape == (6, 12)
     with pytest.raises(ValueError, match="grad_cam, grad_x_input"):
-        gi.saliency(enn, x, "lime")
+        en.saliency(enn, x, "lime")
 
 
 def test_saliency_of_a_frozen_enn_equals_that_of_a_trainable_one():
     """train_enn returns the ENN frozen (requires_grad off); Grad-CAM must still work, also under no_grad."""
     mlp, enn = tiny_mlp_and_enn()
-    x = torch.stack([gi.render_weights(gi.weight_matrices(mlp), canvas=8, resolution=0.5)] * 2)
-    expected = {k: gi.saliency(enn, x, k) for k in ("grad_cam", "grad_x_input")}
+    x = torch.stack([en.render_weights(en.weight_matrices(mlp), canvas=8, resolution=0.5)] * 2)
+    expected = {k: en.saliency(enn, x, k) for k in ("grad_cam", "grad_x_input")}
     enn.requires_grad_(False)
     with torch.no_grad():
         for kind, want in expected.items():
-            assert torch.allclose(gi.saliency(enn, x, kind), want), kind
+            assert torch.allclose(en.saliency(enn, x, kind), want), kind
 
 
 def test_he_init_arm_starts_from_kaiming_normal_weights():
     torch.manual_seed(0)
     mlp = MLP(10, width=256, depth=2)
-    gi.he_init_(mlp)
-    for w in gi.weight_matrices(mlp):
+    en.he_init_(mlp)
+    for w in en.weight_matrices(mlp):
         assert w.std().item() == pytest.approx(math.sqrt(2 / w.shape[1]), rel=0.1)
     assert all((layer.bias == 0).all() for layer in mlp.hidden)
 
 
 def test_killed_grad_instructor_run_resumes_bitwise(synthetic, tmp_path):
-    factory = lambda c: gi.GradInstructor(c, fixed_enn())
+    """Killed after prepare(): the resumed run takes the ENN from the checkpoint, not the cache."""
     overrides = {"checkpoint_every": 4}
-    model_a, full = run_arm(synthetic, factory, overrides)
+    model_a, full = run_arm(synthetic, gi.GradInstructor, overrides)
 
     with pytest.raises(Killed):
-        run_arm(synthetic, factory, overrides, out_dir=tmp_path, on_step=kill_at(11))
+        run_arm(synthetic, gi.GradInstructor, overrides, out_dir=tmp_path, on_step=kill_at(11))
+    (tmp_path / "cache" / "enn-seed0.pt").unlink()
     steps_run = []
-    model_b, resumed = run_arm(synthetic, factory, overrides, out_dir=tmp_path,
+    model_b, resumed = run_arm(synthetic, gi.GradInstructor, overrides, out_dir=tmp_path,
                                on_step=lambda step, m: steps_run.append(step))
     assert steps_run[0] == 9
-    assert resumed["metrics"] == full["metrics"]
+    drop_time = lambda history: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
+    assert resumed["metrics"] == full["metrics"] and drop_time(resumed["history"]) == drop_time(full["history"])
+    assert resumed["extras"]["enn"] == full["extras"]["enn"] | {"seconds": resumed["extras"]["enn"]["seconds"]}
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
+    assert not (tmp_path / "cache" / "enn-seed0.pt").exists()
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -260,20 +307,26 @@ def test_bad_config_values_name_the_valid_choices(key, value, match):
         chapter_config("grad_instructor", "smoke", {key: value})
 
 
-def test_chapter_run_records_all_arms_the_cost_ratio_and_the_enn(synthetic, tmp_path):
+def test_chapter_run_records_all_arms_the_cost_ratio_and_one_enn_per_seed(synthetic, tmp_path):
     from metabook import run_chapter
-    rec = run_chapter("grad_instructor", "smoke", seeds=[0], out_dir=tmp_path, overrides=TINY, progress=False,
+    rec = run_chapter("grad_instructor", "smoke", seeds=[0, 1], out_dir=tmp_path, overrides=TINY, progress=False,
                       dataset=synthetic)
     assert set(rec["arms"]) == {"baseline", "l1", "he_init", "grad_instructor", "baseline_same_time"}
-    assert rec["cost"]["step_cost_ratio"] > 0 and rec["cost"]["enn_seconds"] > 0
-    enn = rec["enn"]
-    assert enn["episodes"] == 6 and enn["rounds"] == 2 and enn["sgd_steps"] == 6 * 4
-    assert len(enn["final_accs"]) == len(enn["actions"]) == 6 - enn["diverged"]
-    assert -1 <= enn["spearman_all"] <= 1 or math.isnan(enn["spearman_all"])
-    extras = rec["arms"]["grad_instructor"]["extras"]["0"]
-    assert extras["enn_seconds"] == enn["seconds"] and "enn_spearman_initial" in extras
-    assert all("gap" in arm for arm in rec["arms"].values())
-    assert (tmp_path / "enn.pt").exists() and (tmp_path / "result.json").exists()
+    arm = rec["arms"]["grad_instructor"]
+    assert rec["cost"]["enn_seconds"] == arm["one_off_seconds"]["mean"] == rec["metrics"]["enn_seconds"]
+    assert rec["arms"]["baseline"]["one_off_seconds"]["mean"] < 0.01 * arm["one_off_seconds"]["mean"]
+    assert set(rec["enn"]) == {"0", "1"} and rec["enn"]["0"]["final_accs"] != rec["enn"]["1"]["final_accs"]
+    for seed, enn in rec["enn"].items():
+        assert enn["episodes"] == 6 and enn["rounds"] == 2 and enn["sgd_steps"] == 6 * 4
+        assert len(enn["final_accs"]) == len(enn["actions"]) == 6 - enn["diverged"]
+        extras = arm["extras"][seed]
+        assert extras["enn_seconds"] == enn["seconds"] and "enn" not in extras
+        assert (tmp_path / "cache" / f"enn-seed{seed}.pt").exists()
+    assert rec["metrics"]["enn_spearman_all"] == pytest.approx(
+        (rec["enn"]["0"]["spearman_all"] + rec["enn"]["1"]["spearman_all"]) / 2, nan_ok=True)
+    assert all(len(arm["gap"]["per_seed"]) == 2 for arm in rec["arms"].values())
+    assert all("enn_grad_ratio" in row for row in arm["history"]["0"])
+    assert (tmp_path / "result.json").exists()
     with pytest.raises(ConfigError, match="2 \\* gi.rounds"):
         run_chapter("grad_instructor", "smoke", overrides={**TINY, "gi.episodes": 3}, progress=False,
                     dataset=synthetic)
