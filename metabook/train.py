@@ -26,7 +26,7 @@ import socket
 import threading
 import time
 import zlib
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Callable
 
@@ -286,6 +286,53 @@ def target_accuracy(model: torch.nn.Module, loader: DeviceLoader, probs: torch.T
     return float(acc[0]), float(acc[1])
 
 
+# ----------------------------------------------------------------------------- records
+
+@dataclass
+class Cost:
+    """What one (arm, seed) run cost. Seconds are the method's steps alone (`timer` says how they
+    were read); the one-off stage is timed apart; memory is the first two steps' peak."""
+    steps: int
+    epochs: float
+    train_seconds: float
+    one_off_seconds: float
+    seconds_per_step: float            # median after the first 5 steps (warm-up)
+    seconds_per_step_mean: float
+    timer: str                         # "cuda events" | "perf_counter"
+    peak_memory_bytes: int = 0
+    peak_memory_kind: str = ""
+
+
+@dataclass
+class ArmRun:
+    """One (arm, seed) run: what train() returns and run_arms saves as runs/<arm>-seed<S>.json."""
+    metrics: dict                      # final test_acc, val_acc, test_loss, train_loss (+ target_acc)
+    history: list                      # one row per evaluation
+    cost: Cost
+    stopped_early: str | None = None   # why, when a time budget stopped it
+    seed: int = 0
+    config: dict = field(default_factory=dict)
+    extras: dict = field(default_factory=dict)
+
+
+@dataclass
+class ArmSummary:
+    """One arm over the seeds, as the record's `arms[name]` holds it."""
+    test_acc: dict                     # seed_stats: mean, std, per_seed
+    val_acc: dict
+    seconds_per_step: float
+    step_cost_ratio: float             # over the reference arm's, same run
+    steps: int
+    epochs: float
+    steps_per_seed: list
+    train_seconds: dict
+    one_off_seconds: dict
+    peak_memory_bytes: int
+    peak_memory_kind: str
+    history: dict                      # seed -> rows
+    stopped_early: str | None
+
+
 # ----------------------------------------------------------------------------- timing, checks, files
 
 class StepTimer:
@@ -528,16 +575,12 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
         if not any(ckpt_path.parent.iterdir()):
             ckpt_path.parent.rmdir()
     warm = step_times[min(5, len(step_times) - 1):]          # the first steps include warm-up
-    return {
-        "metrics": {"test_acc": final["test_acc"], "val_acc": final["val_acc"],
-                    "test_loss": final["test_loss"], "train_loss": final["train_loss"],
-                    **{k: final[k] for k in ("target_acc", "target_acc_prior") if k in final}},
-        "history": history,
-        "cost": {"steps": step, "epochs": step / spe, "train_seconds": elapsed, "one_off_seconds": one_off,
-                 "seconds_per_step": float(np.median(warm)), "seconds_per_step_mean": float(np.mean(warm)),
-                 "timer": timer.kind},
-        "stopped_early": stopped,
-    }
+    metrics = {k: final[k] for k in ("test_acc", "val_acc", "test_loss", "train_loss", "target_acc",
+                                     "target_acc_prior") if k in final}
+    cost = Cost(steps=step, epochs=step / spe, train_seconds=elapsed, one_off_seconds=one_off,
+                seconds_per_step=float(np.median(warm)), seconds_per_step_mean=float(np.mean(warm)),
+                timer=timer.kind)
+    return asdict(ArmRun(metrics=metrics, history=history, cost=cost, stopped_early=stopped))
 
 
 def _eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last: dict) -> dict:
@@ -721,19 +764,18 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
     arms_out = {}
     for name, runs in per_arm.items():
         sps = float(np.mean([r["cost"]["seconds_per_step"] for r in runs]))
-        arms_out[name] = {
-            "test_acc": seed_stats([r["metrics"]["test_acc"] for r in runs]),
-            "val_acc": seed_stats([r["metrics"]["val_acc"] for r in runs]),
-            "seconds_per_step": sps, "step_cost_ratio": sps / base_sps,
-            "steps": runs[0]["cost"]["steps"], "epochs": runs[0]["cost"]["epochs"],
-            "steps_per_seed": [r["cost"]["steps"] for r in runs],
-            "train_seconds": seed_stats([r["cost"]["train_seconds"] for r in runs]),
-            "one_off_seconds": seed_stats([r["cost"].get("one_off_seconds", 0.0) for r in runs]),
-            "peak_memory_bytes": max(r["cost"]["peak_memory_bytes"] for r in runs),
-            "peak_memory_kind": runs[0]["cost"]["peak_memory_kind"],
-            "history": {str(r["seed"]): r["history"] for r in runs},
-            "stopped_early": runs[0]["stopped_early"],
-        }
+        arms_out[name] = asdict(ArmSummary(
+            test_acc=seed_stats([r["metrics"]["test_acc"] for r in runs]),
+            val_acc=seed_stats([r["metrics"]["val_acc"] for r in runs]),
+            seconds_per_step=sps, step_cost_ratio=sps / base_sps,
+            steps=runs[0]["cost"]["steps"], epochs=runs[0]["cost"]["epochs"],
+            steps_per_seed=[r["cost"]["steps"] for r in runs],
+            train_seconds=seed_stats([r["cost"]["train_seconds"] for r in runs]),
+            one_off_seconds=seed_stats([r["cost"].get("one_off_seconds", 0.0) for r in runs]),
+            peak_memory_bytes=max(r["cost"]["peak_memory_bytes"] for r in runs),
+            peak_memory_kind=runs[0]["cost"]["peak_memory_kind"],
+            history={str(r["seed"]): r["history"] for r in runs},
+            stopped_early=runs[0]["stopped_early"]))
         for key in ("target_acc", "target_acc_prior"):
             if key in runs[0]["metrics"]:
                 arms_out[name][key] = seed_stats([r["metrics"][key] for r in runs])

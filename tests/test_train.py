@@ -173,43 +173,67 @@ def test_latest_recorded_picks_the_newest_record_whose_config_matches(tmp_path):
 
 # ----------------------------------------------------------------------------- the runner's contract and meters
 
+class FakeClock:
+    """Stands in for the runner's `time` module: seconds pass only when someone sleeps."""
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self):
+        return self.now
+
+    def sleep(self, seconds):
+        self.now += seconds
+
+
 class Sleepy(Baseline):
-    """A plain step; a one-off stage of 0.3 s; diagnostics that take 0.2 s."""
-    prepared = 0
+    """Steps of 10 ms, a one-off stage of 0.3 s and diagnostics of 0.2 s, on a clock."""
+    prepared, clock = 0, None
 
     def prepare(self):
-        import time
         Sleepy.prepared += 1
-        time.sleep(0.3)
+        self.clock.sleep(0.3)
+
+    def step(self, batch, meta_batch, lr):
+        self.clock.sleep(0.01)
+        return super().step(batch, meta_batch, lr)
 
     def diagnostics(self, streams):
-        import time
-        time.sleep(0.2)
+        self.clock.sleep(0.2)
         return {"slow_diagnostic": 1.0}
 
 
-def test_one_off_stage_and_diagnostics_stay_outside_the_step_time(synthetic):
+@pytest.fixture
+def clock(monkeypatch):
+    import metabook.train as runner
+
+    Sleepy.clock, Sleepy.prepared = FakeClock(), 0
+    monkeypatch.setattr(runner, "time", Sleepy.clock)
+    return Sleepy.clock
+
+
+def test_one_off_stage_and_diagnostics_stay_outside_the_step_time(synthetic, clock):
     cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 2.0, "eval_every": 0.5})
     data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
     seed_everything(0)
     res = train(Sleepy(cfg), make_model(cfg, 10, torch.device("cpu")), data, cfg, progress=False)
-    assert res["cost"]["one_off_seconds"] >= 0.3
-    assert res["cost"]["train_seconds"] < 0.3 * 4            # four evaluations x 0.2 s would be 0.8 s more
-    assert res["cost"]["seconds_per_step"] < 0.05
-    assert all(row["slow_diagnostic"] == 1.0 for row in res["history"]) and len(res["history"]) == 4
+    assert res["cost"]["one_off_seconds"] == pytest.approx(0.3)
+    assert res["cost"]["train_seconds"] == pytest.approx(20 * 0.01)     # 4 evaluations x 0.2 s are not in it
+    assert res["cost"]["seconds_per_step"] == pytest.approx(0.01)
+    assert [row["slow_diagnostic"] for row in res["history"]] == [1.0] * 4
+    assert clock.now == pytest.approx(0.3 + 0.2 + 4 * 0.2)
 
 
-def test_killed_run_resumes_after_its_one_off_stage_without_repeating_it(synthetic, tmp_path):
+def test_killed_run_resumes_after_its_one_off_stage_without_repeating_it(synthetic, tmp_path, clock):
     cfg = chapter_config("baseline", "smoke", {**TINY, "checkpoint_every": 100})
     data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
-    Sleepy.prepared = 0
     with pytest.raises(Killed):
         seed_everything(0)
         train(Sleepy(cfg), make_model(cfg, 10, torch.device("cpu")), data, cfg, out_dir=tmp_path,
               progress=False, on_step=kill_at(3))
     seed_everything(0)
     res = train(Sleepy(cfg), make_model(cfg, 10, torch.device("cpu")), data, cfg, out_dir=tmp_path, progress=False)
-    assert Sleepy.prepared == 1 and res["cost"]["one_off_seconds"] >= 0.3     # resumed from the step-0 checkpoint
+    assert Sleepy.prepared == 1                                  # resumed from the checkpoint after prepare()
+    assert res["cost"]["one_off_seconds"] == pytest.approx(0.3)  # and its cost is kept
 
 
 class NanAt(Baseline):

@@ -1,4 +1,5 @@
-"""Chapters by name. Each module has DEFAULTS (its own config keys), PRESETS and run(cfg, seeds, ...).
+"""Chapters by name. Each module has DEFAULTS (its own config keys), PRESETS, ARMS (name ->
+train.Arm; the method chapters and the baseline) and run(cfg, seeds, ...).
 
 `run_chapter` is the one entry point: the command line and the notebooks both call it, so the
 same seed gives the same numbers from either.
