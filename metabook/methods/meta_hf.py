@@ -70,6 +70,7 @@ from torch.func import jvp, vjp
 
 from ..data import Batch
 from ..meta import Params, forward, model_params
+from ..train import Arm, Context, Method, NonFiniteError
 from .baseline import Baseline
 
 Vector = torch.Tensor          # a flat (P,) vector in the parameter dict's order
@@ -155,13 +156,6 @@ class GaussNewton:
             u[start:start + s] = residual[start:start + s] / s
             total += s * s * self.jtu(u) ** 2          # weight s/m of the estimate s g_c^2
         return total / m
-
-
-def gnvp(model: torch.nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor, v: Vector,
-         weight_decay: float = 0.0) -> Vector:
-    """G v of the mean cross-entropy of (x, y) at `params`: v (P,) -> (P,). One-off convenience;
-    an optimiser builds a `GaussNewton` once per step and calls it many times."""
-    return GaussNewton(model, params, x, y, weight_decay)(v)
 
 
 # ----------------------------------------------------------------------------- conjugate gradient
@@ -268,77 +262,139 @@ def line_search(f: Callable[[float], float], f0: float, slope: float, f1: float)
     return 0.0, f0
 
 
-# ----------------------------------------------------------------------------- the optimiser
+# ----------------------------------------------------------------------------- one HF step
+#
+# HF, MLHF and MLHF's meta-training unroll take the same step: `hf_gradient` (the step's one real
+# forward and backward; the unroll differentiates its own functional objective instead),
+# `hf_direction` (the Gauss-Newton operator on the curvature sub-batch, the damped PCG solve, the
+# chosen iterate, f(theta + d) and rho) and `hf_apply` (the line search and theta += alpha d; the
+# unroll takes theta + d, differentiably). They differ in how lambda, P and the CG budget are set.
 
-class HessianFree:
+@dataclass
+class HFSettings:
+    """The per-step settings of HF and MLHF."""
+    cg_iters: int                  # most CG iterations (MLHF: K, fixed and unrolled)
+    precond_exponent: float        # xi of the base preconditioner (0 = none)
+    fisher_chunk: int              # examples per gradient in the Fisher diagonal
+    gn_batch: int                  # curvature sub-batch: the first gn_batch examples
+    warm_start: float              # CG starts from this times the previous solution
+    weight_decay: float
+
+
+@dataclass
+class HFStep:
+    """What `hf_direction` computed at theta on one batch."""
+    G: GaussNewton
+    fisher: Vector | None                # (P,) Fisher diagonal of the curvature sub-batch
+    cg: CGResult
+    chosen: int                          # index into cg.iterates of the step d
+    d: Vector                            # (P,) the step (carries the graph of lambda and P, if any)
+    f1: float                            # f(theta + d)
+    rho: float                           # reduction ratio of d (-1: no predicted decrease)
+    f_at: Callable[[Vector], float]      # d -> f(theta + d) on the step's batch
+
+
+def objective(model, params: Params, x, y, weight_decay: float) -> float:
+    """f at `params` on (x, y): mean cross-entropy + wd/2 ||theta||^2, buffers untouched."""
+    with torch.no_grad():
+        loss = F.cross_entropy(forward(model, params, x), y)
+        return loss.item() + 0.5 * weight_decay * sum((p * p).sum() for p in params.values()).item()
+
+
+def hf_gradient(model, batch: Batch, weight_decay: float):
+    """The step's one real forward (BatchNorm statistics update here) and backward.
+    Returns (params, loss (), logits (B, C), g = grad f (P,), f0 = f(theta))."""
+    params = model_params(model)
+    theta = flatten(params).detach()                                              # (P,)
+    logits = model(batch.x)
+    loss = F.cross_entropy(logits, batch.y)
+    g = flatten(torch.autograd.grad(loss, list(params.values()))).detach() + weight_decay * theta
+    f0 = loss.item() + 0.5 * weight_decay * theta.dot(theta).item()
+    return params, loss, logits, g, f0
+
+
+def hf_direction(model, params: Params, x, y, g: Vector, f0: float, lam, s: HFSettings, *,
+                 factor: Vector | None = None, x0: Vector | None = None, tol: float = 5e-4,
+                 rtol: float = 1e-10, backtrack: bool = False, curvature: tuple | None = None) -> HFStep:
+    """The shared core of one HF step at `params` on (x (B, ...), y (B,)).
+
+    G on the first s.gn_batch examples and its Fisher diagonal (or `curvature` = (G, fisher)
+    given); PCG from x0 on (G + lam I) d = -g with Martens' preconditioner (F + wd + lam)^xi,
+    times `factor` (P,) if given; the last CG iterate, or the one CG backtracking picks; f(theta + d)
+    and rho. lam: a float, or a 0-d tensor whose graph (and factor's) then reaches d.
+    """
+    wd = s.weight_decay
+    if curvature is None:
+        m = min(s.gn_batch, len(y))
+        G = GaussNewton(model, params, x[:m], y[:m], wd)
+        fisher = G.fisher_diagonal(s.fisher_chunk) if s.precond_exponent > 0 else None
+    else:
+        G, fisher = curvature
+    precond = (fisher + wd + lam) ** s.precond_exponent if s.precond_exponent > 0 else None
+    if factor is not None:
+        precond = factor if precond is None else precond * factor
+    cg = pcg(lambda v: G(v) + lam * v, -g, precond, x0=x0, max_iters=s.cg_iters, tol=tol, rtol=rtol)
+    f_at = lambda d: objective(model, {k: p.detach() + v for (k, p), v in
+                                       zip(params.items(), unflatten(d, params).values())}, x, y, wd)
+    if backtrack:
+        j, f1 = cg_backtrack(f_at, cg.iterates)
+    else:
+        j, f1 = len(cg.iterates) - 1, f_at(cg.iterates[-1][1])
+    _, d, phi = cg.iterates[j]
+    lam_f = lam.item() if torch.is_tensor(lam) else lam
+    predicted = phi - 0.5 * lam_f * d.detach().dot(d.detach()).item()        # q(d) - q(0) without damping
+    rho = (f1 - f0) / predicted if predicted < 0 else -1.0                   # no predicted decrease: failed
+    return HFStep(G, fisher, cg, j, d, f1, rho, f_at)
+
+
+def hf_apply(params: Params, step: HFStep, g: Vector, f0: float, search: bool) -> tuple[float, float]:
+    """theta += alpha d in place, alpha from the Armijo line search (or 1). Returns (alpha, f after)."""
+    d = step.d.detach()
+    alpha, f_new = line_search(lambda a: step.f_at(a * d), f0, g.dot(d).item(), step.f1) if search else (1.0, step.f1)
+    with torch.no_grad():
+        for p, w in zip(params.values(), unflatten(alpha * d, params).values()):
+            p.add_(w)
+    return alpha, f_new
+
+
+# ----------------------------------------------------------------------------- the optimisers
+
+class HessianFree(Method):
     """Martens' HF as a plug-in of the training loop (name "hf"); ignores the loop's learning
     rate (damping and the line search set the step). State: lambda, the previous CG solution and
     counters, all restored exactly by load_state_dict."""
 
     name = "hf"
-    uses_meta = False
 
     def __init__(self, cfg: dict):
-        self.damping0 = cfg["hf.damping"]
-        self.rule = cfg["hf.damping_rule"]
-        self.cg_iters, self.cg_tol = cfg["hf.cg_iters"], cfg["hf.cg_tol"]
-        self.xi, self.chunk = cfg["hf.precond_exponent"], cfg["hf.fisher_chunk"]
-        self.gn_batch, self.decay = cfg["hf.gn_batch_size"], cfg["hf.warm_start"]
+        self.s = HFSettings(cfg["hf.cg_iters"], cfg["hf.precond_exponent"], cfg["hf.fisher_chunk"],
+                            cfg["hf.gn_batch_size"], cfg["hf.warm_start"], cfg["weight_decay"])
+        self.damping0, self.rule, self.cg_tol = cfg["hf.damping"], cfg["hf.damping_rule"], cfg["hf.cg_tol"]
         self.backtrack, self.search = cfg["hf.backtrack"], cfg["hf.line_search"]
-        self.weight_decay = cfg["weight_decay"]
 
-    def setup(self, model, data, cfg):
-        self.model = model
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
         self.damping = float(self.damping0)
-        self.prev = torch.zeros_like(flatten(model_params(model))).detach()
+        self.prev = torch.zeros_like(flatten(model_params(self.model))).detach()
         self.steps, self.skipped, self.cg_total = 0, 0, 0
-
-    def objective(self, params: Params, x, y) -> float:
-        """f at `params` on (x, y): mean cross-entropy + wd/2 ||theta||^2, buffers untouched."""
-        with torch.no_grad():
-            loss = F.cross_entropy(forward(self.model, params, x), y)
-            return loss.item() + 0.5 * self.weight_decay * sum((p * p).sum() for p in params.values()).item()
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         """One HF iteration on batch (x (B, ...), y (B,)); `lr` is not used."""
-        model, wd = self.model, self.weight_decay
-        params = model_params(model)
-        theta = flatten(params).detach()                                          # (P,)
-        # 1. gradient on the whole batch (the one real forward: BatchNorm statistics update here)
-        logits = model(batch.x)
-        loss = F.cross_entropy(logits, batch.y)
-        g = flatten(torch.autograd.grad(loss, list(params.values()))).detach() + wd * theta
-        f0 = loss.item() + 0.5 * wd * theta.dot(theta).item()
-        # 2. curvature on a sub-batch, preconditioner, CG on (G + lambda I) d = -g
-        m = min(self.gn_batch, len(batch.y))
-        G = GaussNewton(model, params, batch.x[:m], batch.y[:m], wd)
-        lam = self.damping
-        precond = (G.fisher_diagonal(self.chunk) + wd + lam) ** self.xi if self.xi > 0 else None
-        cg = pcg(lambda v: G(v) + lam * v, -g, precond, x0=self.decay * self.prev if self.decay > 0 else None,
-                 max_iters=self.cg_iters, tol=self.cg_tol)
-        self.prev = cg.x.detach()
-        # 3. choose a CG iterate, judge the model (rho), adapt lambda, search the step size
-        f_at = lambda d: self.objective({k: p.detach() + v for (k, p), v in
-                                          zip(params.items(), unflatten(d, params).values())}, batch.x, batch.y)
-        if self.backtrack:
-            j, f1 = cg_backtrack(f_at, cg.iterates)
-        else:
-            j, f1 = len(cg.iterates) - 1, f_at(cg.iterates[-1][1])
-        _, d, phi = cg.iterates[j]
-        predicted = phi - 0.5 * lam * d.dot(d).item()            # q(d) - q(0) without the damping term
-        rho = (f1 - f0) / predicted if predicted < 0 else -1.0   # no predicted decrease: a failed step
+        s, lam = self.s, self.damping
+        params, loss, logits, g, f0 = hf_gradient(self.model, batch, s.weight_decay)
+        x0 = s.warm_start * self.prev if s.warm_start > 0 else None
+        step = hf_direction(self.model, params, batch.x, batch.y, g, f0, lam, s, x0=x0, tol=self.cg_tol,
+                            backtrack=self.backtrack)
+        self.prev = step.cg.x.detach()
         if self.rule == "lm":
-            self.damping = lm_damping(lam, rho)
-        alpha, f_new = line_search(lambda a: f_at(a * d), f0, g.dot(d).item(), f1) if self.search else (1.0, f1)
-        with torch.no_grad():
-            for p, v in zip(params.values(), unflatten(alpha * d, params).values()):
-                p.add_(v)
+            self.damping = lm_damping(lam, step.rho)
+        alpha, f_new = hf_apply(params, step, g, f0, self.search)
         self.steps += 1
         self.skipped += alpha == 0.0
-        self.cg_total += cg.iters
-        return {"loss": loss.item(), "acc": (logits.argmax(1) == batch.y).float().mean().item(),
-                "damping": lam, "rho": float(rho), "cg_iters": float(cg.iters),
-                "cg_chosen": float(cg.iterates[j][0]), "step_size": alpha, "f_after": f_new}
+        self.cg_total += step.cg.iters
+        return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean(),
+                "damping": lam, "rho": float(step.rho), "cg_iters": float(step.cg.iters),
+                "cg_chosen": float(step.cg.iterates[step.chosen][0]), "step_size": alpha, "f_after": f_new}
 
     def state_dict(self) -> dict:
         return {"damping": self.damping, "prev": self.prev, "steps": self.steps,
@@ -349,7 +405,7 @@ class HessianFree:
         self.skipped, self.cg_total = state["skipped"], state["cg_total"]
         self.prev = state["prev"].clone()
 
-    def extras(self) -> dict:
+    def extras(self, streams) -> dict:
         return {"final_damping": self.damping, "cg_iters_mean": self.cg_total / max(self.steps, 1),
                 "skipped_steps": self.skipped}
 
@@ -360,10 +416,14 @@ class AdamArm(Baseline):
 
     name = "adam"
 
-    def setup(self, model, data, cfg):
-        self.model = model
-        self.scale = cfg["adam.lr"] / cfg["lr"]
-        self.opt = torch.optim.Adam(model.parameters(), lr=cfg["adam.lr"], weight_decay=cfg["weight_decay"])
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.adam_lr, self.scale = cfg["adam.lr"], cfg["adam.lr"] / cfg["lr"]
+
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.opt = torch.optim.Adam(self.model.parameters(), lr=self.adam_lr,
+                                    weight_decay=self.opt_cfg["weight_decay"])
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         return super().step(batch, meta_batch, lr * self.scale)
@@ -434,17 +494,16 @@ class AdamArm(Baseline):
 # buffer entry; its end state goes back into the buffer (replacing a random entry once full). So
 # episodes chain into long target runs, and the buffer holds early and late training states side by
 # side (their ages are reported). A replayed state keeps the nets' hidden states as they were when
-# it was stored, i.e. computed with older weights of the nets. Meta-training runs once, before the
-# first training step of the `mlhf` arm (inside that step's time, so the arm's train_seconds and the
-# baseline at its wall-clock include it), on the arm's own training split; its seconds are recorded
-# in the arm's extras.
+# it was stored, i.e. computed with older weights of the nets. Meta-training is the `mlhf`
+# arm's prepare(): it runs once before training, on the batches of the stream "mlhf_episodes" (the
+# arm's own training split, shuffled apart from training's order); the loop times it as the arm's
+# one_off_seconds (in the budget of the baseline at its wall-clock, not in its step cost).
 
 PRECOND_RANGE = 3.0            # the learned factor of P lies in [e^-3, e^3]
 DAMPING_CORRECTION = math.log(1.4)   # C: the net multiplies LM's lambda by [1/1.4, 1.4]; must stay < log 3/2
 MLHF_DAMPING_MAX = 1e4         # MLHF's damping ceiling (HF's DAMPING_MAX is 1e8)
 SQ_GRAD_DECAY = 0.95           # EMA of g^2 (the preconditioner net's v)
 META_GRAD_CLIP = 1.0           # norm clip of the meta-gradient (a stabiliser)
-META_EPOCH_OFFSET = 1_000_000  # meta-training reads epochs of the training split far from training's own
 N_DAMPING_FEATURES, N_COORD_FEATURES = 4, 3
 
 
@@ -523,14 +582,8 @@ class OptState:
 
 
 @dataclass
-class MLHFSettings:
-    """The per-step settings shared by meta-training and deployment."""
-    cg_iters: int                  # K, fixed and unrolled
-    precond_exponent: float        # xi of the base preconditioner (0 = none)
-    fisher_chunk: int
-    gn_batch: int
-    warm_start: float
-    weight_decay: float
+class MLHFSettings(HFSettings):
+    """The per-step settings shared by meta-training and deployment (cg_iters is K)."""
     hidden_damping: int
     hidden_precond: int
     damping0: float
@@ -550,21 +603,35 @@ def mlhf_features(state: OptState, g: Vector) -> tuple[torch.Tensor, torch.Tenso
     return u, X, v
 
 
-def mlhf_direction(nets: MLHFNets, state: OptState, u, X, g: Vector, G: "GaussNewton", fisher: Vector,
-                   x0: Vector | None, s: MLHFSettings):
-    """The differentiable core of one MLHF step: the nets, then K unrolled PCG iterations on
-    (G + lambda I) d = -g. Returns (cg result, lambda (), P (P,), log lambda, h_d, h_p)."""
-    log_lam, h_d = nets.damping(u, state.h_damping, state.log_damping, state.last_rho)
-    log_factor, h_p = nets.precond(X, state.h_precond)
-    lam = log_lam.exp()
-    base = (fisher + s.weight_decay + lam) ** s.precond_exponent if s.precond_exponent > 0 else 1.0
-    P = base * log_factor.exp()
-    cg = pcg(lambda v: G(v) + lam * v, -g, P, x0=x0, max_iters=s.cg_iters, tol=0.0, rtol=0.0)
-    return cg, lam, P, log_lam, h_d, h_p
+def mlhf_step(nets: MLHFNets, state: OptState, model, params: Params, x, y, g: Vector, f0: float,
+              s: MLHFSettings, consts: dict | None = None):
+    """One MLHF step at `params` on (x, y), for deployment (under no_grad) and the unroll alike:
+    the features of (state, g), the nets' lambda_t and preconditioner factor, then `hf_direction`
+    with exactly K CG iterations and no backtracking.
+
+    Returns (HFStep, the next OptState, the step's constants, log factor (P,)). The constants (g,
+    f0, G and the Fisher diagonal, the features, the CG start, rho, loss change) are the step's
+    stop-gradients; pass them back as `consts` to redo the step with them held (g is then unused).
+    """
+    if consts is None:
+        u, X, v = mlhf_features(state, g)
+        x0 = s.warm_start * state.prev_update if s.warm_start > 0 and state.age > 0 else None
+        c = {"g": g, "f0": f0, "u": u, "X": X, "v": v, "x0": x0, "curvature": None}
+    else:
+        c = consts
+    log_lam, h_d = nets.damping(c["u"], state.h_damping, state.log_damping, state.last_rho)
+    log_factor, h_p = nets.precond(c["X"], state.h_precond)
+    step = hf_direction(model, params, x, y, c["g"], c["f0"], log_lam.exp(), s, factor=log_factor.exp(),
+                        x0=c["x0"], tol=0.0, rtol=0.0, curvature=c["curvature"])
+    if consts is None:                  # rho and the loss change: the next step's LM factor and features
+        c.update(curvature=(step.G, step.fisher), rho=step.rho,
+                 change=(step.f1 - c["f0"]) / max(abs(c["f0"]), 1e-12))
+    new = OptState(log_lam, h_d, h_p, c["v"], step.d.detach(), c["rho"], c["change"], state.age + 1)
+    return step, new, c, log_factor
 
 
 def _objective(model, theta: Vector, like: Params, x, y, wd: float) -> torch.Tensor:
-    """f(theta) = mean CE + wd/2 ||theta||^2 on (x, y), through a functional forward (buffers copied)."""
+    """f(theta) = mean CE + wd/2 ||theta||^2 on (x, y), differentiable in theta (P,), buffers copied."""
     return F.cross_entropy(forward(model, unflatten(theta, like), x), y) + 0.5 * wd * theta.dot(theta)
 
 
@@ -575,13 +642,12 @@ def unroll(nets: MLHFNets, model, like: Params, theta0: Vector, state: OptState,
     batches: [(x, y)] * (T + 1); step t uses batches[t] for g_t and G_t (its first s.gn_batch
     examples), the meta-loss term after it uses batches[t + 1]. Returns (meta-loss L (), theta_T
     (P,) detached, the end state detached, records): records[t] holds the step's constants (see
-    the section comment) and its rho and loss change (the next step's LM factor and features);
-    pass them back as `frozen` to re-evaluate L with the same constants.
+    `mlhf_step` and the section comment); pass them back as `frozen` to re-evaluate L with them.
     """
     T = len(batches) - 1
     theta, records, terms = theta0.detach(), [], []
     wd = s.weight_decay
-    f_theta = None
+    f_theta = g = f0 = None
     for t in range(T):
         x, y = batches[t]
         if frozen is None:
@@ -591,28 +657,11 @@ def unroll(nets: MLHFNets, model, like: Params, theta0: Vector, state: OptState,
                 g = torch.autograd.grad(f_theta, th)[0]
             else:
                 g = torch.autograd.grad(f_theta, theta, retain_graph=True)[0]   # f_theta: the last term
-            G = GaussNewton(model, unflatten(theta.detach(), like), x[:s.gn_batch], y[:s.gn_batch], wd)
-            fisher = G.fisher_diagonal(s.fisher_chunk) if s.precond_exponent > 0 else None
-            u, X, v = mlhf_features(state, g)
-            x0 = s.warm_start * state.prev_update if s.warm_start > 0 and state.age > 0 else None
-            rec = {"g": g, "G": G, "fisher": fisher, "u": u, "X": X, "v": v, "x0": x0, "f0": f_theta.item()}
-            records.append(rec)
-        else:
-            rec = frozen[t]
-        cg, lam, P, log_lam, h_d, h_p = mlhf_direction(nets, state, rec["u"], rec["X"], rec["g"], rec["G"],
-                                                       rec["fisher"], rec["x0"], s)
-        d = cg.x
-        if frozen is None:                                          # rho and loss change: next step's features
-            with torch.no_grad():
-                f1 = _objective(model, theta.detach() + d.detach(), like, x, y, wd).item()
-            predicted = cg.phi - 0.5 * lam.item() * d.detach().dot(d.detach()).item()
-            rho = (f1 - rec["f0"]) / predicted if predicted < 0 else -1.0
-            change = (f1 - rec["f0"]) / max(abs(rec["f0"]), 1e-12)
-            rec["rho"], rec["change"] = rho, change
-        else:                                                       # the recorded ones: the same LM factor
-            rho, change = rec["rho"], rec["change"]
-        theta = theta + d
-        state = OptState(log_lam, h_d, h_p, rec["v"], d.detach(), rho, change, state.age + 1)
+            f0 = f_theta.item()
+        step, state, rec, _ = mlhf_step(nets, state, model, unflatten(theta.detach(), like), x, y, g, f0, s,
+                                        None if frozen is None else frozen[t])
+        records.append(rec)
+        theta = theta + step.d
         xn, yn = batches[t + 1]
         f_theta = _objective(model, theta, like, xn, yn, wd)
         terms.append(f_theta.log())
@@ -643,16 +692,11 @@ class MetaTrainConfig:
     seed: int
 
 
-def meta_train(nets: MLHFNets, model, next_batch: Callable[[], tuple], s: MLHFSettings, m: MetaTrainConfig,
-               start: OptState | None = None) -> dict:
+def meta_train(nets: MLHFNets, model, batch_at: Callable[[int], tuple], s: MLHFSettings, m: MetaTrainConfig) -> dict:
     """Meta-train `nets` in place on episodes of MLHF training of `model`'s architecture (see the
-    section comment: meta-loss, stop-gradients, replay). next_batch() -> (x, y), a new training batch.
-    Returns statistics: the meta-loss per episode, seconds, replay ages."""
-    import time
-
-    from ..train import NonFiniteError
-
-    t0 = time.perf_counter()
+    section comment: meta-loss, stop-gradients, replay). batch_at(i) -> (x, y), the i-th training
+    batch (episode e uses batches e (T + 1) ... e (T + 1) + T). Returns statistics: the meta-loss
+    per episode, how many episodes started fresh, the ages of the replayed states."""
     like = {k: p.detach() for k, p in model_params(model).items()}
     P = sum(p.numel() for p in like.values())
     ref = next(iter(like.values()))
@@ -667,7 +711,7 @@ def meta_train(nets: MLHFNets, model, next_batch: Callable[[], tuple], s: MLHFSe
             fresh += 1
         else:
             theta0, state = replay[int(torch.randint(len(replay), (), generator=rng))]
-        batches = [next_batch() for _ in range(m.unroll + 1)]
+        batches = [batch_at(it * (m.unroll + 1) + j) for j in range(m.unroll + 1)]
         loss, theta_end, state_end, _ = unroll(nets, model, like, theta0, state, batches, s)
         if not torch.isfinite(loss):
             raise NonFiniteError(f"MLHF meta-training episode {it}: meta_loss is {loss.item()} "
@@ -686,19 +730,18 @@ def meta_train(nets: MLHFNets, model, next_batch: Callable[[], tuple], s: MLHFSe
         elif m.replay_size > 0:
             replay[int(torch.randint(len(replay), (), generator=rng))] = entry
     ages = [st.age for _, st in replay] or [0]
-    return {"meta_losses": losses, "meta_train_seconds": time.perf_counter() - t0, "fresh_episodes": fresh,
+    return {"meta_losses": losses, "fresh_episodes": fresh,
             "replay_age_mean": sum(ages) / len(ages), "replay_age_max": max(ages)}
 
 
-class MLHF:
-    """MLHF as a plug-in of the training loop (name "mlhf"). The first call of step() meta-trains
-    the nets (hf.mlhf_meta_steps episodes, 0 = keep the initial nets, i.e. HF with LM damping);
-    every step then runs the learned HF step on the real model. The loop's learning rate is not
-    used. State: the nets' weights, the optimiser state (OptState) and the meta-training
-    statistics, all restored by load_state_dict, so a resumed run does not meta-train again."""
+class MLHF(Method):
+    """MLHF as a plug-in of the training loop (name "mlhf"). prepare() meta-trains the nets
+    (hf.mlhf_meta_steps episodes, 0 = keep the initial nets, i.e. HF with LM damping); every step
+    then runs the learned HF step on the real model. The loop's learning rate is not used. State:
+    the nets' weights, the optimiser state (OptState) and the meta-training statistics, all
+    restored by load_state_dict, so a resumed run does not meta-train again."""
 
     name = "mlhf"
-    uses_meta = False
 
     def __init__(self, cfg: dict):
         self.s = MLHFSettings(cfg["hf.mlhf_cg_iters"], cfg["hf.precond_exponent"], cfg["hf.fisher_chunk"],
@@ -708,84 +751,40 @@ class MLHF:
                          replay_size=cfg["hf.mlhf_replay_size"], fresh_prob=cfg["hf.mlhf_fresh_prob"])
         self.search = cfg["hf.mlhf_line_search"]
 
-    def setup(self, model, data, cfg):
-        self.model = model
-        like = flatten(model_params(model)).detach()
-        self.meta_seed = int(torch.randint(2 ** 31 - 1, ()))        # deterministic: the loop seeds before
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        like = flatten(model_params(self.model)).detach()
+        self.meta_seed = int(torch.randint(2 ** 31 - 1, ()))   # from the global RNG, seeded by the caller
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.meta_seed)
             self.nets = MLHFNets(self.s.hidden_damping, self.s.hidden_precond).to(like)
         self.state = OptState.fresh(len(like), self.s.hidden_damping, self.s.hidden_precond, self.s.damping0, like)
-        self.loader = data.train if data is not None else None
-        self.meta_stats: dict = {}
+        self.meta_stats = {"meta_losses": [], "fresh_episodes": 0, "replay_age_mean": 0.0, "replay_age_max": 0}
         self.steps, self.skipped = 0, 0
 
-    def _meta_train(self, batch: Batch) -> None:
+    def prepare(self) -> None:
+        """Meta-train the nets on batches of the stream 'mlhf_episodes' (the training split)."""
         if self.meta["steps"] > 0:
-            counter = iter(range(10 ** 9))
-            loader = self.loader
+            def batch_at(i):
+                b = self.ctx.streams.batch("mlhf_episodes", i)
+                return b.x, b.y
 
-            def next_batch():
-                if loader is None:                                # tests without a loader: the step's batch
-                    return batch.x, batch.y
-                e, b = divmod(next(counter), len(loader))
-                nb = next(loader.epoch(META_EPOCH_OFFSET + e, start=b))
-                return nb.x, nb.y
-
-            with torch.random.fork_rng(devices=[]):
-                stats = meta_train(self.nets, self.model, next_batch, self.s,
-                                   MetaTrainConfig(seed=self.meta_seed, **self.meta))
-        else:
-            stats = {"meta_losses": [], "meta_train_seconds": 0.0, "fresh_episodes": 0,
-                     "replay_age_mean": 0.0, "replay_age_max": 0}
-        self.meta_stats = stats
+            self.meta_stats = meta_train(self.nets, self.model, batch_at, self.s,
+                                         MetaTrainConfig(seed=self.meta_seed, **self.meta))
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
-        """One learned HF step on batch (x (B, ...), y (B,)); meta-trains first if not done yet."""
-        if not self.meta_stats:
-            self._meta_train(batch)
-        model, s, wd = self.model, self.s, self.s.weight_decay
-        params = model_params(model)
-        theta = flatten(params).detach()
-        logits = model(batch.x)                                   # the one real forward (BatchNorm stats)
-        loss = F.cross_entropy(logits, batch.y)
-        g = flatten(torch.autograd.grad(loss, list(params.values()))).detach() + wd * theta
-        f0 = loss.item() + 0.5 * wd * theta.dot(theta).item()
-        m = min(s.gn_batch, len(batch.y))
-        G = GaussNewton(model, params, batch.x[:m], batch.y[:m], wd)
-        fisher = G.fisher_diagonal(s.fisher_chunk) if s.precond_exponent > 0 else None
-        state = self.state
-        u, X, v = mlhf_features(state, g)
-        x0 = s.warm_start * state.prev_update if s.warm_start > 0 and state.age > 0 else None
+        """One learned HF step on batch (x (B, ...), y (B,))."""
+        params, loss, logits, g, f0 = hf_gradient(self.model, batch, self.s.weight_decay)
         with torch.no_grad():
-            log_lam, h_d = self.nets.damping(u, state.h_damping, state.log_damping, state.last_rho)
-            log_factor, h_p = self.nets.precond(X, state.h_precond)
-        lam = log_lam.exp().item()
-        base = (fisher + wd + lam) ** s.precond_exponent if s.precond_exponent > 0 else 1.0
-        cg = pcg(lambda w: G(w) + lam * w, -g, base * log_factor.exp(), x0=x0, max_iters=s.cg_iters, tol=0.0, rtol=0.0)
-        d = cg.x.detach()
-        like = {k: p.detach() for k, p in params.items()}
-        f_at = lambda a: self.objective_at(theta + a * d, like, batch)
-        f1 = f_at(1.0)
-        predicted = cg.phi - 0.5 * lam * d.dot(d).item()
-        rho = (f1 - f0) / predicted if predicted < 0 else -1.0
-        alpha, f_new = line_search(f_at, f0, g.dot(d).item(), f1) if self.search else (1.0, f1)
-        with torch.no_grad():
-            for p, w in zip(params.values(), unflatten(alpha * d, params).values()):
-                p.add_(w)
-        self.state = OptState(log_lam, h_d, h_p, v, d, rho, (f1 - f0) / max(abs(f0), 1e-12), state.age + 1)
+            step, self.state, _, log_factor = mlhf_step(self.nets, self.state, self.model, params,
+                                                        batch.x, batch.y, g, f0, self.s)
+        alpha, f_new = hf_apply(params, step, g, f0, self.search)
         self.steps += 1
         self.skipped += alpha == 0.0
-        out = {"loss": loss.item(), "acc": (logits.argmax(1) == batch.y).float().mean().item(),
-               "damping": lam, "rho": float(rho), "step_size": alpha, "f_after": f_new,
-               "precond_factor_min": log_factor.min().exp().item(), "precond_factor_max": log_factor.max().exp().item()}
-        if self.steps == 1:
-            out["meta_train_seconds"] = float(self.meta_stats["meta_train_seconds"])
-        return out
-
-    def objective_at(self, theta: Vector, like: Params, batch: Batch) -> float:
-        with torch.no_grad():
-            return _objective(self.model, theta, like, batch.x, batch.y, self.s.weight_decay).item()
+        return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean(),
+                "damping": self.state.log_damping.exp(), "rho": float(step.rho), "step_size": alpha,
+                "f_after": f_new, "precond_factor_min": log_factor.min().exp(),
+                "precond_factor_max": log_factor.max().exp()}
 
     def state_dict(self) -> dict:
         return {"nets": self.nets.state_dict(), "opt_state": self.state.to_dict(), "meta_stats": self.meta_stats,
@@ -798,15 +797,15 @@ class MLHF:
         self.meta_stats = dict(state["meta_stats"])
         self.steps, self.skipped = state["steps"], state["skipped"]
 
-    def extras(self) -> dict:
+    def extras(self, streams) -> dict:
         ms = self.meta_stats
-        losses = ms.get("meta_losses", [])
+        losses = ms["meta_losses"]
         k = max(1, len(losses) // 5)
-        return {"meta_train_seconds": ms.get("meta_train_seconds", 0.0), "meta_episodes": len(losses),
+        return {"meta_episodes": len(losses),
                 "meta_loss_first": sum(losses[:k]) / k if losses else None,
                 "meta_loss_last": sum(losses[-k:]) / k if losses else None,
-                "fresh_episodes": ms.get("fresh_episodes", 0), "replay_age_mean": ms.get("replay_age_mean", 0.0),
-                "replay_age_max": ms.get("replay_age_max", 0), "final_damping": math.exp(float(self.state.log_damping)),
+                "fresh_episodes": ms["fresh_episodes"], "replay_age_mean": ms["replay_age_mean"],
+                "replay_age_max": ms["replay_age_max"], "final_damping": math.exp(float(self.state.log_damping)),
                 "skipped_steps": self.skipped,
                 "meta_params": sum(p.numel() for p in self.nets.parameters())}
 
@@ -859,17 +858,17 @@ PRESETS: dict = {
 }
 
 
+
+ARMS = {"baseline": Arm(Baseline), "adam": Arm(AdamArm), "hf": Arm(HessianFree), "mlhf": Arm(MLHF)}
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """Arms at equal epochs: baseline (SGD with Nesterov momentum), adam, hf, mlhf (the chapter's
     method: its metrics are the record's); and the baseline at mlhf's wall-clock, which includes
-    mlhf's meta-training (also recorded alone as cost.meta_train_seconds)."""
+    mlhf's meta-training (its one-off stage, also recorded as cost.meta_train_seconds)."""
     from ..train import run_arms
 
-    from ..results import seed_stats
-
-    record = run_arms("meta_hf", "mlhf", {"baseline": Baseline, "adam": AdamArm, "hf": HessianFree, "mlhf": MLHF},
-                      cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset, same_time_for="mlhf")
-    seconds = [e["meta_train_seconds"] for e in record["arms"]["mlhf"].get("extras", {}).values()]
-    if seconds:
-        record["cost"]["meta_train_seconds"] = seed_stats(seconds)["mean"]
+    record = run_arms("meta_hf", "mlhf", ARMS, cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset,
+                      same_time_for="mlhf")
+    record["cost"]["meta_train_seconds"] = record["arms"]["mlhf"]["one_off_seconds"]["mean"]
     return record
