@@ -12,6 +12,7 @@ import math
 import os
 import platform
 import subprocess
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -96,16 +97,45 @@ def write_result(record: dict, out_dir: str | Path) -> Path:
     return write_json(record, Path(out_dir) / "result.json")
 
 
+class RecordError(ValueError):
+    """A result record (result.json or runs/*.json) that cannot be read. The message is one line
+    naming the file and the fix."""
+
+
 def load_result(path: str | Path) -> dict:
+    """The record in `path` (a result.json, or a folder holding one). A file that is not a JSON
+    object raises RecordError naming it; a missing one, FileNotFoundError."""
     path = Path(path)
-    return json.loads((path / "result.json" if path.is_dir() else path).read_text())
+    path = path / "result.json" if path.is_dir() else path
+    try:
+        record = json.loads(path.read_bytes())
+    except (ValueError, UnicodeDecodeError) as err:       # JSONDecodeError is a ValueError
+        raise RecordError(f"{path} is not a readable result record ({type(err).__name__}: "
+                          f"{' '.join(str(err).split())}); delete it or move it aside, and run "
+                          f"again to record it afresh") from None
+    if not isinstance(record, dict):
+        raise RecordError(f"{path} is not a result record (it holds a JSON {type(record).__name__}, "
+                          f"not an object); delete it or move it aside, and run again to record it afresh")
+    return record
 
 
 def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR) -> list[dict]:
-    """All recorded result.json files of a chapter under book/results/ (any preset), newest first."""
-    runs = [load_result(p) for p in Path(results_dir).glob("**/result.json")]
+    """All recorded result.json files of a chapter under book/results/ (any preset), newest first.
+    A record that cannot be read is skipped with a one-line warning naming it."""
+    runs = []
+    for p in sorted(Path(results_dir).glob("**/result.json")):
+        try:
+            runs.append(load_result(p))
+        except (RecordError, OSError) as err:
+            warnings.warn(f"skipped a recorded run: {err}", stacklevel=2)
     runs = [r for r in runs if r.get("chapter") == chapter]
-    return sorted(runs, key=lambda r: r.get("provenance", {}).get("date", ""), reverse=True)
+    return sorted(runs, key=lambda r: str(_field(r, "provenance").get("date", "")), reverse=True)
+
+
+def _field(record: dict, key: str) -> dict:
+    """record[key] if it is a dict, else {} (a hand-edited record must not break a chapter)."""
+    value = record.get(key)
+    return value if isinstance(value, dict) else {}
 
 
 def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS_DIR,
@@ -113,7 +143,7 @@ def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS
     """The newest recorded run of a chapter at a preset whose config has the `where` values
     (e.g. {"noise.kind": "pairflip"}), or None."""
     runs = [r for r in recorded_runs(chapter, results_dir) if r.get("preset") == preset
-            and all(r.get("config", {}).get(k) == v for k, v in (where or {}).items())]
+            and all(_field(r, "config").get(k) == v for k, v in (where or {}).items())]
     return runs[0] if runs else None
 
 
