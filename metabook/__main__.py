@@ -7,6 +7,11 @@
     python -m metabook config CHAPTER --preset cpu [--set key=value ...]   # print the resolved config
     python -m metabook build [--preset smoke|cpu|gpu|auto]                  # execute chapters, render the book
     python -m metabook student OUT_DIR                                      # notebooks without solutions
+
+An expected failure (bad input, a bad data file, no download, a diverged or interrupted run, a
+broken book source) ends in one line on stderr, `error: <cause>; <fix>`, and a non-zero exit
+code: 2 for bad input (config, arguments, data), 1 for the others, 130 for Ctrl-C. Anything
+else is a bug and shows its traceback.
 """
 from __future__ import annotations
 
@@ -16,8 +21,19 @@ import sys
 from pathlib import Path
 
 
+class _Parser(argparse.ArgumentParser):
+    """argparse, but a bad argument is one line (not the usage block) naming --help."""
+
+    def error(self, message):
+        self.exit(2, f"error: {message} (see {self.prog} --help)\n")
+
+
+def _one_line(err) -> str:
+    return " ".join(str(err).split())
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="python -m metabook", description=__doc__.split("\n\n")[0])
+    p = _Parser(prog="python -m metabook", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a chapter's experiment and write DIR/result.json")
     run.add_argument("chapter")
@@ -46,8 +62,21 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    from .config import ConfigError, parse_overrides, resolve_preset
+    try:
+        return _main(args)
+    except KeyboardInterrupt:
+        print("error: interrupted (Ctrl-C); run the same command again to go on (a run resumes "
+              "from the last checkpoint in its --out folder)", file=sys.stderr)
+        return 130
+
+
+def _main(args) -> int:
+    from .build import BuildError
+    from .config import ConfigError, check_seeds, parse_overrides, resolve_preset
+    from .data import DataError
     from .download import DownloadError
+    from .results import RecordError
+    from .train import NonFiniteError, RunError
 
     try:
         if args.command == "bench":
@@ -56,11 +85,9 @@ def main(argv: list[str] | None = None) -> int:
             from .methods import run_chapter
             from .results import format_table, arms_table
 
-            if args.seeds < 1:
-                raise ConfigError(f"--seeds {args.seeds} is not valid; it must be >= 1")
+            seeds = check_seeds(args.seed, args.seeds)
             preset = resolve_preset(args.preset)
             out = Path(args.out or f"runs/{args.chapter}-{preset}")
-            seeds = list(range(args.seed, args.seed + args.seeds))
             record = run_chapter(args.chapter, preset, seeds, out, parse_overrides(args.set),
                                  progress=not args.no_progress)
             ds = record["dataset"]
@@ -88,16 +115,12 @@ def main(argv: list[str] | None = None) -> int:
 
             for path in write_student_versions("book", args.out_dir):
                 print(path)
-    except (ConfigError, DownloadError, FileNotFoundError) as err:
-        print(f"error: {err}", file=sys.stderr)
+    except (ConfigError, DataError, FileNotFoundError) as err:          # bad input
+        print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2
-    except Exception as err:
-        from .build import BuildError
-
-        if isinstance(err, BuildError):
-            print(f"error: {err}", file=sys.stderr)
-            return 1
-        raise
+    except (DownloadError, RecordError, NonFiniteError, RunError, BuildError) as err:
+        print(f"error: {_one_line(err)}", file=sys.stderr)
+        return 1
     return 0
 
 

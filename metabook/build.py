@@ -48,7 +48,12 @@ IGNORED = shutil.ignore_patterns(".ipynb_checkpoints", "__pycache__", "*.pyc", "
 
 
 class BuildError(RuntimeError):
-    """The book could not be built. The message says which chapter (and cell) or step failed."""
+    """The book could not be built. The message is one line saying which chapter (and cell),
+    file or step failed, and what to do."""
+
+
+def _one_line(text) -> str:
+    return " ".join(str(text).split())
 
 
 # --------------------------------------------------------------------------------------------
@@ -70,8 +75,23 @@ def _toc_pages(root: Path) -> list[Path]:
     toc_path = root / "_toc.yml"
     if not toc_path.exists():
         raise BuildError(f"no table of contents: {toc_path} does not exist")
-    toc = yaml.safe_load(toc_path.read_text(encoding="utf-8"))
-    names = [toc["root"]] + _toc_files(toc)
+    try:
+        toc = yaml.safe_load(toc_path.read_text(encoding="utf-8"))
+        if not isinstance(toc, dict) or "root" not in toc:
+            raise ValueError("it has no `root:` entry")
+        names = [toc["root"]] + _toc_files(toc)
+        if not all(isinstance(n, str) for n in names):
+            raise ValueError("a `root:` or `file:` entry is not a file name")
+    except (yaml.YAMLError, ValueError, TypeError, AttributeError, KeyError, UnicodeDecodeError) as err:
+        mark = getattr(err, "problem_mark", None)
+        if isinstance(err, yaml.YAMLError) and mark is not None:
+            why = f"YAML error at line {mark.line + 1}, column {mark.column + 1}: {err.problem}"
+        elif isinstance(err, ValueError):
+            why = _one_line(err)
+        else:
+            why = f"{type(err).__name__}: {_one_line(err)}"
+        raise BuildError(f"{toc_path} is not a valid table of contents ({why}); fix it: it needs "
+                         f"`root: intro` and `chapters:` (or `parts:`) entries of `- file: book/NAME`") from None
     pages = []
     for name in names:
         base = root / name
@@ -196,17 +216,25 @@ def write_student_versions(src_dir: str | Path, out_dir: str | Path) -> list[Pat
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     notebooks = sorted(src_dir.glob("*.ipynb"))
     if not notebooks:
-        raise BuildError(f"no notebooks in {src_dir}")
-    out_dir.mkdir(parents=True, exist_ok=True)
+        raise BuildError(f"no notebooks in {src_dir}; run this from the repository root (it holds book/)")
     written = []
-    for path in notebooks:
-        nb = nbformat.read(path, as_version=4)
-        target = out_dir / path.name
-        nbformat.write(student_version(nb), target)
-        written.append(target)
-    if (src_dir / "results").is_dir():
-        shutil.copytree(src_dir / "results", out_dir / "results", dirs_exist_ok=True,
-                        ignore=IGNORED)
+    try:
+        out_dir.mkdir(parents=True, exist_ok=True)
+        for path in notebooks:
+            try:
+                nb = nbformat.read(path, as_version=4)
+            except ValueError as err:                    # not JSON, not a notebook
+                raise BuildError(f"{path} is not a readable notebook ({_one_line(err)[:200]})") from None
+            target = out_dir / path.name
+            nbformat.write(student_version(nb), target)
+            written.append(target)
+        if (src_dir / "results").is_dir():
+            shutil.copytree(src_dir / "results", out_dir / "results", dirs_exist_ok=True,
+                            ignore=IGNORED)
+    except (OSError, shutil.Error) as err:
+        raise BuildError(f"cannot write the student notebooks to {out_dir} ({type(err).__name__}: "
+                         f"{_one_line(getattr(err, 'strerror', None) or err)}); choose a folder "
+                         f"you can write to") from None
     return written
 
 
@@ -264,11 +292,11 @@ def _execute(nb_path: Path, parameters: dict, kernel_name: str, name: str, faile
         first_line = (err.source or "").strip().splitlines()[:1]
         raise BuildError(
             f"chapter {name} failed in cell In [{err.exec_count}] "
-            f"({first_line[0] if first_line else 'empty cell'!r}): {err.ename}: {err.evalue}\n"
-            f"The executed notebook with the traceback: {failed_dir / nb_path.name}") from err
+            f"({first_line[0] if first_line else 'empty cell'!r}): {err.ename}: {_one_line(err.evalue)}; "
+            f"the executed notebook with the traceback: {failed_dir / nb_path.name}") from err
     except Exception as err:  # the kernel died, could not start, timed out, ...
         raise BuildError(f"chapter {name} could not be executed: "
-                         f"{type(err).__name__}: {err}") from err
+                         f"{type(err).__name__}: {_one_line(err)}") from err
 
 
 def _jupyter_book(src: Path, out: Path) -> subprocess.CompletedProcess:
@@ -343,8 +371,13 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
     selected = _select(all_chapters, chapters)
     for path in selected:
         _check_parameters_cell(path)
-    _copy_sources(root, src)
-    executed.mkdir(parents=True, exist_ok=True)
+    try:
+        _copy_sources(root, src)
+        executed.mkdir(parents=True, exist_ok=True)
+    except (OSError, shutil.Error) as err:
+        raise BuildError(f"cannot write the build folder {build_dir} ({type(err).__name__}: "
+                         f"{_one_line(getattr(err, 'strerror', None) or err)}); choose another "
+                         f"--build-dir") from None
     shutil.rmtree(build_dir / "failed", ignore_errors=True)
     if chapters is None:  # a full build: no stale executed notebooks for nbval to pick up
         for old in executed.glob("*.ipynb"):
@@ -407,8 +440,8 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
         print("FAILED", flush=True)
         problems = [line for line in (proc.stdout + proc.stderr).splitlines()
                     if "WARNING" in line or "ERROR" in line or "Error" in line]
-        raise BuildError("jupyter-book build failed (warnings count as errors):\n"
-                         + "\n".join(problems[:40]) + f"\nFull log: {log}")
+        raise BuildError("jupyter-book build failed (warnings count as errors): "
+                         + " | ".join(_one_line(p) for p in problems[:40]) + f"; full log: {log}")
     print(f"{report['jupyter_book_seconds']:.1f} s", flush=True)
 
     html = build_dir / "html"
