@@ -132,10 +132,10 @@ def _read_npz(key: tuple, name: str) -> tuple:
     Keyed by (path, size, mtime), so a file replaced on disk is read (and checked) again."""
     coarse = name == "cifar100_coarse"
     try:
-        f = np.load(key[0], allow_pickle=False)
-        if not isinstance(f, np.lib.npyio.NpzFile):
-            raise DataError("is a single array (.npy), not an .npz archive of x_train, y_train, ...")
-        with f:
+        with open(key[0], "rb") as fh:          # ours to close, even when numpy fails
+            f = np.load(fh, allow_pickle=False)
+            if not isinstance(f, np.lib.npyio.NpzFile):
+                raise DataError("is a single array (.npy), not an .npz archive of x_train, y_train, ...")
             arrays = {k: f[k] for k in f.files}
     except DataError:
         raise
