@@ -441,7 +441,8 @@ class _StopRequest:
 
 def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, seed: int = 0,
           out_dir: str | Path | None = None, progress: bool = True,
-          on_step: Callable[[int, dict], None] | None = None, desc: str | None = None) -> dict:
+          on_step: Callable[[int, dict], None] | None = None, desc: str | None = None,
+          cache_dir: str | Path | None = None) -> dict:
     """Train `model` with `method` for cfg['epochs'] epochs of data.train. Returns a dict with
     metrics, history and cost (one-off seconds, seconds per step, training seconds).
 
@@ -449,6 +450,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     cfg['checkpoint_every'] steps to out_dir/checkpoint.pt; a run that finds one (same config,
     seed, method and data) resumes from it and ends with the same numbers as an uninterrupted
     run. `on_step(step, metrics)` is called after every step (tests use it to interrupt a run).
+    `cache_dir` is where the method's prepare() may keep results to reuse (run_arms: OUT/cache).
     """
     import warnings
 
@@ -465,8 +467,8 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     total = max(1, math.ceil(cfg["epochs"] * spe))
     eval_steps = max(1, round(cfg["eval_every"] * spe))
     streams = data.streams()
-    cache = Path(out_dir).parent.parent / "cache" if out_dir else None      # OUT/cache beside OUT/runs/
-    method.setup(Context(model, streams, total, spe, data.dataset.num_classes, len(data.train.y), seed, cache))
+    method.setup(Context(model, streams, total, spe, data.dataset.num_classes, len(data.train.y), seed,
+                         Path(cache_dir) if cache_dir else None))
 
     step, history, elapsed, step_times, one_off = 0, [], 0.0, [], 0.0
     running: dict[str, float] = {"n": 0}
@@ -746,7 +748,7 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
                 method = arm.factory(arm_cfg)
                 res = train(method, model, data, arm_cfg, seed=seed, progress=progress,
                             out_dir=out / "runs" / f"{name}-seed{seed}" if out else None,
-                            desc=f"{name} seed {seed}")
+                            desc=f"{name} seed {seed}", cache_dir=out / "cache" if out else None)
                 res["cost"].update(peak_memory_bytes=peak, peak_memory_kind=peak_kind)
                 res["seed"], res["config"] = seed, config      # a resumed run must have the same config
                 with torch.no_grad():

@@ -122,15 +122,16 @@ def test_weight_schedules():
 
 
 def run_arm(synthetic, factory, overrides=None, out_dir=None, on_step=None, seed=0):
-    """train() of one arm on TINY; with out_dir, the run's folder is out_dir/runs/arm-seedS, so
-    its cache (prepare()'s ENN) is out_dir/cache, as in run_arms."""
+    """train() of one arm on TINY; with out_dir, the run's folder is out_dir/runs/arm-seedS and
+    its cache (prepare()'s ENN) out_dir/cache, as in run_arms."""
     cfg = chapter_config("grad_instructor", "smoke", {**TINY, **(overrides or {})})
     data = prepare_data(cfg, seed, torch.device("cpu"), synthetic)
     seed_everything(seed)
     model = make_model(cfg, synthetic.num_classes, torch.device("cpu"))
     method = factory(cfg)
     res = train(method, model, data, cfg, seed=seed, progress=False, on_step=on_step,
-                out_dir=out_dir / "runs" / f"arm-seed{seed}" if out_dir else None)
+                out_dir=out_dir / "runs" / f"arm-seed{seed}" if out_dir else None,
+                cache_dir=out_dir / "cache" if out_dir else None)
     res["extras"] = method.extras(data.streams())
     return model, res
 
