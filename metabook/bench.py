@@ -11,7 +11,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
-from .data import DeviceLoader, augment_batch
+from .data import DeviceLoader
 from .meta import reweighting_step
 from .models import build_model
 

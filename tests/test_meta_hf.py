@@ -628,15 +628,8 @@ def test_killed_mlhf_run_resumes_bitwise_without_meta_training_again(tmp_path, m
     """Killed at step 2, the run resumes from the checkpoint written right after prepare()
     (meta-training); at step 8 from the step-6 one. Neither meta-trains again, and both end
     bitwise where the uninterrupted run ends."""
-    import time
-
     model_a, method_a, full = run_mlhf()
     real, calls = meta_hf.meta_train, []
-
-    def slow(*a, **k):              # the loop checkpoints after a one-off stage of over a second
-        time.sleep(1.1)
-        return real(*a, **k)
-    monkeypatch.setattr(meta_hf, "meta_train", slow)
     with pytest.raises(Killed):
         run_mlhf(out_dir=tmp_path, on_step=kill_at(kill))
     monkeypatch.setattr(meta_hf, "meta_train", lambda *a, **k: calls.append(1) or real(*a, **k))

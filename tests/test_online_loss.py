@@ -1,6 +1,5 @@
 """Online loss-function learning: meta-gradients against finite differences, the shape of the
 learned loss, the online/offline wiring, resume, config errors, and the chapter's record."""
-import time
 
 import pytest
 import torch
@@ -276,13 +275,6 @@ def test_killed_online_run_resumes_from_the_checkpoint_after_prepare_bitwise_wit
     overrides = {"checkpoint_every": 0}
     model_a, method_a, full = tiny_run(synthetic, OnlineLoss, overrides)
 
-    real = lfl.offline_init
-
-    def slow_offline_init(*args, **kwargs):      # the loop checkpoints a one-off stage of over 1 s
-        time.sleep(1.0)
-        return real(*args, **kwargs)
-
-    monkeypatch.setattr(lfl, "offline_init", slow_offline_init)
     with pytest.raises(Killed):
         tiny_run(synthetic, OnlineLoss, overrides, out_dir=tmp_path, on_step=kill_at(3))
     assert torch.load(tmp_path / "checkpoint.pt", weights_only=True)["step"] == 0
