@@ -35,13 +35,8 @@ import torch
 import torch.nn.functional as F
 
 from .config import ConfigError, pick_device
-from .data import (Batch, Dataset, DeviceLoader, class_skewed_weights, corrupt_labels,
+from .data import (Batch, Dataset, DeviceLoader, class_skewed_weights, corrupt_labels, dataset_fingerprint,
                    load_dataset, parse_classes, split_train_meta, target_subset)
-try:  # TEMPSHIM: until data.dataset_fingerprint lands
-    from .data import dataset_fingerprint
-except ImportError:
-    def dataset_fingerprint(ds):
-        return None
 from .models import build_model
 
 

@@ -353,3 +353,28 @@ def test_impossible_budgets_fail_before_anything_trains(synthetic):
         run_arms("instance_lr", "instance_lr", ARMS, cfg, [0], progress=False, dataset=synthetic)
     with pytest.raises(ConfigError, match="smaller than one batch"):
         run_tiny(synthetic, {"batch_size": 1000})
+
+
+def test_a_run_folder_is_not_resumed_on_other_data(synthetic, tmp_path):
+    import dataclasses
+
+    changed = dataclasses.replace(synthetic, x_train=synthetic.x_train.clone())
+    changed.x_train[0, 0, 0, 0] += 1                                 # one pixel
+    with pytest.raises(Killed):
+        run_tiny(synthetic, {"checkpoint_every": 4}, out_dir=tmp_path, on_step=kill_at(5))
+    with pytest.raises(RunError, match="checkpoint.pt belongs to another run \\(data differ"):
+        run_tiny(changed, {"checkpoint_every": 4}, out_dir=tmp_path)
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2})
+    run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path / "arms",
+             progress=False, dataset=synthetic)
+    with pytest.raises(RunError, match="another config \\(differs in data\\)"):
+        run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path / "arms",
+                 progress=False, dataset=changed)
+
+
+def test_the_record_says_how_many_test_images_were_used(synthetic):
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2, "test_size": 5000})
+    with pytest.warns(UserWarning, match="test_size=5000 asked for, but the data holds 400"):
+        rec = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], progress=False,
+                       dataset=synthetic)
+    assert rec["dataset"]["test_size"] == 400 and rec["dataset"]["test_size_requested"] == 5000
