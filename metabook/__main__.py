@@ -4,7 +4,7 @@
                                    [--out DIR] [--set key=value ...]
     python -m metabook bench [--preset cpu] [--seeds N] [--out DIR] [--set key=value ...]
                                    # every method against its baseline, same budget: one table
-    python -m metabook config CHAPTER --preset cpu [--set key=value ...]   # print the resolved config
+    python -m metabook config CHAPTER --preset cpu [--set key=value ...] [--json]  # every key explained
     python -m metabook build [--preset smoke|cpu|gpu|auto]                  # execute chapters, render the book
     python -m metabook student OUT_DIR                                      # notebooks without solutions
 
@@ -48,10 +48,11 @@ def _parser() -> argparse.ArgumentParser:
                         help="override a config key" + (", e.g. compare.methods=instance_lr,meta_hf"
                                                         if cmd is bench else ""))
         cmd.add_argument("--no-progress", action="store_true")
-    cfg = sub.add_parser("config", help="print a chapter's resolved config")
+    cfg = sub.add_parser("config", help="print a chapter's keys: type, value, default, valid values, meaning")
     cfg.add_argument("chapter")
     cfg.add_argument("--preset", default="auto")
     cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    cfg.add_argument("--json", action="store_true", help="print the resolved values as JSON")
     build = sub.add_parser("build", help="execute every chapter with papermill and render the book")
     build.add_argument("--preset", default="auto")
     build.add_argument("--build-dir", default="_build")
@@ -102,9 +103,17 @@ def _main(args) -> int:
                 print(format_table(arms_table(record)))
             print(f"wrote {out / 'result.json'}")
         elif args.command == "config":
-            from .methods import chapter_config
+            from .config import describe
+            from .methods import chapter_config, chapter_module
+            from .results import format_table
 
-            print(json.dumps(chapter_config(args.chapter, args.preset, parse_overrides(args.set)), indent=1))
+            cfg = chapter_config(args.chapter, args.preset, parse_overrides(args.set))
+            if args.json:
+                print(json.dumps(cfg, indent=1))
+            else:
+                print(f"{args.chapter} @ {cfg['preset']}: every key, its type, its value here, default, "
+                      f"valid values and meaning (--json: the resolved values only)")
+                print(format_table(describe(chapter_module(args.chapter).SECTIONS, cfg)))
         elif args.command == "build":
             from .build import build_book
 

@@ -1,195 +1,191 @@
-"""Configuration: one flat dict of dotted keys, presets per chapter, validation with clear errors.
+"""Configuration: typed knobs declared once, presets per chapter, one flat dict of dotted keys.
 
-A run's config is resolved in three layers, each overriding the one before:
+Every knob is a field of a small dataclass (`knob`: type, default, valid range, one-line meaning).
+The shared knobs are `Run` (no prefix), `Noise` (noise.*) and `Target` (target.*); each chapter
+module lists its own sections in SECTIONS (e.g. instance_lr's `ILR`, keys ilr.*). A run's config
+is resolved in layers, each overriding the one before:
 
-    BASE  ->  the chapter's DEFAULTS  ->  the chapter's PRESETS[preset]  ->  --set key=value
+    the sections' defaults  ->  the chapter's DEFAULTS  ->  PRESETS[preset]  ->  --set key=value
 
-Every key must exist in BASE or in the chapter's DEFAULTS; an unknown key, preset or chapter,
-or a value outside its valid range, raises ConfigError with a one-line message that lists the
-valid choices. The resolved dict is stored in every result record, so a run can be repeated.
+into one flat dict of dotted keys, stored in every record so a run can be repeated; a method
+reads its own part back as its typed section with `section(cfg, ILR)`. An unknown key, preset or
+chapter, or a value of the wrong type or outside its range, raises ConfigError with one line that
+names the valid choices. `python -m metabook config CHAPTER` prints every key with its type,
+value, valid range and meaning.
+
+Plain dataclasses, not pydantic or tyro: the knobs are flat scalars and short lists, `--set` needs
+one small parser, and the package stays free of dependencies that Colab would have to install.
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import re
+from dataclasses import dataclass, field
+from typing import ClassVar
 
 import torch
 
 PRESET_NAMES = ("smoke", "cpu", "gpu", "paper")
-
-# The keys every chapter shares. Chapter modules add their own in DEFAULTS.
-BASE: dict = {
-    "dataset": "cifar10",        # cifar10 | cifar100 | cifar100_coarse | synthetic
-    "train_size": 0,             # training images used (0 = all that are not held out)
-    "meta_size": 1000,           # held-out split: meta objective and validation accuracy
-    "test_size": 0,              # test images used (0 = all available)
-    "model": "small_cnn",        # see metabook.models.MODELS
-    "width": 32,                 # channels of the first stage (CNNs) or hidden units (MLP)
-    "depth": 8,                  # conv layers of plain_cnn / res_cnn, hidden layers of mlp
-    "batchnorm": True,
-    "epochs": 10.0,              # may be fractional
-    "batch_size": 128,
-    "lr": 0.1,                   # peak learning rate
-    "momentum": 0.9,
-    "nesterov": True,
-    "weight_decay": 5e-4,
-    "schedule": "onecycle",      # onecycle | cosine | constant
-    "warmup": 0.15,              # fraction of the steps spent warming up (onecycle)
-    "label_smoothing": 0.0,
-    "augment": True,             # random crop (pad 4) + horizontal flip
-    "noise.kind": "none",        # none | symmetric | pairflip
-    "noise.rate": 0.0,           # fraction of training labels corrupted, in [0, 1)
-    "target.classes": "",        # personalization: favoured classes of the target distribution, e.g. "3,5"
-    "target.ratio": 4.0,         # ... each favoured class this many times as likely as the others
-    "channels_last": False,
-    "device": "auto",            # auto | cpu | cuda
-    "eval_every": 1.0,           # epochs between evaluations
-    "checkpoint_every": 200,     # steps between checkpoints (0 = never)
-    "time_budget_s": 0.0,        # stop training after this many seconds (0 = no limit)
-}
-
-CHOICES: dict[str, tuple] = {
-    "dataset": ("cifar10", "cifar100", "cifar100_coarse", "synthetic"),
-    "model": ("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp", "cuda_convnet"),
-    "schedule": ("onecycle", "cosine", "constant"),
-    "noise.kind": ("none", "symmetric", "pairflip"),
-    "device": ("auto", "cpu", "cuda"),
-    "ilr.mode": ("jvp", "fd"),
-    "lfl.activation": ("smooth_leaky_relu", "relu"),
-    "lfl.init": ("random", "cross_entropy"),
-    "hf.damping_rule": ("lm", "fixed"),
-    "gi.schedule": ("constant", "linear_decay", "cosine_decay"),
-    "gi.enn_objective": ("rl", "regression"),
-    "ll.weights": ("meta_net", "free", "equal"),
-    "ll.mode": ("jvp", "fd"),
-    "compare.noise_kind": ("none", "symmetric", "pairflip"),
-}
-
-# (test, phrase) pairs: the phrase completes "must be ..." in the error message.
-RANGES: dict[str, tuple] = {
-    "lr": (lambda v: v > 0, "> 0"),
-    "momentum": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "weight_decay": (lambda v: v >= 0, ">= 0"),
-    "noise.rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "epochs": (lambda v: v > 0, "> 0"),
-    "batch_size": (lambda v: v >= 1, ">= 1"),
-    "train_size": (lambda v: v >= 0, ">= 0 (0 = all)"),
-    "meta_size": (lambda v: v >= 0, ">= 0"),
-    "test_size": (lambda v: v >= 0, ">= 0 (0 = all)"),
-    "width": (lambda v: v >= 1, ">= 1"),
-    "depth": (lambda v: v >= 1, ">= 1"),
-    "warmup": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "label_smoothing": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "eval_every": (lambda v: v > 0, "> 0"),
-    "checkpoint_every": (lambda v: v >= 0, ">= 0 (0 = never)"),
-    "time_budget_s": (lambda v: v >= 0, ">= 0 (0 = no limit)"),
-    "ilr.meta_lr": (lambda v: v >= 0, ">= 0"),
-    "target.ratio": (lambda v: v > 0, "> 0"),
-    "lfl.hidden": (lambda v: v >= 1, ">= 1"),
-    "lfl.beta": (lambda v: v > 0, "> 0"),
-    "lfl.leak": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "lfl.meta_lr": (lambda v: v >= 0, ">= 0"),
-    "lfl.offline_steps": (lambda v: v >= 0, ">= 0"),
-    "lfl.offline_horizon": (lambda v: v >= 1, ">= 1"),
-    "lfl.offline_meta_lr": (lambda v: v >= 0, ">= 0"),
-    "lfl.offline_lr": (lambda v: v >= 0, ">= 0 (0 = the peak lr)"),
-    "lfl.snapshot_every": (lambda v: v > 0, "> 0"),
-    "hf.damping": (lambda v: v > 0, "> 0"),
-    "hf.cg_iters": (lambda v: v >= 1, ">= 1"),
-    "hf.cg_tol": (lambda v: v >= 0, ">= 0 (0 = no relative-progress stop)"),
-    "hf.precond_exponent": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = no preconditioner)"),
-    "hf.fisher_chunk": (lambda v: v >= 1, ">= 1"),
-    "hf.gn_batch_size": (lambda v: v >= 1, ">= 1"),
-    "hf.warm_start": (lambda v: 0 <= v <= 1, "in [0, 1] (0 = CG from zero)"),
-    "hf.mlhf_cg_iters": (lambda v: v >= 1, ">= 1"),
-    "hf.mlhf_hidden": (lambda v: v >= 1, ">= 1"),
-    "hf.mlhf_meta_steps": (lambda v: v >= 0, ">= 0 (0 = untrained nets)"),
-    "hf.mlhf_unroll": (lambda v: v >= 1, ">= 1"),
-    "hf.mlhf_meta_lr": (lambda v: v >= 0, ">= 0"),
-    "hf.mlhf_replay_size": (lambda v: v >= 0, ">= 0 (0 = every episode from a fresh initialisation)"),
-    "hf.mlhf_fresh_prob": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "adam.lr": (lambda v: v > 0, "> 0"),
-    "gi.weight": (lambda v: v >= 0, ">= 0"),
-    "gi.canvas": (lambda v: v >= 1, ">= 1"),
-    "gi.resolution": (lambda v: 0 < v <= 1, "in (0, 1]"),
-    "gi.l1": (lambda v: v >= 0, ">= 0"),
-    "gi.gamma": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "gi.lam": (lambda v: 0 <= v <= 1, "in [0, 1]"),
-    "gi.episodes": (lambda v: v >= 3, ">= 3 (some are held out)"),
-    "gi.holdout": (lambda v: 0 < v < 1, "in (0, 1)"),
-    "gi.episode_steps": (lambda v: v >= 1, ">= 1"),
-    "gi.snapshot_every": (lambda v: v >= 1, ">= 1"),
-    "gi.eval_size": (lambda v: v >= 1, ">= 1"),
-    "gi.gain_min": (lambda v: v > 0, "> 0"),
-    "gi.gain_max": (lambda v: v > 0, "> 0"),
-    "gi.lr_min": (lambda v: v > 0, "> 0"),
-    "gi.lr_max": (lambda v: v > 0, "> 0"),
-    "gi.enn_channels": (lambda v: v >= 1, ">= 1"),
-    "gi.enn_iters": (lambda v: v >= 1, ">= 1"),
-    "gi.enn_lr": (lambda v: v > 0, "> 0"),
-    "gi.enn_batch": (lambda v: v >= 1, ">= 1"),
-    "gi.refresh": (lambda v: v >= 1, ">= 1"),
-    "gi.rounds": (lambda v: v >= 1, ">= 1"),
-    "ll.dropout": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "ll.cv_folds": (lambda v: v >= 0, ">= 0 (0 or 1 = no cross-validation loop)"),
-    "ll.cv_every": (lambda v: v > 0, "> 0"),
-    "ll.meta_lr": (lambda v: v >= 0, ">= 0"),
-    "ll.hidden": (lambda v: v >= 1, ">= 1"),
-    "ll.ema": (lambda v: 0 <= v < 1, "in [0, 1)"),
-    "ll.head_pool": (lambda v: v >= 1, ">= 1"),
-    "compare.noise_rate": (lambda v: 0 <= v < 1, "in [0, 1)"),
-}
 
 
 class ConfigError(ValueError):
     """A bad chapter, preset, key or value. The message is one line and lists the valid choices."""
 
 
-def _coerce(key: str, value, default):
-    """Parse a --set string (or any value) to the type of the key's default.
+def knob(default, meaning: str, rule: str = "", choices=()):
+    """A config field. `rule` is the valid range as text, e.g. '> 0', '>= 1 (0 = all)',
+    'in [0, 1)': its leading comparison or interval is checked, the rest is a note; '' means any
+    finite value. `choices` are the allowed values (of every element, for a list)."""
+    meta = {"meaning": meaning, "rule": rule, "choices": tuple(choices)}
+    if isinstance(default, list):
+        return field(default_factory=lambda: list(default), metadata=meta)
+    return field(default=default, metadata=meta)
 
-    An integer key takes whole numbers only ("1e3" is 1000; "1.5" is refused, not truncated).
-    """
-    if isinstance(value, str) and not isinstance(default, str):
-        text = value.strip()
-        if isinstance(default, bool):
-            if text.lower() in ("1", "true", "yes", "on"):
-                return True
-            if text.lower() in ("0", "false", "no", "off"):
-                return False
-            raise ConfigError(f"{key}={value!r}: expected a boolean (true/false)")
+
+# ----------------------------------------------------------------------------- the shared knobs
+
+@dataclass
+class Run:
+    """What every chapter shares: data, model, budget, optimiser, schedule, run control."""
+    prefix: ClassVar[str] = ""
+    dataset: str = knob("cifar10", "the images", choices=("cifar10", "cifar100", "cifar100_coarse", "synthetic"))
+    train_size: int = knob(0, "training images used", ">= 0 (0 = all that are not held out)")
+    meta_size: int = knob(1000, "held-out images: meta batches and validation accuracy", ">= 0")
+    test_size: int = knob(0, "test images used", ">= 0 (0 = all available)")
+    model: str = knob("small_cnn", "the network (metabook.models)",
+                      choices=("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp", "cuda_convnet"))
+    width: int = knob(32, "channels of the first stage (CNNs) or hidden units (MLP)", ">= 1")
+    depth: int = knob(8, "conv layers of plain_cnn / res_cnn, hidden layers of mlp", ">= 1")
+    batchnorm: bool = knob(True, "BatchNorm after every conv layer")
+    epochs: float = knob(10.0, "passes over the training images (may be fractional)", "> 0")
+    batch_size: int = knob(128, "images per training step", ">= 1")
+    lr: float = knob(0.1, "peak learning rate", "> 0")
+    momentum: float = knob(0.9, "SGD momentum", "in [0, 1)")
+    nesterov: bool = knob(True, "Nesterov momentum")
+    weight_decay: float = knob(5e-4, "L2 weight decay", ">= 0")
+    schedule: str = knob("onecycle", "learning-rate schedule", choices=("onecycle", "cosine", "constant"))
+    warmup: float = knob(0.15, "fraction of the steps spent warming up", "in [0, 1)")
+    label_smoothing: float = knob(0.0, "label smoothing of the cross-entropy", "in [0, 1)")
+    augment: bool = knob(True, "random crop (pad 4) + horizontal flip")
+    channels_last: bool = knob(False, "NHWC memory format (faster convolutions on some CPUs)")
+    device: str = knob("auto", "where to train", choices=("auto", "cpu", "cuda"))
+    eval_every: float = knob(1.0, "epochs between evaluations", "> 0")
+    checkpoint_every: int = knob(200, "steps between checkpoints", ">= 0 (0 = never)")
+    time_budget_s: float = knob(0.0, "stop training after this many seconds of steps", ">= 0 (0 = no limit)")
+
+
+@dataclass
+class Noise:
+    """Label noise on the training split."""
+    prefix: ClassVar[str] = "noise"
+    kind: str = knob("none", "symmetric: a uniformly drawn other class; pairflip: the next class",
+                     choices=("none", "symmetric", "pairflip"))
+    rate: float = knob(0.0, "fraction of training labels corrupted", "in [0, 1)")
+
+
+@dataclass
+class Target:
+    """Personalisation: the meta split follows a target class distribution."""
+    prefix: ClassVar[str] = "target"
+    classes: list[int] = knob([], "favoured classes of the target distribution, e.g. 3,5 (empty: none)", ">= 0")
+    ratio: float = knob(4.0, "each favoured class this many times as likely as the others", "> 0")
+
+
+SHARED = (Run, Noise, Target)
+
+
+def keys_of(cls) -> dict[str, dataclasses.Field]:
+    """Flat key -> field of a section."""
+    return {(f"{cls.prefix}.{f.name}" if cls.prefix else f.name): f for f in dataclasses.fields(cls)}
+
+
+def section(cfg: dict, cls):
+    """A section's typed object from a resolved flat config, e.g. section(cfg, ILR).meta_lr."""
+    return cls(**{f.name: cfg[key] for key, f in keys_of(cls).items()})
+
+
+# ----------------------------------------------------------------------------- parsing and checking
+
+_COMPARE = {">": lambda v, b: v > b, ">=": lambda v, b: v >= b, "<": lambda v, b: v < b, "<=": lambda v, b: v <= b}
+
+
+def _in_range(value, rule: str) -> bool:
+    m = re.match(r"(>=|>|<=|<) (-?[\d.e+-]+)", rule)
+    if m:
+        return _COMPARE[m[1]](value, float(m[2]))
+    m = re.match(r"in ([\[(])(-?[\d.e+-]+), (-?[\d.e+-]+)([\])])", rule)
+    if m:
+        lo, hi = float(m[2]), float(m[3])
+        return (value >= lo if m[1] == "[" else value > lo) and (value <= hi if m[4] == "]" else value < hi)
+    return True
+
+
+def _scalar(key: str, kind: str, value):
+    """One value of type `kind` (bool, int, float, str) from a --set string or a Python value."""
+    if kind == "bool":
+        if isinstance(value, bool):
+            return value
+        text = str(value).strip().lower()
+        if text in ("1", "true", "yes", "on"):
+            return True
+        if text in ("0", "false", "no", "off"):
+            return False
+        raise ConfigError(f"{key}={value!r}: expected a boolean (true/false)")
+    if kind == "str":
+        return str(value)
+    article = "an" if kind == "int" else "a"
+    if isinstance(value, bool):
+        raise ConfigError(f"{key}={value!r}: expected {article} {kind}")
+    try:
+        number = float(str(value).strip()) if isinstance(value, str) else float(value)
+    except (TypeError, ValueError):
+        raise ConfigError(f"{key}={value!r}: expected {article} {kind}") from None
+    if kind == "int":
+        if not number.is_integer():
+            raise ConfigError(f"{key}={number!r} is not valid; it must be a whole number")
+        return int(number)
+    if not math.isfinite(number):
+        raise ConfigError(f"{key}={number!r} is not valid; it must be a finite number")
+    return number
+
+
+def parse_value(key: str, f: dataclasses.Field, value):
+    """A key's value of its field's type, checked against its range and choices."""
+    kind = str(f.type)
+    if kind.startswith("list["):
+        items = value if isinstance(value, (list, tuple)) else [v for v in str(value).split(",") if v.strip()]
         try:
-            value = float(text) if isinstance(default, int) else type(default)(text)
-        except ValueError:
-            raise ConfigError(f"{key}={value!r}: expected a {type(default).__name__}") from None
-    if isinstance(default, float) and isinstance(value, int) and not isinstance(value, bool):
-        return float(value)
-    if isinstance(default, int) and not isinstance(default, bool) and isinstance(value, float):
-        if not value.is_integer():
-            raise ConfigError(f"{key}={value!r} is not valid; it must be a whole number")
-        return int(value)
-    return value
+            out = [_scalar(key, kind[5:-1], v.strip() if isinstance(v, str) else v) for v in items]
+        except ConfigError as err:                   # name the whole list, then the bad element
+            raise ConfigError(f"{key}={value!r}: {str(err).split(': ', 1)[1]} in every place") from None
+    else:
+        out = _scalar(key, kind, value)
+    for v in out if isinstance(out, list) else [out]:
+        choices = f.metadata["choices"]
+        if choices and v not in choices:
+            raise ConfigError(f"{key}={value!r} is not valid; choose {'from' if isinstance(out, list) else 'one of'}: "
+                              f"{', '.join(map(str, choices))}")
+        if not isinstance(v, (bool, str)) and not _in_range(v, f.metadata["rule"]):
+            raise ConfigError(f"{key}={out!r} is not valid; it must be {f.metadata['rule']}")
+    return out
 
 
-def validate(cfg: dict) -> dict:
+def all_keys(sections) -> dict[str, dataclasses.Field]:
+    """Flat key -> field over the shared sections and a chapter's own."""
+    out = {}
+    for cls in (*SHARED, *sections):
+        out.update(keys_of(cls))
+    return out
+
+
+def validate(cfg: dict, sections=()) -> dict:
+    """Check every key of a resolved config again (after a caller changed some)."""
+    fields = all_keys(sections)
     for key, value in cfg.items():
-        if isinstance(value, float) and not math.isfinite(value):
-            raise ConfigError(f"{key}={value!r} is not valid; it must be a finite number")
-    for key, options in CHOICES.items():
-        if key in cfg and cfg[key] not in options:
-            raise ConfigError(f"{key}={cfg[key]!r} is not valid; choose one of: {', '.join(options)}")
-    for key, (ok, phrase) in RANGES.items():
-        if key in cfg and not ok(cfg[key]):
-            raise ConfigError(f"{key}={cfg[key]!r} is not valid; it must be {phrase}")
+        if key in fields:
+            cfg[key] = parse_value(key, fields[key], value)
     return cfg
-
-
-def check_seeds(first: int, count: int = 1) -> list[int]:
-    """The seeds first, first+1, ..., first+count-1, or ConfigError: numpy takes 0 .. 2**32-1."""
-    if count < 1:
-        raise ConfigError(f"--seeds {count} is not valid; it must be >= 1")
-    if first < 0 or first + count - 1 > 2**32 - 1:
-        raise ConfigError(f"--seed {first} is not valid; seeds must be in 0 .. {2**32 - 1}")
-    return list(range(first, first + count))
 
 
 def resolve_preset(preset: str) -> str:
@@ -199,6 +195,15 @@ def resolve_preset(preset: str) -> str:
     if preset not in PRESET_NAMES:
         raise ConfigError(f"unknown preset {preset!r}; choose one of: auto, {', '.join(PRESET_NAMES)}")
     return preset
+
+
+def check_seeds(first: int, count: int = 1) -> list[int]:
+    """The seeds first, first+1, ..., first+count-1, or ConfigError: numpy takes 0 .. 2**32-1."""
+    if count < 1:
+        raise ConfigError(f"--seeds {count} is not valid; it must be >= 1")
+    if first < 0 or first + count - 1 > 2**32 - 1:
+        raise ConfigError(f"--seed {first} is not valid; seeds must be in 0 .. {2**32 - 1}")
+    return list(range(first, first + count))
 
 
 def parse_overrides(pairs: list[str] | None) -> dict:
@@ -212,22 +217,31 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     return out
 
 
-def make_config(defaults: dict, presets: dict, preset: str, overrides: dict | None = None) -> dict:
-    """Resolve BASE + chapter defaults + preset + overrides into one validated flat dict.
-
-    `defaults` are the chapter's own keys (may also change BASE values); `presets` maps each
-    preset name to the keys it changes. The result also records `preset`.
-    """
+def make_config(sections, defaults: dict, presets: dict, preset: str, overrides: dict | None = None) -> dict:
+    """Resolve the shared and the chapter's sections, the chapter's defaults, a preset and
+    overrides into one checked flat dict of dotted keys (with `preset` recorded)."""
     preset = resolve_preset(preset)
-    cfg = {**BASE, **defaults}
-    valid = sorted(cfg)
-    for source in (presets.get(preset, {}), overrides or {}):
+    fields = all_keys(sections)
+    cfg = {key: (f.default_factory() if f.default is dataclasses.MISSING else f.default) for key, f in fields.items()}
+    for source in (defaults, presets.get(preset, {}), overrides or {}):
         for key, value in source.items():
-            if key not in cfg:
-                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(valid)}")
-            cfg[key] = _coerce(key, value, cfg[key])
+            if key not in fields:
+                raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")
+            cfg[key] = parse_value(key, fields[key], value)
     cfg["preset"] = preset
-    return validate(cfg)
+    return cfg
+
+
+def describe(sections, cfg: dict) -> list[dict]:
+    """One row per key: key, type, value (as resolved in cfg), default, valid, meaning."""
+    rows = []
+    for key, f in all_keys(sections).items():
+        default = f.default_factory() if f.default is dataclasses.MISSING else f.default
+        valid = (", ".join(map(str, f.metadata["choices"])) or f.metadata["rule"]
+                 or {"bool": "true, false", "str": "any text"}.get(str(f.type), "any finite value"))
+        rows.append({"key": key, "type": str(f.type), "value": cfg[key], "default": default, "valid": valid,
+                     "meaning": f.metadata["meaning"]})
+    return rows
 
 
 def pick_device(name: str) -> torch.device:

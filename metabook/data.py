@@ -273,15 +273,16 @@ def class_skewed_weights(num_classes: int, favoured: list[int], ratio: float) ->
     return w / w.sum()
 
 
-def parse_classes(text: str, num_classes: int) -> list[int]:
-    """'3,5' -> [3, 5]; every class must be in [0, num_classes). '' -> []."""
+def parse_classes(classes, num_classes: int) -> list[int]:
+    """[5, 3] (or '3,5') -> [3, 5]; every class must be in [0, num_classes). [] or '' -> []."""
     try:
-        classes = sorted({int(c) for c in str(text).split(",") if c.strip()})
+        items = classes if isinstance(classes, (list, tuple)) else str(classes).split(",")
+        out = sorted({int(c) for c in items if str(c).strip()})
     except ValueError:
-        raise ConfigError(f"target.classes={text!r}: expected comma-separated class numbers, e.g. 3,5") from None
-    if any(not 0 <= c < num_classes for c in classes):
-        raise ConfigError(f"target.classes={text!r}: every class must be in 0..{num_classes - 1}")
-    return classes
+        raise ConfigError(f"target.classes={classes!r}: expected class numbers, e.g. 3,5") from None
+    if any(not 0 <= c < num_classes for c in out):
+        raise ConfigError(f"target.classes={classes!r}: every class must be in 0..{num_classes - 1}")
+    return out
 
 
 def target_subset(y: torch.Tensor, class_probs: torch.Tensor, size: int, seed: int = 0) -> torch.Tensor:

@@ -143,8 +143,13 @@ def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS
     """The newest recorded run of a chapter at a preset whose config has the `where` values
     (e.g. {"noise.kind": "pairflip"}), or None."""
     runs = [r for r in recorded_runs(chapter, results_dir) if r.get("preset") == preset
-            and all(_field(r, "config").get(k) == v for k, v in (where or {}).items())]
+            and all(_as_text(_field(r, "config").get(k)) == _as_text(v) for k, v in (where or {}).items())]
     return runs[0] if runs else None
+
+
+def _as_text(value):
+    """A list config value as older records stored it, a comma-separated string ([3, 5] -> '3,5')."""
+    return ",".join(map(str, value)) if isinstance(value, (list, tuple)) else value
 
 
 def arms_table(record: dict) -> list[dict]:

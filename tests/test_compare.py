@@ -95,7 +95,10 @@ def test_bench_rejects_an_unknown_method_naming_the_choices():
     from metabook.methods.compare import parse_methods
 
     with pytest.raises(ConfigError, match="local_losses, instance_lr, online_loss, grad_instructor, meta_hf"):
-        parse_methods("instance_lr,l2rw")
+        chapter_config("compare", "smoke", {"compare.methods": "instance_lr,l2rw"})
+    with pytest.raises(ConfigError, match="compare.methods is empty"):
+        parse_methods([])
+    assert parse_methods(["meta_hf", "instance_lr"]) == ["instance_lr", "meta_hf"]     # the book's order
     with pytest.raises(ConfigError, match="symmetric"):
         chapter_config("compare", "smoke", {"compare.noise_kind": "uniform"})
 

@@ -89,3 +89,38 @@ def test_check_seeds_accepts_numpys_range_only():
             check_seeds(first, count)
     with pytest.raises(ConfigError, match="--seeds 0 is not valid"):
         check_seeds(0, 0)
+
+
+def test_lists_are_real_lists_parsed_from_the_command_line_and_checked_element_by_element():
+    cfg = chapter_config("instance_lr", "smoke", {"ilr.arms": "baseline, instance_lr", "target.classes": "5,3"})
+    assert cfg["ilr.arms"] == ["baseline", "instance_lr"] and cfg["target.classes"] == [5, 3]
+    assert chapter_config("depth", "smoke", {"depths": [4, 6]})["depths"] == [4, 6]
+    with pytest.raises(ConfigError, match=r"depths=\[4, 2\] is not valid; it must be >= 3"):
+        chapter_config("depth", "smoke", {"depths": "4,2"})
+    with pytest.raises(ConfigError, match="target.classes='3,x': expected an int in every place"):
+        chapter_config("baseline", "smoke", {"target.classes": "3,x"})
+
+
+def test_every_key_of_every_chapter_has_a_type_a_meaning_and_a_range_or_choices():
+    from metabook import CHAPTERS
+    from metabook.config import describe
+
+    for name, mod in CHAPTERS.items():
+        rows = describe(mod.SECTIONS, chapter_config(name, "smoke"))
+        assert len({r["key"] for r in rows}) == len(rows), name
+        for r in rows:
+            assert r["meaning"] and r["type"] in ("bool", "int", "float", "str", "list[int]", "list[str]"), (name, r)
+            if r["type"] in ("int", "float", "list[int]") and r["valid"] == "any finite value":
+                assert r["key"] in ("ilr.sigma_min", "ilr.sigma_max"), f"{name}: {r['key']} has no range"
+
+
+def test_config_command_explains_every_key(tmp_path):
+    proc = subprocess.run([sys.executable, "-m", "metabook", "config", "instance_lr", "--preset", "cpu"],
+                          capture_output=True, text=True, timeout=120)
+    assert proc.returncode == 0, proc.stderr
+    line = next(l for l in proc.stdout.splitlines() if l.startswith("ilr.meta_lr "))
+    assert "float" in line and "100.0" in line and ">= 0" in line and "step size on sigma" in line
+    proc = subprocess.run([sys.executable, "-m", "metabook", "config", "instance_lr", "--preset", "cpu", "--json"],
+                          capture_output=True, text=True, timeout=120)
+    import json
+    assert json.loads(proc.stdout)["ilr.arms"] == ["baseline", "instance_lr", "l2rw"]

@@ -37,6 +37,7 @@ def test_instance_lr_meta_gradient_matches_finite_differences_in_float64(mode, r
 def test_corrupted_examples_end_with_lower_learning_rates():
     """Behaviour: train a small net on separable data with 25% flipped labels; the rates of the
     flipped examples must fall below those of the clean ones (AUC well above chance)."""
+    from metabook import chapter_config
     from metabook.data import Batch
     from metabook.methods.instance_lr import InstanceLR
     from metabook.train import Context, Streams
@@ -49,8 +50,7 @@ def test_corrupted_examples_end_with_lower_learning_rates():
     ym = torch.arange(60) % 3
     xm = centers[ym] + 0.5 * torch.randn(60, 5)
     model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
-    cfg = {"lr": 0.1, "momentum": 0.9, "nesterov": True, "weight_decay": 0.0, "label_smoothing": 0.0,
-           "ilr.meta_lr": 300.0, "ilr.lookahead": True, "ilr.mode": "jvp", "ilr.sigma_min": -5.0, "ilr.sigma_max": 2.0}
+    cfg = chapter_config("instance_lr", "smoke", {"lr": 0.1, "weight_decay": 0.0, "ilr.meta_lr": 300.0})
     method = InstanceLR(cfg)
     streams = Streams(None, None, corrupted=flipped)        # a toy without images: only the noise mask
     method.setup(Context(model, streams, total_steps=90, steps_per_epoch=6, num_classes=3, num_train=240))
@@ -102,10 +102,11 @@ def test_personalization_run_reports_accuracy_on_the_target_distribution(tmp_pat
     assert rec["dataset"]["target"]["classes"] == [3, 5]
 
 
-def test_arms_without_the_method_or_unknown_names_are_refused():
+def test_arms_without_the_method_or_unknown_names_are_refused(tmp_path):
+    from metabook import chapter_config, run_chapter
     from metabook.config import ConfigError
-    from metabook.methods.instance_lr import parse_arms
-    with pytest.raises(ConfigError, match="baseline, instance_lr, l2rw"):
-        parse_arms("baseline,mwn")
-    with pytest.raises(ConfigError, match="required"):
-        parse_arms("baseline,l2rw")
+    with pytest.raises(ConfigError, match="choose from: baseline, instance_lr, l2rw"):
+        chapter_config("instance_lr", "smoke", {"ilr.arms": "baseline,mwn"})
+    with pytest.raises(ConfigError, match="baseline and instance_lr are required"):
+        run_chapter("instance_lr", "smoke", overrides={"ilr.arms": "baseline,l2rw", "dataset": "synthetic"},
+                    progress=False)

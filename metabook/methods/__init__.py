@@ -1,5 +1,6 @@
-"""Chapters by name. Each module has DEFAULTS (its own config keys), PRESETS, ARMS (name ->
-train.Arm; the method chapters and the baseline) and run(cfg, seeds, ...).
+"""Chapters by name. Each module has SECTIONS (the typed config sections it adds), DEFAULTS (its
+values for shared keys), PRESETS, ARMS (name -> train.Arm; the method chapters and the baseline)
+and run(cfg, seeds, ...).
 
 `run_chapter` is the one entry point: the command line and the notebooks both call it, so the
 same seed gives the same numbers from either.
@@ -23,7 +24,7 @@ def chapter_module(name: str):
 def chapter_config(chapter: str, preset: str = "auto", overrides: dict | None = None) -> dict:
     """The resolved, validated config of a chapter at a preset, with --set style overrides."""
     mod = chapter_module(chapter)
-    return make_config(mod.DEFAULTS, mod.PRESETS, preset, overrides)
+    return make_config(mod.SECTIONS, mod.DEFAULTS, mod.PRESETS, preset, overrides)
 
 
 def run_chapter(chapter: str, preset: str = "auto", seeds=(0,), out_dir=None,

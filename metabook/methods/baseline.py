@@ -10,7 +10,8 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..train import Arm, Context, Method
 
-# Chapter "baseline": the small CNN on CIFAR-10.
+# Chapter "baseline": the small CNN on CIFAR-10 (the shared knobs only).
+SECTIONS: tuple = ()
 DEFAULTS: dict = {}
 PRESETS: dict = {
     # CI: ~1 minute. 4,000 training images, 3 epochs.

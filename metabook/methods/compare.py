@@ -29,7 +29,10 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import ConfigError
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import ConfigError, knob
 
 # Row name -> (chapter, the chapter's method arm). The order is the book's.
 METHODS: dict = {
@@ -44,11 +47,20 @@ NOISE_TARGETING = ("instance_lr",)
 SHARED_KEYS = ("dataset", "train_size", "meta_size", "test_size", "epochs", "batch_size", "device",
                "eval_every", "checkpoint_every", "augment")
 
-DEFAULTS: dict = {
-    "compare.methods": ",".join(METHODS),
-    "compare.noise_kind": "symmetric",   # label noise for the noise-targeting methods and their baseline
-    "compare.noise_rate": 0.4,
-}
+
+
+@dataclass
+class Compare:
+    """The bench's own knobs (keys compare.*)."""
+    prefix: ClassVar[str] = "compare"
+    methods: list[str] = knob(list(METHODS), "the methods in the table", choices=tuple(METHODS))
+    noise_kind: str = knob("symmetric", "label noise for the noise-targeting methods and their baseline",
+                           choices=("none", "symmetric", "pairflip"))
+    noise_rate: float = knob(0.4, "its rate", "in [0, 1)")
+
+
+SECTIONS = (Compare,)
+DEFAULTS: dict = {}
 PRESETS: dict = {
     # CI: seconds per method (8 steps per arm), each method at its chapter's smoke setting.
     "smoke": {"train_size": 1000, "meta_size": 200, "test_size": 500, "epochs": 1.0, "checkpoint_every": 50},
@@ -61,28 +73,23 @@ PRESETS: dict = {
 }
 
 
-def parse_methods(text: str) -> list[str]:
-    """'local_losses,meta_hf' -> ['local_losses', 'meta_hf'] (in the book's order)."""
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
-    unknown = [n for n in names if n not in METHODS]
-    if unknown or not names:
-        raise ConfigError(f"compare.methods={text!r}: choose one or more of {', '.join(METHODS)} "
-                          f"(comma-separated)")
+def parse_methods(names: list[str]) -> list[str]:
+    """The methods of compare.methods in the book's order; at least one."""
+    if not names:
+        raise ConfigError(f"compare.methods is empty; choose one or more of {', '.join(METHODS)}")
     return [n for n in METHODS if n in names]
 
 
 def method_config(name: str, cfg: dict) -> dict:
     """The chapter's config at the bench's preset, with the bench's budget and noise imposed."""
-    from ..config import validate
     from . import chapter_config
 
     chapter, _ = METHODS[name]
-    mcfg = chapter_config(chapter, cfg["preset"])
-    mcfg.update({k: cfg[k] for k in SHARED_KEYS})
     noisy = name in NOISE_TARGETING
-    mcfg["noise.kind"] = cfg["compare.noise_kind"] if noisy else "none"
-    mcfg["noise.rate"] = cfg["compare.noise_rate"] if noisy else 0.0
-    return validate(mcfg)
+    return chapter_config(chapter, cfg["preset"], {
+        **{k: cfg[k] for k in SHARED_KEYS},
+        "noise.kind": cfg["compare.noise_kind"] if noisy else "none",
+        "noise.rate": cfg["compare.noise_rate"] if noisy else 0.0})
 
 
 def method_arms(name: str) -> dict:

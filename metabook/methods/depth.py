@@ -6,28 +6,29 @@ backprop as it deepens, while the same stack with identity shortcuts does not.
 """
 from __future__ import annotations
 
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import knob
 from ..train import Arm
 from .baseline import Baseline
 
-DEFAULTS: dict = {"model": "plain_cnn", "width": 16, "depths": "4,8,16,32"}
+
+@dataclass
+class Depths:
+    """The depths compared (a key without prefix)."""
+    prefix: ClassVar[str] = ""
+    depths: list[int] = knob([4, 8, 16, 32], "depths of the plain and the skip nets", ">= 3")
+
+
+SECTIONS = (Depths,)
+DEFAULTS: dict = {"model": "plain_cnn", "width": 16}
 PRESETS: dict = {
-    "smoke": {"train_size": 1000, "meta_size": 200, "epochs": 1.0, "depths": "4,10", "width": 8},
-    "cpu": {"train_size": 10000, "epochs": 5.0, "depths": "4,8,16,32", "channels_last": True},
-    "gpu": {"epochs": 30.0, "depths": "8,16,32,56", "width": 32, "batch_size": 256},
-    "paper": {"epochs": 160.0, "depths": "20,32,56,110", "width": 16, "schedule": "cosine", "meta_size": 0},
+    "smoke": {"train_size": 1000, "meta_size": 200, "epochs": 1.0, "depths": [4, 10], "width": 8},
+    "cpu": {"train_size": 10000, "epochs": 5.0, "depths": [4, 8, 16, 32], "channels_last": True},
+    "gpu": {"epochs": 30.0, "depths": [8, 16, 32, 56], "width": 32, "batch_size": 256},
+    "paper": {"epochs": 160.0, "depths": [20, 32, 56, 110], "width": 16, "schedule": "cosine", "meta_size": 0},
 }
-
-
-def parse_depths(text: str) -> list[int]:
-    from ..config import ConfigError
-
-    try:
-        depths = [int(d) for d in str(text).split(",") if d.strip()]
-    except ValueError:
-        raise ConfigError(f"depths={text!r}: expected comma-separated integers, e.g. 4,8,16") from None
-    if not depths or min(depths) < 3:
-        raise ConfigError(f"depths={text!r}: every depth must be >= 3")
-    return depths
 
 
 def arms(depths: list[int]) -> dict[str, Arm]:
@@ -42,7 +43,7 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     plain arm is the cost reference."""
     from ..train import run_arms
 
-    depths = parse_depths(cfg["depths"])
+    depths = cfg["depths"]
     record = run_arms("depth", f"plain-{depths[-1]}", arms(depths), cfg, seeds, out_dir=out_dir, progress=progress,
                       dataset=dataset, reference=f"plain-{depths[0]}")
     record["depths"] = depths

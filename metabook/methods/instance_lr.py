@@ -22,6 +22,10 @@ import torch.nn.functional as F
 from ..data import Batch
 from ..meta import (example_weight_meta_gradient, forward, lookahead_params, model_params,
                     reweighting_step)
+from dataclasses import dataclass
+from typing import ClassVar
+
+from ..config import ConfigError, knob, section
 from ..results import roc_auc
 from ..train import Arm
 from .baseline import Baseline, set_lr
@@ -60,8 +64,7 @@ class InstanceLR(Baseline):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.meta_lr, self.lookahead, self.mode = cfg["ilr.meta_lr"], cfg["ilr.lookahead"], cfg["ilr.mode"]
-        self.lo, self.hi = cfg["ilr.sigma_min"], cfg["ilr.sigma_max"]
+        self.c = section(cfg, ILR)
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
@@ -70,11 +73,11 @@ class InstanceLR(Baseline):
     def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
         set_lr(self.opt, lr)
         params = model_params(self.model)
-        sigma = self.sigma[batch.idx]
+        sigma, c = self.sigma[batch.idx], self.c
         g_sigma, losses, meta_loss = instance_lr_meta_gradient(
             self.model, params, batch.x, batch.y, meta_batch.x, meta_batch.y, sigma, lr,
-            lookahead=self.lookahead, mode=self.mode)
-        sigma = (sigma - self.meta_lr * g_sigma).clamp(self.lo, self.hi)
+            lookahead=c.lookahead, mode=c.mode)
+        sigma = (sigma - c.meta_lr * g_sigma).clamp(c.sigma_min, c.sigma_max)
         self.sigma[batch.idx] = sigma
         self.opt.zero_grad(set_to_none=True)
         (sigma.exp() * losses).mean().backward()
@@ -153,16 +156,26 @@ class ReweightL2RW(Baseline):
         return {"loss": out["loss"], "meta_loss": out["meta_loss"]}
 
 
-DEFAULTS: dict = {
-    "noise.kind": "symmetric", "noise.rate": 0.4,
-    "ilr.meta_lr": 100.0,        # step size on sigma (the raw meta-gradient is O(eta / B))
-    "ilr.sigma_min": -5.0, "ilr.sigma_max": 2.0,
-    "ilr.lookahead": True,       # False: meta gradient at theta (no virtual step)
-    "ilr.mode": "jvp",           # jvp (exact) | fd (finite difference)
-    "ilr.arms": "baseline,instance_lr,l2rw",   # which arms to run (baseline is always needed)
-    "ilr.same_time": True,       # also run the baseline for instance_lr's wall-clock
-}
 ARMS = {"baseline": Arm(NoisyBaseline), "instance_lr": Arm(InstanceLR), "l2rw": Arm(ReweightL2RW)}
+
+
+@dataclass
+class ILR:
+    """Per-instance learning rates (keys ilr.*)."""
+    prefix: ClassVar[str] = "ilr"
+    meta_lr: float = knob(100.0, "step size on sigma (the raw meta-gradient is O(eta / B))", ">= 0")
+    sigma_min: float = knob(-5.0, "lowest log rate (r_i >= exp(sigma_min))")
+    sigma_max: float = knob(2.0, "highest log rate")
+    lookahead: bool = knob(True, "meta-gradient at the virtual step theta' (false: at theta)")
+    mode: str = knob("jvp", "meta-gradient: jvp (exact, forward mode) or fd (finite difference)",
+                     choices=("jvp", "fd"))
+    arms: list[str] = knob(["baseline", "instance_lr", "l2rw"], "arms to run (baseline and instance_lr "
+                           "are required)", choices=tuple(ARMS))
+    same_time: bool = knob(True, "also run the baseline for instance_lr's wall-clock")
+
+
+SECTIONS = (ILR,)
+DEFAULTS: dict = {"noise.kind": "symmetric", "noise.rate": 0.4}
 PRESETS: dict = {
     "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50},
     # 10,000 noisy training images, 10 epochs: each example's rate is updated 10 times, and the
@@ -173,25 +186,15 @@ PRESETS: dict = {
 }
 
 
-def parse_arms(text: str) -> list[str]:
-    """'baseline,instance_lr' -> ['baseline', 'instance_lr']; baseline and instance_lr are required."""
-    from ..config import ConfigError
-
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARMS]
-    if unknown or not {"baseline", "instance_lr"} <= set(names):
-        raise ConfigError(f"ilr.arms={text!r}: choose from {', '.join(ARMS)}; baseline and instance_lr "
-                          f"are required")
-    return names
-
-
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """Arms at equal epochs (cfg['ilr.arms'] of baseline, instance_lr, l2rw) and, with
     cfg['ilr.same_time'], the baseline at instance_lr's wall-clock."""
     from ..results import seed_stats
     from ..train import run_arms
 
-    names = parse_arms(cfg["ilr.arms"])
+    names = cfg["ilr.arms"]
+    if not {"baseline", "instance_lr"} <= set(names):
+        raise ConfigError(f"ilr.arms={','.join(names)}: baseline and instance_lr are required")
     record = run_arms("instance_lr", "instance_lr", {n: ARMS[n] for n in names}, cfg, seeds, out_dir=out_dir,
                       progress=progress, dataset=dataset,
                       same_time_for="instance_lr" if cfg["ilr.same_time"] else None)
