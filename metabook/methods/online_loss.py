@@ -59,11 +59,14 @@ import copy
 import itertools
 import math
 import time
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import knob, section
 from ..data import Batch
 from ..meta import Params, forward, lookahead_params, model_params
 from ..train import Arm, NonFiniteError, lr_at
@@ -264,17 +267,17 @@ class OfflineLoss(Baseline):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.net_args = (cfg["lfl.hidden"], cfg["lfl.activation"], cfg["lfl.beta"], cfg["lfl.leak"],
-                         cfg["lfl.monotone"])
-        self.meta_lr, self.init = cfg["lfl.meta_lr"], cfg["lfl.init"]
-        self.offline = dict(steps=cfg["lfl.offline_steps"], horizon=cfg["lfl.offline_horizon"],
-                            lr=cfg["lfl.offline_lr"] or lr_at(0, 1, cfg), meta_lr=cfg["lfl.offline_meta_lr"])
+        self.c = c = section(cfg, LFL)
+        self.offline = dict(steps=c.offline_steps, horizon=c.offline_horizon,
+                            lr=c.offline_lr or lr_at(0, 1, cfg), meta_lr=c.offline_meta_lr)
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
         param = next(ctx.model.parameters())
-        self.loss_net = LossNet(*self.net_args).to(device=param.device, dtype=param.dtype)
-        self.meta_opt = torch.optim.Adam(self.loss_net.parameters(), lr=self.meta_lr)
+        c = self.c
+        self.loss_net = LossNet(c.hidden, c.activation, c.beta, c.leak, c.monotone)
+        self.loss_net.to(device=param.device, dtype=param.dtype)
+        self.meta_opt = torch.optim.Adam(self.loss_net.parameters(), lr=c.meta_lr)
         self.steps, self.offline_trace, self.offline_seconds, self.snapshots = 0, [], 0.0, []
 
     def prepare(self) -> None:
@@ -282,7 +285,7 @@ class OfflineLoss(Baseline):
         'offline' (training split) and 'offline_meta' (meta split); then the first snapshot."""
         t0 = time.perf_counter()
         streams = self.ctx.streams
-        if self.init == "cross_entropy":
+        if self.c.init == "cross_entropy":
             fit_to_cross_entropy(self.loss_net, seed=self.ctx.seed)
         self.offline_trace = offline_init(
             self.model, self.loss_net, (streams.batch("offline", i) for i in itertools.count()),
@@ -357,20 +360,28 @@ class OnlineLoss(OfflineLoss):
 
 # ----------------------------------------------------------------------------- config and the chapter
 
-DEFAULTS: dict = {
-    "lfl.hidden": 40,                     # units in each of the 2 hidden layers [V]
-    "lfl.init": "random",                 # random [V] | cross_entropy (fit l_phi to CE first; ours)
-    "lfl.activation": "smooth_leaky_relu",  # smooth_leaky_relu (AdaLFL) | relu (ML^3)
-    "lfl.beta": 2.0,                      # smoothness of the activation [R]
-    "lfl.leak": 0.25,                     # its leak gamma [R]
-    "lfl.meta_lr": 1e-3,                  # Adam on phi, online stage [R]
-    "lfl.offline_steps": 2500,            # S_init [V]
-    "lfl.offline_horizon": 1,             # SGD steps unrolled per offline step [V: 1]
-    "lfl.offline_meta_lr": 1e-3,          # Adam on phi, offline stage [R]
-    "lfl.offline_lr": 0.0,                # alpha of the unrolled steps (0 = the schedule's first lr) [R]
-    "lfl.monotone": False,                # ours: l_phi monotone in p for each y (False = the paper's net)
-    "lfl.same_time": True,                # also run the baseline for online_loss's wall-clock
-}
+@dataclass
+class LFL:
+    """The learned loss and its two stages (keys lfl.*); [V] the paper's, [R] our reconstruction."""
+    prefix: ClassVar[str] = "lfl"
+    hidden: int = knob(40, "units in each of the loss network's 2 hidden layers [V]", ">= 1")
+    init: str = knob("random", "phi before the offline stage: random [V] or cross_entropy (l_phi fitted to CE; ours)",
+                     choices=("random", "cross_entropy"))
+    activation: str = knob("smooth_leaky_relu", "hidden activation: smooth_leaky_relu (AdaLFL) or relu (ML^3)",
+                           choices=("smooth_leaky_relu", "relu"))
+    beta: float = knob(2.0, "smoothness beta of the smooth leaky ReLU [R]", "> 0")
+    leak: float = knob(0.25, "its leak gamma: slope as x -> -inf [R]", "in [0, 1)")
+    meta_lr: float = knob(1e-3, "Adam step size on phi in the online stage [R]", ">= 0")
+    offline_steps: int = knob(2500, "S_init: Adam steps on phi in the offline (ML^3) stage [V]", ">= 0")
+    offline_horizon: int = knob(1, "SGD steps unrolled per offline step [V: 1]", ">= 1")
+    offline_meta_lr: float = knob(1e-3, "Adam step size on phi in the offline stage [R]", ">= 0")
+    offline_lr: float = knob(0.0, "alpha of the unrolled offline steps [R]", ">= 0 (0 = the schedule's first lr)")
+    monotone: bool = knob(False, "ours: l_phi monotone in p for each y (false = the paper's net)")
+    same_time: bool = knob(True, "also run the baseline for online_loss's wall-clock")
+
+
+SECTIONS = (LFL,)
+DEFAULTS: dict = {}
 PRESETS: dict = {
     # CI: about a minute on 2 cores (31 steps per arm, 10 offline steps).
     "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50,
