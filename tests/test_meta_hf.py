@@ -14,6 +14,7 @@ from torch.func import jacrev
 
 from helpers import Killed, kill_at, tiny_bn_net, weighted_problem
 from metabook import ConfigError, chapter_config
+from metabook.config import make_config
 from metabook.data import Batch, make_synthetic
 from metabook.meta import forward, model_params
 from metabook.methods.baseline import Baseline
@@ -155,9 +156,15 @@ def test_levenberg_marquardt_raises_damping_on_bad_and_lowers_it_on_good_predict
     assert lm_damping(1.0, 0.5) == 1.0
 
 
-HF_CFG = {"hf.damping": 1e-3, "hf.damping_rule": "lm", "hf.cg_iters": 50, "hf.cg_tol": 5e-4,
-          "hf.precond_exponent": 0.75, "hf.fisher_chunk": 1, "hf.gn_batch_size": 64, "hf.warm_start": 0.95,
-          "hf.backtrack": True, "hf.line_search": True, "weight_decay": 0.0}
+def knobs(values: dict) -> dict:
+    """A full config, every knob at its default except `values` (checked): a method reads its
+    whole typed section, so a hand-made config names the values that matter and defaults the rest."""
+    return make_config(meta_hf.SECTIONS, {}, {}, "cpu", values)
+
+
+HF_CFG = knobs({"hf.damping": 1e-3, "hf.damping_rule": "lm", "hf.cg_iters": 50, "hf.cg_tol": 5e-4,
+                "hf.precond_exponent": 0.75, "hf.fisher_chunk": 1, "hf.gn_batch_size": 64, "hf.warm_start": 0.95,
+                "hf.backtrack": True, "hf.line_search": True, "weight_decay": 0.0})
 
 
 def softmax_regression_problem(e=0.0):
@@ -428,10 +435,10 @@ def test_untrained_mlhf_first_step_is_k_iterations_of_hf_pcg_at_the_initial_damp
 
 def mlhf_cfg(damping, line_search=True, hidden=3):
     """An MLHF plug-in config for the tiny float64 problems: K = 3, no meta-training."""
-    return {"hf.mlhf_cg_iters": 3, "hf.precond_exponent": 0.75, "hf.fisher_chunk": 4, "hf.gn_batch_size": 16,
-            "hf.warm_start": 0.95, "weight_decay": 0.0, "hf.mlhf_hidden": hidden, "hf.damping": damping,
-            "hf.mlhf_meta_steps": 0, "hf.mlhf_unroll": 2, "hf.mlhf_meta_lr": 1e-2, "hf.mlhf_replay_size": 2,
-            "hf.mlhf_fresh_prob": 0.5, "hf.mlhf_line_search": line_search}
+    return knobs({"hf.mlhf_cg_iters": 3, "hf.precond_exponent": 0.75, "hf.fisher_chunk": 4, "hf.gn_batch_size": 16,
+                  "hf.warm_start": 0.95, "weight_decay": 0.0, "hf.mlhf_hidden": hidden, "hf.damping": damping,
+                  "hf.mlhf_meta_steps": 0, "hf.mlhf_unroll": 2, "hf.mlhf_meta_lr": 1e-2, "hf.mlhf_replay_size": 2,
+                  "hf.mlhf_fresh_prob": 0.5, "hf.mlhf_line_search": line_search})
 
 
 def deploy_mlhf(method, steps, seed=5):

@@ -62,12 +62,13 @@ from __future__ import annotations
 import math
 import warnings
 from dataclasses import dataclass, field
-from typing import Callable
+from typing import Callable, ClassVar
 
 import torch
 import torch.nn.functional as F
 from torch.func import jvp, vjp
 
+from ..config import knob, section
 from ..data import Batch
 from ..meta import Params, forward, model_params
 from ..train import Arm, Context, Method, NonFiniteError
@@ -367,14 +368,13 @@ class HessianFree(Method):
     name = "hf"
 
     def __init__(self, cfg: dict):
-        self.s = HFSettings(cfg["hf.cg_iters"], cfg["hf.precond_exponent"], cfg["hf.fisher_chunk"],
-                            cfg["hf.gn_batch_size"], cfg["hf.warm_start"], cfg["weight_decay"])
-        self.damping0, self.rule, self.cg_tol = cfg["hf.damping"], cfg["hf.damping_rule"], cfg["hf.cg_tol"]
-        self.backtrack, self.search = cfg["hf.backtrack"], cfg["hf.line_search"]
+        self.c = c = section(cfg, HF)
+        self.s = HFSettings(c.cg_iters, c.precond_exponent, c.fisher_chunk, c.gn_batch_size, c.warm_start,
+                            cfg["weight_decay"])
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
-        self.damping = float(self.damping0)
+        self.damping = float(self.c.damping)
         self.prev = torch.zeros_like(flatten(model_params(self.model))).detach()
         self.steps, self.skipped, self.cg_total = 0, 0, 0
 
@@ -383,12 +383,12 @@ class HessianFree(Method):
         s, lam = self.s, self.damping
         params, loss, logits, g, f0 = hf_gradient(self.model, batch, s.weight_decay)
         x0 = s.warm_start * self.prev if s.warm_start > 0 else None
-        step = hf_direction(self.model, params, batch.x, batch.y, g, f0, lam, s, x0=x0, tol=self.cg_tol,
-                            backtrack=self.backtrack)
+        step = hf_direction(self.model, params, batch.x, batch.y, g, f0, lam, s, x0=x0, tol=self.c.cg_tol,
+                            backtrack=self.c.backtrack)
         self.prev = step.cg.x.detach()
-        if self.rule == "lm":
+        if self.c.damping_rule == "lm":
             self.damping = lm_damping(lam, step.rho)
-        alpha, f_new = hf_apply(params, step, g, f0, self.search)
+        alpha, f_new = hf_apply(params, step, g, f0, self.c.line_search)
         self.steps += 1
         self.skipped += alpha == 0.0
         self.cg_total += step.cg.iters
@@ -418,7 +418,8 @@ class AdamArm(Baseline):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.adam_lr, self.scale = cfg["adam.lr"], cfg["adam.lr"] / cfg["lr"]
+        self.adam_lr = section(cfg, Adam).lr
+        self.scale = self.adam_lr / cfg["lr"]
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -744,12 +745,11 @@ class MLHF(Method):
     name = "mlhf"
 
     def __init__(self, cfg: dict):
-        self.s = MLHFSettings(cfg["hf.mlhf_cg_iters"], cfg["hf.precond_exponent"], cfg["hf.fisher_chunk"],
-                              cfg["hf.gn_batch_size"], cfg["hf.warm_start"], cfg["weight_decay"],
-                              cfg["hf.mlhf_hidden"], cfg["hf.mlhf_hidden"], cfg["hf.damping"])
-        self.meta = dict(steps=cfg["hf.mlhf_meta_steps"], unroll=cfg["hf.mlhf_unroll"], lr=cfg["hf.mlhf_meta_lr"],
-                         replay_size=cfg["hf.mlhf_replay_size"], fresh_prob=cfg["hf.mlhf_fresh_prob"])
-        self.search = cfg["hf.mlhf_line_search"]
+        self.c = c = section(cfg, HF)
+        self.s = MLHFSettings(c.mlhf_cg_iters, c.precond_exponent, c.fisher_chunk, c.gn_batch_size, c.warm_start,
+                              cfg["weight_decay"], c.mlhf_hidden, c.mlhf_hidden, c.damping)
+        self.meta = dict(steps=c.mlhf_meta_steps, unroll=c.mlhf_unroll, lr=c.mlhf_meta_lr,
+                         replay_size=c.mlhf_replay_size, fresh_prob=c.mlhf_fresh_prob)
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
@@ -778,7 +778,7 @@ class MLHF(Method):
         with torch.no_grad():
             step, self.state, _, log_factor = mlhf_step(self.nets, self.state, self.model, params,
                                                         batch.x, batch.y, g, f0, self.s)
-        alpha, f_new = hf_apply(params, step, g, f0, self.search)
+        alpha, f_new = hf_apply(params, step, g, f0, self.c.mlhf_line_search)
         self.steps += 1
         self.skipped += alpha == 0.0
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean(),
@@ -812,29 +812,42 @@ class MLHF(Method):
 
 # ----------------------------------------------------------------------------- chapter config and run
 
-DEFAULTS: dict = {
-    "hf.damping": 1.0,            # initial Tikhonov damping lambda
-    "hf.damping_rule": "lm",      # lm (Levenberg-Marquardt) | fixed
-    "hf.cg_iters": 50,            # most CG iterations per step (Martens: 250)
-    "hf.cg_tol": 5e-4,            # eps of Martens' relative-progress stopping rule
-    "hf.precond_exponent": 0.75,  # xi of the diagonal preconditioner (0 = none)
-    "hf.fisher_chunk": 8,         # examples per gradient in the preconditioner's diagonal (1 = exact)
-    "hf.gn_batch_size": 32,       # curvature sub-batch (the first examples of each batch)
-    "hf.warm_start": 0.95,        # CG starts from this times the previous solution (0 = from zero)
-    "hf.backtrack": True,         # CG backtracking over the saved iterates
-    "hf.line_search": True,       # Armijo line search on the chosen direction
-    "adam.lr": 1e-3,              # peak learning rate of the Adam arm
-    # MLHF (the `mlhf` arm); hf.damping is its initial damping, hf.precond_exponent its base
-    # preconditioner's xi, hf.fisher_chunk / gn_batch_size / warm_start as for hf.
-    "hf.mlhf_cg_iters": 10,       # K: CG iterations per step, fixed and unrolled
-    "hf.mlhf_hidden": 8,          # GRU units of each of the two nets
-    "hf.mlhf_meta_steps": 30,     # meta-training episodes before training (0 = untrained nets)
-    "hf.mlhf_unroll": 4,          # T: HF steps per episode
-    "hf.mlhf_meta_lr": 1e-2,      # Adam step size on the nets' weights
-    "hf.mlhf_replay_size": 16,    # replay buffer of optimiser states (0 = every episode fresh)
-    "hf.mlhf_fresh_prob": 0.2,    # probability that an episode starts from a fresh initialisation
-    "hf.mlhf_line_search": True,  # Armijo line search on the learned step at deployment
-}
+@dataclass
+class HF:
+    """Hessian-free (the `hf` arm) and MLHF (the `mlhf` arm, keys hf.mlhf_*; hf.damping is its initial
+    damping, hf.precond_exponent its base xi, hf.fisher_chunk / gn_batch_size / warm_start as for hf)."""
+    prefix: ClassVar[str] = "hf"
+    damping: float = knob(1.0, "initial Tikhonov damping lambda", "> 0")
+    damping_rule: str = knob("lm", "how lambda moves: lm (Levenberg-Marquardt) or fixed", choices=("lm", "fixed"))
+    cg_iters: int = knob(50, "most CG iterations per step (Martens: 250)", ">= 1")
+    cg_tol: float = knob(5e-4, "eps of Martens' relative-progress stopping rule",
+                         ">= 0 (0 = no relative-progress stop)")
+    precond_exponent: float = knob(0.75, "xi of the diagonal preconditioner", "in [0, 1] (0 = no preconditioner)")
+    fisher_chunk: int = knob(8, "examples per gradient in the preconditioner's Fisher diagonal (1 = exact)", ">= 1")
+    gn_batch_size: int = knob(32, "curvature sub-batch: the first examples of each batch", ">= 1")
+    warm_start: float = knob(0.95, "CG starts from this times the previous solution", "in [0, 1] (0 = CG from zero)")
+    backtrack: bool = knob(True, "CG backtracking over the saved iterates")
+    line_search: bool = knob(True, "Armijo line search on the chosen direction")
+    mlhf_cg_iters: int = knob(10, "K: MLHF's CG iterations per step, fixed and unrolled", ">= 1")
+    mlhf_hidden: int = knob(8, "GRU units of each of MLHF's two nets", ">= 1")
+    mlhf_meta_steps: int = knob(30, "meta-training episodes before training", ">= 0 (0 = untrained nets)")
+    mlhf_unroll: int = knob(4, "T: HF steps per meta-training episode", ">= 1")
+    mlhf_meta_lr: float = knob(1e-2, "Adam step size on the nets' weights", ">= 0")
+    mlhf_replay_size: int = knob(16, "replay buffer of optimiser states",
+                                 ">= 0 (0 = every episode from a fresh initialisation)")
+    mlhf_fresh_prob: float = knob(0.2, "probability that an episode starts from a fresh initialisation", "in [0, 1]")
+    mlhf_line_search: bool = knob(True, "Armijo line search on MLHF's learned step at deployment")
+
+
+@dataclass
+class Adam:
+    """The Adam arm (keys adam.*)."""
+    prefix: ClassVar[str] = "adam"
+    lr: float = knob(1e-3, "peak learning rate of the Adam arm (the loop's schedule, rescaled)", "> 0")
+
+
+SECTIONS = (HF, Adam)
+DEFAULTS: dict = {}
 # The paper trains "CUDA-convnet" on CIFAR-10; `cuda_convnet` is Krizhevsky's layers-18pct-sized net
 # (conv5x5 32/32/64, three pools, linear; 89,578 parameters at width 32), see metabook.models.
 PRESETS: dict = {
