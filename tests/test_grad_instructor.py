@@ -1,6 +1,7 @@
 """Grad-Instructor: the weight rendering (shapes, exactness, finite differences), the ENN term in
 the target's update, TD(lambda) returns, a behavioural test of the ENN's ranking, Grad-CAM, the
 per-seed ENN of prepare() and its cache, resume, config errors, and the chapter's record."""
+import dataclasses
 import math
 
 import pytest
@@ -10,6 +11,7 @@ from torch.nn.utils import parameters_to_vector, vector_to_parameters
 
 from helpers import Killed, kill_at
 from metabook import ConfigError, chapter_config
+from metabook.config import section
 from metabook.data import Batch, make_synthetic
 from metabook.methods import enn as en
 from metabook.methods import grad_instructor as gi
@@ -91,12 +93,13 @@ def test_the_enn_term_reaches_the_mlp_weights_in_the_update():
     """One SGD step (no momentum): the Grad-Instructor update minus the plain update must be
     exactly lr * w * grad_W E(render(W)) on the weight matrices, and zero on the biases."""
     cfg, lr = step_cfg(weight=0.5), 0.1
+    c = section(cfg, gi.GI)
     mlp, enn = tiny_mlp_and_enn()
     g = torch.Generator().manual_seed(2)
     batch = Batch(torch.randn(8, 12, generator=g, dtype=torch.float64), torch.randint(3, (8,), generator=g),
                   torch.arange(8))
     names = [n for n, _ in mlp.named_parameters() if n.endswith("weight")]
-    g_enn = dict(zip(names, torch.autograd.grad(enn(en.render_model(mlp, cfg)[None])[0], en.weight_matrices(mlp))))
+    g_enn = dict(zip(names, torch.autograd.grad(enn(en.render_model(mlp, c)[None])[0], en.weight_matrices(mlp))))
     plain, guided = [MLP(3, 6, 2, 12).double() for _ in range(2)]
     for m in (plain, guided):
         m.load_state_dict(mlp.state_dict())
@@ -111,7 +114,7 @@ def test_the_enn_term_reaches_the_mlp_weights_in_the_update():
         assert torch.allclose(p - q, expected, rtol=1e-10, atol=1e-15), name
     assert all(g.abs().sum() > 0 for g in g_enn.values())
     assert metrics["gi_weight"] == 0.5 and not metrics["enn_value"].requires_grad
-    assert metrics["enn_value"].item() == enn(en.render_model(mlp, cfg)[None])[0].item()   # at the weights before
+    assert metrics["enn_value"].item() == enn(en.render_model(mlp, c)[None])[0].item()   # at the weights before
 
 
 def test_weight_schedules():
@@ -301,11 +304,24 @@ def test_killed_grad_instructor_run_resumes_bitwise(synthetic, tmp_path):
     ("gi.resolution", 0.0, r"in \(0, 1\]"),
     ("gi.gamma", 1.5, r"in \[0, 1\]"),
     ("gi.weight", -1.0, ">= 0"),
+    ("gi.episodes", 2, ">= 3"),
+    ("gi.holdout", 1.0, r"in \(0, 1\)"),
+    ("gi.enn_seed", -1, ">= 0"),
+    ("gi.same_time", "maybe", "true/false"),
     ("gi.bogus", 1, "valid keys"),
 ])
 def test_bad_config_values_name_the_valid_choices(key, value, match):
-    with pytest.raises(ConfigError, match=match):
+    with pytest.raises(ConfigError, match=match) as err:
         chapter_config("grad_instructor", "smoke", {key: value})
+    assert "\n" not in str(err.value)
+
+
+def test_every_gi_key_is_declared_once_with_a_meaning_and_the_chapter_sets_only_shared_keys():
+    from metabook.config import describe
+    rows = {r["key"]: r for r in describe(gi.SECTIONS, chapter_config("grad_instructor", "cpu"))}
+    assert all(r["meaning"] for r in rows.values())
+    assert {k for k in rows if k.startswith("gi.")} == {f"gi.{f.name}" for f in dataclasses.fields(gi.GI)}
+    assert not any(k.startswith("gi.") for k in gi.DEFAULTS)
 
 
 def test_chapter_run_records_all_arms_the_cost_ratio_and_one_enn_per_seed(synthetic, tmp_path):

@@ -11,8 +11,7 @@ from metabook.config import ConfigError
 from metabook.data import Batch, make_synthetic
 from metabook.meta import forward, lookahead_params, model_params
 from metabook.methods.local_losses import (Balancer, LocalLosses, LocalNet, balancer_meta_gradient,
-                                           fold_of_examples, layer_losses, layer_weight_meta_gradient,
-                                           parse_arms)
+                                           fold_of_examples, layer_losses, layer_weight_meta_gradient)
 from metabook.models import DeepCNN
 from metabook.train import Context, make_model, prepare_data, seed_everything, train
 
@@ -328,11 +327,14 @@ def test_bad_config_values_name_the_valid_choices():
         LocalLosses(chapter_config("local_losses", "smoke", {"ll.detach": True, "ll.mode": "fd"}))
     with pytest.raises(ConfigError, match=r"in \[0, 1\)"):
         chapter_config("local_losses", "smoke", {"ll.dropout": 1.0})
-    with pytest.raises(ConfigError, match="baseline, skips, equal"):
-        parse_arms("baseline,meta,mwn")
-    with pytest.raises(ConfigError, match="required"):
-        parse_arms("baseline,equal")
-    assert parse_arms("meta, baseline") == ["meta", "baseline"]
+    with pytest.raises(ConfigError, match="ll.arms=.*baseline, skips, equal, free, meta, .*meta_detached$") as err:
+        chapter_config("local_losses", "smoke", {"ll.arms": "baseline,meta,mwn"})
+    assert "\n" not in str(err.value)
+    assert chapter_config("local_losses", "smoke", {"ll.arms": "meta, baseline"})["ll.arms"] == ["meta", "baseline"]
+    assert chapter_config("local_losses", "smoke", {"ll.arms": ["meta", "baseline"]})["ll.arms"] == ["meta", "baseline"]
+    from metabook.methods import local_losses
+    with pytest.raises(ConfigError, match="baseline and meta are required"):     # before any arm runs
+        local_losses.run(chapter_config("local_losses", "smoke", {"ll.arms": "baseline,equal"}), [0], progress=False)
 
 
 def test_chapter_run_records_all_arms_weight_traces_and_cost(synthetic, tmp_path):

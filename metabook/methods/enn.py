@@ -83,9 +83,9 @@ def render_weights(weights: list[torch.Tensor], canvas: int = 64, resolution: fl
     return torch.stack(images)
 
 
-def render_model(model: nn.Module, cfg: dict) -> torch.Tensor:
-    """render_weights of a model's weight matrices at the config's gi.canvas and gi.resolution."""
-    return render_weights(weight_matrices(model), cfg["gi.canvas"], cfg["gi.resolution"])
+def render_model(model: nn.Module, c) -> torch.Tensor:
+    """render_weights of a model's weight matrices at c.canvas and c.resolution (c: the GI section)."""
+    return render_weights(weight_matrices(model), c.canvas, c.resolution)
 
 
 # ----------------------------------------------------------------------------- the ENN
@@ -117,8 +117,8 @@ class ENN(nn.Module):
         return self.from_features(self.features(x))
 
 
-def make_enn(num_matrices: int, cfg: dict) -> ENN:
-    return ENN(num_matrices, cfg["gi.enn_channels"])
+def make_enn(num_matrices: int, c) -> ENN:
+    return ENN(num_matrices, c.enn_channels)
 
 
 def saliency(enn: ENN, x: torch.Tensor, kind: str = "grad_cam") -> torch.Tensor:
@@ -272,34 +272,36 @@ def accuracy(model: nn.Module, x: torch.Tensor, y: torch.Tensor) -> float:
 
 
 def run_episode(model: nn.Module, batches, x_eval: torch.Tensor, y_eval: torch.Tensor, *, lr: float,
-                snapshot_every: int, cfg: dict, enn: ENN | None = None, enn_weight: float = 0.0):
+                snapshot_every: int, c, enn: ENN | None = None, enn_weight: float = 0.0):
     """Train `model` (already initialised) on `batches` (SGD, Nesterov momentum 0.9, constant lr)
     on CE - enn_weight * enn(render(W)) (plain CE without an ENN). Returns (states (K+1, 2L, s, s),
-    accs (K+1,)) at steps 0, snapshot_every, ..., or None if the loss or the weights became NaN/inf."""
+    accs (K+1,)) at steps 0, snapshot_every, ..., or None if the loss or the weights became NaN/inf.
+    c: the GI section (the rendering's canvas and resolution)."""
     opt = torch.optim.SGD(model.parameters(), lr=lr, momentum=0.9, nesterov=True)
-    states, accs = [render_model(model, cfg).detach()], [accuracy(model, x_eval, y_eval)]
+    states, accs = [render_model(model, c).detach()], [accuracy(model, x_eval, y_eval)]
     for t, batch in enumerate(batches, start=1):
         loss = F.cross_entropy(model(batch.x), batch.y)
         if not torch.isfinite(loss):
             return None
         if enn is not None and enn_weight > 0:
-            loss = loss - enn_weight * enn(render_model(model, cfg)[None])[0]
+            loss = loss - enn_weight * enn(render_model(model, c)[None])[0]
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         if t % snapshot_every == 0:
-            states.append(render_model(model, cfg).detach())
+            states.append(render_model(model, c).detach())
             accs.append(accuracy(model, x_eval, y_eval))
     if not all(torch.isfinite(s).all() for s in states):
         return None
     return torch.stack(states), torch.tensor(accs)
 
 
-def collect_episodes(cfg: dict, streams, x_eval, y_eval, num_classes: int, n: int, seed: int,
+def collect_episodes(c, width: int, depth: int, streams, x_eval, y_eval, num_classes: int, n: int, seed: int,
                      enn: ENN | None = None, round_: int = 0) -> Episodes:
-    """Run n episodes of the policy: fresh MLPs of the target's architecture, He-normal init times
-    a log-uniform gain in [gi.gain_min, gi.gain_max], a log-uniform learning rate in [gi.lr_min,
-    gi.lr_max], gi.episode_steps steps on batches of the run's stream f"episode-{round_}-{e}".
+    """Run n episodes of the policy (c: the GI section): fresh MLPs of the target's architecture
+    (width, depth), He-normal init times a log-uniform gain in [gi.gain_min, gi.gain_max], a
+    log-uniform learning rate in [gi.lr_min, gi.lr_max], gi.episode_steps steps on batches of the
+    run's stream f"episode-{round_}-{e}".
     With an `enn` (rounds after the first) each episode follows it with a weight gi.weight *
     10^U(-1, 1), so the ENN also sees, and is corrected on, the weights its own guidance produces."""
     device = x_eval.device
@@ -307,13 +309,13 @@ def collect_episodes(cfg: dict, streams, x_eval, y_eval, num_classes: int, n: in
     log_uniform = lambda lo, hi: math.exp(math.log(lo) + (math.log(hi) - math.log(lo)) * torch.rand((), generator=g).item())
     states, accs, actions, diverged = [], [], [], 0
     for e in range(n):
-        gain, lr = log_uniform(cfg["gi.gain_min"], cfg["gi.gain_max"]), log_uniform(cfg["gi.lr_min"], cfg["gi.lr_max"])
-        w = cfg["gi.weight"] * log_uniform(0.1, 10.0) if enn is not None else 0.0
-        model = build_model("mlp", num_classes, cfg["width"], cfg["depth"]).to(device)
+        gain, lr = log_uniform(c.gain_min, c.gain_max), log_uniform(c.lr_min, c.lr_max)
+        w = c.weight * log_uniform(0.1, 10.0) if enn is not None else 0.0
+        model = build_model("mlp", num_classes, width, depth).to(device)
         he_init_(model, gain, generator=g)
-        batches = (streams.batch(f"episode-{round_}-{e}", i) for i in range(cfg["gi.episode_steps"]))
-        out = run_episode(model, batches, x_eval, y_eval, lr=lr, snapshot_every=cfg["gi.snapshot_every"],
-                          cfg=cfg, enn=enn, enn_weight=w)
+        batches = (streams.batch(f"episode-{round_}-{e}", i) for i in range(c.episode_steps))
+        out = run_episode(model, batches, x_eval, y_eval, lr=lr, snapshot_every=c.snapshot_every,
+                          c=c, enn=enn, enn_weight=w)
         if out is None:
             diverged += 1
             continue
@@ -323,7 +325,7 @@ def collect_episodes(cfg: dict, streams, x_eval, y_eval, num_classes: int, n: in
     if len(states) < 2:
         raise FloatingPointError(f"{diverged} of {n} ENN episodes diverged; lower gi.lr_max or gi.gain_max")
     return Episodes(torch.stack(states), torch.stack(accs).to(device), torch.stack(actions),
-                    torch.full((len(states),), round_), diverged, n * cfg["gi.episode_steps"])
+                    torch.full((len(states),), round_), diverged, n * c.episode_steps)
 
 
 def enn_quality(enn: ENN, episodes: Episodes) -> dict:
@@ -340,56 +342,56 @@ def enn_quality(enn: ENN, episodes: Episodes) -> dict:
             "heldout_episodes": e}
 
 
-def episodes_per_round(cfg: dict) -> list[int]:
+def episodes_per_round(c) -> list[int]:
     """gi.episodes split over gi.rounds (ConfigError if a round would get fewer than 2)."""
     from ..config import ConfigError
 
-    n, rounds = cfg["gi.episodes"], cfg["gi.rounds"]
+    n, rounds = c.episodes, c.rounds
     if n < 2 * rounds:
         raise ConfigError(f"gi.episodes={n} is too few for gi.rounds={rounds}; it must be >= 2 * gi.rounds "
                           f"(each round fits on some and holds out some)")
     return [n // rounds + (1 if r < n % rounds else 0) for r in range(rounds)]
 
 
-def train_enn(cfg: dict, streams, num_classes: int, seed: int = 0) -> tuple[ENN, dict]:
-    """The ENN of one run (its seed's split), in gi.rounds rounds (approximate policy iteration):
-    collect episodes on the training split (rewards: accuracy on the first gi.eval_size images of
-    the held-out split) -- round 0 plain SGD, later rounds guided by the current ENN -- and fit
+def train_enn(c, streams, num_classes: int, seed: int = 0, *, width: int, depth: int) -> tuple[ENN, dict]:
+    """The ENN of one run (its seed's split; c: the GI section; width, depth: the target MLP's),
+    in gi.rounds rounds (approximate policy iteration): collect episodes on the training split
+    (rewards: accuracy on the first gi.eval_size images of the held-out split) -- round 0 plain
+    SGD, later rounds guided by the current ENN -- and fit
     the ENN (warm-started) on all episodes so far except the held-out ones (the last gi.holdout
     of every round), on which its quality is measured at the end. Episodes and init are seeded by
     seed + gi.enn_seed. Returns the frozen ENN and an info dict (cost, quality, the episodes'
     actions and final accuracies for the chapter's figures)."""
-    per_round = episodes_per_round(cfg)
-    enn_seed = seed + cfg["gi.enn_seed"]
-    reward = streams.examples("meta", 0, cfg["gi.eval_size"])
+    per_round = episodes_per_round(c)
+    enn_seed = seed + c.enn_seed
+    reward = streams.examples("meta", 0, c.eval_size)
     device = reward.y.device
     t0 = time.perf_counter()
     parts, held_parts, trace, enn = [], [], [], None
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(enn_seed)
         for r, n in enumerate(per_round):
-            eps = collect_episodes(cfg, streams, reward.x, reward.y, num_classes, n, enn_seed, enn=enn, round_=r)
-            n_held = max(1, round(cfg["gi.holdout"] * len(eps.accs)))
+            eps = collect_episodes(c, width, depth, streams, reward.x, reward.y, num_classes, n, enn_seed,
+                                   enn=enn, round_=r)
+            n_held = max(1, round(c.holdout * len(eps.accs)))
             keep = torch.arange(len(eps.accs)) < len(eps.accs) - n_held
             parts.append(Episodes(eps.states[keep], eps.accs[keep], eps.actions[keep], eps.rounds[keep],
                                   eps.diverged, eps.steps))
             held_parts.append(eps.select(~keep))
             fit = Episodes.cat(parts)
             if enn is None:
-                enn = make_enn(fit.states.shape[2] // 2, cfg).to(device)
+                enn = make_enn(fit.states.shape[2] // 2, c).to(device)
             enn.requires_grad_(True).train()
-            trace += fit_enn(enn, fit.states, fit.accs, objective=cfg["gi.enn_objective"], gamma=cfg["gi.gamma"],
-                             lam=cfg["gi.lam"], iters=cfg["gi.enn_iters"], lr=cfg["gi.enn_lr"],
-                             batch=cfg["gi.enn_batch"], refresh=cfg["gi.refresh"], seed=enn_seed + r,
-                             init_bias=r == 0)
+            trace += fit_enn(enn, fit.states, fit.accs, objective=c.enn_objective, gamma=c.gamma, lam=c.lam,
+                             iters=c.enn_iters, lr=c.enn_lr, batch=c.enn_batch, refresh=c.refresh,
+                             seed=enn_seed + r, init_bias=r == 0)
             enn.requires_grad_(False).eval()
     held = Episodes.cat(held_parts)
     everything = Episodes.cat([fit, held])
     quality = enn_quality(enn, held) if len(held.accs) >= 2 else {}
-    info = {"seconds": time.perf_counter() - t0, "episodes": cfg["gi.episodes"], "rounds": len(per_round),
-            "diverged": fit.diverged, "fit_episodes": len(fit.accs), "episode_steps": cfg["gi.episode_steps"],
-            "sgd_steps": fit.steps, "objective": cfg["gi.enn_objective"],
-            "image_size": image_size(cfg["gi.canvas"], cfg["gi.resolution"]),
+    info = {"seconds": time.perf_counter() - t0, "episodes": c.episodes, "rounds": len(per_round),
+            "diverged": fit.diverged, "fit_episodes": len(fit.accs), "episode_steps": c.episode_steps,
+            "sgd_steps": fit.steps, "objective": c.enn_objective, "image_size": image_size(c.canvas, c.resolution),
             "fit_loss": trace[:: max(1, len(trace) // 100)] + trace[-1:], **quality,
             "actions": everything.actions.tolist(), "episode_round": everything.rounds.tolist(),
             "final_accs": everything.accs[:, -1].tolist(), "initial_accs": everything.accs[:, 0].tolist(),
@@ -432,16 +434,17 @@ def load_enn(path: Path, device="cpu") -> tuple[ENN, dict]:
     return enn.to(device).requires_grad_(False).eval(), saved
 
 
-def load_or_train_enn(cfg: dict, streams, num_classes: int, seed: int, cache_dir=None) -> tuple[ENN, dict]:
-    """train_enn, or the ENN saved in cache_dir/enn-seed{seed}.pt by a run with the same key (then
-    on the CPU, and its info says where it was loaded from)."""
-    key = enn_config_key(cfg)
+def load_or_train_enn(c, key: dict, streams, num_classes: int, seed: int, cache_dir=None, *, width: int,
+                      depth: int) -> tuple[ENN, dict]:
+    """train_enn(c, ...), or the ENN saved in cache_dir/enn-seed{seed}.pt by a run with the same
+    `key` (enn_config_key of the run's config; then on the CPU, and its info says where it was
+    loaded from)."""
     path = Path(cache_dir) / f"enn-seed{seed}.pt" if cache_dir else None
     if path and path.exists():
         enn, saved = load_enn(path)
         if saved["key"] == key and saved.get("seed") == seed:
             return enn, {**saved["info"], "loaded_from": str(path)}
-    enn, info = train_enn(cfg, streams, num_classes, seed)
+    enn, info = train_enn(c, streams, num_classes, seed, width=width, depth=depth)
     if path:
         save_enn(path, enn, key, seed, info)
     return enn, info

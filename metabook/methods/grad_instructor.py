@@ -18,12 +18,15 @@ OUT/cache/enn-seed{S}.pt). Every arm reports its final train-test gap (the abstr
 from __future__ import annotations
 
 import math
+from dataclasses import dataclass
+from typing import ClassVar
 
 import numpy as np
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
+from ..config import knob, section
 from ..data import Batch
 from ..train import Arm
 from .baseline import Baseline, set_lr
@@ -89,7 +92,7 @@ class L1Reg(PlainBP):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.l1 = cfg["gi.l1"]
+        self.c = section(cfg, GI)
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         set_lr(self.opt, lr)
@@ -97,7 +100,7 @@ class L1Reg(PlainBP):
         ce = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
         penalty = sum(w.abs().sum() for w in weight_matrices(self.model))
         self.opt.zero_grad(set_to_none=True)
-        (ce + self.l1 * penalty).backward()
+        (ce + self.c.l1 * penalty).backward()
         self.opt.step()
         return {"loss": ce.detach(), "l1_norm": penalty.detach(), "acc": (logits.argmax(1) == batch.y).float().mean()}
 
@@ -111,32 +114,33 @@ class GradInstructor(PlainBP):
 
     def __init__(self, cfg: dict, enn: ENN | None = None):
         super().__init__(cfg)
-        self.weight, self.schedule = cfg["gi.weight"], cfg["gi.schedule"]
-        self.enn_cfg = enn_config_key(cfg)            # everything the ENN's training reads
-        episodes_per_round(self.enn_cfg)              # a bad gi.episodes / gi.rounds fails before any arm runs
+        self.c, self.width, self.depth = section(cfg, GI), cfg["width"], cfg["depth"]
+        self.enn_key = enn_config_key(cfg)            # everything the ENN's training reads
+        episodes_per_round(self.c)                    # a bad gi.episodes / gi.rounds fails before any arm runs
         self.enn, self.given = enn, enn is not None
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
         p = next(ctx.model.parameters())
-        enn = self.enn if self.given else make_enn(len(weight_matrices(ctx.model)), self.enn_cfg)
+        enn = self.enn if self.given else make_enn(len(weight_matrices(ctx.model)), self.c)
         self.enn = enn.to(device=p.device, dtype=p.dtype).requires_grad_(False).eval()
         self.enn_info, self.value0, self.steps = {}, float("nan"), 0
 
     def prepare(self) -> None:
         """Train this seed's ENN (or load it from the run's cache); note its initial prediction."""
         if not self.given:
-            enn, self.enn_info = load_or_train_enn(self.enn_cfg, self.ctx.streams, self.ctx.num_classes,
-                                                   self.ctx.seed, self.ctx.cache_dir)
+            enn, self.enn_info = load_or_train_enn(self.c, self.enn_key, self.ctx.streams, self.ctx.num_classes,
+                                                   self.ctx.seed, self.ctx.cache_dir, width=self.width,
+                                                   depth=self.depth)
             self.enn.load_state_dict(enn.state_dict())
         self.value0 = self.value()
 
     def w(self) -> float:
-        return self.weight * weight_schedule(self.schedule, self.steps / self.ctx.total_steps)
+        return self.c.weight * weight_schedule(self.c.schedule, self.steps / self.ctx.total_steps)
 
     def value(self) -> float:
         with torch.no_grad():
-            return self.enn(render_model(self.model, self.enn_cfg)[None])[0].item()
+            return self.enn(render_model(self.model, self.c)[None])[0].item()
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         set_lr(self.opt, lr)
@@ -145,7 +149,7 @@ class GradInstructor(PlainBP):
         logits = self.model(batch.x)
         ce = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
         g_ce = torch.autograd.grad(ce, params)
-        value = self.enn(render_model(self.model, self.enn_cfg)[None])[0]
+        value = self.enn(render_model(self.model, self.c)[None])[0]
         g_enn = dict(zip(map(id, weights), torch.autograd.grad(value, weights)))
         w = self.w()
         for p, g in zip(params, g_ce):
@@ -164,7 +168,7 @@ class GradInstructor(PlainBP):
         with torch.enable_grad():
             ce = F.cross_entropy(self.model(b.x), b.y, label_smoothing=self.label_smoothing)
             g_ce = torch.autograd.grad(ce, weights)
-            g_enn = torch.autograd.grad(self.enn(render_model(self.model, self.enn_cfg)[None])[0], weights)
+            g_enn = torch.autograd.grad(self.enn(render_model(self.model, self.c)[None])[0], weights)
         self.model.train(was)
         norm = lambda gs: torch.sqrt(sum((g * g).sum() for g in gs))
         return {"enn_grad_ratio": (self.w() * norm(g_enn) / norm(g_ce).clamp_min(1e-30)).item()}
@@ -187,35 +191,48 @@ class GradInstructor(PlainBP):
 
 # ----------------------------------------------------------------------------- config and the chapter
 
+@dataclass
+class GI:
+    """Grad-Instructor (keys gi.*): the ENN term, the `l1` arm, and the ENN's rendering, episodes and fit."""
+    prefix: ClassVar[str] = "gi"
+    weight: float = knob(0.1, "w: the ENN term's weight in CE - w(t) E(render(W)) [R]", ">= 0")
+    schedule: str = knob("constant", "w(t) = w * schedule(t / T)", choices=SCHEDULES)
+    canvas: int = knob(64, "a weight matrix is first resized to canvas x canvas [R]", ">= 1")
+    resolution: float = knob(0.15, "then down-sampled by this factor per side (0.15^2 of the pixels [A])",
+                             "in (0, 1]")
+    l1: float = knob(1e-5, "L1 coefficient of the `l1` arm [R]", ">= 0")
+    enn_objective: str = knob("rl", "the ENN's target: rl (TD(lambda) value of the accuracies) | regression "
+                              "(the snapshot's accuracy)", choices=("rl", "regression"))
+    gamma: float = knob(1.0, "discount: 1 = predict the final accuracy, 0 = the next snapshot's", "in [0, 1]")
+    lam: float = knob(0.8, "TD(lambda): 1 = Monte-Carlo returns, 0 = TD(0)", "in [0, 1]")
+    episodes: int = knob(160, "short target trainings for the ENN (incl. held-out ones)",
+                         ">= 3 (and >= 2 * gi.rounds: some are held out)")
+    rounds: int = knob(3, "collect-and-fit rounds; rounds > 0 follow the current ENN", ">= 1")
+    holdout: float = knob(0.25, "fraction of each round's episodes held out to measure the ENN (Spearman)",
+                          "in (0, 1)")
+    episode_steps: int = knob(40, "SGD steps per episode", ">= 1")
+    snapshot_every: int = knob(5, "steps between states (K = episode_steps // snapshot_every)", ">= 1")
+    eval_size: int = knob(500, "held-out images behind each snapshot's accuracy (the reward)", ">= 1")
+    gain_min: float = knob(0.2, "behaviour policy: lowest init gain (x He std; log-uniform)", "> 0")
+    gain_max: float = knob(2.0, "behaviour policy: highest init gain", "> 0")
+    lr_min: float = knob(0.003, "behaviour policy: lowest learning rate (log-uniform)", "> 0")
+    lr_max: float = knob(0.1, "behaviour policy: highest learning rate", "> 0")
+    enn_channels: int = knob(8, "conv channels per weight image in the ENN", ">= 1")
+    enn_iters: int = knob(600, "Adam iterations fitting the ENN (per round)", ">= 1")
+    enn_lr: float = knob(3e-3, "Adam learning rate of the ENN's fit", "> 0")
+    enn_batch: int = knob(64, "states per minibatch of the ENN's fit", ">= 1")
+    refresh: int = knob(25, "iterations between TD(lambda) target refreshes", ">= 1")
+    enn_seed: int = knob(0, "added to the run's seed: the ENN's episodes and init (one ENN per seed)", ">= 0")
+    same_time: bool = knob(True, "also run the baseline for grad_instructor's wall-clock")
+
+
+SECTIONS = (GI,)
 DEFAULTS: dict = {
     # the target: an MLP on flattened CIFAR-10 (the abstract's targets are MLPs [A]; sizes [R])
     "model": "mlp", "width": 256, "depth": 2,
     "augment": False,              # plain MLP training, so the train-test gap is visible
     "weight_decay": 0.0,           # "plain backprop": no regulariser; L1 is its own arm
     "lr": 0.05,
-    "gi.weight": 0.1,              # w: the ENN term's weight in CE - w(t) E(render(W)) [R]
-    "gi.schedule": "constant",     # constant | linear_decay | cosine_decay (w(t) = w * schedule(t/T))
-    "gi.canvas": 64,               # a weight matrix is first resized to canvas x canvas [R]
-    "gi.resolution": 0.15,         # ... then down-sampled by this factor per side (0.15^2 of the pixels [A])
-    "gi.l1": 1e-5,                 # L1 coefficient of the `l1` arm [R]
-    "gi.enn_objective": "rl",      # rl (TD(lambda) value of the episode's accuracies) | regression
-    "gi.gamma": 1.0,               # discount: 1 = predict the final accuracy, 0 = the next snapshot's
-    "gi.lam": 0.8,                 # TD(lambda): 1 = Monte-Carlo returns, 0 = TD(0)
-    "gi.episodes": 160,            # short target trainings for the ENN (incl. held-out ones)
-    "gi.rounds": 3,                # collect-and-fit rounds; rounds > 0 follow the current ENN
-    "gi.holdout": 0.25,            # fraction of episodes held out to measure the ENN (Spearman)
-    "gi.episode_steps": 40,        # SGD steps per episode
-    "gi.snapshot_every": 5,        # steps between states (K = episode_steps // snapshot_every)
-    "gi.eval_size": 500,           # held-out images behind each snapshot's accuracy (the reward)
-    "gi.gain_min": 0.2, "gi.gain_max": 2.0,   # behaviour policy: init gain (x He std), log-uniform
-    "gi.lr_min": 0.003, "gi.lr_max": 0.1,     # ... and learning rate, log-uniform
-    "gi.enn_channels": 8,          # conv channels per weight image in the ENN
-    "gi.enn_iters": 600,           # Adam iterations fitting the ENN
-    "gi.enn_lr": 3e-3,
-    "gi.enn_batch": 64,
-    "gi.refresh": 25,              # iterations between TD(lambda) target refreshes
-    "gi.enn_seed": 0,              # added to the run's seed: the ENN's episodes and init (one ENN per seed)
-    "gi.same_time": True,          # also run the baseline for grad_instructor's wall-clock
 }
 PRESETS: dict = {
     # CI: seconds of training (62 steps per arm) and a tiny ENN (24 episodes of 20 steps, 2 rounds).

@@ -72,13 +72,15 @@ from __future__ import annotations
 
 import math
 import warnings
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from torch.func import functional_call
 
-from ..config import ConfigError
+from ..config import ConfigError, knob, section
 from ..data import Batch
 from ..meta import forward, lookahead_params, model_params
 from ..models import DeepCNN
@@ -275,13 +277,10 @@ class LocalLosses(Baseline):
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
-        self.weights, self.detach, self.mode = cfg["ll.weights"], cfg["ll.detach"], cfg["ll.mode"]
-        self.p, self.meta_lr, self.hidden = cfg["ll.dropout"], cfg["ll.meta_lr"], cfg["ll.hidden"]
-        self.ema_decay, self.pool = cfg["ll.ema"], cfg["ll.head_pool"]
-        self.cv = cfg["ll.cv_folds"] if cfg["ll.cv_folds"] > 1 and self.weights != "equal" else 0
-        self.cv_every = cfg["ll.cv_every"]
-        self.uses_meta = self.weights != "equal" and not self.cv      # the loop's meta split feeds meta batches
-        if self.detach and self.mode == "fd" and self.weights != "equal":
+        self.c = c = section(cfg, LL)
+        self.cv = c.cv_folds if c.cv_folds > 1 and c.weights != "equal" else 0      # folds in use (0: no CV loop)
+        self.uses_meta = c.weights != "equal" and not self.cv      # the loop's meta split feeds meta batches
+        if c.detach and c.mode == "fd" and c.weights != "equal":
             raise ConfigError(FD_DETACHED)
 
     loss_fn = staticmethod(layer_losses)      # (outs, y) -> (L,); a test swaps it to corrupt one layer
@@ -290,16 +289,16 @@ class LocalLosses(Baseline):
         super().setup(ctx)                             # self.model, self.opt (the body's)
         param = next(ctx.model.parameters())
         self.num_classes = ctx.num_classes
-        self.net = LocalNet(ctx.model, ctx.num_classes, self.pool).to(device=param.device, dtype=param.dtype)
+        self.net = LocalNet(ctx.model, ctx.num_classes, self.c.head_pool).to(device=param.device, dtype=param.dtype)
         self.opt.add_param_group({"params": list(self.net.heads.parameters())})
         self.k = len(self.net.heads)
-        self.balancer = Balancer(self.hidden).to(device=param.device, dtype=param.dtype)
-        self.meta_opt = torch.optim.Adam(self.balancer.parameters(), lr=self.meta_lr)
+        self.balancer = Balancer(self.c.hidden).to(device=param.device, dtype=param.dtype)
+        self.meta_opt = torch.optim.Adam(self.balancer.parameters(), lr=self.c.meta_lr)
         self.spe, self.window = ctx.steps_per_epoch, max(1, ctx.total_steps // TRACE_ROWS)
         if self.cv:
             self.fold = fold_of_examples(ctx.num_train, self.cv, ctx.seed).to(param.device)
             self.members = [torch.nonzero(self.fold == f).flatten() for f in range(self.cv)]
-            self.cv_steps = max(1, round(self.cv_every * self.spe))
+            self.cv_steps = max(1, round(self.c.cv_every * self.spe))
         self.t = 0
         self.ema = self.prev = None
         self.sums = torch.zeros(self.k + 3, device=param.device, dtype=param.dtype)  # lambda (K), kept, meta acc, loss
@@ -311,9 +310,9 @@ class LocalLosses(Baseline):
     def draw_mask(self) -> torch.Tensor:
         """(K,) 1 = keep, 0 = drop this step's local loss, each with probability ll.dropout
         (the loop saves and restores the global RNG, so a resumed run draws the same masks)."""
-        if self.p == 0:
+        if self.c.dropout == 0:
             return torch.ones(self.k)
-        return (torch.rand(self.k) >= self.p).float()
+        return (torch.rand(self.k) >= self.c.dropout).float()
 
     def held_out_fold(self, t: int) -> int:
         return (t // self.cv_steps) % self.cv
@@ -336,15 +335,15 @@ class LocalLosses(Baseline):
             meta_batch = self.fold_meta_batch(self.t)
         self.last_meta_idx = meta_batch.idx if meta_batch is not None else None
         mask = self.draw_mask().to(device=x.device, dtype=x.dtype)
-        outs = self.net(x, detach=self.detach)        # the one real forward (BatchNorm stats update here)
+        outs = self.net(x, detach=self.c.detach)      # the one real forward (BatchNorm stats update here)
         losses = self.loss_fn(outs, y)                 # (L,): L_1..L_K, L_G
-        kw = dict(detach=self.detach, mode=self.mode, loss_fn=self.loss_fn)
+        kw = dict(detach=self.c.detach, mode=self.c.mode, loss_fn=self.loss_fn)
         info, extra = dict.fromkeys(("meta_loss", "meta_acc"), losses.new_zeros(())), {}
-        if self.weights == "equal":
+        if self.c.weights == "equal":
             lam = torch.ones_like(mask)
             self.opt.zero_grad(set_to_none=True)
             (losses[-1] + (mask * lam * losses[:-1]).sum()).backward()
-        elif self.weights == "free":                   # L2RW: meta-gradient at lambda = 0, then weigh
+        elif self.c.weights == "free":                   # L2RW: meta-gradient at lambda = 0, then weigh
             g, _, info = layer_weight_meta_gradient(self.net, losses, x, y, meta_batch.x, meta_batch.y,
                                                     torch.zeros_like(mask), torch.ones_like(mask), lr,
                                                     retain_graph=True, **kw)
@@ -378,7 +377,7 @@ class LocalLosses(Baseline):
         """EMA and previous losses (balancer features), the trace's sums (on the device), the step count."""
         if self.ema is None:
             self.ema = local_losses.clone()
-        self.ema = self.ema_decay * self.ema + (1 - self.ema_decay) * local_losses
+        self.ema = self.c.ema * self.ema + (1 - self.c.ema) * local_losses
         self.prev = local_losses.clone()
         self.sums += torch.cat([lam, mask.mean()[None], info["meta_acc"][None], info["meta_loss"][None]])
         self.n += 1
@@ -430,27 +429,12 @@ class LocalLosses(Baseline):
         (before the dropout mask), at `epoch` (rows,); `kept` the fraction of local losses kept;
         `meta_acc` / `meta_loss` on the meta batches at theta' (the balancer's own objective)."""
         return {"layers": self.k, "depth_fraction": [(l + 1) / (self.k + 1) for l in range(self.k)],
-                "weights_mode": self.weights, "detach": self.detach, "cv_folds": self.cv,
+                "weights_mode": self.c.weights, "detach": self.c.detach, "cv_folds": self.cv,
                 "trace": {k: list(v) for k, v in self.read_trace().items()}}
 
 
 # ----------------------------------------------------------------------------- config and the chapter
 
-DEFAULTS: dict = {
-    "model": "plain_cnn", "width": 16, "depth": 16,
-    "ll.weights": "meta_net",    # meta_net (balancer MLP) | free (L2RW-style, per step) | equal (fixed 1)
-    "ll.detach": False,          # False: deep supervision (L_l reaches blocks 1..l); True: detached blocks
-    "ll.dropout": 0.25,          # p: each local loss dropped with this probability per minibatch [R]
-    "ll.cv_folds": 5,            # K_cv folds of the training split for the CV loop (0 or 1 = off) [R]
-    "ll.cv_every": 1.0,          # epochs before the held-out fold rotates [R]
-    "ll.meta_lr": 1e-3,          # Adam on the balancer's parameters [R]
-    "ll.hidden": 32,             # balancer hidden units [R]
-    "ll.ema": 0.9,               # decay of the loss EMA fed to the balancer [R]
-    "ll.head_pool": 2,           # local head: average pool to head_pool x head_pool, then linear [R]
-    "ll.mode": "jvp",            # meta-gradient's directional derivative: jvp (exact) | fd
-    "ll.arms": "baseline,skips,equal,free,meta,meta_nodrop,meta_nocv",
-    "ll.same_time": True,        # also run the baseline for the `meta` arm's wall-clock
-}
 # Every arm: its method and the config keys it changes. `meta` is the chapter's method.
 ARMS: dict = {
     "baseline": Arm(Baseline),                                        # end-to-end backprop, plain net
@@ -464,6 +448,32 @@ ARMS: dict = {
                                         "ll.detach": True}),
     "meta_detached": Arm(LocalLosses, {"ll.weights": "meta_net", "ll.detach": True, "ll.mode": "jvp"}),
 }
+
+
+@dataclass
+class LL:
+    """Local losses balanced by meta-learning (keys ll.*)."""
+    prefix: ClassVar[str] = "ll"
+    weights: str = knob("meta_net", "who sets lambda: meta_net (balancer MLP) | free (L2RW-style, per step) | "
+                        "equal (fixed 1)", choices=("meta_net", "free", "equal"))
+    detach: bool = knob(False, "false: deep supervision (L_l reaches blocks 1..l); true: detached blocks")
+    dropout: float = knob(0.25, "p: each local loss dropped with this probability per minibatch [R]", "in [0, 1)")
+    cv_folds: int = knob(5, "K_cv folds of the training split for the CV loop [R]",
+                         ">= 0 (0 or 1 = no cross-validation loop)")
+    cv_every: float = knob(1.0, "epochs before the held-out fold rotates [R]", "> 0")
+    meta_lr: float = knob(1e-3, "Adam's learning rate on the balancer's parameters [R]", ">= 0")
+    hidden: int = knob(32, "balancer hidden units [R]", ">= 1")
+    ema: float = knob(0.9, "decay of the loss EMA fed to the balancer [R]", "in [0, 1)")
+    head_pool: int = knob(2, "local head: average pool to head_pool x head_pool, then linear [R]", ">= 1")
+    mode: str = knob("jvp", "the meta-gradient's directional derivative: jvp (exact) | fd (finite difference)",
+                     choices=("jvp", "fd"))
+    arms: list[str] = knob(["baseline", "skips", "equal", "free", "meta", "meta_nodrop", "meta_nocv"],
+                           "arms to run (baseline and meta are required)", choices=tuple(ARMS))
+    same_time: bool = knob(True, "also run the baseline for the `meta` arm's wall-clock")
+
+
+SECTIONS = (LL,)
+DEFAULTS: dict = {"model": "plain_cnn", "width": 16, "depth": 16}
 PRESETS: dict = {
     # CI: 15 steps per arm on 2,000 images, a 6-layer plain net (5 local heads); about 26 s of CPU
     # time for the 8 arms on one core (measured on real CIFAR-10; most of it evaluation and start-up).
@@ -481,22 +491,15 @@ PRESETS: dict = {
 }
 
 
-def parse_arms(text: str) -> list[str]:
-    """'baseline,meta,equal' -> ['baseline', 'meta', 'equal']; baseline and meta are required."""
-    names = [n.strip() for n in str(text).split(",") if n.strip()]
-    unknown = [n for n in names if n not in ARMS]
-    if unknown or not {"baseline", "meta"} <= set(names):
-        raise ConfigError(f"ll.arms={text!r}: choose from {', '.join(ARMS)}; baseline and meta are required")
-    return names
-
-
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """The arms of cfg['ll.arms'] at equal epochs, same data and seeds, and (cfg['ll.same_time'])
     the baseline at the `meta` arm's wall-clock. Adds `arm_configs` (what each arm changed) and
     `meta_gap` (val_acc - test_acc per arm; see the module docstring for what val_acc means)."""
     from ..train import run_arms
 
-    names = parse_arms(cfg["ll.arms"])
+    names = cfg["ll.arms"]
+    if not {"baseline", "meta"} <= set(names):
+        raise ConfigError(f"ll.arms={','.join(names)}: baseline and meta are required")
     record = run_arms("local_losses", "meta", {n: ARMS[n] for n in names}, cfg, seeds, out_dir=out_dir,
                       progress=progress, dataset=dataset, same_time_for="meta" if cfg["ll.same_time"] else None)
     record["arm_configs"] = {n: dict(ARMS[n].changes) for n in names}
