@@ -65,8 +65,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _main(args)
-    except KeyboardInterrupt:
-        print("error: interrupted (Ctrl-C); run the same command again to go on (a run resumes "
+    except KeyboardInterrupt as err:
+        where = f" ({err})" if str(err) else ""
+        print(f"error: interrupted (Ctrl-C){where}; run the same command again to go on (a run resumes "
               "from the last checkpoint in its --out folder)", file=sys.stderr)
         return 130
 

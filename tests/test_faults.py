@@ -102,6 +102,27 @@ def notebooks_and_file(tmp):
     (tmp / "file").write_text("a file, not a folder")
 
 
+def _locked(tmp):
+    """A valid data file, and a lock on {tmp}/out held by a live process (this test process)."""
+    (tmp / "out").mkdir()
+    (tmp / "out" / ".lock").write_text(f"{os.getpid()} {socket.gethostname()}")
+    return data()(tmp)
+
+
+def _state_file(rel, content=b"\x00 not a state file"):
+    """A valid data file, and `content` at {tmp}/REL (a corrupt or foreign state file)."""
+    def setup(tmp):
+        (tmp / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp / rel).write_bytes(content)
+        return data()(tmp)
+    return setup
+
+
+def _file_and_data(tmp):
+    (tmp / "file").write_text("a file, not a folder")
+    return data()(tmp)
+
+
 f32 = np.float32
 CASES = [
     # -- the data file (issue 20 #1): checked, refused in one line naming the file
@@ -143,8 +164,15 @@ CASES = [
     ("bench-negative-seed", "bench --preset smoke --seed -1 --out {tmp}/out", data(), ["--seed -1"]),
     # -- config that only the data can refute
     ("meta-size-too-large", RUN + " --set meta_size=60", data(), ["meta_size=60", "exceeds the 64 training images"]),
-    ("target-class-12", RUN + " --set target.classes=12", data(), ["target.classes='12'", "0..9"]),
+    ("target-class-12", RUN + " --set target.classes=12", data(), ["target.classes=[12]", "0..9"]),
     ("batch-larger-than-data", RUN + " --set batch_size=64", data(), ["batch", "32 images"]),
+    # -- the run folder (#3, #6, #9) and a combination only the arms can refute (#5)
+    ("out-is-a-file", RUN.replace("{tmp}/out", "{tmp}/file"), _file_and_data, ["--out {tmp}/file is a file, not a folder"]),
+    ("out-in-use", RUN, _locked, ["{tmp}/out is in use by another run (pid", "another --out"]),
+    ("corrupt-checkpoint", RUN, _state_file("out/runs/baseline-seed0/checkpoint.pt"), ["checkpoint.pt is corrupt", "delete it"]),
+    ("corrupt-finished-run", RUN, _state_file("out/runs/baseline-seed0.json"), ["baseline-seed0.json is corrupt", "delete it"]),
+    ("finished-run-other-config", RUN, _state_file("out/runs/baseline-seed0.json", b'{"config": {"lr": 5}}'), ["finished run with another config", "delete it or choose another --out"]),
+    ("meta-size-zero", RUN.replace("run baseline", "run instance_lr").replace("meta_size=10", "meta_size=0"), data(), ["'instance_lr' needs meta batches but meta_size=0"]),
     # -- a run that diverges stops at the step, in one line (#8)
     ("nan-stop", RUN + " --set lr=1e30", data(), ["step", "nan", "lower lr"]),
     # -- the book: build and student (#8)
@@ -275,3 +303,127 @@ def test_a_record_with_odd_fields_does_not_break_the_finders(tmp_path):
     _record(tmp_path / "a", content='{"chapter": "baseline", "preset": "cpu", "provenance": 3, "config": "x"}')
     assert latest_recorded("baseline", "cpu", tmp_path)["provenance"] == 3
     assert latest_recorded("baseline", "cpu", tmp_path, where={"lr": 0.1}) is None
+
+
+# ----------------------------------------------------------------------------- kills during each phase
+# In process: an exception stands where a kill would land; the rerun with the same folder must end
+# with the record of an uninterrupted run (timings aside). online_loss has every phase: a one-off
+# stage (prepare: the offline loss), steps, checkpoints, and finished runs written per arm.
+
+KILL_TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "test_size": 100, "batch_size": 32,
+             "epochs": 1.0, "eval_every": 0.5, "checkpoint_every": 3, "lfl.same_time": False}
+
+
+class Kill(Exception):
+    pass
+
+
+def _once(fn, when):
+    """fn, raising Kill (before or after its effect, as `when(*args)` says) on the first call that
+    `when` picks: 'before', 'after', or None to let the call through."""
+    state = {"done": False}
+
+    def wrapped(*args, **kwargs):
+        moment = None if state["done"] else when(*args, **kwargs)
+        if moment == "before":
+            state["done"] = True
+            raise Kill
+        out = fn(*args, **kwargs)
+        if moment == "after":
+            state["done"] = True
+            raise Kill
+        return out
+    return wrapped
+
+
+def _half_written(path_arg):
+    """A torch.save/json write that leaves half a temporary file, then dies."""
+    def write(obj, path, *a, **k):
+        Path(path).write_bytes(b"\x80half")
+        raise Kill
+    return write
+
+
+def _timeless(record):
+    return {name: ([{k: v for k, v in row.items() if k != "elapsed_s"} for row in arm["history"]["0"]],
+                   arm["test_acc"], arm["steps"]) for name, arm in record["arms"].items()}
+
+
+@pytest.fixture(scope="module")
+def uninterrupted():
+    from metabook import run_chapter
+    from metabook.data import make_synthetic
+
+    ds = make_synthetic(600, 200, seed=0)
+    return ds, run_chapter("online_loss", "smoke", seeds=[0], overrides=KILL_TINY, progress=False, dataset=ds)
+
+
+def _kills(monkeypatch):
+    import metabook.methods.online_loss as lfl
+    import metabook.results as results
+    import metabook.train as runner
+
+    steps = {"n": 0}
+
+    def fifth_step(*a, **k):
+        steps["n"] += 1
+        return "after" if steps["n"] == 5 else None
+
+    saves = {"n": 0}
+
+    def second_checkpoint(obj, path, *a, **k):
+        saves["n"] += 1
+        return "half" if saves["n"] == 2 else None
+
+    real_save = runner.torch.save
+    return {
+        "data loading": lambda: monkeypatch.setattr(runner, "prepare_data",
+                                                    _once(runner.prepare_data, lambda *a, **k: "before")),
+        "one-off stage": lambda: monkeypatch.setattr(lfl, "offline_init", _once(lfl.offline_init, lambda *a, **k: "after")),
+        "a step": lambda: monkeypatch.setattr(lfl.OnlineLoss, "step", _once(lfl.OnlineLoss.step, fifth_step)),
+        "checkpoint write": lambda: monkeypatch.setattr(
+            runner.torch, "save",
+            lambda obj, path, *a, **k: _half_written(path)(obj, path) if second_checkpoint(obj, path) else real_save(obj, path, *a, **k)),
+        "record write": lambda: monkeypatch.setattr(
+            results, "write_json",
+            _once(results.write_json, lambda obj, path: "before" if "online_loss-seed0" in str(path) else None)),
+    }
+
+
+@pytest.mark.parametrize("phase", ["data loading", "one-off stage", "a step", "checkpoint write", "record write"])
+def test_a_kill_in_any_phase_and_a_rerun_give_the_uninterrupted_record(phase, uninterrupted, tmp_path, monkeypatch):
+    from metabook import run_chapter
+
+    ds, full = uninterrupted
+    with monkeypatch.context() as m:
+        _kills(m)[phase]()
+        with pytest.raises(Kill):
+            run_chapter("online_loss", "smoke", seeds=[0], out_dir=tmp_path, overrides=KILL_TINY, progress=False,
+                        dataset=ds)
+    assert not (tmp_path / "result.json").exists()
+    again = run_chapter("online_loss", "smoke", seeds=[0], out_dir=tmp_path, overrides=KILL_TINY, progress=False,
+                        dataset=ds)
+    assert _timeless(again) == _timeless(full)
+    assert not list(tmp_path.rglob("*.tmp")) and not (tmp_path / ".lock").exists()
+
+
+def test_ctrl_c_during_training_saves_a_checkpoint_and_exits_130_in_one_line(tmp_path, dead_mirror):
+    """A real SIGINT while the loop trains: the step in flight finishes, a checkpoint is written,
+    one line names the step and the checkpoint, exit 130; the same command then resumes."""
+    import time
+
+    env = {**base_env(tmp_path, dead_mirror), **data()(tmp_path)}
+    argv = shlex.split((RUN + " --set epochs=5000 --set checkpoint_every=100000").format(tmp=tmp_path))
+    proc = subprocess.Popen([sys.executable, "-m", "metabook", *argv], cwd=tmp_path, env=env,
+                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    run_dir = tmp_path / "out" / "runs" / "baseline-seed0"
+    deadline = time.time() + 120
+    while not (tmp_path / "out" / ".lock").exists() and time.time() < deadline:     # the run has begun
+        time.sleep(0.2)
+    time.sleep(5.0)                                                                 # ... and is training
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, err
+    lines = stderr_lines(err)
+    assert len(lines) == 1 and re.search(r"stopped at step \d+; .*checkpoint.pt resumes it", lines[0]), lines
+    assert "Traceback" not in err and (run_dir / "checkpoint.pt").exists()

@@ -1,0 +1,95 @@
+"""The method contract, one test per promise over every arm of every chapter: a killed run resumes
+bitwise; a bad value of a chapter's own knob fails in one line naming the valid values; a run's
+record holds the contract's fields."""
+import dataclasses
+
+import pytest
+import torch
+
+from helpers import Killed, kill_at
+
+from metabook import CHAPTERS, ConfigError, chapter_config, run_chapter
+from metabook.data import make_synthetic
+from metabook.train import make_model, prepare_data, seed_everything, train
+
+TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "test_size": 100, "batch_size": 32,
+        "epochs": 1.0, "eval_every": 0.5, "checkpoint_every": 3}
+WITH_ARMS = [name for name, mod in CHAPTERS.items() if hasattr(mod, "ARMS")]
+ALL_ARMS = [(chapter, arm) for chapter in WITH_ARMS for arm in CHAPTERS[chapter].ARMS]
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_synthetic(600, 200, seed=0)
+
+
+def run_arm(synthetic, chapter, arm, out_dir=None, on_step=None):
+    spec = CHAPTERS[chapter].ARMS[arm]
+    cfg = {**chapter_config(chapter, "smoke", TINY), **spec.changes}
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    seed_everything(0)
+    model = make_model(cfg, synthetic.num_classes, torch.device("cpu"))
+    res = train(spec.factory(cfg), model, data, cfg, out_dir=out_dir, progress=False, on_step=on_step,
+                cache_dir=None)
+    return model, res
+
+
+@pytest.mark.parametrize("chapter, arm", ALL_ARMS, ids=[f"{c}-{a}" for c, a in ALL_ARMS])
+def test_a_killed_run_resumes_bitwise(synthetic, tmp_path, chapter, arm):
+    model_a, full = run_arm(synthetic, chapter, arm)
+    with pytest.raises(Killed):
+        run_arm(synthetic, chapter, arm, out_dir=tmp_path, on_step=kill_at(5))      # after the step-3 checkpoint
+    model_b, resumed = run_arm(synthetic, chapter, arm, out_dir=tmp_path)
+    timeless = lambda history: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
+    assert timeless(resumed["history"]) == timeless(full["history"])
+    assert resumed["metrics"] == full["metrics"]
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+
+
+def _bad_value(field):
+    """A value that the knob must refuse, or None."""
+    if field.metadata["choices"]:
+        return "not-a-choice"
+    rule = field.metadata["rule"]
+    if rule.startswith((">", "in")):
+        return "-1e9"
+    return None
+
+
+OWN_KNOBS = [(name, f"{cls.prefix}.{f.name}" if cls.prefix else f.name, f)
+             for name, mod in CHAPTERS.items() for cls in mod.SECTIONS for f in dataclasses.fields(cls)]
+OWN_KNOBS = [(c, k, f) for c, k, f in OWN_KNOBS if _bad_value(f) is not None]
+
+
+@pytest.mark.parametrize("chapter, key, field", OWN_KNOBS, ids=[f"{c}-{k}" for c, k, _ in OWN_KNOBS])
+def test_a_bad_value_of_a_chapters_own_knob_fails_in_one_line_naming_the_valid_values(chapter, key, field):
+    with pytest.raises(ConfigError) as err:
+        chapter_config(chapter, "smoke", {key: _bad_value(field)})
+    message = str(err.value)
+    assert "\n" not in message and message.startswith(key)
+    expected = field.metadata["choices"][0] if field.metadata["choices"] else field.metadata["rule"]
+    assert str(expected) in message
+
+
+def test_every_method_chapter_declares_its_knobs(synthetic):
+    assert {name for name, _, _ in OWN_KNOBS} >= {"instance_lr", "online_loss", "meta_hf", "grad_instructor",
+                                                  "local_losses", "compare"}
+
+
+CONTRACT_ARM_FIELDS = {"test_acc", "val_acc", "seconds_per_step", "step_cost_ratio", "steps", "epochs",
+                       "train_seconds", "one_off_seconds", "peak_memory_bytes", "peak_memory_kind", "history"}
+
+
+@pytest.mark.parametrize("chapter", [c for c in WITH_ARMS if c != "baseline"])
+def test_a_chapter_record_holds_the_contract_fields(synthetic, chapter):
+    rec = run_chapter(chapter, "smoke", seeds=[0], overrides={**TINY, "epochs": 0.25}, progress=False,
+                      dataset=synthetic)
+    assert rec["chapter"] == chapter and rec["seeds"] == [0] and rec["dataset"]["fingerprint"]
+    assert rec["method"] in rec["arms"] and rec["reference_arm"] in rec["arms"]
+    for name, arm in rec["arms"].items():
+        assert CONTRACT_ARM_FIELDS <= set(arm), (name, CONTRACT_ARM_FIELDS - set(arm))
+        assert arm["peak_memory_bytes"] > 0 and "tensor" in arm["peak_memory_kind"]
+        assert arm["steps"] == 2 or name == "baseline_same_time"
+    assert rec["cost"]["timer"] == "perf_counter"
+    assert {"git_commit", "date", "device", "torch"} <= set(rec["provenance"])
