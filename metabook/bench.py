@@ -167,7 +167,7 @@ def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0
     run (their cost is their own). Medians over `steps` rounds after `warmup`; `ratio` is each
     arm's median over the reference arm's."""
     from .config import pick_device
-    from .train import Context, StepTimer, lr_at, make_model, prepare_data, seed_everything
+    from .train import StepTimer, lr_at, make_model, prepare_data, seed_everything
 
     device = pick_device(cfg["device"])
     data = prepare_data(cfg, seed, device, dataset)
@@ -177,10 +177,8 @@ def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0
         arm_cfg = {**cfg, **arm.changes}
         seed_everything(seed)
         model = make_model(arm_cfg, data.dataset.num_classes, device)
-        method = arm.factory(arm_cfg)
-        method.setup(Context(model, streams, total, len(data.train), data.dataset.num_classes,
-                             len(data.train.y), seed))
-        methods[name] = method
+        methods[name] = arm.factory(arm_cfg)
+        methods[name].setup(data.context(model, total, seed))
     timers = {name: StepTimer(device) for name in arms}
     for step in range(total):
         batch, meta_batch, lr = streams.batch("train", step), streams.batch("meta", step), lr_at(step, total, cfg)

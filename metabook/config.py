@@ -59,6 +59,7 @@ class Run:
     depth: int = knob(8, "conv layers of plain_cnn / res_cnn, hidden layers of mlp", ">= 1")
     batchnorm: bool = knob(True, "BatchNorm after every conv layer")
     epochs: float = knob(10.0, "passes over the training images (may be fractional)", "> 0")
+    steps: int = knob(0, "training steps, if set (replaces epochs)", ">= 0 (0 = from epochs)")
     batch_size: int = knob(128, "images per training step", ">= 1")
     lr: float = knob(0.1, "peak learning rate", "> 0")
     momentum: float = knob(0.9, "SGD momentum", "in [0, 1)")
@@ -73,6 +74,8 @@ class Run:
     eval_every: float = knob(1.0, "epochs between evaluations", "> 0")
     checkpoint_every: int = knob(200, "steps between checkpoints", ">= 0 (0 = never)")
     time_budget_s: float = knob(0.0, "stop training after this many seconds of steps", ">= 0 (0 = no limit)")
+    same_time_steps: list[int] = knob([], "replay baseline_same_time with these steps per seed (a record's "
+                                      "steps_per_seed) instead of measuring the other arm's wall-clock", ">= 1")
 
 
 @dataclass

@@ -50,8 +50,6 @@ class RunError(RuntimeError):
     The message is one line naming the file and the fix."""
 
 
-# ----------------------------------------------------------------------------- data for one run
-
 # ----------------------------------------------------------------------------- the contract
 
 class Streams:
@@ -175,6 +173,15 @@ class RunData:
     def streams(self) -> Streams:
         """The batch streams a method may draw from (see Streams)."""
         return Streams(self.train, self.meta, self.test, self.corrupted)
+
+    def context(self, model, total_steps: int, seed: int = 0, cache_dir=None) -> Context:
+        """The Context of a method that trains `model` for `total_steps` on this data."""
+        return Context(model, self.streams(), total_steps, len(self.train), self.dataset.num_classes,
+                       len(self.train.y), seed, Path(cache_dir) if cache_dir else None)
+
+    def total_steps(self, cfg: dict) -> int:
+        """cfg['steps'] if set, else ceil(epochs x batches per epoch)."""
+        return cfg["steps"] or max(1, math.ceil(cfg["epochs"] * len(self.train)))
 
 
 def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | None = None) -> RunData:
@@ -459,11 +466,11 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     if spe == 0:
         raise ConfigError(f"the train split ({len(data.train.y)} images) is smaller than one batch "
                           f"(batch_size={data.train.batch_size}); lower batch_size or raise train_size")
-    total = max(1, math.ceil(cfg["epochs"] * spe))
+    total = data.total_steps(cfg)
     eval_steps = max(1, round(cfg["eval_every"] * spe))
-    streams = data.streams()
-    method.setup(Context(model, streams, total, spe, data.dataset.num_classes, len(data.train.y), seed,
-                         Path(cache_dir) if cache_dir else None))
+    ctx = data.context(model, total, seed, cache_dir)
+    streams = ctx.streams
+    method.setup(ctx)
 
     step, history, elapsed, step_times, one_off = 0, [], 0.0, [], 0.0
     running: dict[str, float] = {"n": 0}
@@ -656,10 +663,10 @@ def step_peak_bytes(arm: Arm, cfg: dict, data: RunData, seed: int) -> tuple[int,
         seed_everything(seed)
         model = make_model(cfg, data.dataset.num_classes, device)
         method = arm.factory(cfg)
-        streams = data.streams()
-        total = max(1, math.ceil(cfg["epochs"] * len(data.train)))
-        method.setup(Context(model, streams, total, len(data.train), data.dataset.num_classes,
-                             len(data.train.y), seed))
+        total = data.total_steps(cfg)
+        ctx = data.context(model, total, seed)
+        method.setup(ctx)
+        streams = ctx.streams
 
         def two_steps():
             for i in range(min(2, total)):
@@ -695,8 +702,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
     `method_arm` names the chapter's own method (its metrics become the record's `metrics`);
     every arm's `step_cost_ratio` is its seconds per step over the `reference` arm's, measured in
     this same run. With `same_time_for=NAME`, the reference arm is also run for the wall-clock
-    that arm NAME used, one-off stage included (arm `baseline_same_time`; the steps it reached are
-    recorded, so `--set epochs=` can replay it). Each finished (arm, seed) is saved under
+    that arm NAME used, one-off stage included (arm `baseline_same_time`): a measured budget, so
+    two runs differ; its steps per seed are recorded, and `same_time_steps` replays them exactly. Each finished (arm, seed) is saved under
     out_dir/runs/, so a killed run skips what it already did and resumes the rest from its
     checkpoint; out_dir is locked while the run lasts.
     """
@@ -714,6 +721,11 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
             raise ConfigError(f"arm {name!r} needs meta batches but meta_size={cfg['meta_size']}; "
                               f"set meta_size >= 1 or leave that arm out")
     per_arm: dict[str, list[dict]] = {name: [] for name in arms}
+    if same_time_for:
+        per_arm["baseline_same_time"] = []
+        if cfg["same_time_steps"] and len(cfg["same_time_steps"]) not in (1, len(seeds)):
+            raise ConfigError(f"same_time_steps has {len(cfg['same_time_steps'])} values for {len(seeds)} seeds; "
+                              f"give one per seed, or one for all")
     data_info = None
     order = list(arms) + (["baseline_same_time"] if same_time_for else [])
     with OutLock(out):
@@ -723,14 +735,16 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
             for name in order:
                 arm = arms.get(name, arms[reference])
                 arm_cfg = dict(arm_cfgs.get(name, arm_cfgs[reference]))
-                if name == "baseline_same_time":
+                if name == "baseline_same_time" and cfg["same_time_steps"]:    # a replay: fixed steps
+                    replay = cfg["same_time_steps"]
+                    arm_cfg["steps"] = replay[seeds.index(seed)] if len(replay) > 1 else replay[0]
+                elif name == "baseline_same_time":         # measured: the other arm's wall-clock
                     target = per_arm[same_time_for][-1]["cost"]
                     budget = target["train_seconds"] + target.get("one_off_seconds", 0.0)
                     ref = per_arm[reference][-1]["cost"]            # its mean step time, as the budget counts it
                     sps = ref["train_seconds"] / max(ref["steps"], 1)
                     arm_cfg["epochs"] = max(budget / sps / len(data.train), 1 / len(data.train))
                     arm_cfg["time_budget_s"] = budget
-                    per_arm.setdefault(name, [])
                 config = {**_comparable(arm_cfg), "data": data.info.get("fingerprint")}
                 done = out / "runs" / f"{name}-seed{seed}.json" if out else None
                 finished = _finished_run(done, config) if done else None

@@ -9,6 +9,7 @@ import torch
 from helpers import Killed, kill_at
 
 from metabook import chapter_config
+from metabook.config import ConfigError
 from metabook.data import make_synthetic
 from metabook.methods.baseline import Baseline
 from metabook.train import (Arm, NonFiniteError, RunError, lr_at, make_model, prepare_data, run_arms,
@@ -378,3 +379,22 @@ def test_the_record_says_how_many_test_images_were_used(synthetic):
         rec = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], progress=False,
                        dataset=synthetic)
     assert rec["dataset"]["test_size"] == 400 and rec["dataset"]["test_size_requested"] == 5000
+
+
+def test_the_same_time_baseline_records_its_steps_and_replays_them_exactly(synthetic):
+    from metabook.methods.instance_lr import ARMS
+
+    cfg = chapter_config("instance_lr", "smoke", {**TINY, "epochs": 0.5, "ilr.arms": "baseline,instance_lr"})
+    measured = run_arms("instance_lr", "instance_lr", {k: ARMS[k] for k in ("baseline", "instance_lr")}, cfg,
+                        [0, 1], progress=False, dataset=synthetic, same_time_for="instance_lr")
+    steps = measured["arms"]["baseline_same_time"]["steps_per_seed"]
+    assert all(s >= 5 for s in steps)               # a meta step costs more than a plain one
+    replay = {**cfg, "same_time_steps": steps}
+    twice = [run_arms("instance_lr", "instance_lr", {k: ARMS[k] for k in ("baseline", "instance_lr")}, replay,
+                      [0, 1], progress=False, dataset=synthetic, same_time_for="instance_lr")["arms"]["baseline_same_time"]
+             for _ in range(2)]
+    assert twice[0]["steps_per_seed"] == twice[1]["steps_per_seed"] == steps
+    assert twice[0]["test_acc"] == twice[1]["test_acc"] and twice[0]["stopped_early"] is None
+    with pytest.raises(ConfigError, match="same_time_steps has 3 values for 2 seeds"):
+        run_arms("instance_lr", "instance_lr", ARMS, {**cfg, "same_time_steps": [5, 6, 7]}, [0, 1],
+                 progress=False, dataset=synthetic, same_time_for="instance_lr")
