@@ -56,7 +56,6 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
                                                "batch_size": 32, "width": 8})
     cost = interleaved_step_costs({"baseline": Arm(Baseline), "slow": Arm(SlowBaseline)}, cfg, steps=8,
                                   dataset=make_synthetic(400, 100, seed=0))
-    assert cost["baseline"]["ratio"] == 1.0
     extra = cost["slow"]["seconds_per_step"] - cost["baseline"]["seconds_per_step"]
     assert extra > 0.025 and cost["slow"]["ratio"] > 1          # the 30 ms are seen (noise only adds)
 

@@ -78,14 +78,14 @@ def test_chapter_run_records_noise_auc_rates_and_all_arms(tmp_path):
             "test_size": 200, "epochs": 1.0}
     rec = run_chapter("instance_lr", "smoke", seeds=[0], out_dir=tmp_path, overrides=tiny, progress=False)
     assert set(rec["arms"]) == {"baseline", "instance_lr", "l2rw", "baseline_same_time"}
-    assert 0 <= rec["metrics"]["noise_auc"] <= 1 and 0 <= rec["metrics"]["loss_auc"] <= 1
-    assert 0 <= rec["metrics"]["baseline_loss_auc"] <= 1                 # the free detector of plain SGD
-    assert "loss_auc" in rec["arms"]["baseline_same_time"]["extras"]["0"]
-    assert rec["cost"]["step_cost_ratio"] > 1                     # a meta step costs more than a plain one
+    assert "loss_auc" in rec["arms"]["baseline_same_time"]["extras"]["0"]     # the free detector of plain SGD
     assert rec["dataset"]["noise"]["kind"] == "symmetric" and rec["dataset"]["noise"]["corrupted"] > 100
     saved = np.load(tmp_path / "instance_lr-seed0.npz")
     assert saved["rate"].shape == saved["train_index"].shape == saved["corrupted"].shape == (512,)
     assert saved["label"].shape == (512,) and saved["label"].max() < 10
+    assert saved["corrupted"].sum() == rec["dataset"]["noise"]["corrupted"]
+    # the recorded AUC is the one of the saved rates and mask (a low rate flags a corrupted label)
+    assert rec["metrics"]["noise_auc"] == pytest.approx(roc_auc(-np.log(saved["rate"]), saved["corrupted"]), abs=1e-6)
     assert (tmp_path / "result.json").exists()
 
 
@@ -96,8 +96,7 @@ def test_personalization_run_reports_accuracy_on_the_target_distribution(tmp_pat
             "target.classes": "3,5", "ilr.arms": "baseline,instance_lr", "ilr.same_time": False}
     rec = run_chapter("instance_lr", "smoke", seeds=[0], overrides=tiny, progress=False)
     assert set(rec["arms"]) == {"baseline", "instance_lr"}
-    for arm in rec["arms"].values():
-        assert 0 <= arm["target_acc"]["mean"] <= 1 and 0 <= arm["target_acc_prior"]["mean"] <= 1
+    assert all("target_acc_prior" in arm for arm in rec["arms"].values())
     assert rec["metrics"]["target_acc"] == rec["arms"]["instance_lr"]["target_acc"]["mean"]
     assert rec["dataset"]["target"]["classes"] == [3, 5]
 

@@ -344,9 +344,7 @@ def test_chapter_run_records_all_arms_weight_traces_and_cost(synthetic, tmp_path
     assert set(rec["arms"]) == {"baseline", "skips", "equal", "free", "meta", "meta_nodrop", "meta_nocv",
                                 "baseline_same_time"}
     assert rec["method"] == "meta" and rec["reference_arm"] == "baseline"
-    # the ratio itself is timing (noisy over 8 tiny steps on a shared machine): check what it is
     arms = rec["arms"]
-    assert rec["cost"]["step_cost_ratio"] == arms["meta"]["seconds_per_step"] / arms["baseline"]["seconds_per_step"]
     assert arms["baseline_same_time"]["train_seconds"]["mean"] <= arms["meta"]["train_seconds"]["mean"] + 1.0
     assert rec["arm_configs"]["skips"] == {"model": "res_cnn"}
     assert set(rec["meta_gap"]) == set(rec["arms"])

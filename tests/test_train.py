@@ -116,11 +116,12 @@ def test_cli_run_writes_a_complete_result_record(tmp_path):
                 "provenance", "arms"):
         assert key in rec, key
     assert rec["dataset"]["synthetic"] is True and rec["dataset"]["train_size"] == 640
-    assert 0 <= rec["metrics"]["test_acc"] <= 1 and 0 <= rec["metrics"]["val_acc"] <= 1
-    assert rec["cost"]["seconds_per_step"] > 0 and rec["cost"]["peak_memory_bytes"] > 0
+    assert rec["cost"]["peak_memory_kind"] and rec["cost"]["timer"] == "perf_counter"
     assert set(rec["provenance"]) >= {"metabook", "torch", "python", "device", "git_commit", "date"}
     arm = rec["arms"]["baseline"]
-    assert len(arm["test_acc"]["per_seed"]) == 2 and arm["step_cost_ratio"] == 1.0
+    per_seed = arm["test_acc"]["per_seed"]
+    assert len(per_seed) == 2 and rec["history"][-1]["test_acc"] == per_seed[0]       # seed 0's last evaluation
+    assert rec["metrics"]["test_acc"] == pytest.approx(sum(per_seed) / 2)
     assert rec["config"]["lr"] == 0.1 and rec["config"]["preset"] == "smoke"
 
 
