@@ -42,7 +42,6 @@ METHODS: dict = {
     "grad_instructor": ("grad_instructor", "grad_instructor"),
     "meta_hf": ("meta_hf", "mlhf"),
 }
-NOISE_TARGETING = ("instance_lr",)
 # The keys the bench sets for every method alike (its budget); everything else is the chapter's.
 SHARED_KEYS = ("dataset", "train_size", "meta_size", "test_size", "epochs", "batch_size", "device",
                "eval_every", "checkpoint_every", "augment")
@@ -82,10 +81,10 @@ def parse_methods(names: list[str]) -> list[str]:
 
 def method_config(name: str, cfg: dict) -> dict:
     """The chapter's config at the bench's preset, with the bench's budget and noise imposed."""
-    from . import chapter_config
+    from . import chapter_config, chapter_module
 
     chapter, _ = METHODS[name]
-    noisy = name in NOISE_TARGETING
+    noisy = getattr(chapter_module(chapter), "TARGETS_LABEL_NOISE", False)     # the chapter declares it
     return chapter_config(chapter, cfg["preset"], {
         **{k: cfg[k] for k in SHARED_KEYS},
         "noise.kind": cfg["compare.noise_kind"] if noisy else "none",

@@ -157,6 +157,7 @@ class ReweightL2RW(Baseline):
 
 
 ARMS = {"baseline": Arm(NoisyBaseline), "instance_lr": Arm(InstanceLR), "l2rw": Arm(ReweightL2RW)}
+TARGETS_LABEL_NOISE = True           # the bench runs this chapter (and its baseline) under label noise
 
 
 @dataclass
