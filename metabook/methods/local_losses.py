@@ -1,60 +1,18 @@
 """Learning to balance local losses (after Yoa, Jeon, Oh, Kim, IEEE Access 9, 2021,
-doi 10.1109/ACCESS.2021.3113934).
+doi 10.1109/ACCESS.2021.3113934); the derivations are in book/03_local_losses.ipynb.
 
-A plain deep CNN (no skip connections; `DeepCNN(skips=False)`, blocks 1..L) gets a small local
-classifier a_l on each of its first K = L-1 blocks; the network's own classifier is the L-th:
-
-    z_l = h_l(z_{l-1}),     L_l = CE(a_l(z_l), y)  (l = 1..K),     L_G = CE(f(x), y)   (global)
-
-Every step, a meta-learner sets per-layer weights lambda_t in R^K_{>=0} (mean 1 over the K local
-losses), a mask m_t ~ Bernoulli(1 - p)^K drops local losses for this minibatch, and the network
-takes one optimiser step on
-
-    L_inner(theta; lambda, m) = L_G + sum_l m_l lambda_l L_l.
-
-lambda is learned by the one-step lookahead of chapter 1 on a meta batch (plain SGD virtual step
-with the current learning rate alpha_t; the real step uses Nesterov momentum and weight decay):
-
-    theta'(lambda) = theta - alpha_t grad_theta L_inner(theta; lambda, m)
-    dL_G(theta'; B_meta) / d lambda_l = -alpha_t m_l <v, grad_theta L_l(theta; B_tr)>,   v = grad L_G(theta'; B_meta)
-
-theta' is linear in lambda, so the meta-gradient of all K weights is one directional derivative
-of the K local losses along v: a forward-mode pass (`ll.mode=jvp`, exact) or a finite difference
-(`ll.mode=fd`, one extra forward), with no double backward. Only the body's parameters move in the
-virtual step (the heads do not change the meta loss, the global loss at theta').
-
-Where the local gradients go (`ll.detach`):
-  False: deep supervision (Lee et al. 2015): L_l reaches blocks 1..l and head l.
-  True:  detached blocks (Nokland & Eidnes 2019, DGL, InfoPro): the input of every block is
-         detached, so L_l trains block l and head l only and lambda_l is a per-layer learning
-         rate; the global loss trains only block L and the classifier. The meta loss is still
-         computed without detaching (it is just the network's loss), so every lambda_l gets a
-         meta-gradient through z_{L-1}.
-
-Who sets lambda (`ll.weights`):
-  meta_net: a balancer MLP g_phi, shared across layers, maps a feature vector per layer
-            s_l = (L_l / log C, EMA_l / log C, (L_l - L_l^prev) / log C, l / L) to a score;
-            lambda = K softmax(g(s)) (its last layer starts at zero, so lambda starts equal). phi
-            takes one Adam step per iteration down d L_G(theta'(lambda(phi))) / d phi. The real
-            step uses lambda(phi_t), the weights of the virtual step, so it reuses the virtual
-            step's gradient (AdaLFL's order; Meta-Weight-Net recomputes the weights with phi_{t+1},
-            which costs one more backward pass: about 25% of a meta step here).
-  free:     L2RW-style (Ren et al. 2018), no memory: eps = 0, g = dL_G(theta'(eps))/d eps,
-            lambda = K max(0, -g) / sum max(0, -g) (all zero if no layer helps this step).
-  equal:    lambda = 1 (fixed; no meta batch, no lookahead).
-
-Minibatch-wise dropout (`ll.dropout` = p): a fresh mask per step; a dropped local loss gets no
-weight in the virtual or the real step (no rescaling by 1/(1-p): the mask acts on the training
-signal, and nothing of it is used at test time).
-
-Cross-validation loop (`ll.cv_folds` = K_cv > 1): the *training* split is cut into K_cv folds
-(fixed by the run's seed); fold (period mod K_cv) is held out for `ll.cv_every` epochs: the meta
-batches are drawn from it (not augmented) and its examples are removed from the training batches
-of that period, so a meta batch never shares an example with the step's training batch. Then the
-loop's held-out meta split is not used for meta batches at all, and `val_acc` (accuracy on that
-split) is a held-out accuracy no arm optimised for. Without the CV loop (`ll.cv_folds=0`) meta
-batches come from the held-out meta split, as in MW-Net, and `val_acc - test_acc` measures
-meta-overfitting.
+A plain DeepCNN (no skips) gets a local head a_l on each of its first K = L-1 blocks, and every
+step descends L_G + sum_l m_l lambda_l L_l: the global loss plus the local losses L_l = CE(a_l(z_l), y),
+with a mask m ~ Bernoulli(1 - p)^K (`ll.dropout`) and weights lambda (mean 1) set by `ll.weights`:
+a balancer MLP on per-layer loss features (meta_net, one Adam step per iteration), L2RW-style
+weights from the meta-gradient at lambda = 0 (free, Ren et al. 2018), or 1 (equal). The
+meta-gradient is chapter 1's one-step lookahead (plain-SGD virtual step of the body only): one
+directional derivative of the K local losses (`ll.mode`: jvp exact, fd finite difference).
+`ll.detach`: False = deep supervision (Lee et al. 2015), True = detached blocks (Nokland & Eidnes
+2019, DGL, InfoPro; the meta loss is not detached). `ll.cv_folds` > 1: meta batches come from a
+held-out fold of the training split (rotated every `ll.cv_every` epochs, removed from that
+period's training batches), so `val_acc` on the meta split is one no arm optimised for; without
+it `val_acc - test_acc` measures meta-overfitting.
 
 What is the paper's and what is ours (methods.md section 2; the paper's full text could not be
 read, so everything but the [A] items is reconstruction [R]):
@@ -65,8 +23,10 @@ read, so everything but the [A] items is reconstruction [R]):
   [R] the heads (adaptive average pool to ll.head_pool x ll.head_pool, then a linear layer: cheap,
       weaker than Nokland's conv3x3 heads); the balancer's inputs, size and softmax-times-K
       normalisation; the free L2RW variant; both gradient routings; the one-step lookahead with a
-      plain-SGD virtual step; dropout as a mask on the loss terms; CV folds cut from the training
-      split, rotated every ll.cv_every epochs; the update order (the real step reuses lambda_t).
+      plain-SGD virtual step; dropout as a mask on the loss terms (no 1/(1-p) rescaling); CV folds
+      cut from the training split, rotated every ll.cv_every epochs; the update order (the real
+      step reuses lambda_t and the virtual step's gradient, AdaLFL's order; Meta-Weight-Net
+      recomputes lambda with phi_{t+1}, about 25% more per meta step).
 """
 from __future__ import annotations
 
@@ -103,10 +63,9 @@ class LocalHead(nn.Module):
 
 
 class LocalNet(nn.Module):
-    """A plain DeepCNN (`body`, the loop's model: evaluation and checkpoints see only it) with a
-    LocalHead on each of its first K = L-1 blocks. forward(x, detach) -> list of L logits
-    (B, classes): the K local heads on body.features(x, detach), then the body's own classifier
-    (the global output)."""
+    """A plain DeepCNN `body` (the loop's model: evaluation and checkpoints see only it) with a
+    LocalHead on each of its first K = L-1 blocks. forward(x, detach) -> L logits (B, classes):
+    the K local heads, then the body's own classifier (the global output)."""
 
     def __init__(self, body: nn.Module, num_classes: int, pool: int = 2):
         super().__init__()
@@ -137,16 +96,12 @@ def net_params(net: LocalNet) -> list[torch.Tensor]:
 def layer_weight_meta_gradient(net: LocalNet, losses, x, y, x_meta, y_meta, lam, mask, lr: float, *,
                                detach: bool = False, mode: str = "jvp", fd_eps: float = 1e-3,
                                loss_fn=layer_losses, retain_graph: bool = False):
-    """d L_G(theta'(lambda); meta) / d lambda for the K local-loss weights of one step.
+    """d L_G(theta'(lambda); meta) / d lambda (K,) for one step, theta' = theta - lr grad_body L_inner.
 
-    losses: (L,) L_1..L_K, L_G at theta on (x (B, 3, H, W), y (B,)), with their graph:
-    loss_fn(net(x, detach), y), the step's real forward. x_meta, y_meta: the meta batch;
-    lam, mask: (K,), no graph.
-        theta' = theta - lr * grad_body [L_G + sum_l mask_l lam_l L_l]   (plain SGD, body only)
-    Returns (g (K,), grads, info): `grads` is grad [L_G + sum_l mask_l lam_l L_l] for every
-    parameter of `net` (a list in net_params order): the real step can use
-    it when it keeps these lam (retain_graph=True keeps the forward's graph for another backward);
-    info has meta_loss and meta_acc (global loss and accuracy on the meta batch at theta', tensors).
+    losses: (L,) = loss_fn(net(x, detach), y) with its graph (the step's real forward); lam, mask (K,).
+    Returns (g (K,), grads, info): grads = grad L_inner for every parameter (net_params order), for
+    a real step that keeps these lam (retain_graph=True keeps the forward's graph); info: meta_loss,
+    meta_acc at theta' (0-d tensors).
     """
     inner = losses[-1] + (mask * lam * losses[:-1]).sum()
     params = model_params(net.body)                    # the virtual step moves only the body
@@ -167,14 +122,9 @@ FD_DETACHED = ("ll.mode=fd cannot be used with ll.detach=true: a finite differen
 
 def directional_derivative(net: LocalNet, params: dict, v, x, y, local_losses, *, detach: bool,
                            mode: str = "jvp", fd_eps: float = 1e-3, loss_fn=layer_losses) -> torch.Tensor:
-    """(K,) <v, grad_body L_l(theta)> for each local loss (with the routing of `detach`).
-
-    v: one tensor per body parameter. mode="jvp": exact, one forward with dual numbers (the
-    detach() calls drop the tangents too, so the routing is respected);
-    mode="fd": (L_l(theta + h v) - L_l(theta)) / h with h = fd_eps / ||v||, one plain forward
-    (`local_losses` (K,) are L_l(theta)); deep supervision only (values cannot be detached).
-    Both forwards run on copies of the BatchNorm buffers.
-    """
+    """(K,) <v, grad_body L_l(theta)> (v: one tensor per body parameter), on copies of the buffers.
+    jvp: exact, one dual-number forward (detach() drops tangents too, so the routing holds);
+    fd: (L_l(theta + h v) - local_losses) / h, h = fd_eps / ||v||, deep supervision only."""
     import torch.autograd.forward_ad as fwAD
 
     buffers = {k: b.clone() for k, b in net.named_buffers()}
@@ -193,8 +143,7 @@ def directional_derivative(net: LocalNet, params: dict, v, x, y, local_losses, *
         if mode == "fd":
             if detach:
                 raise ConfigError(FD_DETACHED)
-            norm = torch.sqrt(sum((t * t).sum() for t in v))
-            h = fd_eps / (norm + 1e-12)
+            h = fd_eps / (torch.sqrt(sum((t * t).sum() for t in v)) + 1e-12)
             shifted = {f"body.{k}": p + h * t for (k, p), t in zip(params.items(), v)}
             outs = functional_call(net, {**buffers, **shifted}, (x,), {"detach": detach})
             return (loss_fn(outs, y)[:-1] - local_losses) / h
@@ -202,8 +151,8 @@ def directional_derivative(net: LocalNet, params: dict, v, x, y, local_losses, *
 
 
 def free_weights(g: torch.Tensor) -> torch.Tensor:
-    """L2RW-style weights from the meta-gradient g (K,) at lambda = 0: K max(0, -g) / sum, mean 1
-    (all zero when no local loss would lower the meta loss this step)."""
+    """L2RW-style weights from g (K,) at lambda = 0: K max(0, -g) / sum, mean 1 (all zero when no
+    local loss would lower the meta loss this step)."""
     w = torch.clamp(-g, min=0)
     total = w.sum()
     return torch.where(total > 0, w * (len(w) / total), w)      # no host sync for the test
@@ -211,17 +160,14 @@ def free_weights(g: torch.Tensor) -> torch.Tensor:
 
 # ----------------------------------------------------------------------------- the balancer network
 
-N_FEATURES = 4
-
 
 class Balancer(nn.Module):
-    """g_phi: per-layer features s (K, 4) -> weights lambda (K,) = K softmax(MLP(s)), mean 1.
-    One MLP shared by all layers (Meta-Weight-Net style); its output layer starts at zero, so the
-    first weights are all 1 (the `equal` arm)."""
+    """g_phi: per-layer features s (K, 4) -> lambda (K,) = K softmax(MLP(s)), one MLP shared by all
+    layers (Meta-Weight-Net style); its output layer starts at zero, so lambda starts at 1."""
 
     def __init__(self, hidden: int = 32):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(N_FEATURES, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        self.mlp = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
@@ -231,8 +177,8 @@ class Balancer(nn.Module):
 
 
 def layer_features(local_losses, ema, prev, num_classes: int) -> torch.Tensor:
-    """(K, 4): current local loss, its EMA, its change since the last step (all / log C), and the
-    depth fraction l / L of the layer. All inputs (K,), detached."""
+    """(K, 4): the local loss, its EMA, its change since the last step (all / log C), and the depth
+    fraction l / L. Inputs (K,), detached."""
     k, scale = len(local_losses), math.log(num_classes)
     depth = torch.arange(1, k + 1, device=local_losses.device, dtype=local_losses.dtype) / (k + 1)
     return torch.stack([local_losses / scale, ema / scale, (local_losses - prev) / scale, depth], 1)
@@ -240,20 +186,16 @@ def layer_features(local_losses, ema, prev, num_classes: int) -> torch.Tensor:
 
 def balancer_meta_gradient(net: LocalNet, balancer: Balancer, feats, losses, x, y, x_meta, y_meta, mask,
                            lr: float, **kw):
-    """d L_G(theta'(lambda(phi)); meta) / d phi by the chain rule through lambda = g_phi(feats)
-    (feats (K, 4); the other arguments as in layer_weight_meta_gradient).
-    Returns (phi grads (one per balancer parameter), lambda (K,), g_lambda (K,), grads, info)."""
+    """d L_G(theta'(lambda(phi))) / d phi by the chain rule through lambda = g_phi(feats (K, 4)).
+    Returns (phi grads, lambda (K,), g_lambda (K,), grads, info) (see layer_weight_meta_gradient)."""
     lam = balancer(feats)
     g, grads, info = layer_weight_meta_gradient(net, losses, x, y, x_meta, y_meta, lam.detach(), mask, lr, **kw)
     phi_grads = torch.autograd.grad(lam, list(balancer.parameters()), grad_outputs=g)
     return phi_grads, lam.detach(), g, grads, info
 
 
-# ----------------------------------------------------------------------------- cross-validation folds
-
-
 def fold_of_examples(n: int, folds: int, seed: int) -> torch.Tensor:
-    """(n,) fold number of every training example: a seeded permutation, dealt round-robin."""
+    """(n,) CV fold of every training example: a seeded permutation, dealt round-robin."""
     g = torch.Generator().manual_seed(2_000_003 * seed + 17)
     fold = torch.empty(n, dtype=torch.long)
     fold[torch.randperm(n, generator=g)] = torch.arange(n) % folds
@@ -268,12 +210,13 @@ TRACE_ROWS = 100        # the weight trace keeps at most about this many rows (m
 class LocalLosses(Baseline):
     """Local losses on a plain DeepCNN, weighted by `ll.weights` (meta_net | free | equal).
 
-    State: the optimiser (the baseline's, plus the heads), the heads, the balancer and its Adam,
-    the step count, the loss EMA / previous losses (balancer features) and the weight trace (means
-    over windows of steps, summed on the device by step(), read out by diagnostics() and extras()).
+    State besides optimisers, heads and balancer: the loss EMA / previous losses (balancer
+    features) and the weight trace: per-step sums on the device, closed into a row of means every
+    `window` steps (`rows`), moved to the host `trace` by diagnostics() and extras().
     """
 
     name = "local_losses"
+    loss_fn = staticmethod(layer_losses)      # (outs, y) -> (L,); a test swaps it to corrupt one layer
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -283,33 +226,28 @@ class LocalLosses(Baseline):
         if c.detach and c.mode == "fd" and c.weights != "equal":
             raise ConfigError(FD_DETACHED)
 
-    loss_fn = staticmethod(layer_losses)      # (outs, y) -> (L,); a test swaps it to corrupt one layer
-
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)                             # self.model, self.opt (the body's)
-        param = next(ctx.model.parameters())
-        self.num_classes = ctx.num_classes
-        self.net = LocalNet(ctx.model, ctx.num_classes, self.c.head_pool).to(device=param.device, dtype=param.dtype)
+        like = {"device": next(ctx.model.parameters()).device, "dtype": next(ctx.model.parameters()).dtype}
+        self.net = LocalNet(ctx.model, ctx.num_classes, self.c.head_pool).to(**like)
         self.opt.add_param_group({"params": list(self.net.heads.parameters())})
         self.k = len(self.net.heads)
-        self.balancer = Balancer(self.c.hidden).to(device=param.device, dtype=param.dtype)
+        self.balancer = Balancer(self.c.hidden).to(**like)
         self.meta_opt = torch.optim.Adam(self.balancer.parameters(), lr=self.c.meta_lr)
-        self.spe, self.window = ctx.steps_per_epoch, max(1, ctx.total_steps // TRACE_ROWS)
+        self.window = max(1, ctx.total_steps // TRACE_ROWS)
         if self.cv:
-            self.fold = fold_of_examples(ctx.num_train, self.cv, ctx.seed).to(param.device)
+            self.fold = fold_of_examples(ctx.num_train, self.cv, ctx.seed).to(like["device"])
             self.members = [torch.nonzero(self.fold == f).flatten() for f in range(self.cv)]
-            self.cv_steps = max(1, round(self.c.cv_every * self.spe))
-        self.t = 0
-        self.ema = self.prev = None
-        self.sums = torch.zeros(self.k + 3, device=param.device, dtype=param.dtype)  # lambda (K), kept, meta acc, loss
+            self.cv_steps = max(1, round(self.c.cv_every * ctx.steps_per_epoch))
+        self.t, self.ema, self.prev = 0, None, None
+        self.sums = torch.zeros(self.k + 3, **like)    # lambda (K), kept, meta acc, meta loss
         self.n, self.rows = 0, []          # steps in the open window; closed windows not yet read out
         self.trace = {"step": [], "epoch": [], "weights": [], "kept": [], "meta_acc": [], "meta_loss": []}
         self.last_train_idx = self.last_meta_idx = None      # for inspection (tests)
 
-    # -- pieces of a step
     def draw_mask(self) -> torch.Tensor:
-        """(K,) 1 = keep, 0 = drop this step's local loss, each with probability ll.dropout
-        (the loop saves and restores the global RNG, so a resumed run draws the same masks)."""
+        """(K,) 1 = keep, 0 = drop (probability ll.dropout) this step's local losses (global RNG,
+        which the loop saves and restores)."""
         if self.c.dropout == 0:
             return torch.ones(self.k)
         return (torch.rand(self.k) >= self.c.dropout).float()
@@ -318,8 +256,8 @@ class LocalLosses(Baseline):
         return (t // self.cv_steps) % self.cv
 
     def fold_meta_batch(self, t: int) -> Batch:
-        """The meta batch of step t in the CV loop: examples of the held-out fold, drawn without
-        replacement by a generator seeded with (run seed, t), not augmented."""
+        """Step t's meta batch in the CV loop: held-out-fold examples without replacement, seeded
+        by (run seed, t), not augmented."""
         pool = self.members[self.held_out_fold(t)]
         g = torch.Generator().manual_seed(2**40 + 1_000_003 * self.ctx.seed + t)
         idx = pool[torch.randperm(len(pool), generator=g)[:self.ctx.streams.batch_size("meta")].to(pool.device)]
@@ -327,8 +265,7 @@ class LocalLosses(Baseline):
 
     def step(self, batch: Batch, meta_batch: Batch | None, lr: float) -> dict:
         set_lr(self.opt, lr)
-        x, y = batch.x, batch.y
-        self.last_train_idx = batch.idx
+        x, y, self.last_train_idx = batch.x, batch.y, batch.idx
         if self.cv:                                    # train on the other folds, meta on the held-out one
             keep = self.fold[batch.idx] != self.held_out_fold(self.t)
             x, y, self.last_train_idx = x[keep], y[keep], batch.idx[keep]
@@ -337,53 +274,37 @@ class LocalLosses(Baseline):
         mask = self.draw_mask().to(device=x.device, dtype=x.dtype)
         outs = self.net(x, detach=self.c.detach)      # the one real forward (BatchNorm stats update here)
         losses = self.loss_fn(outs, y)                 # (L,): L_1..L_K, L_G
+        local = losses[:-1].detach()
         kw = dict(detach=self.c.detach, mode=self.c.mode, loss_fn=self.loss_fn)
         info, extra = dict.fromkeys(("meta_loss", "meta_acc"), losses.new_zeros(())), {}
-        if self.c.weights == "equal":
-            lam = torch.ones_like(mask)
-            self.opt.zero_grad(set_to_none=True)
-            (losses[-1] + (mask * lam * losses[:-1]).sum()).backward()
-        elif self.c.weights == "free":                   # L2RW: meta-gradient at lambda = 0, then weigh
-            g, _, info = layer_weight_meta_gradient(self.net, losses, x, y, meta_batch.x, meta_batch.y,
-                                                    torch.zeros_like(mask), torch.ones_like(mask), lr,
-                                                    retain_graph=True, **kw)
-            lam = free_weights(g)
-            self.opt.zero_grad(set_to_none=True)
-            (losses[-1] + (mask * lam * losses[:-1]).sum()).backward()
-            extra["meta_grad_norm"] = g.norm()
-        else:                                          # meta_net: lambda_t = g_phi_t(s_t)
-            feats = self.features(losses[:-1].detach())
+        if self.c.weights == "meta_net":               # lambda_t = g_phi_t(s_t)
+            feats = layer_features(local, local if self.ema is None else self.ema,
+                                   local if self.prev is None else self.prev, self.ctx.num_classes)
             phi_grads, lam, g, grads, info = balancer_meta_gradient(
                 self.net, self.balancer, feats, losses, x, y, meta_batch.x, meta_batch.y, mask, lr, **kw)
-            for p, gp in zip(net_params(self.net), grads):           # the real step reuses the
-                p.grad = gp                                          # virtual step's gradient
-            for p, gp in zip(self.balancer.parameters(), phi_grads):
-                p.grad = gp
+            for p, gp in zip([*net_params(self.net), *self.balancer.parameters()], [*grads, *phi_grads]):
+                p.grad = gp                            # the real step reuses the virtual step's gradient
             self.meta_opt.step()                       # phi_t -> phi_{t+1}, used from the next step
             extra["meta_grad_norm"] = g.norm()
+        else:
+            lam = torch.ones_like(mask)
+            if self.c.weights == "free":               # L2RW: meta-gradient at lambda = 0, then weigh
+                g, _, info = layer_weight_meta_gradient(self.net, losses, x, y, meta_batch.x, meta_batch.y,
+                                                        torch.zeros_like(mask), lam, lr, retain_graph=True, **kw)
+                lam = free_weights(g)
+                extra["meta_grad_norm"] = g.norm()
+            self.opt.zero_grad(set_to_none=True)
+            (losses[-1] + (mask * lam * losses[:-1]).sum()).backward()
         self.opt.step()
-        self.update_state(losses[:-1].detach(), lam.detach(), mask, info)
+        self.ema = self.c.ema * (local if self.ema is None else self.ema) + (1 - self.c.ema) * local
+        self.prev = local.clone()
+        self.sums += torch.cat([lam.detach(), mask.mean()[None], info["meta_acc"][None], info["meta_loss"][None]])
+        self.n, self.t = self.n + 1, self.t + 1
+        if self.t % self.window == 0:
+            self.close_window()
         acc = (outs[-1].argmax(1) == y).float().mean()
         return {"loss": losses[-1].detach(), "acc": acc, **info, **extra, "w_min": lam.min().detach(),
                 "w_max": lam.max().detach()}
-
-    def features(self, local_losses) -> torch.Tensor:
-        """The balancer's input (K, 4) from this step's local losses at theta (K,), detached."""
-        ema = local_losses if self.ema is None else self.ema
-        prev = local_losses if self.prev is None else self.prev
-        return layer_features(local_losses, ema, prev, self.num_classes)
-
-    def update_state(self, local_losses, lam, mask, info) -> None:
-        """EMA and previous losses (balancer features), the trace's sums (on the device), the step count."""
-        if self.ema is None:
-            self.ema = local_losses.clone()
-        self.ema = self.c.ema * self.ema + (1 - self.c.ema) * local_losses
-        self.prev = local_losses.clone()
-        self.sums += torch.cat([lam, mask.mean()[None], info["meta_acc"][None], info["meta_loss"][None]])
-        self.n += 1
-        self.t += 1
-        if self.t % self.window == 0:
-            self.close_window()
 
     def close_window(self) -> None:
         """Keep the open window's means as a row (step, (K + 3,) on the device); open a new window."""
@@ -397,15 +318,13 @@ class LocalLosses(Baseline):
         if self.rows:
             steps, values = zip(*self.rows)
             for t, row in zip(steps, torch.stack(values).tolist()):      # keys: step, epoch, weights, kept, meta_*
-                for key, v in zip(self.trace, (t, t / self.spe, row[:self.k], *row[self.k:])):
+                for key, v in zip(self.trace, (t, t / self.ctx.steps_per_epoch, row[:self.k], *row[self.k:])):
                     self.trace[key].append(v)
         self.rows = []
         return self.trace
 
-    # -- diagnostics, checkpoint, extras
     def diagnostics(self, streams) -> dict:
-        """At every evaluation: close the trace window; the last row's smallest and largest mean
-        weight and fraction of local losses kept."""
+        """The last trace row's smallest and largest mean weight and fraction of local losses kept."""
         w, kept = self.read_trace()["weights"], self.trace["kept"]
         return {"w_mean_min": min(w[-1]), "w_mean_max": max(w[-1]), "kept": kept[-1]} if w else {}
 
@@ -425,9 +344,9 @@ class LocalLosses(Baseline):
         self.trace = {k: list(v) for k, v in state["trace"].items()}
 
     def extras(self, streams) -> dict:
-        """The per-layer weight trace: `weights` (rows, K), the mean lambda over windows of steps
-        (before the dropout mask), at `epoch` (rows,); `kept` the fraction of local losses kept;
-        `meta_acc` / `meta_loss` on the meta batches at theta' (the balancer's own objective)."""
+        """The weight trace: `weights` (rows, K), mean lambda over windows of steps (before the
+        mask), at `epoch` (rows,); `kept`, the fraction of local losses kept; `meta_acc` /
+        `meta_loss` on the meta batches at theta' (the balancer's own objective)."""
         return {"layers": self.k, "depth_fraction": [(l + 1) / (self.k + 1) for l in range(self.k)],
                 "weights_mode": self.c.weights, "detach": self.c.detach, "cv_folds": self.cv,
                 "trace": {k: list(v) for k, v in self.read_trace().items()}}
