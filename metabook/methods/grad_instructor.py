@@ -1,19 +1,10 @@
 """Grad-Instructor (Ino 2024, arXiv 2406.10559): an evaluation network (ENN) steers backpropagation.
 
-Only the abstract could be read (methods.md section 5; [A] = the abstract, [R] = our
-reconstruction). The ENN, its training by TD(lambda) and its saliency are in enn.py; this file has
-the arms, the config and the chapter's experiment.
-
-The Grad-Instructor update [R] (the abstract's "extra evaluation function"): with the ENN E frozen,
-
-    loss = CE(f_W(x), y) - w(t) * E(render(W)),     w(t) = gi.weight * schedule(t / T)
-
-(schedule constant | linear_decay | cosine_decay) and the same optimiser as every arm. The arms
-(the abstract's comparison, same epochs and seeds): plain backprop (`baseline`, PyTorch's default
-init), backprop + L1 on the weight matrices (`l1`), He initialisation (`he_init`) and
-`grad_instructor` (default init + the ENN term). Each GradInstructor trains its own ENN in
-prepare(), on its seed's split (one critic per seed; a one-off cost, `one_off_seconds`, cached in
-OUT/cache/enn-seed{S}.pt). Every arm reports its final train-test gap (the abstract's second claim).
+[A] = the abstract (all that could be read), [R] = our reconstruction; chapter 6 derives it. The
+update [R]: loss = CE(f_W(x), y) - w(t) E(render(W)), E the frozen ENN (enn.py, trained per seed in
+prepare(), cached in OUT/cache/enn-seed{S}.pt), w(t) = gi.weight * schedule(t / T). Arms (same epochs
+and seeds): `baseline`, `l1` (L1 on the weight matrices), `he_init`, `grad_instructor`; each reports
+its final train-test gap (the abstract's second claim).
 """
 from __future__ import annotations
 
@@ -30,8 +21,8 @@ from ..config import knob, section
 from ..data import Batch
 from ..train import Arm
 from .baseline import Baseline, set_lr
-from .enn import (ENN, enn_config_key, episodes_per_round, he_init_, load_or_train_enn, make_enn,
-                  render_model, weight_matrices)
+from .enn import (ENN, enn_config_key, episodes_per_round, he_init_, load_or_train_enn, render_model,
+                  weight_matrices)
 
 SCHEDULES = ("constant", "linear_decay", "cosine_decay")
 
@@ -48,28 +39,21 @@ def weight_schedule(kind: str, t: float) -> float:
 
 
 @torch.no_grad()
-def split_accuracy(model: nn.Module, streams, split: str, n: int | None = None) -> float:
-    """Accuracy on the first n examples of a split (all by default), eval mode, no augmentation."""
+def train_test_gap(model: nn.Module, streams, n: int = 5000) -> dict:
+    """Accuracy (eval mode, no augmentation) on the first n training images and on the test split."""
     was = model.training
     model.eval()
-    n = streams.size(split) if n is None else min(n, streams.size(split))
-    hits = 0
-    for s in range(0, n, 500):
-        b = streams.examples(split, s, min(s + 500, n))
-        hits += int((model(b.x).argmax(1) == b.y).sum())
+    acc = {}
+    for split, m in (("train", min(n, streams.size("train"))), ("test", streams.size("test"))):
+        hits = sum(int((model(b.x).argmax(1) == b.y).sum())
+                   for b in (streams.examples(split, s, min(s + 500, m)) for s in range(0, m, 500)))
+        acc[split] = hits / max(m, 1)
     model.train(was)
-    return hits / max(n, 1)
-
-
-def train_test_gap(model: nn.Module, streams, n: int = 5000) -> dict:
-    """Accuracy on the first n training images and on the test split, and their difference."""
-    train_acc, test_acc = split_accuracy(model, streams, "train", n), split_accuracy(model, streams, "test")
-    return {"train_acc_eval": train_acc, "test_acc": test_acc, "gap": train_acc - test_acc}
+    return {"train_acc_eval": acc["train"], "test_acc": acc["test"], "gap": acc["train"] - acc["test"]}
 
 
 class PlainBP(Baseline):
-    """Plain backprop (the `baseline` arm): the MLP's default init, cross-entropy, SGD. Reports the
-    final train-test gap."""
+    """Plain backprop (the `baseline` arm): the MLP's default init; reports the train-test gap."""
 
     def extras(self, streams) -> dict:
         return train_test_gap(self.model, streams)
@@ -106,15 +90,14 @@ class L1Reg(PlainBP):
 
 
 class GradInstructor(PlainBP):
-    """Backprop with the ENN as an extra evaluation function: p.grad = grad CE - w(t) grad E on the
-    weight matrices (the biases get grad CE). State: the optimiser, the ENN (trained in prepare()
-    on this run's split, or the `enn` given, e.g. a recorded one) and its info (cost, quality)."""
+    """p.grad = grad CE - w(t) grad E on the weight matrices (biases: grad CE), E the ENN trained in
+    prepare() on this run's split, or the `enn` given (e.g. a recorded one)."""
 
     name = "grad_instructor"
 
     def __init__(self, cfg: dict, enn: ENN | None = None):
         super().__init__(cfg)
-        self.c, self.width, self.depth = section(cfg, GI), cfg["width"], cfg["depth"]
+        self.c, self.target = section(cfg, GI), {"width": cfg["width"], "depth": cfg["depth"]}   # the MLP's shape
         self.enn_key = enn_config_key(cfg)            # everything the ENN's training reads
         episodes_per_round(self.c)                    # a bad gi.episodes / gi.rounds fails before any arm runs
         self.enn, self.given = enn, enn is not None
@@ -122,7 +105,7 @@ class GradInstructor(PlainBP):
     def setup(self, ctx) -> None:
         super().setup(ctx)
         p = next(ctx.model.parameters())
-        enn = self.enn if self.given else make_enn(len(weight_matrices(ctx.model)), self.c)
+        enn = self.enn if self.given else ENN(len(weight_matrices(ctx.model)), self.c.enn_channels)
         self.enn = enn.to(device=p.device, dtype=p.dtype).requires_grad_(False).eval()
         self.enn_info, self.value0, self.steps = {}, float("nan"), 0
 
@@ -130,8 +113,7 @@ class GradInstructor(PlainBP):
         """Train this seed's ENN (or load it from the run's cache); note its initial prediction."""
         if not self.given:
             enn, self.enn_info = load_or_train_enn(self.c, self.enn_key, self.ctx.streams, self.ctx.num_classes,
-                                                   self.ctx.seed, self.ctx.cache_dir, width=self.width,
-                                                   depth=self.depth)
+                                                   self.ctx.seed, self.ctx.cache_dir, **self.target)
             self.enn.load_state_dict(enn.state_dict())
         self.value0 = self.value()
 
@@ -144,8 +126,7 @@ class GradInstructor(PlainBP):
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         set_lr(self.opt, lr)
-        params = list(self.model.parameters())
-        weights = weight_matrices(self.model)
+        params, weights = list(self.model.parameters()), weight_matrices(self.model)
         logits = self.model(batch.x)
         ce = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
         g_ce = torch.autograd.grad(ce, params)
@@ -160,8 +141,7 @@ class GradInstructor(PlainBP):
                 "enn_value": value.detach(), "gi_weight": w}
 
     def diagnostics(self, streams) -> dict:
-        """The ENN's push relative to the loss's, ||w(t) grad E|| / ||grad CE|| over the weight
-        matrices, on the first training batch (stored order, eval mode)."""
+        """||w(t) grad E|| / ||grad CE|| over the weight matrices, on the first training batch (eval mode)."""
         b = streams.examples("train", 0, streams.batch_size())
         weights, was = weight_matrices(self.model), self.model.training
         self.model.eval()
@@ -238,10 +218,9 @@ PRESETS: dict = {
     # CI: seconds of training (62 steps per arm) and a tiny ENN (24 episodes of 20 steps, 2 rounds).
     "smoke": {"train_size": 4000, "meta_size": 500, "width": 128, "epochs": 2.0, "checkpoint_every": 50,
               "gi.episodes": 24, "gi.rounds": 2, "gi.episode_steps": 20, "gi.enn_iters": 150},
-    # 2 cores, 3 seeds: 2,340 steps per arm. Measured on one loaded core (width 256, batch 128): a
-    # plain step 13-14 ms, a Grad-Instructor step 13-31 ms, an ENN episode 0.4-0.75 s. Estimate
-    # per seed: its ENN 1-2 min + ~3.5 min for the five arms + baseline_same_time's share of the
-    # ENN's time (its budget includes it) -> about 18-20 minutes in all (not re-measured).
+    # 2 cores, 3 seeds: 2,340 steps per arm. Measured on one loaded core (width 256, batch 128): plain step
+    # 13-14 ms, Grad-Instructor step 13-31 ms, ENN episode 0.4-0.75 s. Estimate per seed: its ENN 1-2 min +
+    # ~3.5 min for the five arms + baseline_same_time's share of the ENN's time -> about 18-20 min (not re-measured).
     "cpu": {"train_size": 20000, "epochs": 15.0, "gi.episodes": 160},
     "gpu": {"width": 1024, "depth": 3, "epochs": 50.0, "gi.episodes": 1000, "gi.episode_steps": 100,
             "gi.snapshot_every": 10, "gi.enn_iters": 3000},
@@ -254,10 +233,8 @@ ARMS = {"baseline": Arm(PlainBP), "l1": Arm(L1Reg), "he_init": Arm(HeInit), "gra
 
 
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
-    """The arms baseline, l1, he_init, grad_instructor at equal epochs and seeds (and, with
-    gi.same_time, the baseline at grad_instructor's wall-clock, its ENN included). Each seed's ENN
-    info (cost, quality, episodes) goes to record["enn"][seed]; its one-off seconds to
-    record["cost"]["enn_seconds"] (mean over seeds)."""
+    """The ARMS at equal epochs and seeds (with gi.same_time also the baseline at grad_instructor's
+    wall-clock, its ENN included); each seed's ENN info goes to record["enn"][seed]."""
     from ..train import run_arms
 
     record = run_arms("grad_instructor", "grad_instructor", ARMS, cfg, seeds, out_dir=out_dir, progress=progress,
@@ -266,11 +243,9 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     record["enn"] = {seed: extras.pop("enn") for seed, extras in arm["extras"].items()}
     record["cost"]["enn_seconds"] = record["metrics"]["enn_seconds"] = arm["one_off_seconds"]["mean"]
     for key in ("spearman_initial", "spearman_all"):
-        values = [info[key] for info in record["enn"].values() if key in info]
-        if values:
+        if values := [info[key] for info in record["enn"].values() if key in info]:
             record["metrics"][f"enn_{key}"] = float(np.mean(values))
     for arm in record["arms"].values():
-        gaps = [e["gap"] for e in arm.get("extras", {}).values() if "gap" in e]
-        if gaps:
+        if gaps := [e["gap"] for e in arm.get("extras", {}).values() if "gap" in e]:
             arm["gap"] = {"mean": float(np.mean(gaps)), "per_seed": gaps}
     return record
