@@ -1,67 +1,19 @@
-"""Hessian-free optimisation from scratch (Martens 2010) and MLHF, its meta-learned variant.
+"""Hessian-free optimisation (HF, Martens 2010) from scratch and MLHF (Chen, Lu, Fokoue 2018,
+arXiv 1805.08462), which replaces HF's damping rule and preconditioner by two meta-learned GRUs.
 
-MLHF (Chen, Lu, Fokoue 2018, arXiv 1805.08462) keeps Martens' Hessian-free (HF) framework and
-replaces two hand-tuned parts of it, the damping rule and the preconditioner, by recurrent nets.
-The first part of this file is that framework, every equation below one function; the section
-"MLHF" near the end adds the two nets, their meta-training with experience replay, and says
-exactly what its meta-gradient is the gradient of.
-
-Objective on a mini-batch (x, y) of B examples, with weight decay (L2) wd as in the other arms:
-
-    f(theta) = 1/B sum_i CE(z_i(theta), y_i) + wd/2 ||theta||^2,     z_i: the logits (C,)
-
-Quadratic model at theta, with Tikhonov damping lambda (Martens 2010):
-
-    q(d) = f + g^T d + 1/2 d^T (G + lambda I) d,       g = grad f,   G = J^T H_L J + wd I
-
-J = dz/dtheta is the Jacobian of all logits (B*C rows), H_L the Hessian of the loss in the logits.
-For cross-entropy it is block diagonal, one block per example:
-
-    H_L = 1/B blockdiag(diag(p_i) - p_i p_i^T),   p_i = softmax(z_i)
-
-G is never formed: G v = J^T (H_L (J v)) costs one forward-mode pass (J v, `torch.func.jvp`) and
-one reverse pass (J^T u, `torch.func.vjp`), on a curvature sub-batch of the gradient batch.
-G is positive semi-definite (H_L is), so q has a minimum, which preconditioned conjugate gradient
-(CG) approaches; CG stops on Martens' relative-progress rule: at iteration i, with
-phi(x) = q(x) - f and k = max(10, 0.1 i),
-
-    stop when  i > k,  phi(x_i) < 0  and  (phi(x_i) - phi(x_{i-k})) / phi(x_i) < k * eps.
-
-Preconditioner (Martens 2010), diagonal, with xi = 0.75:
-
-    M = (diag(sum_i grad l_i (.) grad l_i) / m + wd + lambda) ^ xi
-
-Here the per-example gradients grad l_i come from the curvature sub-batch of m examples, through
-the same reverse pass as J^T (one cotangent per example or per chunk of examples, see
-`GaussNewton.fisher_diagonal`).
-
-CG is warm-started from 0.95 times the previous step's final CG solution. Among the CG iterates
-saved at iterations ceil(1.3^j), "CG backtracking" picks the one with the lowest f, searching back
-from the last. Levenberg-Marquardt adjusts lambda from the reduction ratio
-
-    rho = (f(theta + d) - f(theta)) / (q(d) - q(0))     (our choice: q without the lambda term)
-    rho < 1/4: lambda <- 3/2 lambda,    rho > 3/4: lambda <- 2/3 lambda,
-
-and a backtracking line search (Armijo condition, c = 0.01, alpha shrunk by 0.8 per trial, as we
-read Martens & Sutskever 2012) sets the step size alpha:
-
-    theta <- theta + alpha d.
-
-Representation: parameters are a dict name -> tensor (`metabook.meta.model_params`); every
-vector of the optimiser (g, d, G v, the preconditioner) is ONE flat 1-D tensor of length P, the
-parameters concatenated in that dict's order (`flatten` / `unflatten`). CG is then plain linear
-algebra on 1-D tensors.
-
-BatchNorm: all the extra forward passes (G v, f at trial points) run on copies of the buffers
-(`metabook.meta.forward`), so only the step's one real forward updates the running statistics, as
-in a plain SGD step. Train-mode batch statistics are used throughout, so G is the Gauss-Newton
-matrix of the batch-statistics network (examples are coupled through the batch mean and variance).
+HF step on f(theta) = mean CE + wd/2 ||theta||^2: Gauss-Newton products G v = J^T H_L J v + wd v
+(one `jvp`, one `vjp`, on a curvature sub-batch), damped preconditioned CG on (G + lambda I) d = -g
+with Martens' stopping rule and diagonal preconditioner (Fisher + wd + lambda)^xi, CG backtracking,
+Levenberg-Marquardt damping and an Armijo line search. Vectors are flat (P,) tensors in
+`model_params` order; extra forwards run on copies of the BatchNorm buffers (`metabook.meta.forward`).
+Chapter 7 derives every equation.
 """
 from __future__ import annotations
 
+import copy
 import math
 import warnings
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Callable, ClassVar
 
 import torch
@@ -71,7 +23,7 @@ from torch.func import jvp, vjp
 from ..config import knob, section
 from ..data import Batch
 from ..meta import Params, forward, model_params
-from ..train import Arm, Context, Method, NonFiniteError
+from ..train import Arm, Context, Method, NonFiniteError, run_arms
 from .baseline import Baseline
 
 Vector = torch.Tensor          # a flat (P,) vector in the parameter dict's order
@@ -80,7 +32,7 @@ Vector = torch.Tensor          # a flat (P,) vector in the parameter dict's orde
 LM_DROP, LM_BOOST = 2 / 3, 3 / 2          # lambda multipliers when rho > 3/4 / rho < 1/4
 RHO_LOW, RHO_HIGH = 0.25, 0.75
 BACKTRACK_GAMMA = 1.3                     # CG iterates saved at iterations ceil(1.3^j)
-LS_C, LS_SHRINK, LS_TRIES = 1e-2, 0.8, 12  # Armijo constant, step shrink, trials before alpha = 0
+LS_C, LS_SHRINK, LS_TRIES = 1e-2, 0.8, 12  # Armijo (as we read Martens & Sutskever 2012): c, shrink, trials
 DAMPING_MIN, DAMPING_MAX = 1e-8, 1e8       # keep lambda representable on long runs
 
 
@@ -94,11 +46,8 @@ def flatten(tensors) -> Vector:
 
 def unflatten(vec: Vector, like: Params) -> Params:
     """(P,) vector -> dict of views shaped like `like` (the inverse of `flatten`)."""
-    out, i = {}, 0
-    for name, t in like.items():
-        out[name] = vec[i:i + t.numel()].view_as(t)
-        i += t.numel()
-    return out
+    sizes = [t.numel() for t in like.values()]
+    return {k: v.view_as(t) for (k, t), v in zip(like.items(), vec.split(sizes))}
 
 
 # ----------------------------------------------------------------------------- Gauss-Newton products
@@ -110,12 +59,8 @@ def ce_hessian_product(probs: torch.Tensor, u: torch.Tensor) -> torch.Tensor:
 
 
 class GaussNewton:
-    """The curvature of f on one (sub-)batch at fixed parameters: G v = J^T H_L J v + wd v.
-
-    The reverse pass (J^T) is set up once here and reused by every product, so a CG iteration
-    costs one `jvp` (a forward pass with tangents) and one backward pass.
-    params: dict of (detached) tensors; x: (m, ...) inputs; y: (m,) labels.
-    """
+    """G v = J^T H_L J v + wd v on one (sub-)batch x (m, ...), y (m,) at fixed params. The reverse
+    pass (J^T) is set up once, so each product costs one `jvp` and one backward pass."""
 
     def __init__(self, model: torch.nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
                  weight_decay: float = 0.0):
@@ -140,14 +85,9 @@ class GaussNewton:
         return self.jtu(ce_hessian_product(self.probs, self.jv(v))) + self.weight_decay * v
 
     def fisher_diagonal(self, chunk: int = 1) -> Vector:
-        """diag of the empirical Fisher, 1/m sum_i grad l_i (.) grad l_i, (P,).
-
-        grad l_i = J^T e_i (p_i - onehot(y_i)) reuses the pass of J^T. chunk=1 is exact (m
-        backward passes); chunk=s squares the gradient g_c of the mean loss of each group of s
-        examples and averages s g_c^2 (m/s backward passes). That keeps the per-example variance
-        but adds (s - 1) times the squared mean gradient, a cheap approximation that Martens'
-        rule (ξ < 1, + lambda) tolerates.
-        """
+        """diag of the empirical Fisher, 1/m sum_i grad l_i (.) grad l_i, (P,), through the pass of J^T.
+        chunk=1 is exact; chunk=s averages s g_c^2 over groups of s examples (m/s backward passes,
+        adds (s - 1) times the squared mean gradient: cheap, and tolerated with xi < 1 and + lambda)."""
         m = len(self.y)
         residual = self.probs - F.one_hot(self.y, self.probs.shape[1]).to(self.probs.dtype)   # (m, C)
         total = torch.zeros_like(flatten(self.params))
@@ -173,13 +113,9 @@ class CGResult:
 def pcg(Av: Callable[[Vector], Vector], b: Vector, precond: Vector | None = None,
         x0: Vector | None = None, max_iters: int = 250, tol: float = 5e-4,
         rtol: float = 1e-10) -> CGResult:
-    """Minimise phi(x) = 1/2 x^T A x - b^T x (i.e. solve A x = b) by preconditioned CG.
-
-    Av: x -> A x for a symmetric positive definite A; precond: the diagonal M (P,) of the
-    preconditioner (None = identity), applied as z = r / M. Stops at max_iters, on Martens'
-    relative progress rule with eps = tol (tol = 0 turns it off), when the residual falls to
-    rtol * ||b||, or on non-positive curvature p^T A p <= 0 (then returns the last good iterate).
-    """
+    """Minimise phi(x) = 1/2 x^T A x - b^T x by CG with diagonal preconditioner M (P,) (z = r / M).
+    Stops at max_iters, on Martens' relative-progress rule with eps = tol (0: off), at residual
+    rtol * ||b||, or on curvature p^T A p <= 0 (keeping the last good iterate)."""
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - Av(x) if x0 is not None else b.clone()
     z = r / precond if precond is not None else r
@@ -220,21 +156,15 @@ def pcg(Av: Callable[[Vector], Vector], b: Vector, precond: Vector | None = None
 # ----------------------------------------------------------------------------- damping and step size
 
 def lm_factor(rho: float | None) -> float:
-    """The Levenberg-Marquardt multiplier of lambda for reduction ratio rho: 3/2 when the model
-    over-promised (rho < 1/4), 2/3 when it predicted well (rho > 3/4), 1 in between and when there
-    is no rho yet (None: before the first step)."""
+    """Levenberg-Marquardt's multiplier of lambda: 3/2 if rho < 1/4, 2/3 if rho > 3/4, else (and
+    for None, before the first step) 1."""
     if rho is None:
         return 1.0
-    if rho < RHO_LOW:
-        return LM_BOOST
-    if rho > RHO_HIGH:
-        return LM_DROP
-    return 1.0
+    return LM_BOOST if rho < RHO_LOW else LM_DROP if rho > RHO_HIGH else 1.0
 
 
 def lm_damping(damping: float, rho: float) -> float:
-    """Levenberg-Marquardt: more damping when the model over-promised (rho < 1/4), less when it
-    predicted well (rho > 3/4), unchanged in between."""
+    """lambda after Levenberg-Marquardt's update, kept in [DAMPING_MIN, DAMPING_MAX]."""
     return min(max(damping * lm_factor(rho), DAMPING_MIN), DAMPING_MAX)
 
 
@@ -251,9 +181,8 @@ def cg_backtrack(f: Callable[[Vector], float], iterates: list) -> tuple[int, flo
 
 
 def line_search(f: Callable[[float], float], f0: float, slope: float, f1: float) -> tuple[float, float]:
-    """Backtracking (Armijo) line search on alpha -> f(theta + alpha d), starting at alpha = 1
-    whose value f1 is known. slope = g^T d. Returns (alpha, f(alpha)); alpha = 0 when no trial
-    decreases f enough (then the step is skipped)."""
+    """Armijo backtracking on alpha -> f(theta + alpha d) from alpha = 1 (value f1), slope = g^T d.
+    Returns (alpha, f(alpha)); (0, f0) when no trial decreases f enough (the step is skipped)."""
     alpha, f_alpha = 1.0, f1
     for _ in range(LS_TRIES):
         if f_alpha <= f0 + LS_C * alpha * slope:
@@ -265,11 +194,8 @@ def line_search(f: Callable[[float], float], f0: float, slope: float, f1: float)
 
 # ----------------------------------------------------------------------------- one HF step
 #
-# HF, MLHF and MLHF's meta-training unroll take the same step: `hf_gradient` (the step's one real
-# forward and backward; the unroll differentiates its own functional objective instead),
-# `hf_direction` (the Gauss-Newton operator on the curvature sub-batch, the damped PCG solve, the
-# chosen iterate, f(theta + d) and rho) and `hf_apply` (the line search and theta += alpha d; the
-# unroll takes theta + d, differentiably). They differ in how lambda, P and the CG budget are set.
+# HF, MLHF and MLHF's unroll share `hf_direction` (G, damped PCG, chosen iterate, f(theta + d), rho);
+# HF and MLHF also `hf_gradient` (the one real forward/backward) and `hf_apply` (line search, update).
 
 @dataclass
 class HFSettings:
@@ -317,13 +243,10 @@ def hf_gradient(model, batch: Batch, weight_decay: float):
 def hf_direction(model, params: Params, x, y, g: Vector, f0: float, lam, s: HFSettings, *,
                  factor: Vector | None = None, x0: Vector | None = None, tol: float = 5e-4,
                  rtol: float = 1e-10, backtrack: bool = False, curvature: tuple | None = None) -> HFStep:
-    """The shared core of one HF step at `params` on (x (B, ...), y (B,)).
-
-    G on the first s.gn_batch examples and its Fisher diagonal (or `curvature` = (G, fisher)
-    given); PCG from x0 on (G + lam I) d = -g with Martens' preconditioner (F + wd + lam)^xi,
-    times `factor` (P,) if given; the last CG iterate, or the one CG backtracking picks; f(theta + d)
-    and rho. lam: a float, or a 0-d tensor whose graph (and factor's) then reaches d.
-    """
+    """One HF direction at `params` on (x (B, ...), y (B,)): G and its Fisher diagonal on the first
+    s.gn_batch examples (or `curvature` = (G, fisher)), PCG from x0 on (G + lam I) d = -g with
+    preconditioner (F + wd + lam)^xi * factor, the last (or backtracked) iterate, f(theta + d), rho.
+    lam: a float, or a 0-d tensor whose graph (and factor's) then reaches d."""
     wd = s.weight_decay
     if curvature is None:
         m = min(s.gn_batch, len(y))
@@ -361,9 +284,7 @@ def hf_apply(params: Params, step: HFStep, g: Vector, f0: float, search: bool) -
 # ----------------------------------------------------------------------------- the optimisers
 
 class HessianFree(Method):
-    """Martens' HF as a plug-in of the training loop (name "hf"); ignores the loop's learning
-    rate (damping and the line search set the step). State: lambda, the previous CG solution and
-    counters, all restored exactly by load_state_dict."""
+    """Martens' HF (arm "hf"); the loop's lr is unused. State: lambda, the last CG solution, counters."""
 
     name = "hf"
 
@@ -379,7 +300,6 @@ class HessianFree(Method):
         self.steps, self.skipped, self.cg_total = 0, 0, 0
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
-        """One HF iteration on batch (x (B, ...), y (B,)); `lr` is not used."""
         s, lam = self.s, self.damping
         params, loss, logits, g, f0 = hf_gradient(self.model, batch, s.weight_decay)
         x0 = s.warm_start * self.prev if s.warm_start > 0 else None
@@ -432,92 +352,46 @@ class AdamArm(Baseline):
 
 # ----------------------------------------------------------------------------- MLHF: learned damping and preconditioner
 #
-# MLHF (Chen, Lu, Fokoue 2018) keeps the HF step above and lets two recurrent nets output the
-# damping lambda_t and the diagonal preconditioner P_t of CG. What the paper establishes (methods.md
-# 6.2): two RNNs, one for the damping and one for the preconditioner; coordinate-wise weight
-# sharing; experience replay; a special treatment of the gradient with respect to the curvature;
-# CUDA-convnet on CIFAR-10. The paper gives no formula for either net. Everything else below is our
-# reconstruction [R] (methods.md 6.4), namely:
-#
-#   damping net (one GRU cell, H_d units, input u_t (4,), shared state h_t (H_d,)):
-#       u_t = [clip(rho_{t-1}, -1, 2), clip(loss change_{t-1}, -1, 1), log10(lambda_{t-1}) / 4,
-#              log10(||g_t||) / 4]
-#       log lambda_t = clamp(log LM(lambda_{t-1}, rho_{t-1}) + C tanh(w_d^T h_t + b_d),
-#                            log DAMPING_MIN, log MLHF_DAMPING_MAX),      C = log 1.4
-#   i.e. a learned, bounded correction of the Levenberg-Marquardt rule (`lm_factor`: x3/2 when
-#   rho < 1/4, x2/3 when rho > 3/4, x1 in between and at a target run's first step, which has no
-#   rho yet). Since e^C = 1.4 < 3/2, the net can never overturn LM's direction: with rho > 3/4
-#   lambda always falls (by a factor in [2/3 / 1.4, 2/3 * 1.4] = [0.48, 0.93]), with rho < 1/4 it
-#   always rises (by [1.07, 2.1]); in between the net alone moves it, by at most 1.4 either way.
-#   The net modulates how much LM moves, not which way. The ceiling MLHF_DAMPING_MAX = 1e4 (HF's
-#   is 1e8) keeps the steps from shrinking to where rho is float32 rounding noise that the net
-#   would be fed back. (An earlier version had a free rule, log lambda_t = log lambda_{t-1} +
-#   tanh(.), no LM term, ceiling 1e8: meta-trained on 3-step episodes it learned "raise lambda"
-#   and, deployed for 156 steps on CIFAR, raised it to 1e8; book/results/meta_hf-cpu.)
-#   rho_{t-1} enters only through the LM factor and the features: a stop-gradient constant.
-#   preconditioner net (one GRU cell, H_p units, shared by all P coordinates; input X_t (P, 3),
-#   state (P, H_p)), per coordinate i:
-#       X_ti = [clip(g_i / sqrt(v_i), -5, 5), (log v_i - mean_j log v_j) / 5,
-#               clip(d_{t-1,i} / rms(d_{t-1}), -5, 5)],       v = EMA_0.95 of g^2 over HF steps
-#       P_ti = (F_ii + wd + lambda_t)^xi * exp(PRECOND_RANGE * tanh(w_p^T h_ti + b_p))
-#   i.e. a learned, bounded correction of Martens' preconditioner (F: the empirical Fisher diagonal of
-#   the curvature batch; hf.precond_exponent = 0 leaves the net's factor alone).
-#   The output layers start at zero: before meta-training MLHF is HF with Levenberg-Marquardt
-#   damping (from hf.damping) and Martens' preconditioner, run for exactly K CG iterations.
-#   step: d_t = PCG_K(G_t + lambda_t I, -g_t; P_t, x0 = warm * d_{t-1}),  theta_{t+1} = theta_t + d_t
-#   (no CG backtracking; at deployment the Armijo line search of HF may shorten the step,
-#   hf.mlhf_line_search; in meta-training alpha = 1).
-#
-# Meta-gradient. One meta-training episode starts from a replayed state (theta_0, optimiser state)
-# and unrolls T HF steps on training batches B_0..B_{T-1}; its meta-loss is
-#
-#       L(phi) = 1/T sum_{t=1..T} log f(theta_t; B_t)        (B_T: one more batch)
-#
-# (the log weighs early states, loss ~2.3, and late ones, loss ~0.3, alike). `unroll` returns the
-# EXACT gradient of L with respect to the nets' parameters phi under these stop-gradients:
-#   g_t, G_t (its products use detached parameters), the Fisher diagonal F_t, the features u_t and
-#   X_t, the CG start x0 = warm * d_{t-1} and rho_{t-1} (so LM's factor) are constants (computed
-#   at the detached theta_t).
-# What is differentiated: phi -> the recurrent states h_t and log lambda_t (through all t) ->
-# lambda_t, P_t -> the K unrolled CG iterations -> d_t -> theta_{t+1} = theta_t + d_t (so theta_t
-# carries the graph of all earlier steps) -> f(theta_t; B_t). This drops the terms in which
-# theta_t changes g_t and G_t (second and third derivatives of f), like L2L-by-GD's
-# "d grad / d phi = 0"; treating G as a constant is our reading of the paper's "gradient calculation
-# of H". For T = 1 nothing is dropped: the gradient is the exact one of f(theta_1(phi); B_1).
-# `unroll(..., frozen=records)` re-evaluates L with those constants taken from a recorded pass
-# (rho included, so the piecewise LM factor is the same on both sides), so a finite difference of
-# it checks the gradient exactly (tests/test_meta_hf.py).
-#
-# Experience replay. Meta-training keeps a buffer of hf.mlhf_replay_size optimiser states
-# (theta, lambda, the nets' hidden states, v, d_{t-1}, rho, loss change, age = HF steps since its
-# fresh initialisation). Each episode starts from a fresh initialisation of the target net with
-# probability hf.mlhf_fresh_prob (always while the buffer is empty), else from a uniformly drawn
-# buffer entry; its end state goes back into the buffer (replacing a random entry once full). So
-# episodes chain into long target runs, and the buffer holds early and late training states side by
-# side (their ages are reported). A replayed state keeps the nets' hidden states as they were when
-# it was stored, i.e. computed with older weights of the nets. Meta-training is the `mlhf`
-# arm's prepare(): it runs once before training, on the batches of the stream "mlhf_episodes" (the
-# arm's own training split, shuffled apart from training's order); the loop times it as the arm's
-# one_off_seconds (in the budget of the baseline at its wall-clock, not in its step cost).
+# The paper establishes (methods.md 6.2): two RNNs (damping, preconditioner), coordinate-wise weight
+# sharing, experience replay, a special gradient treatment of the curvature, CUDA-convnet on
+# CIFAR-10. It gives no formula for either net; the nets below are our reconstruction [R]
+# (methods.md 6.4), derived in chapter 7:
+#   damping: log lambda_t = clamp(log LM(lambda_{t-1}, rho_{t-1}) + C tanh(GRU(u_t)), ., log 1e4),
+#     C = log 1.4 < log 3/2, so the net scales LM's move but never reverses it (an earlier free
+#     rule meta-trained on 3-step episodes raised lambda to 1e8 over 156 steps; book/results/meta_hf-cpu).
+#   preconditioner: P_ti = (F_ii + wd + lambda_t)^xi * exp(3 tanh(GRU(X_ti))), one GRU for all P.
+#   Output layers start at zero: untrained MLHF is HF with LM damping and exactly K CG iterations.
+# Meta-loss of an episode of T steps: L = 1/T sum_t log f(theta_t; B_t). `unroll` returns its exact
+# gradient with g_t, G_t, the Fisher diagonal, the features, the CG start and rho_{t-1} held as
+# constants (our reading of the paper's "gradient calculation of H"); `frozen=records` replays those
+# constants so a finite difference checks it (tests/test_meta_hf.py). Experience replay: episodes
+# start from a fresh init (prob. hf.mlhf_fresh_prob) or a buffered end state. Meta-training is the
+# arm's prepare(), on the stream "mlhf_episodes", timed as its one_off_seconds.
 
 PRECOND_RANGE = 3.0            # the learned factor of P lies in [e^-3, e^3]
 DAMPING_CORRECTION = math.log(1.4)   # C: the net multiplies LM's lambda by [1/1.4, 1.4]; must stay < log 3/2
-MLHF_DAMPING_MAX = 1e4         # MLHF's damping ceiling (HF's DAMPING_MAX is 1e8)
+MLHF_DAMPING_MAX = 1e4         # MLHF's ceiling (HF's is 1e8): keeps rho out of float32 rounding noise
 SQ_GRAD_DECAY = 0.95           # EMA of g^2 (the preconditioner net's v)
 META_GRAD_CLIP = 1.0           # norm clip of the meta-gradient (a stabiliser)
 N_DAMPING_FEATURES, N_COORD_FEATURES = 4, 3
 
 
-class DampingRNN(torch.nn.Module):
-    """u_t (4,), h (H,), log lambda_{t-1} (), rho_{t-1} (float, None before the first step)
-    -> (log lambda_t (), h_t (H,)): LM's update of lambda_{t-1} times the net's factor
-    exp(C tanh(.)) in [1/1.4, 1.4], clamped to [DAMPING_MIN, MLHF_DAMPING_MAX]."""
+class GRUHead(torch.nn.Module):
+    """A GRU cell (n_in -> H) and a linear read-out to one number, the read-out zero at the start."""
 
-    def __init__(self, hidden: int):
+    def __init__(self, n_in: int, hidden: int):
         super().__init__()
-        self.cell = torch.nn.GRUCell(N_DAMPING_FEATURES, hidden)
+        self.cell = torch.nn.GRUCell(n_in, hidden)
         self.out = torch.nn.Linear(hidden, 1)
         torch.nn.init.zeros_(self.out.weight), torch.nn.init.zeros_(self.out.bias)
+
+
+class DampingRNN(GRUHead):
+    """u_t (4,), h (H,), log lambda_{t-1} (), rho_{t-1} (None before the first step) -> (log lambda_t (),
+    h_t (H,)): LM's update times exp(C tanh(.)) in [1/1.4, 1.4], clamped to [DAMPING_MIN, MLHF_DAMPING_MAX]."""
+
+    def __init__(self, hidden: int):
+        super().__init__(N_DAMPING_FEATURES, hidden)
 
     def forward(self, u, h, log_damping, rho: float | None = None):
         h = self.cell(u[None], h[None])[0]
@@ -526,15 +400,11 @@ class DampingRNN(torch.nn.Module):
         return (log_lm + correction).clamp(math.log(DAMPING_MIN), math.log(MLHF_DAMPING_MAX)), h
 
 
-class PrecondRNN(torch.nn.Module):
-    """Coordinate-wise: X (P, 3), h (P, H) -> (log factor (P,) in [-3, 3], h_t (P, H)); the same
-    weights for every coordinate: 3H (3 + H) + 6H + H + 1 parameters, whatever P is."""
+class PrecondRNN(GRUHead):
+    """Coordinate-wise, one set of weights for all P: X (P, 3), h (P, H) -> (log factor (P,) in [-3, 3], h_t)."""
 
     def __init__(self, hidden: int):
-        super().__init__()
-        self.cell = torch.nn.GRUCell(N_COORD_FEATURES, hidden)
-        self.out = torch.nn.Linear(hidden, 1)
-        torch.nn.init.zeros_(self.out.weight), torch.nn.init.zeros_(self.out.bias)
+        super().__init__(N_COORD_FEATURES, hidden)
 
     def forward(self, X, h):
         h = self.cell(X, h)
@@ -552,8 +422,7 @@ class MLHFNets(torch.nn.Module):
 
 @dataclass
 class OptState:
-    """MLHF's state in one target run (P parameters). Tensors are detached except, inside an
-    unroll, h_damping, log_damping and h_precond (they carry the graph from phi)."""
+    """MLHF's state in one target run; inside an unroll log_damping and the h_* carry phi's graph."""
     log_damping: torch.Tensor      # ()
     h_damping: torch.Tensor        # (H_d,)
     h_precond: torch.Tensor        # (P, H_p)
@@ -575,8 +444,8 @@ class OptState:
         return self.rho if self.age > 0 else None
 
     def detached(self) -> "OptState":
-        return OptState(self.log_damping.detach(), self.h_damping.detach(), self.h_precond.detach(),
-                        self.sq_grad, self.prev_update, self.rho, self.loss_change, self.age)
+        return replace(self, log_damping=self.log_damping.detach(), h_damping=self.h_damping.detach(),
+                       h_precond=self.h_precond.detach())
 
     def to_dict(self) -> dict:
         return {k: getattr(self, k) for k in self.__dataclass_fields__}
@@ -584,7 +453,7 @@ class OptState:
 
 @dataclass
 class MLHFSettings(HFSettings):
-    """The per-step settings shared by meta-training and deployment (cg_iters is K)."""
+    """MLHF's per-step settings, in meta-training and deployment alike (cg_iters is K)."""
     hidden_damping: int
     hidden_precond: int
     damping0: float
@@ -606,14 +475,10 @@ def mlhf_features(state: OptState, g: Vector) -> tuple[torch.Tensor, torch.Tenso
 
 def mlhf_step(nets: MLHFNets, state: OptState, model, params: Params, x, y, g: Vector, f0: float,
               s: MLHFSettings, consts: dict | None = None):
-    """One MLHF step at `params` on (x, y), for deployment (under no_grad) and the unroll alike:
-    the features of (state, g), the nets' lambda_t and preconditioner factor, then `hf_direction`
-    with exactly K CG iterations and no backtracking.
-
-    Returns (HFStep, the next OptState, the step's constants, log factor (P,)). The constants (g,
-    f0, G and the Fisher diagonal, the features, the CG start, rho, loss change) are the step's
-    stop-gradients; pass them back as `consts` to redo the step with them held (g is then unused).
-    """
+    """One MLHF step at `params` on (x, y) (deployment under no_grad, and the unroll): the nets'
+    lambda_t and preconditioner factor, then `hf_direction` with exactly K CG iterations.
+    Returns (HFStep, next OptState, the step's stop-gradient constants, log factor (P,)); pass the
+    constants back as `consts` to redo the step with them held (g is then unused)."""
     if consts is None:
         u, X, v = mlhf_features(state, g)
         x0 = s.warm_start * state.prev_update if s.warm_start > 0 and state.age > 0 else None
@@ -638,13 +503,9 @@ def _objective(model, theta: Vector, like: Params, x, y, wd: float) -> torch.Ten
 
 def unroll(nets: MLHFNets, model, like: Params, theta0: Vector, state: OptState, batches: list,
            s: MLHFSettings, frozen: list | None = None):
-    """One meta-training episode: T = len(batches) - 1 MLHF steps from theta0 (P,) and `state`.
-
-    batches: [(x, y)] * (T + 1); step t uses batches[t] for g_t and G_t (its first s.gn_batch
-    examples), the meta-loss term after it uses batches[t + 1]. Returns (meta-loss L (), theta_T
-    (P,) detached, the end state detached, records): records[t] holds the step's constants (see
-    `mlhf_step` and the section comment); pass them back as `frozen` to re-evaluate L with them.
-    """
+    """One meta-training episode: T = len(batches) - 1 MLHF steps from theta0 (P,) and `state`;
+    step t uses batches[t] = (x, y), its meta-loss term batches[t + 1]. Returns (L (), theta_T,
+    end state (both detached), records); `frozen=records` re-evaluates L with those constants."""
     T = len(batches) - 1
     theta, records, terms = theta0.detach(), [], []
     wd = s.weight_decay
@@ -670,10 +531,7 @@ def unroll(nets: MLHFNets, model, like: Params, theta0: Vector, state: OptState,
 
 
 def fresh_theta(model: torch.nn.Module, seed: int) -> Vector:
-    """The flat parameters (P,) of a fresh initialisation of `model`'s architecture (its modules'
-    own reset_parameters, seeded; the global RNG is left as it was)."""
-    import copy
-
+    """Flat parameters (P,) of a seeded fresh init of `model`'s architecture (global RNG untouched)."""
     clone = copy.deepcopy(model)
     with torch.random.fork_rng(devices=[]):
         torch.manual_seed(seed)
@@ -694,10 +552,9 @@ class MetaTrainConfig:
 
 
 def meta_train(nets: MLHFNets, model, batch_at: Callable[[int], tuple], s: MLHFSettings, m: MetaTrainConfig) -> dict:
-    """Meta-train `nets` in place on episodes of MLHF training of `model`'s architecture (see the
-    section comment: meta-loss, stop-gradients, replay). batch_at(i) -> (x, y), the i-th training
-    batch (episode e uses batches e (T + 1) ... e (T + 1) + T). Returns statistics: the meta-loss
-    per episode, how many episodes started fresh, the ages of the replayed states."""
+    """Meta-train `nets` in place on MLHF episodes with experience replay; batch_at(i) -> (x, y),
+    episode e uses batches e (T + 1) ... e (T + 1) + T. Returns the meta-losses, fresh-episode
+    count and the replayed states' ages."""
     like = {k: p.detach() for k, p in model_params(model).items()}
     P = sum(p.numel() for p in like.values())
     ref = next(iter(like.values()))
@@ -725,22 +582,19 @@ def meta_train(nets: MLHFNets, model, batch_at: Callable[[int], tuple], s: MLHFS
                                  f"stopped instead of training on")
         opt.step()
         losses.append(loss.item())
-        entry = (theta_end, state_end)
         if len(replay) < m.replay_size:
-            replay.append(entry)
+            replay.append((theta_end, state_end))
         elif m.replay_size > 0:
-            replay[int(torch.randint(len(replay), (), generator=rng))] = entry
+            replay[int(torch.randint(len(replay), (), generator=rng))] = (theta_end, state_end)
     ages = [st.age for _, st in replay] or [0]
     return {"meta_losses": losses, "fresh_episodes": fresh,
             "replay_age_mean": sum(ages) / len(ages), "replay_age_max": max(ages)}
 
 
 class MLHF(Method):
-    """MLHF as a plug-in of the training loop (name "mlhf"). prepare() meta-trains the nets
-    (hf.mlhf_meta_steps episodes, 0 = keep the initial nets, i.e. HF with LM damping); every step
-    then runs the learned HF step on the real model. The loop's learning rate is not used. State:
-    the nets' weights, the optimiser state (OptState) and the meta-training statistics, all
-    restored by load_state_dict, so a resumed run does not meta-train again."""
+    """MLHF (arm "mlhf"): prepare() meta-trains the nets (hf.mlhf_meta_steps episodes), each step is
+    the learned HF step; the loop's lr is unused. State: nets, OptState, meta-training statistics
+    (so a resumed run does not meta-train again)."""
 
     name = "mlhf"
 
@@ -748,38 +602,33 @@ class MLHF(Method):
         self.c = c = section(cfg, HF)
         self.s = MLHFSettings(c.mlhf_cg_iters, c.precond_exponent, c.fisher_chunk, c.gn_batch_size, c.warm_start,
                               cfg["weight_decay"], c.mlhf_hidden, c.mlhf_hidden, c.damping)
-        self.meta = dict(steps=c.mlhf_meta_steps, unroll=c.mlhf_unroll, lr=c.mlhf_meta_lr,
-                         replay_size=c.mlhf_replay_size, fresh_prob=c.mlhf_fresh_prob)
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
-        like = flatten(model_params(self.model)).detach()
-        self.meta_seed = int(torch.randint(2 ** 31 - 1, ()))   # from the global RNG, seeded by the caller
+        c, like = self.c, flatten(model_params(self.model)).detach()
+        self.meta = MetaTrainConfig(c.mlhf_meta_steps, c.mlhf_unroll, c.mlhf_meta_lr, c.mlhf_replay_size,
+                                    c.mlhf_fresh_prob, seed=int(torch.randint(2 ** 31 - 1, ())))  # global RNG
         with torch.random.fork_rng(devices=[]):
-            torch.manual_seed(self.meta_seed)
+            torch.manual_seed(self.meta.seed)
             self.nets = MLHFNets(self.s.hidden_damping, self.s.hidden_precond).to(like)
         self.state = OptState.fresh(len(like), self.s.hidden_damping, self.s.hidden_precond, self.s.damping0, like)
         self.meta_stats = {"meta_losses": [], "fresh_episodes": 0, "replay_age_mean": 0.0, "replay_age_max": 0}
-        self.steps, self.skipped = 0, 0
+        self.skipped = 0
 
     def prepare(self) -> None:
-        """Meta-train the nets on batches of the stream 'mlhf_episodes' (the training split)."""
-        if self.meta["steps"] > 0:
+        """Meta-train the nets on the stream 'mlhf_episodes' (the training split)."""
+        if self.meta.steps > 0:
             def batch_at(i):
                 b = self.ctx.streams.batch("mlhf_episodes", i)
                 return b.x, b.y
-
-            self.meta_stats = meta_train(self.nets, self.model, batch_at, self.s,
-                                         MetaTrainConfig(seed=self.meta_seed, **self.meta))
+            self.meta_stats = meta_train(self.nets, self.model, batch_at, self.s, self.meta)
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
-        """One learned HF step on batch (x (B, ...), y (B,))."""
         params, loss, logits, g, f0 = hf_gradient(self.model, batch, self.s.weight_decay)
         with torch.no_grad():
             step, self.state, _, log_factor = mlhf_step(self.nets, self.state, self.model, params,
                                                         batch.x, batch.y, g, f0, self.s)
         alpha, f_new = hf_apply(params, step, g, f0, self.c.mlhf_line_search)
-        self.steps += 1
         self.skipped += alpha == 0.0
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean(),
                 "damping": self.state.log_damping.exp(), "rho": float(step.rho), "step_size": alpha,
@@ -788,25 +637,20 @@ class MLHF(Method):
 
     def state_dict(self) -> dict:
         return {"nets": self.nets.state_dict(), "opt_state": self.state.to_dict(), "meta_stats": self.meta_stats,
-                "steps": self.steps, "skipped": self.skipped}
+                "skipped": self.skipped}
 
     def load_state_dict(self, state: dict) -> None:
         self.nets.load_state_dict(state["nets"])
-        o = state["opt_state"]
-        self.state = OptState(**{k: v.clone() if torch.is_tensor(v) else v for k, v in o.items()})
-        self.meta_stats = dict(state["meta_stats"])
-        self.steps, self.skipped = state["steps"], state["skipped"]
+        self.state = OptState(**{k: v.clone() if torch.is_tensor(v) else v for k, v in state["opt_state"].items()})
+        self.meta_stats, self.skipped = dict(state["meta_stats"]), state["skipped"]
 
     def extras(self, streams) -> dict:
-        ms = self.meta_stats
-        losses = ms["meta_losses"]
+        ms, losses = self.meta_stats, self.meta_stats["meta_losses"]
         k = max(1, len(losses) // 5)
-        return {"meta_episodes": len(losses),
-                "meta_loss_first": sum(losses[:k]) / k if losses else None,
+        return {"meta_episodes": len(losses), "meta_loss_first": sum(losses[:k]) / k if losses else None,
                 "meta_loss_last": sum(losses[-k:]) / k if losses else None,
-                "fresh_episodes": ms["fresh_episodes"], "replay_age_mean": ms["replay_age_mean"],
-                "replay_age_max": ms["replay_age_max"], "final_damping": math.exp(float(self.state.log_damping)),
-                "skipped_steps": self.skipped,
+                **{key: ms[key] for key in ("fresh_episodes", "replay_age_mean", "replay_age_max")},
+                "final_damping": math.exp(float(self.state.log_damping)), "skipped_steps": self.skipped,
                 "meta_params": sum(p.numel() for p in self.nets.parameters())}
 
 
@@ -870,8 +714,6 @@ PRESETS: dict = {
               "hf.cg_iters": 250},
 }
 
-
-
 ARMS = {"baseline": Arm(Baseline), "adam": Arm(AdamArm), "hf": Arm(HessianFree), "mlhf": Arm(MLHF)}
 
 
@@ -879,8 +721,6 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     """Arms at equal epochs: baseline (SGD with Nesterov momentum), adam, hf, mlhf (the chapter's
     method: its metrics are the record's); and the baseline at mlhf's wall-clock, which includes
     mlhf's meta-training (its one-off stage, also recorded as cost.meta_train_seconds)."""
-    from ..train import run_arms
-
     record = run_arms("meta_hf", "mlhf", ARMS, cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset,
                       same_time_for="mlhf")
     record["cost"]["meta_train_seconds"] = record["arms"]["mlhf"]["one_off_seconds"]["mean"]
