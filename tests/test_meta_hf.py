@@ -289,8 +289,9 @@ def test_chapter_run_records_sgd_adam_hf_mlhf_and_the_baseline_at_mlhf_wall_cloc
             "hf.mlhf_cg_iters": 3, "hf.mlhf_meta_steps": 2, "hf.mlhf_unroll": 2}
     rec = run_chapter("meta_hf", "smoke", seeds=[0], out_dir=tmp_path, overrides=tiny, progress=False)
     assert set(rec["arms"]) == {"baseline", "adam", "hf", "mlhf", "baseline_same_time"} and rec["method"] == "mlhf"
-    assert rec["cost"]["step_cost_ratio"] > 1                  # an (ML)HF step costs several SGD steps
-    assert rec["arms"]["hf"]["step_cost_ratio"] > 1
+    # an (ML)HF step holds more than an SGD step (the tensor meter: deterministic, unlike 4 steps' timing)
+    peak = {a: rec["arms"][a]["peak_memory_bytes"] for a in ("baseline", "hf", "mlhf")}
+    assert peak["hf"] > peak["baseline"] and peak["mlhf"] > peak["baseline"]
     extras = rec["arms"]["hf"]["extras"]["0"]
     assert 1 <= extras["cg_iters_mean"] <= 4 and extras["final_damping"] > 0
     mlhf = rec["arms"]["mlhf"]
