@@ -1,34 +1,13 @@
-"""Online loss-function learning (AdaLFL; Raymond, Chen, Xue, Zhang, arXiv 2301.13247 / TMLR 2025).
+"""Online loss-function learning (AdaLFL; Raymond, Chen, Xue, Zhang, arXiv 2301.13247 / TMLR 2025);
+the derivations are in book/05_online_loss.ipynb.
 
-The base network f_theta is trained on a *learned* loss M_phi instead of cross-entropy. M_phi is a
-small network applied to each class's (predicted probability, one-hot target) pair:
-
-    M_phi(y, f_theta(x)) = sum_{c=1..C} l_phi(p_c, y_c),     p = softmax(f_theta(x)),  y one-hot
-    l_phi: R^2 -> R, two hidden layers, activation  a(x) = (1 - gamma) softplus_beta(x) + gamma x
-
-and M_phi is averaged over the batch. phi is learned in two stages.
-
-1. Offline initialisation (ML^3, Bechtle et al.; the paper's Algorithm 1). Repeat S_init times:
-   take a freshly initialised base model theta_0, unroll K plain SGD steps on the learned loss
-   (alpha = the schedule's first learning rate: 0.1 x peak with warm-up; lfl.offline_lr overrides),
-
-       theta_{k+1} = theta_k - alpha * grad_theta M_phi(y_k, f_{theta_k}(x_k)),   k = 0..K-1,
-
-   and take one Adam step on phi down the gradient of the task loss (cross-entropy) on a meta
-   batch after the unroll, L_T(y_meta, f_{theta_K}(x_meta)), differentiated through all K steps.
-
-2. Online adaptation (AdaLFL; the paper's Algorithm 2). At *every* training step t, one backward
-   pass of M_{phi_t} gives g_t = grad_theta M_{phi_t}(theta_t), kept differentiable in phi. Then
-
-       real step:     theta_{t+1} = optimiser(theta_t, g_t)          (SGD + Nesterov + wd, as the baseline)
-       virtual step:  theta'(phi) = theta_t - alpha_t g_t(phi)        (plain SGD, current alpha_t)
-       phi_{t+1}    = Adam(phi_t, grad_phi L_T(y_meta, f_{theta'(phi)}(x_meta)))
-
-   Both updates use phi_t (the base step is not redone with phi_{t+1}, unlike MW-Net), and the
-   real step reuses the same gradient g_t, so the extra cost over a plain step is the meta forward
-   at theta' and the double backward (measured about 4.5x a plain step for the small CNN on CPU).
-
-   grad_phi L_T = -alpha_t (d^2 M_phi / d phi d theta)^T grad_theta L_T(theta')      (chapter 1)
+The base network trains on a learned loss M_phi(y, f(x)) = sum_c l_phi(p_c, y_c) (p = softmax,
+y one-hot; l_phi: R^2 -> R, two hidden layers, smooth leaky ReLU), averaged over the batch.
+phi is learned in two stages: an offline initialisation (ML^3, Bechtle et al.; the paper's
+Algorithm 1: Adam steps on phi down the cross-entropy of a meta batch after K plain SGD steps on
+M_phi from a fresh model), then online adaptation (the paper's Algorithm 2): after every real
+step with g_t = grad_theta M_{phi_t}, one Adam step on phi down the meta batch's cross-entropy at
+theta' = theta_t - alpha_t g_t(phi) (chapter 1's lookahead; the real step reuses g_t).
 
 What is the paper's and what is ours (methods.md section 4; [V] = read in the paper's text,
 [R] = our reconstruction):
@@ -36,22 +15,18 @@ What is the paper's and what is ours (methods.md section 4; [V] = read in the pa
       offline ML^3 initialisation (S_init = 2500, one inner step) then online updates after
       every base step by unrolled differentiation through that step; task loss = cross-entropy.
   [R] inputs are softmax probabilities and one-hot targets (as in the authors' sibling code);
-      a softplus on the output keeps the loss non-negative; we *sum* over classes (so the scale
-      matches cross-entropy; the paper's equation averages, a constant factor 1/C that the meta
-      learning absorbs); gamma = 0.25, beta = 2 (values from the authors' sibling code);
-      Kaiming-normal weights and zero biases (ML^3 in the authors' EvoMAL code); Adam on phi with
-      lr 1e-3; meta batches from the held-out split (the loop's meta split). The
-      virtual step is plain SGD without momentum or weight decay while the real step uses
-      Nesterov momentum and weight decay (the paper's code uses `higher`, whose differentiable
-      optimisers can reproduce momentum: for Nesterov that would only scale the meta-gradient by
-      1 + mu, which Adam ignores).
-  ours: lfl.init = "cross_entropy" first regresses l_phi onto cross-entropy's per-class term (a
-      warm start for short offline budgets; the paper starts from a random phi).
+      a softplus on the output keeps the loss non-negative; we *sum* over classes (the scale of
+      cross-entropy; the paper averages, a factor 1/C that the meta learning absorbs);
+      gamma = 0.25, beta = 2 (the authors' sibling code); Kaiming-normal weights and zero biases
+      (ML^3 in the authors' EvoMAL code); Adam on phi with lr 1e-3; meta batches from the held-out
+      split; the virtual step is plain SGD while the real step uses Nesterov momentum and weight
+      decay (with `higher`'s differentiable Nesterov the meta-gradient only scales by 1 + mu,
+      which Adam ignores); offline alpha = the schedule's first lr (lfl.offline_lr overrides).
+  ours: lfl.init = "cross_entropy" first regresses l_phi onto cross-entropy (a warm start for
+      short offline budgets); lfl.monotone (see LossNet).
 
-Methods for the loop: `OnlineLoss` (offline init, then online updates: AdaLFL) and
-`OfflineLoss` (the same offline init, then frozen: the short-horizon ML^3 baseline the paper
-argues against). Cross-entropy is `Baseline`. The offline initialisation is their `prepare()`
-(timed as the run's one_off_seconds, checkpointed, never redone on resume).
+Methods: `OnlineLoss` (AdaLFL) and `OfflineLoss` (the same offline init, then frozen: the
+short-horizon ML^3 baseline the paper argues against); the offline stage is their prepare().
 """
 from __future__ import annotations
 
@@ -76,8 +51,8 @@ from .baseline import Baseline, set_lr
 
 
 class SmoothLeakyReLU(nn.Module):
-    """a(x) = (1 - leak) * softplus(x; beta) + leak * x: smooth, unbounded, linear asymptotes
-    of slope `leak` (x -> -inf) and 1 (x -> +inf); softplus(x; beta) = log(1 + e^{beta x}) / beta."""
+    """a(x) = (1 - leak) softplus(x; beta) + leak x, softplus(x; beta) = log(1 + e^{beta x}) / beta:
+    smooth, with asymptotic slopes `leak` (x -> -inf) and 1 (x -> +inf)."""
 
     def __init__(self, beta: float = 2.0, leak: float = 0.25):
         super().__init__()
@@ -88,18 +63,13 @@ class SmoothLeakyReLU(nn.Module):
 
 
 class LossNet(nn.Module):
-    """l_phi(p_c, y_c): (..., 2) -> (...,), one scalar per class, two hidden layers.
+    """l_phi(p_c, y_c): (..., 2) -> (...,) >= 0 (a softplus on the output), two hidden layers with
+    `activation` "smooth_leaky_relu" (AdaLFL) or "relu" (ML^3's, which the paper says gives flat losses).
 
-    `activation` is "smooth_leaky_relu" (AdaLFL) or "relu" (ML^3's choice, which the paper says
-    produces flat learned losses). The output goes through a softplus, so l_phi >= 0.
-
-    monotone=True (lfl.monotone; ours, not the paper's) makes l_phi(p, y) non-increasing in p for
-    the target (y = 1) and non-decreasing in p for the other classes, whatever phi is: the net
-    sees q = |p - y| (the distance of p from its target) instead of p, and the weights on the
-    q path (q's column of the first layer, the later layers) enter as |w|. With increasing,
-    convex activations l_phi is then increasing and convex in q for each y (-log p is). Such a
-    loss can never reward moving probability away from the target, which an unconstrained
-    l_phi learns to do on CIFAR (the cpu run's seed 0: l(p, 0) falling in p, M(0.99) > M(0.01)).
+    monotone=True (lfl.monotone; ours): l_phi is non-increasing in p for the target and
+    non-decreasing for the other classes, whatever phi: the net sees q = |p - y| and the weights on
+    q's path enter as |w| (so l_phi is increasing and convex in q, as -log p is). An unconstrained
+    l_phi learns to reward moving probability away from the target on CIFAR (cpu run, seed 0).
     """
 
     def __init__(self, hidden: int = 40, activation: str = "smooth_leaky_relu", beta: float = 2.0,
@@ -131,11 +101,9 @@ def loss_of_probs(loss_net: nn.Module, probs: torch.Tensor, onehot: torch.Tensor
 
 
 def loss_value(loss_net: nn.Module, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
-    """The learned loss of a batch. logits (B, C), y (B,) class indices -> scalar (mean over the
-    batch) or (B,) with reduction="none". Differentiable in the logits and in phi."""
+    """The learned loss: logits (B, C), y (B,) -> the batch mean, or (B,) with reduction="none"."""
     probs = logits.softmax(dim=1)
-    onehot = F.one_hot(y, logits.shape[1]).to(probs.dtype)
-    per_example = loss_of_probs(loss_net, probs, onehot)
+    per_example = loss_of_probs(loss_net, probs, F.one_hot(y, logits.shape[1]).to(probs.dtype))
     return per_example if reduction == "none" else per_example.mean()
 
 
@@ -144,8 +112,8 @@ P_GRID = torch.linspace(0.01, 0.99, 50)
 
 @torch.no_grad()
 def loss_curve(loss_net: nn.Module, num_classes: int, p_true: torch.Tensor = P_GRID) -> torch.Tensor:
-    """M_phi as a function of the probability of the true class: p_true (G,) -> (G,), with the
-    other C - 1 classes sharing 1 - p_true equally. Cross-entropy would give -log p_true."""
+    """M_phi against the true class's probability p_true (G,) -> (G,), the other classes sharing
+    1 - p_true equally (cross-entropy would give -log p_true)."""
     param = next(loss_net.parameters())
     p = p_true.to(device=param.device, dtype=param.dtype)
     probs = ((1 - p) / (num_classes - 1)).unsqueeze(1).repeat(1, num_classes)       # (G, C)
@@ -156,10 +124,8 @@ def loss_curve(loss_net: nn.Module, num_classes: int, p_true: torch.Tensor = P_G
 
 
 def fit_to_cross_entropy(loss_net: nn.Module, steps: int = 1000, lr: float = 1e-2, seed: int = 0) -> float:
-    """Optional warm start (ours, not the paper's): regress l_phi(p, y) onto cross-entropy's
-    per-class term -y log p (p >= 1e-3) with Adam, on pairs (p, y) with p drawn half uniformly,
-    half log-uniformly. A few seconds on one core; no base model involved. The fit is close but
-    not exact (the curve turns up slightly near p_true = 1). Returns the final mean squared error."""
+    """Warm start (ours): regress l_phi(p, y) onto -y log p with Adam, p half uniform, half
+    log-uniform in [1e-3, 1] (close, not exact: the curve turns up near p = 1). Returns the last MSE."""
     g = torch.Generator().manual_seed(seed)
     param = next(loss_net.parameters())
     opt = torch.optim.Adam(loss_net.parameters(), lr=lr)
@@ -167,8 +133,7 @@ def fit_to_cross_entropy(loss_net: nn.Module, steps: int = 1000, lr: float = 1e-
         u = torch.rand(512, generator=g)
         p = torch.cat([u[:256] * 0.999 + 1e-3, torch.exp(u[256:] * math.log(1e-3))])         # (512,) in [1e-3, 1]
         y = (torch.rand(512, generator=g) < 0.5).to(p.dtype)
-        pairs = torch.stack([p, y], dim=1).to(param)
-        err = F.mse_loss(loss_net(pairs), (-y * p.log()).to(param))
+        err = F.mse_loss(loss_net(torch.stack([p, y], dim=1).to(param)), (-y * p.log()).to(param))
         opt.zero_grad(set_to_none=True)
         err.backward()
         opt.step()
@@ -178,16 +143,13 @@ def fit_to_cross_entropy(loss_net: nn.Module, steps: int = 1000, lr: float = 1e-
 # ----------------------------------------------------------------------------- online step (AdaLFL)
 
 def online_meta_step(model: nn.Module, loss_net: nn.Module, x, y, x_meta, y_meta, lr: float):
-    """One AdaLFL step's gradients, both at (theta_t, phi_t).
+    """One AdaLFL step's gradients at (theta_t, phi_t) -> (g_theta, g_phi, info).
 
-    x (B, ...), y (B,): a training batch; x_meta, y_meta: a meta batch. Returns
-    (g_theta, g_phi, info): g_theta, one detached tensor per model parameter, is grad_theta
-    M_phi on the batch (for the real step); g_phi, one tensor per loss-net parameter, is the
-    gradient of cross-entropy on the meta batch after the virtual step theta' = theta - lr g_theta.
-    info, detached 0-d tensors: `loss` (M_phi of the batch), `ce` (cross-entropy of the batch),
-    `meta_loss` (at theta'), `grad_ratio` = ||dM/dlogits|| / ||dCE/dlogits|| on the batch (the
-    learned loss's implicit learning-rate scale), `acc`. The forward on x is the real one:
-    BatchNorm running stats update once.
+    g_theta (detached, one per model parameter) = grad_theta M_phi on (x, y), for the real step;
+    g_phi = grad_phi of cross-entropy on (x_meta, y_meta) at theta' = theta - lr g_theta(phi).
+    info (0-d tensors): loss (M_phi), ce, meta_loss (at theta'), acc, and grad_ratio =
+    ||dM/dlogits|| / ||dCE/dlogits|| (the learned loss's implicit lr scale). The forward on x is
+    the real one (BatchNorm running stats update once).
     """
     params = model_params(model)
     logits = model(x)                                                                # (B, C)
@@ -208,11 +170,8 @@ def online_meta_step(model: nn.Module, loss_net: nn.Module, x, y, x_meta, y_meta
 
 def unrolled_meta_loss(model: nn.Module, params: Params, loss_net: nn.Module, batches, meta_batch,
                        lr: float) -> torch.Tensor:
-    """L_T after K plain SGD steps on M_phi from `params`, differentiable in phi (and params).
-
-    batches: K pairs (x (B, ...), y (B,)); meta_batch: one pair. The forwards use copies of the
-    model's buffers (train-mode batch statistics; running stats untouched). Returns a scalar.
-    """
+    """Cross-entropy on meta_batch (x, y) after plain SGD steps on M_phi from `params`, one per
+    (x, y) in `batches`; differentiable in phi (and params). Buffers are copied (running stats kept)."""
     fast = params
     for x, y in batches:
         inner = loss_value(loss_net, forward(model, fast, x), y)
@@ -222,25 +181,19 @@ def unrolled_meta_loss(model: nn.Module, params: Params, loss_net: nn.Module, ba
     return F.cross_entropy(forward(model, fast, x_meta), y_meta)
 
 
-def fresh_params(template: nn.Module) -> Params:
-    """Re-initialise `template` in place (each module's reset_parameters, global RNG) and return
-    detached copies of its parameters as leaves of a new unroll."""
-    for m in template.modules():
-        if hasattr(m, "reset_parameters"):
-            m.reset_parameters()
-    return {k: p.detach().clone().requires_grad_(True) for k, p in model_params(template).items()}
-
-
 def offline_init(model: nn.Module, loss_net: nn.Module, train_batches, meta_batches, *, steps: int,
                  horizon: int, lr: float, meta_lr: float) -> list[float]:
-    """ML^3: `steps` Adam steps on phi, each from a fresh copy of `model` (the model itself is not
-    changed) unrolled `horizon` SGD steps at rate `lr`. train_batches / meta_batches: iterators of
-    Batch. Returns the meta loss of every step (its trace)."""
+    """ML^3: `steps` Adam steps on phi, each unrolling `horizon` SGD steps at rate `lr` from a fresh
+    initialisation of a copy of `model` (global RNG; `model` is unchanged). train_batches /
+    meta_batches: iterators of Batch. Returns the meta loss of every step."""
     template = copy.deepcopy(model)
     opt = torch.optim.Adam(loss_net.parameters(), lr=meta_lr)
     trace = []
     for i in range(steps):
-        params = fresh_params(template)
+        for m in template.modules():
+            if hasattr(m, "reset_parameters"):
+                m.reset_parameters()
+        params = {k: p.detach().clone().requires_grad_(True) for k, p in model_params(template).items()}
         batches = [(b.x, b.y) for b in (next(train_batches) for _ in range(horizon))]
         mb = next(meta_batches)
         meta = unrolled_meta_loss(template, params, loss_net, batches, (mb.x, mb.y), lr)
@@ -257,10 +210,8 @@ def offline_init(model: nn.Module, loss_net: nn.Module, train_batches, meta_batc
 # ----------------------------------------------------------------------------- methods for the loop
 
 class OfflineLoss(Baseline):
-    """ML^3-style: the offline initialisation of the loss network (prepare), then plain steps on
-    it, frozen. State: the base optimiser, the loss net, the online Adam (unused by this class),
-    the offline stage's meta-loss trace and seconds, and the learned loss curve at every
-    evaluation (`snapshots`, taken in diagnostics)."""
+    """ML^3-style: the offline stage (prepare), then plain steps on the frozen loss. Keeps the
+    offline meta-loss trace and seconds, and the loss curve at every evaluation (`snapshots`)."""
 
     name = "offline_loss"
     uses_meta = True       # its offline stage needs the meta split (run_arms checks meta_size early)
@@ -273,18 +224,16 @@ class OfflineLoss(Baseline):
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
-        param = next(ctx.model.parameters())
-        c = self.c
+        param, c = next(ctx.model.parameters()), self.c
         self.loss_net = LossNet(c.hidden, c.activation, c.beta, c.leak, c.monotone)
         self.loss_net.to(device=param.device, dtype=param.dtype)
-        self.meta_opt = torch.optim.Adam(self.loss_net.parameters(), lr=c.meta_lr)
+        self.meta_opt = torch.optim.Adam(self.loss_net.parameters(), lr=c.meta_lr)   # OnlineLoss's
         self.steps, self.offline_trace, self.offline_seconds, self.snapshots = 0, [], 0.0, []
 
     def prepare(self) -> None:
-        """The offline stage (ML^3, after an optional fit to cross-entropy), on the streams
-        'offline' (training split) and 'offline_meta' (meta split); then the first snapshot."""
-        t0 = time.perf_counter()
-        streams = self.ctx.streams
+        """The offline stage (after the optional fit to cross-entropy) on the streams 'offline'
+        (training split) and 'offline_meta' (meta split); then the first snapshot."""
+        t0, streams = time.perf_counter(), self.ctx.streams
         if self.c.init == "cross_entropy":
             fit_to_cross_entropy(self.loss_net, seed=self.ctx.seed)
         self.offline_trace = offline_init(
@@ -294,7 +243,6 @@ class OfflineLoss(Baseline):
         self.snapshot()
 
     def snapshot(self) -> None:
-        """Append the learned loss curve (loss_curve) at the current step."""
         self.snapshots.append({"step": self.steps, "epoch": self.steps / self.ctx.steps_per_epoch,
                                "loss": loss_curve(self.loss_net, self.ctx.num_classes).tolist()})
 
@@ -304,7 +252,7 @@ class OfflineLoss(Baseline):
         return self.update(batch, meta_batch, lr)
 
     def update(self, batch, meta_batch, lr) -> dict:
-        """Frozen loss: a plain step on M_phi. `loss` is cross-entropy (comparable across arms)."""
+        """A plain step on the frozen M_phi; `loss` is cross-entropy (comparable across arms)."""
         logits = self.model(batch.x)
         learned = loss_value(self.loss_net, logits, batch.y)
         self.opt.zero_grad(set_to_none=True)
@@ -332,8 +280,8 @@ class OfflineLoss(Baseline):
         self.offline_trace, self.offline_seconds = list(state["offline_trace"]), state["offline_seconds"]
 
     def extras(self, streams) -> dict:
-        """The learned loss curve after the offline stage, at every evaluation and at the end,
-        and the offline stage's meta-loss trace and seconds."""
+        """The loss curves (after the offline stage, at every evaluation, at the end) and the
+        offline stage's meta-loss trace and seconds."""
         if not self.snapshots or self.snapshots[-1]["step"] != self.steps:
             self.snapshot()
         return {"p_true": P_GRID.tolist(), "num_classes": self.ctx.num_classes, "curves": self.snapshots,
@@ -341,7 +289,7 @@ class OfflineLoss(Baseline):
 
 
 class OnlineLoss(OfflineLoss):
-    """AdaLFL: the same offline initialisation, then phi is updated after every base step."""
+    """AdaLFL: the same offline stage, then phi is updated after every base step."""
 
     name = "online_loss"
 
