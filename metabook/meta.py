@@ -115,25 +115,44 @@ def example_weight_meta_gradient(model: torch.nn.Module, params: Params, x, y, v
     reuse this forward (BatchNorm running stats update once here, as in a plain step, unless
     update_stats=False, when the forward runs on copies of the buffers).
     """
+    buffers = {k: (b if update_stats else b.clone()) for k, b in model.named_buffers()}
+    losses, jv = directional(model, params, v, x, lambda logits: F.cross_entropy(logits, y, reduction="none"),
+                             mode=mode, fd_eps=fd_eps, buffers=buffers)
+    return -lr * jv.detach(), losses
+
+
+def directional(model: torch.nn.Module, params: Params, v, x, out_fn, *, mode: str = "jvp",
+                fd_eps: float = 1e-3, buffers: dict | None = None, fixed: Params | None = None,
+                base: torch.Tensor | None = None, kwargs: dict | None = None):
+    """(out, its derivative along v): out = out_fn(model(x)) with `params`, differentiated in the
+    direction v (one tensor per entry of params) by forward mode, without a double backward.
+
+    mode="jvp": exact, one forward pass with dual numbers (`fixed` parameters get zero tangents);
+    mode="fd":  (out_fn at theta + h v - out) / h with h = fd_eps / ||v||, one extra forward
+                without a graph (an approximation; cheapest); out = `base` if given.
+    `buffers` default to copies of the model's (BatchNorm statistics untouched); `out` keeps
+    its autograd graph, so a caller's real step can reuse this forward.
+    """
     import torch.autograd.forward_ad as fwAD
 
-    buffers = {k: (b if update_stats else b.clone()) for k, b in model.named_buffers()}
+    buffers = {k: b.clone() for k, b in model.named_buffers()} if buffers is None else buffers
+    run = lambda p, bufs=buffers: out_fn(functional_call(model, {**bufs, **(fixed or {}), **p}, (x,), kwargs or {}))
     if mode == "jvp":
         with fwAD.dual_level():
             with warnings.catch_warnings():   # torch warns about its own jit use when forward AD first loads
                 warnings.simplefilter("ignore", FutureWarning)
                 dual = {k: fwAD.make_dual(p, t) for (k, p), t in zip(params.items(), v)}
-            out = F.cross_entropy(functional_call(model, {**buffers, **dual}, (x,)), y, reduction="none")
-            losses, jv = fwAD.unpack_dual(out)
-        return -lr * jv.detach(), losses
+                # zero tangents on the fixed parameters: a linear layer with a dual input and a
+                # plain weight takes a slow path in torch (it imports the compiler stack on first use)
+                dual.update({k: fwAD.make_dual(p, torch.zeros_like(p)) for k, p in (fixed or {}).items()})
+            return fwAD.unpack_dual(run(dual))
     if mode == "fd":
-        losses = F.cross_entropy(functional_call(model, {**buffers, **params}, (x,)), y, reduction="none")
-        norm = torch.sqrt(sum((t * t).sum() for t in v))
-        h = fd_eps / (norm + 1e-12)
+        out = run(params) if base is None else base
+        h = fd_eps / (torch.sqrt(sum((t * t).sum() for t in v)) + 1e-12)
         with torch.no_grad():
-            shifted = {k: p + h * t for (k, p), t in zip(params.items(), v)}
-            moved = F.cross_entropy(forward(model, shifted, x), y, reduction="none")
-        return -lr * (moved - losses.detach()) / h, losses
+            moved = run({k: p + h * t for (k, p), t in zip(params.items(), v)},
+                        {k: b.clone() for k, b in buffers.items()})
+        return out, (moved - out.detach()) / h
     raise ValueError(f"unknown mode {mode!r}; choose one of: jvp, fd")
 
 

@@ -31,18 +31,16 @@ read, so everything but the [A] items is reconstruction [R]):
 from __future__ import annotations
 
 import math
-import warnings
 from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from torch.func import functional_call
 
 from ..config import ConfigError, knob, section
 from ..data import Batch
-from ..meta import forward, lookahead_params, model_params
+from ..meta import directional, forward, lookahead_params, model_params
 from ..models import DeepCNN
 from ..train import Arm, Context
 from .baseline import Baseline, set_lr
@@ -122,32 +120,18 @@ FD_DETACHED = ("ll.mode=fd cannot be used with ll.detach=true: a finite differen
 
 def directional_derivative(net: LocalNet, params: dict, v, x, y, local_losses, *, detach: bool,
                            mode: str = "jvp", fd_eps: float = 1e-3, loss_fn=layer_losses) -> torch.Tensor:
-    """(K,) <v, grad_body L_l(theta)> (v: one tensor per body parameter), on copies of the buffers.
-    jvp: exact, one dual-number forward (detach() drops tangents too, so the routing holds);
-    fd: (L_l(theta + h v) - local_losses) / h, h = fd_eps / ||v||, deep supervision only."""
-    import torch.autograd.forward_ad as fwAD
-
-    buffers = {k: b.clone() for k, b in net.named_buffers()}
+    """(K,) <v, grad_body L_l(theta)> (v: one tensor per body parameter), on copies of the buffers
+    (meta.directional; jvp's detach() drops tangents too, so the routing holds; fd: deep
+    supervision only)."""
+    if mode == "fd" and detach:
+        raise ConfigError(FD_DETACHED)
+    if mode not in ("jvp", "fd"):
+        raise ConfigError(f"ll.mode={mode!r} is not valid; choose one of: jvp, fd")
     with torch.no_grad():
-        if mode == "jvp":
-            with fwAD.dual_level():
-                with warnings.catch_warnings():   # torch warns about its own jit use when forward AD first loads
-                    warnings.simplefilter("ignore", FutureWarning)
-                    dual = {f"body.{k}": fwAD.make_dual(p, t) for (k, p), t in zip(params.items(), v)}
-                    # heads get zero tangents: a linear layer with a dual input and a plain weight
-                    # takes a slow path in torch (it imports the compiler stack on first use)
-                    dual.update({f"heads.{k}": fwAD.make_dual(p, torch.zeros_like(p))
-                                 for k, p in net.heads.named_parameters()})
-                outs = functional_call(net, {**buffers, **dual}, (x,), {"detach": detach})
-                return fwAD.unpack_dual(loss_fn(outs, y)[:-1]).tangent
-        if mode == "fd":
-            if detach:
-                raise ConfigError(FD_DETACHED)
-            h = fd_eps / (torch.sqrt(sum((t * t).sum() for t in v)) + 1e-12)
-            shifted = {f"body.{k}": p + h * t for (k, p), t in zip(params.items(), v)}
-            outs = functional_call(net, {**buffers, **shifted}, (x,), {"detach": detach})
-            return (loss_fn(outs, y)[:-1] - local_losses) / h
-    raise ConfigError(f"ll.mode={mode!r} is not valid; choose one of: jvp, fd")
+        _, d = directional(net, {f"body.{k}": p for k, p in params.items()}, v, x, lambda outs: loss_fn(outs, y)[:-1],
+                           mode=mode, fd_eps=fd_eps, base=local_losses, kwargs={"detach": detach},
+                           fixed={f"heads.{k}": p for k, p in net.heads.named_parameters()} if mode == "jvp" else None)
+    return d
 
 
 def free_weights(g: torch.Tensor) -> torch.Tensor:
