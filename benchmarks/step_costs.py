@@ -6,10 +6,9 @@ A recorded run's `step_cost_ratio` compares arms that trained one after another;
 them side by side on the same batches, so a machine whose load changes hits every arm alike.
 """
 import argparse
-import json
 
 from metabook import chapter_config
-from metabook.bench import interleaved_step_costs
+from metabook.train import interleaved_step_costs
 from metabook.config import pick_device
 from metabook.methods import CHAPTERS
 from metabook.results import provenance, write_json

@@ -1,13 +1,13 @@
-"""Measured costs: a lookahead meta step against a plain step, and the loader against torchvision.
+"""Cost meters: the memory of a step (the one meter the runner uses, `peak_step_bytes`), a
+lookahead meta step against a plain step, and the loader against torchvision.
 
-Both are used by chapter 1 and 2 and by the scripts in benchmarks/, so the book and the command
-line report the same measurement. Timings are medians over repeated steps after a warm-up.
+Chapters 1, 2 and 8, the runner and the scripts in benchmarks/ use them, so the book and the
+command line report the same measurement. Timings are medians over repeated steps after a warm-up.
 """
 from __future__ import annotations
 
 import time
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 
@@ -156,39 +156,6 @@ def meta_step_cost(model_name: str = "small_cnn", width: int = 32, batch_size: i
             "plain_step_s": plain_s, "meta_step_s": meta_s, "ratio": meta_s / plain_s,
             "plain_autograd_bytes": mem["plain"], "meta_autograd_bytes": mem["meta"],
             "memory_ratio": mem["meta"] / mem["plain"]}
-
-
-def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0, dataset=None,
-                           reference: str = "baseline", warmup: int = 3) -> dict:
-    """Seconds per step of each arm of a chapter (name -> train.Arm, as its ARMS declares them),
-    timed in interleaved rounds: every round gives each arm one step on the same batch and meta
-    batch, so a change of the machine's load during the measurement hits every arm alike (a
-    run's own `step_cost_ratio` compares arms trained one after another). One-off stages are not
-    run (their cost is their own). Medians over `steps` rounds after `warmup`; `ratio` is each
-    arm's median over the reference arm's."""
-    from .config import pick_device
-    from .train import StepTimer, lr_at, make_model, prepare_data, seed_everything
-
-    device = pick_device(cfg["device"])
-    data = prepare_data(cfg, seed, device, dataset)
-    streams, total = data.streams(), warmup + steps
-    methods = {}
-    for name, arm in arms.items():
-        arm_cfg = {**cfg, **arm.changes}
-        seed_everything(seed)
-        model = make_model(arm_cfg, data.dataset.num_classes, device)
-        methods[name] = arm.factory(arm_cfg)
-        methods[name].setup(data.context(model, total, seed))
-    timers = {name: StepTimer(device) for name in arms}
-    for step in range(total):
-        batch, meta_batch, lr = streams.batch("train", step), streams.batch("meta", step), lr_at(step, total, cfg)
-        for name, method in methods.items():
-            timers[name].start()
-            method.step(batch, meta_batch if method.uses_meta else None, lr)
-            timers[name].stop()
-    median = {name: float(np.median(t.collect()[warmup:])) for name, t in timers.items()}
-    return {name: {"seconds_per_step": median[name], "ratio": median[name] / median[reference]}
-            for name in arms}
 
 
 def loader_throughput(x_uint8: torch.Tensor, y: torch.Tensor, batch_size: int = 128, batches: int = 100,

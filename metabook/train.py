@@ -15,6 +15,7 @@ config: it reads its own knobs from the config once, when it is built (`factory(
 The loop owns everything else: batch order (named, seeded streams, replayed exactly on resume),
 the learning-rate schedule, evaluation, timing (CUDA events on a GPU, so no step stalls the
 device), NaN checks, checkpoints, resume, and the one memory meter (`bench.peak_step_bytes`).
+`interleaved_step_costs` times a chapter's arms side by side, one step each per round.
 """
 from __future__ import annotations
 
@@ -811,3 +812,33 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
         "arms": arms_out,
         "provenance": provenance(device),
     }
+
+
+def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0, dataset=None,
+                           reference: str = "baseline", warmup: int = 3) -> dict:
+    """Seconds per step of each arm of a chapter (name -> train.Arm, as its ARMS declares them),
+    timed in interleaved rounds: every round gives each arm one step on the same batch and meta
+    batch, so a change of the machine's load during the measurement hits every arm alike (a
+    run's own `step_cost_ratio` compares arms trained one after another). One-off stages are not
+    run (their cost is their own). Medians over `steps` rounds after `warmup`; `ratio` is each
+    arm's median over the reference arm's."""
+    device = pick_device(cfg["device"])
+    data = prepare_data(cfg, seed, device, dataset)
+    streams, total = data.streams(), warmup + steps
+    methods = {}
+    for name, arm in arms.items():
+        arm_cfg = {**cfg, **arm.changes}
+        seed_everything(seed)
+        model = make_model(arm_cfg, data.dataset.num_classes, device)
+        methods[name] = arm.factory(arm_cfg)
+        methods[name].setup(data.context(model, total, seed))
+    timers = {name: StepTimer(device) for name in arms}
+    for step in range(total):
+        batch, meta_batch, lr = streams.batch("train", step), streams.batch("meta", step), lr_at(step, total, cfg)
+        for name, method in methods.items():
+            timers[name].start()
+            method.step(batch, meta_batch if method.uses_meta else None, lr)
+            timers[name].stop()
+    median = {name: float(np.median(t.collect()[warmup:])) for name, t in timers.items()}
+    return {name: {"seconds_per_step": median[name], "ratio": median[name] / median[reference]}
+            for name in arms}

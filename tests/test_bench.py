@@ -41,7 +41,7 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
     import time as _time
 
     from metabook import chapter_config
-    from metabook.bench import interleaved_step_costs
+    from metabook.train import interleaved_step_costs
     from metabook.data import make_synthetic
     from metabook.methods.baseline import Baseline
     from metabook.train import Arm
@@ -62,7 +62,7 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
 def test_interleaved_step_costs_build_each_arm_with_its_own_config_changes():
     """An Arm carries its config changes; the `skips` arm of local_losses changes the model."""
     from metabook import chapter_config
-    from metabook.bench import interleaved_step_costs
+    from metabook.train import interleaved_step_costs
     from metabook.data import make_synthetic
     from metabook.methods.baseline import Baseline
     from metabook.train import Arm

@@ -1,5 +1,4 @@
 """The one-step-lookahead meta-gradient: finite differences, a closed form, BatchNorm safety."""
-import pytest
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
