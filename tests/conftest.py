@@ -17,5 +17,18 @@ def pytest_configure(config):
 
 
 # ============================================================================================
-# (other fixtures and hooks go below)
+# Shared fixtures
 # ============================================================================================
+import socket
+
+import pytest
+
+
+@pytest.fixture
+def dead_mirror():
+    """A base URL on a 127.0.0.1 port with nothing listening (connection refused): a download
+    mirror that fails at once, never the network."""
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    return f"http://127.0.0.1:{port}/"

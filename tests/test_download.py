@@ -9,7 +9,6 @@ import hashlib
 import http.server
 import io
 import pickle
-import socket
 import tarfile
 import threading
 import time
@@ -177,15 +176,6 @@ def server():
     thread.join(5)
 
 
-@pytest.fixture
-def dead_base():
-    """Base URL on a 127.0.0.1 port with nothing listening (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
-
-
 @pytest.fixture(autouse=True)
 def clean_env(monkeypatch):
     for var in ("METABOOK_CIFAR_MIRRORS", "METABOOK_DATA", "METABOOK_CACHE"):
@@ -248,11 +238,11 @@ def test_npz_loads_without_allow_pickle(server, archives, tmp_path):
                 assert d[key].dtype != object  # reading an object array would raise here
 
 
-def test_falls_back_after_404_and_unreachable_port(server, archives, tmp_path, dead_base):
+def test_falls_back_after_404_and_unreachable_port(server, archives, tmp_path, dead_mirror):
     blob, md5, _ = archives["cifar10"]
     good = _serve(server, "good", "cifar10", blob)
     missing = server.base("missing")  # 404
-    path = dl.download_archive("cifar10", tmp_path, mirrors=[dead_base, missing, good],
+    path = dl.download_archive("cifar10", tmp_path, mirrors=[dead_mirror, missing, good],
                                md5=md5, progress=False)
     assert path.read_bytes() == blob
     assert server.requests == ["/missing/cifar-10-python.tar.gz", "/good/cifar-10-python.tar.gz"]
@@ -269,16 +259,16 @@ def test_md5_mismatch_is_rejected_and_next_mirror_used(server, archives, tmp_pat
 
 
 def test_all_mirrors_failing_raises_download_error_naming_every_url(server, archives, tmp_path,
-                                                                    dead_base):
+                                                                    dead_mirror):
     blob, md5, _ = archives["cifar10"]
     bad = _serve(server, "bad", "cifar10", b"not the archive")
     missing = server.base("missing")
     with pytest.raises(dl.DownloadError) as info:
-        dl.download_archive("cifar10", tmp_path, mirrors=[dead_base, missing, bad],
+        dl.download_archive("cifar10", tmp_path, mirrors=[dead_mirror, missing, bad],
                             md5=md5, progress=False)
     msg = str(info.value)
     assert isinstance(info.value, RuntimeError)
-    for base in (dead_base, missing, bad):
+    for base in (dead_mirror, missing, bad):
         assert base + "cifar-10-python.tar.gz" in msg
     assert "404" in msg and "md5 mismatch" in msg
     assert "METABOOK_DATA" in msg and "cifar10.npz" in msg
@@ -397,20 +387,20 @@ def test_existing_npz_is_reused_without_network(server, archives, tmp_path):
     assert server.requests == []
 
 
-def test_env_var_mirrors_override_defaults(server, archives, tmp_path, monkeypatch, dead_base):
+def test_env_var_mirrors_override_defaults(server, archives, tmp_path, monkeypatch, dead_mirror):
     blob, md5, _ = archives["cifar10"]
     good = _serve(server, "good", "cifar10", blob)
-    monkeypatch.setenv("METABOOK_CIFAR_MIRRORS", f"{dead_base}, {good}")
+    monkeypatch.setenv("METABOOK_CIFAR_MIRRORS", f"{dead_mirror}, {good}")
     path = dl.download_archive("cifar10", tmp_path, md5=md5, progress=False)  # no mirrors=
     assert path.read_bytes() == blob
     assert server.requests == ["/good/cifar-10-python.tar.gz"]
 
 
 def test_mirrors_argument_takes_precedence_over_env_var(server, archives, tmp_path, monkeypatch,
-                                                        dead_base):
+                                                        dead_mirror):
     blob, md5, _ = archives["cifar10"]
     good = _serve(server, "good", "cifar10", blob)
-    monkeypatch.setenv("METABOOK_CIFAR_MIRRORS", dead_base)
+    monkeypatch.setenv("METABOOK_CIFAR_MIRRORS", dead_mirror)
     path = dl.download_archive("cifar10", tmp_path, mirrors=[good], md5=md5, progress=False)
     assert path.read_bytes() == blob
 

@@ -186,15 +186,6 @@ CASES = [
 
 # ----------------------------------------------------------------------------- the check
 
-@pytest.fixture
-def dead_mirror():
-    """A base URL on a 127.0.0.1 port with nothing listening (connection refused)."""
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        port = s.getsockname()[1]
-    return f"http://127.0.0.1:{port}/"
-
-
 def base_env(tmp, mirror):
     return {"PATH": os.environ.get("PATH", ""), "HOME": str(tmp), "PYTHONPATH": str(REPO),
             "METABOOK_CACHE": str(tmp / "cache"), "METABOOK_CIFAR_MIRRORS": mirror,

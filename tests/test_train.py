@@ -24,6 +24,12 @@ def synthetic():
     return make_synthetic(2000, 400, seed=0)
 
 
+def run_baseline(cfg, dataset, **kwargs):
+    """run_arms of the baseline alone, seed 0, no progress bar."""
+    return run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], progress=False, dataset=dataset,
+                    **kwargs)
+
+
 def run_tiny(synthetic, overrides=None, out_dir=None, on_step=None, seed=0):
     cfg = chapter_config("baseline", "smoke", {**TINY, **(overrides or {})})
     data = prepare_data(cfg, seed, torch.device("cpu"), synthetic)
@@ -69,15 +75,12 @@ def test_checkpoint_of_another_config_is_not_resumed(synthetic, tmp_path):
 
 def test_finished_arm_runs_are_reused_only_for_the_same_config(synthetic, tmp_path):
     cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 1.0})
-    first = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path, progress=False,
-                     dataset=synthetic)
-    again = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path, progress=False,
-                     dataset=synthetic)
+    first = run_baseline(cfg, synthetic, out_dir=tmp_path)
+    again = run_baseline(cfg, synthetic, out_dir=tmp_path)
     assert again["arms"]["baseline"]["train_seconds"] == first["arms"]["baseline"]["train_seconds"]   # loaded
     changed = chapter_config("baseline", "smoke", {**TINY, "epochs": 1.0, "lr": 0.05})
     with pytest.raises(RunError, match="another config.*lr"):
-        run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, changed, [0], out_dir=tmp_path, progress=False,
-                 dataset=synthetic)
+        run_baseline(changed, synthetic, out_dir=tmp_path)
 
 
 def test_diverging_run_stops_with_an_error_naming_step_and_quantity(synthetic):
@@ -320,8 +323,7 @@ def test_corrupt_state_files_are_named_with_the_fix(synthetic, tmp_path):
     (tmp_path / "runs").mkdir()
     (tmp_path / "runs" / "baseline-seed0.json").write_text('{"metrics": {"test_acc": 0.')
     with pytest.raises(RunError, match=r"baseline-seed0.json is corrupt.*delete it"):
-        run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path,
-                 progress=False, dataset=synthetic)
+        run_baseline(cfg, synthetic, out_dir=tmp_path)
 
 
 def test_two_runs_never_share_an_output_folder(synthetic, tmp_path):
@@ -332,18 +334,15 @@ def test_two_runs_never_share_an_output_folder(synthetic, tmp_path):
     try:
         (tmp_path / ".lock").write_text(f"{other.pid} {__import__('socket').gethostname()}")
         with pytest.raises(RunError, match=rf"in use by another run \(pid {other.pid}\)"):
-            run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path,
-                     progress=False, dataset=synthetic)
+            run_baseline(cfg, synthetic, out_dir=tmp_path)
     finally:
         other.kill()
         other.wait()
-    rec = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path,
-                   progress=False, dataset=synthetic)             # the lock of a dead process is taken over
+    rec = run_baseline(cfg, synthetic, out_dir=tmp_path)             # the lock of a dead process is taken over
     assert rec["arms"]["baseline"]["steps"] == 2 and not (tmp_path / ".lock").exists()
     (tmp_path / "file").write_text("")
     with pytest.raises(RunError, match="is a file, not a folder"):
-        run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path / "file",
-                 progress=False, dataset=synthetic)
+        run_baseline(cfg, synthetic, out_dir=tmp_path / "file")
 
 
 def test_impossible_budgets_fail_before_anything_trains(synthetic):
@@ -367,18 +366,15 @@ def test_a_run_folder_is_not_resumed_on_other_data(synthetic, tmp_path):
     with pytest.raises(RunError, match="checkpoint.pt belongs to another run \\(data differ"):
         run_tiny(changed, {"checkpoint_every": 4}, out_dir=tmp_path)
     cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2})
-    run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path / "arms",
-             progress=False, dataset=synthetic)
+    run_baseline(cfg, synthetic, out_dir=tmp_path / "arms")
     with pytest.raises(RunError, match="another config \\(differs in data\\)"):
-        run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], out_dir=tmp_path / "arms",
-                 progress=False, dataset=changed)
+        run_baseline(cfg, changed, out_dir=tmp_path / "arms")
 
 
 def test_the_record_says_how_many_test_images_were_used(synthetic):
     cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2, "test_size": 5000})
     with pytest.warns(UserWarning, match="test_size=5000 asked for, but the data holds 400"):
-        rec = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], progress=False,
-                       dataset=synthetic)
+        rec = run_baseline(cfg, synthetic)
     assert rec["dataset"]["test_size"] == 400 and rec["dataset"]["test_size_requested"] == 5000
 
 
