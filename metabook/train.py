@@ -391,8 +391,9 @@ def check_window(window: list[tuple[int, dict]]) -> dict[str, list[float]]:
     return sums
 
 
-def _save_atomic(obj, path: Path) -> None:
-    """torch.save to path.tmp, then rename: a killed write never leaves half a checkpoint."""
+def save_atomic(obj, path: Path) -> None:
+    """torch.save to path.tmp, then rename: a killed write never leaves half a file; a failed
+    write (a full disk) removes the .tmp and raises RunError naming the file."""
     tmp = path.with_suffix(".tmp")
     try:
         torch.save(obj, tmp)
@@ -480,7 +481,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
 
     def save(step_done: int):
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
-        _save_atomic({**identity, "step": step_done, "model": model.state_dict(),
+        save_atomic({**identity, "step": step_done, "model": model.state_dict(),
                       "method_state": method.state_dict(), "history": history, "elapsed": elapsed,
                       "one_off": one_off, "step_times": step_times, "running": running,
                       "rng": torch.get_rng_state(),

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import functools
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,7 +21,7 @@ import torch.nn.functional as F
 
 from ..config import ConfigError
 from ..models import build_model
-from ..train import RunError
+from ..train import RunError, save_atomic
 
 # ----------------------------------------------------------------------------- rendering
 
@@ -361,7 +360,5 @@ def load_or_train_enn(c, key: dict, streams, num_classes: int, seed: int, cache_
     enn, info = train_enn(c, streams, num_classes, seed, width=width, depth=depth)
     if path:
         path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = path.with_suffix(".tmp")
-        torch.save({"key": key, "seed": seed, "layers": enn.layers, "enn": enn.state_dict(), "info": info}, tmp)
-        os.replace(tmp, path)
+        save_atomic({"key": key, "seed": seed, "layers": enn.layers, "enn": enn.state_dict(), "info": info}, path)
     return enn, info
