@@ -155,6 +155,25 @@ class Arm:
     changes: dict = field(default_factory=dict)
 
 
+@dataclass
+class Experiment:
+    """What one call of run_arms trains: a chapter's arms on one config. A chapter's
+    `experiments(cfg)` lists them; `run` runs them and the planner (plan.py) costs them."""
+    chapter: str
+    method_arm: str                       # the chapter's own method: its metrics are the record's
+    arms: dict[str, Arm]
+    cfg: dict
+    same_time_for: str | None = None      # also run the reference arm for this arm's wall-clock
+    reference: str = "baseline"           # the arm every cost is a ratio to
+    label: str = ""                       # which experiment of the chapter (compare: the method)
+
+
+def run_experiment(exp: Experiment, seeds: list[int], **kwargs) -> dict:
+    """run_arms on an Experiment (kwargs: out_dir, progress, dataset)."""
+    return run_arms(exp.chapter, exp.method_arm, exp.arms, exp.cfg, seeds, same_time_for=exp.same_time_for,
+                    reference=exp.reference, **kwargs)
+
+
 # ----------------------------------------------------------------------------- data for one run
 
 @dataclass

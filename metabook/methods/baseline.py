@@ -8,7 +8,7 @@ import torch
 import torch.nn.functional as F
 
 from ..data import Batch
-from ..train import Arm, Context, Method
+from ..train import Arm, Context, Experiment, Method, run_experiment
 
 # Chapter "baseline": the small CNN on CIFAR-10 (the shared knobs only).
 SECTIONS: tuple = ()
@@ -69,9 +69,10 @@ class Baseline(Method):
 ARMS = {"baseline": Arm(Baseline)}
 
 
-def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
+def experiments(cfg: dict) -> list[Experiment]:
     """The chapter's experiment: the baseline alone (its own reference, cost ratio 1)."""
-    from ..train import run_arms
+    return [Experiment("baseline", "baseline", ARMS, cfg)]
 
-    return run_arms("baseline", "baseline", ARMS, cfg, seeds,
-                    out_dir=out_dir, progress=progress, dataset=dataset)
+
+def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
+    return run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)

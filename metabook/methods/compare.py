@@ -100,24 +100,36 @@ def method_arms(name: str) -> dict:
     return {"baseline": arms["baseline"], arm: arms[arm]}
 
 
+def experiments(cfg: dict) -> list:
+    """One train.Experiment per method of cfg['compare.methods']: its baseline, the method and the
+    baseline at the method's wall-clock, on the method's chapter config with the bench's budget."""
+    from ..train import Experiment
+
+    exps = []
+    for name in parse_methods(cfg["compare.methods"]):
+        chapter, arm = METHODS[name]
+        exps.append(Experiment(chapter, arm, method_arms(name), method_config(name, cfg), same_time_for=arm,
+                               label=name))
+    return exps
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """Every method of cfg['compare.methods'] against its baseline and its baseline at equal
     wall-clock, same budget and seeds; the record's `rows` hold the table (see `table`)."""
     from ..config import pick_device
     from ..data import load_dataset
     from ..results import provenance, write_json
-    from ..train import run_arms
+    from ..train import run_experiment
 
-    names = parse_methods(cfg["compare.methods"])
+    exps = experiments(cfg)
+    names = [e.label for e in exps]
     dataset = dataset or load_dataset(cfg["dataset"])
     out = Path(out_dir) if out_dir else None
     rows, sub_records = {}, {}
-    for name in names:
-        chapter, arm = METHODS[name]
-        mcfg = method_config(name, cfg)
+    for name, exp in zip(names, exps):
+        mcfg = exp.cfg
         sub = out / name if out else None
-        rec = run_arms(chapter, arm, method_arms(name), mcfg, seeds, out_dir=sub, progress=progress,
-                       dataset=dataset, same_time_for=arm)
+        rec = run_experiment(exp, seeds, out_dir=sub, progress=progress, dataset=dataset)
         if sub:          # arms.json, not result.json: the chapters' own record finders must not pick it up
             write_json(rec, sub / "arms.json")
         rows[name] = summarise(name, rec)

@@ -10,7 +10,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import knob
-from ..train import Arm
+from ..train import Arm, Experiment, run_experiment
 from .baseline import Baseline
 
 
@@ -37,14 +37,15 @@ def arms(depths: list[int]) -> dict[str, Arm]:
             for d in depths for kind, model in (("plain", "plain_cnn"), ("skips", "res_cnn"))}
 
 
-def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
-    """For each depth: arms `plain` (no skips) and `skips` (identity shortcuts), same budget.
-    Returns one record whose `arms` are named like `plain-16` and `skips-16`; the shallowest
-    plain arm is the cost reference."""
-    from ..train import run_arms
-
+def experiments(cfg: dict) -> list[Experiment]:
+    """For each depth: arms `plain` (no skips) and `skips` (identity shortcuts), same budget, in
+    one record whose `arms` are named like `plain-16` and `skips-16`; the shallowest plain arm is
+    the cost reference."""
     depths = cfg["depths"]
-    record = run_arms("depth", f"plain-{depths[-1]}", arms(depths), cfg, seeds, out_dir=out_dir, progress=progress,
-                      dataset=dataset, reference=f"plain-{depths[0]}")
-    record["depths"] = depths
+    return [Experiment("depth", f"plain-{depths[-1]}", arms(depths), cfg, reference=f"plain-{depths[0]}")]
+
+
+def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
+    record = run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)
+    record["depths"] = cfg["depths"]
     return record

@@ -19,7 +19,7 @@ import torch.nn.functional as F
 
 from ..config import knob, section
 from ..data import Batch
-from ..train import Arm
+from ..train import Arm, Experiment, run_experiment
 from .baseline import Baseline, set_lr
 from .enn import (ENN, enn_config_key, episodes_per_round, he_init_, load_or_train_enn, render_model,
                   weight_matrices)
@@ -232,13 +232,15 @@ PRESETS: dict = {
 ARMS = {"baseline": Arm(PlainBP), "l1": Arm(L1Reg), "he_init": Arm(HeInit), "grad_instructor": Arm(GradInstructor)}
 
 
+def experiments(cfg: dict) -> list[Experiment]:
+    return [Experiment("grad_instructor", "grad_instructor", ARMS, cfg,
+                       same_time_for="grad_instructor" if cfg["gi.same_time"] else None)]
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """The ARMS at equal epochs and seeds (with gi.same_time also the baseline at grad_instructor's
     wall-clock, its ENN included); each seed's ENN info goes to record["enn"][seed]."""
-    from ..train import run_arms
-
-    record = run_arms("grad_instructor", "grad_instructor", ARMS, cfg, seeds, out_dir=out_dir, progress=progress,
-                      dataset=dataset, same_time_for="grad_instructor" if cfg["gi.same_time"] else None)
+    record = run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)
     arm = record["arms"]["grad_instructor"]
     record["enn"] = {seed: extras.pop("enn") for seed, extras in arm["extras"].items()}
     record["cost"]["enn_seconds"] = record["metrics"]["enn_seconds"] = arm["one_off_seconds"]["mean"]

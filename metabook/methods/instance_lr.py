@@ -27,7 +27,7 @@ from typing import ClassVar
 
 from ..config import ConfigError, knob, section
 from ..results import roc_auc
-from ..train import Arm
+from ..train import Arm, Experiment, run_experiment
 from .baseline import Baseline, set_lr
 
 
@@ -187,18 +187,20 @@ PRESETS: dict = {
 }
 
 
-def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
+def experiments(cfg: dict) -> list[Experiment]:
     """Arms at equal epochs (cfg['ilr.arms'] of baseline, instance_lr, l2rw) and, with
     cfg['ilr.same_time'], the baseline at instance_lr's wall-clock."""
-    from ..results import seed_stats
-    from ..train import run_arms
-
     names = cfg["ilr.arms"]
     if not {"baseline", "instance_lr"} <= set(names):
         raise ConfigError(f"ilr.arms={','.join(names)}: baseline and instance_lr are required")
-    record = run_arms("instance_lr", "instance_lr", {n: ARMS[n] for n in names}, cfg, seeds, out_dir=out_dir,
-                      progress=progress, dataset=dataset,
-                      same_time_for="instance_lr" if cfg["ilr.same_time"] else None)
+    return [Experiment("instance_lr", "instance_lr", {n: ARMS[n] for n in names}, cfg,
+                       same_time_for="instance_lr" if cfg["ilr.same_time"] else None)]
+
+
+def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
+    from ..results import seed_stats
+
+    record = run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)
     for key in ("target_acc", "target_acc_prior"):
         if key in record["arms"]["instance_lr"]:
             record["metrics"][key] = record["arms"]["instance_lr"][key]["mean"]

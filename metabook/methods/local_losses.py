@@ -42,7 +42,7 @@ from ..config import ConfigError, knob, section
 from ..data import Batch
 from ..meta import directional, forward, lookahead_params, model_params
 from ..models import DeepCNN
-from ..train import Arm, Context
+from ..train import Arm, Context, Experiment, run_experiment
 from .baseline import Baseline, set_lr
 
 # ----------------------------------------------------------------------------- heads and the net
@@ -394,17 +394,20 @@ PRESETS: dict = {
 }
 
 
+def experiments(cfg: dict) -> list[Experiment]:
+    names = cfg["ll.arms"]
+    if not {"baseline", "meta"} <= set(names):
+        raise ConfigError(f"ll.arms={','.join(names)}: baseline and meta are required")
+    return [Experiment("local_losses", "meta", {n: ARMS[n] for n in names}, cfg,
+                       same_time_for="meta" if cfg["ll.same_time"] else None)]
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """The arms of cfg['ll.arms'] at equal epochs, same data and seeds, and (cfg['ll.same_time'])
     the baseline at the `meta` arm's wall-clock. Adds `arm_configs` (what each arm changed) and
     `meta_gap` (val_acc - test_acc per arm; see the module docstring for what val_acc means)."""
-    from ..train import run_arms
-
-    names = cfg["ll.arms"]
-    if not {"baseline", "meta"} <= set(names):
-        raise ConfigError(f"ll.arms={','.join(names)}: baseline and meta are required")
-    record = run_arms("local_losses", "meta", {n: ARMS[n] for n in names}, cfg, seeds, out_dir=out_dir,
-                      progress=progress, dataset=dataset, same_time_for="meta" if cfg["ll.same_time"] else None)
-    record["arm_configs"] = {n: dict(ARMS[n].changes) for n in names}
+    exp = experiments(cfg)[0]
+    record = run_experiment(exp, seeds, out_dir=out_dir, progress=progress, dataset=dataset)
+    record["arm_configs"] = {n: dict(arm.changes) for n, arm in exp.arms.items()}
     record["meta_gap"] = {n: a["val_acc"]["mean"] - a["test_acc"]["mean"] for n, a in record["arms"].items()}
     return record

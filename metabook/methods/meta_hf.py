@@ -23,7 +23,7 @@ from torch.func import jvp, vjp
 from ..config import knob, section
 from ..data import Batch
 from ..meta import Params, forward, model_params
-from ..train import Arm, Context, Method, NonFiniteError, run_arms
+from ..train import Arm, Context, Experiment, Method, NonFiniteError, run_experiment
 from .baseline import Baseline
 
 Vector = torch.Tensor          # a flat (P,) vector in the parameter dict's order
@@ -717,11 +717,14 @@ PRESETS: dict = {
 ARMS = {"baseline": Arm(Baseline), "adam": Arm(AdamArm), "hf": Arm(HessianFree), "mlhf": Arm(MLHF)}
 
 
+def experiments(cfg: dict) -> list[Experiment]:
+    return [Experiment("meta_hf", "mlhf", ARMS, cfg, same_time_for="mlhf")]
+
+
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """Arms at equal epochs: baseline (SGD with Nesterov momentum), adam, hf, mlhf (the chapter's
     method: its metrics are the record's); and the baseline at mlhf's wall-clock, which includes
     mlhf's meta-training (its one-off stage, also recorded as cost.meta_train_seconds)."""
-    record = run_arms("meta_hf", "mlhf", ARMS, cfg, seeds, out_dir=out_dir, progress=progress, dataset=dataset,
-                      same_time_for="mlhf")
+    record = run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)
     record["cost"]["meta_train_seconds"] = record["arms"]["mlhf"]["one_off_seconds"]["mean"]
     return record

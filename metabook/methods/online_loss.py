@@ -1,8 +1,12 @@
 """Online loss-function learning (AdaLFL; Raymond, Chen, Xue, Zhang, arXiv 2301.13247 / TMLR 2025);
 the derivations are in book/05_online_loss.ipynb.
 
-The base network trains on a learned loss M_phi(y, f(x)) = sum_c l_phi(p_c, y_c) (p = softmax,
-y one-hot; l_phi: R^2 -> R, two hidden layers, smooth leaky ReLU), averaged over the batch.
+The base network trains on a learned loss M_phi(y, f(x)), averaged over the batch, built from
+l_phi: R^2 -> R (two hidden layers, smooth leaky ReLU) applied to each class's (p_c, y_c)
+(p = softmax, y one-hot), in one of two forms (lfl.net):
+  "chapter":  M_phi = sum_c softplus(l_phi(p_c, y_c))                (biases, Kaiming-normal init)
+  "authors":  M_phi = CE(y, f(x)) + (1/C) sum_c l_phi(p_c, y_c)       (no biases, no output
+              activation, PyTorch's default init: the authors' later loss network, see LossNet).
 phi is learned in two stages: an offline initialisation (ML^3, Bechtle et al.; the paper's
 Algorithm 1: Adam steps on phi down the cross-entropy of a meta batch after K plain SGD steps on
 M_phi from a fresh model), then online adaptation (the paper's Algorithm 2): after every real
@@ -14,14 +18,21 @@ What is the paper's and what is ours (methods.md section 4; [V] = read in the pa
   [V] the output-wise loss network with 2 hidden layers of 40 units and the smooth leaky ReLU;
       offline ML^3 initialisation (S_init = 2500, one inner step) then online updates after
       every base step by unrolled differentiation through that step; task loss = cross-entropy.
+  [S] the "authors" net: the authors' NPBML code (Decadz/Neural-Procedural-Bias-Meta-Learning,
+      LearnedLossNetwork: no biases, no output activation, mean over classes, cross-entropy
+      added); that AdaLFL uses exactly this is not confirmed. Base optimiser as the authors'
+      EvoMAL CIFAR configs: SGD lr 0.01, Nesterov momentum 0.9, weight decay 5e-4 (DEFAULTS).
   [R] inputs are softmax probabilities and one-hot targets (as in the authors' sibling code);
-      a softplus on the output keeps the loss non-negative; we *sum* over classes (the scale of
-      cross-entropy; the paper averages, a factor 1/C that the meta learning absorbs);
-      gamma = 0.25, beta = 2 (the authors' sibling code); Kaiming-normal weights and zero biases
-      (ML^3 in the authors' EvoMAL code); Adam on phi with lr 1e-3; meta batches from the held-out
-      split; the virtual step is plain SGD while the real step uses Nesterov momentum and weight
-      decay (with `higher`'s differentiable Nesterov the meta-gradient only scales by 1 + mu,
-      which Adam ignores); offline alpha = the schedule's first lr (lfl.offline_lr overrides).
+      the "chapter" net: a softplus on the output keeps the loss non-negative and we *sum* over
+      classes (the scale of cross-entropy); Kaiming-normal weights and zero biases (ML^3 in the
+      authors' EvoMAL code); gamma = 0.25, beta = 2 (the authors' sibling code); Adam on phi
+      with lr 1e-3 online and offline; meta batches from the held-out split; cosine decay of
+      the base lr (EvoMAL: steps of 10x at 2/3 and 9/10 of the run); offline alpha = the
+      schedule's first lr (lfl.offline_lr overrides).
+      The virtual step is plain SGD, theta - alpha g, while the real step uses Nesterov momentum
+      and weight decay: theta - alpha((1 + mu) g + mu^2 b + wd terms), b the momentum buffer.
+      That is not a rescaling of the meta-gradient: the real step lands at another point than
+      the virtual one, and the meta-gradient is the gradient at the virtual point.
   ours: lfl.init = "cross_entropy" first regresses l_phi onto cross-entropy (a warm start for
       short offline budgets); lfl.monotone (see LossNet).
 
@@ -41,13 +52,15 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import knob, section
+from ..config import ConfigError, knob, section
 from ..data import Batch
 from ..meta import Params, forward, lookahead_params, model_params
-from ..train import Arm, NonFiniteError, lr_at
+from ..train import Arm, Experiment, NonFiniteError, lr_at, run_experiment
 from .baseline import Baseline, set_lr
 
 # ----------------------------------------------------------------------------- the loss network
+
+NETS = ("chapter", "authors")            # lfl.net: the two forms of M_phi (module docstring)
 
 
 class SmoothLeakyReLU(nn.Module):
@@ -63,8 +76,13 @@ class SmoothLeakyReLU(nn.Module):
 
 
 class LossNet(nn.Module):
-    """l_phi(p_c, y_c): (..., 2) -> (...,) >= 0 (a softplus on the output), two hidden layers with
-    `activation` "smooth_leaky_relu" (AdaLFL) or "relu" (ML^3's, which the paper says gives flat losses).
+    """l_phi(p_c, y_c): (..., 2) -> (...,), two hidden layers with `activation` "smooth_leaky_relu"
+    (AdaLFL) or "relu" (ML^3's, which the paper says gives flat losses).
+
+    net="chapter": Kaiming-normal weights, zero biases, a softplus on the output (>= 0);
+    loss_value sums it over classes. net="authors" (the authors' NPBML LearnedLossNetwork): no
+    biases, PyTorch's default init, no output activation (any sign); loss_value averages it over
+    classes and adds cross-entropy.
 
     monotone=True (lfl.monotone; ours): l_phi is non-increasing in p for the target and
     non-decreasing for the other classes, whatever phi: the net sees q = |p - y| and the weights on
@@ -73,18 +91,26 @@ class LossNet(nn.Module):
     """
 
     def __init__(self, hidden: int = 40, activation: str = "smooth_leaky_relu", beta: float = 2.0,
-                 leak: float = 0.25, monotone: bool = False):
+                 leak: float = 0.25, monotone: bool = False, net: str = "chapter"):
         super().__init__()
-        self.monotone = monotone
+        if net not in NETS:
+            raise ValueError(f"net={net!r} is not valid; choose one of: {', '.join(NETS)}")
+        if monotone and net != "chapter":
+            raise ValueError("monotone=True needs net='chapter' (its construction uses the biases and the softplus)")
+        self.monotone, self.kind = monotone, net
+        bias = net == "chapter"
         act = (lambda: SmoothLeakyReLU(beta, leak)) if activation == "smooth_leaky_relu" else nn.ReLU
-        self.net = nn.Sequential(nn.Linear(2, hidden), act(), nn.Linear(hidden, hidden), act(),
-                                 nn.Linear(hidden, 1))
-        for layer in self.net:
-            if isinstance(layer, nn.Linear):           # as ML^3 in the authors' EvoMAL code
-                nn.init.kaiming_normal_(layer.weight)
-                nn.init.zeros_(layer.bias)
+        self.net = nn.Sequential(nn.Linear(2, hidden, bias=bias), act(), nn.Linear(hidden, hidden, bias=bias),
+                                 act(), nn.Linear(hidden, 1, bias=bias))
+        if net == "chapter":
+            for layer in self.net:
+                if isinstance(layer, nn.Linear):           # as ML^3 in the authors' EvoMAL code
+                    nn.init.kaiming_normal_(layer.weight)
+                    nn.init.zeros_(layer.bias)
 
     def forward(self, pairs: torch.Tensor) -> torch.Tensor:
+        if self.kind == "authors":
+            return self.net(pairs).squeeze(-1)
         if not self.monotone:
             return F.softplus(self.net(pairs)).squeeze(-1)
         p, y = pairs.unbind(-1)
@@ -95,15 +121,22 @@ class LossNet(nn.Module):
         return F.softplus(F.linear(h, last.weight.abs(), last.bias)).squeeze(-1)
 
 
-def loss_of_probs(loss_net: nn.Module, probs: torch.Tensor, onehot: torch.Tensor) -> torch.Tensor:
-    """M_phi per example: probs, onehot (B, C) -> (B,), the sum over classes of l_phi(p_c, y_c)."""
-    return loss_net(torch.stack([probs, onehot], dim=-1)).sum(dim=1)
+def loss_of_probs(loss_net: LossNet, probs: torch.Tensor, onehot: torch.Tensor,
+                  log_probs: torch.Tensor | None = None) -> torch.Tensor:
+    """M_phi per example: probs, onehot (B, C) -> (B,). "chapter": sum_c l_phi(p_c, y_c);
+    "authors": -sum_c y_c log p_c + mean_c l_phi(p_c, y_c) (log_probs, if given, is log p)."""
+    terms = loss_net(torch.stack([probs, onehot], dim=-1))                          # (B, C)
+    if loss_net.kind == "chapter":
+        return terms.sum(dim=1)
+    log_probs = probs.log() if log_probs is None else log_probs
+    return -(onehot * log_probs).sum(dim=1) + terms.mean(dim=1)
 
 
-def loss_value(loss_net: nn.Module, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
+def loss_value(loss_net: LossNet, logits: torch.Tensor, y: torch.Tensor, reduction: str = "mean"):
     """The learned loss: logits (B, C), y (B,) -> the batch mean, or (B,) with reduction="none"."""
-    probs = logits.softmax(dim=1)
-    per_example = loss_of_probs(loss_net, probs, F.one_hot(y, logits.shape[1]).to(probs.dtype))
+    log_probs = logits.log_softmax(dim=1)
+    probs = log_probs.exp()
+    per_example = loss_of_probs(loss_net, probs, F.one_hot(y, logits.shape[1]).to(probs.dtype), log_probs)
     return per_example if reduction == "none" else per_example.mean()
 
 
@@ -123,9 +156,11 @@ def loss_curve(loss_net: nn.Module, num_classes: int, p_true: torch.Tensor = P_G
     return loss_of_probs(loss_net, probs, onehot)
 
 
-def fit_to_cross_entropy(loss_net: nn.Module, steps: int = 1000, lr: float = 1e-2, seed: int = 0) -> float:
-    """Warm start (ours): regress l_phi(p, y) onto -y log p with Adam, p half uniform, half
-    log-uniform in [1e-3, 1] (close, not exact: the curve turns up near p = 1). Returns the last MSE."""
+def fit_to_cross_entropy(loss_net: LossNet, steps: int = 1000, lr: float = 1e-2, seed: int = 0) -> float:
+    """Warm start (ours): regress l_phi(p, y) with Adam so that M_phi is close to cross-entropy:
+    onto -y log p ("chapter"), onto 0 ("authors", which adds cross-entropy itself); p half
+    uniform, half log-uniform in [1e-3, 1] (close, not exact: the chapter net's curve turns up
+    near p = 1). Returns the last MSE."""
     g = torch.Generator().manual_seed(seed)
     param = next(loss_net.parameters())
     opt = torch.optim.Adam(loss_net.parameters(), lr=lr)
@@ -133,7 +168,8 @@ def fit_to_cross_entropy(loss_net: nn.Module, steps: int = 1000, lr: float = 1e-
         u = torch.rand(512, generator=g)
         p = torch.cat([u[:256] * 0.999 + 1e-3, torch.exp(u[256:] * math.log(1e-3))])         # (512,) in [1e-3, 1]
         y = (torch.rand(512, generator=g) < 0.5).to(p.dtype)
-        err = F.mse_loss(loss_net(torch.stack([p, y], dim=1).to(param)), (-y * p.log()).to(param))
+        target = -y * p.log() if loss_net.kind == "chapter" else torch.zeros_like(p)
+        err = F.mse_loss(loss_net(torch.stack([p, y], dim=1).to(param)), target.to(param))
         opt.zero_grad(set_to_none=True)
         err.backward()
         opt.step()
@@ -219,13 +255,16 @@ class OfflineLoss(Baseline):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         self.c = c = section(cfg, LFL)
+        if c.monotone and c.net != "chapter":
+            raise ConfigError(f"lfl.monotone=true needs lfl.net=chapter (got lfl.net={c.net}); "
+                              f"set lfl.monotone=false for the authors' network")
         self.offline = dict(steps=c.offline_steps, horizon=c.offline_horizon,
                             lr=c.offline_lr or lr_at(0, 1, cfg), meta_lr=c.offline_meta_lr)
 
     def setup(self, ctx) -> None:
         super().setup(ctx)
         param, c = next(ctx.model.parameters()), self.c
-        self.loss_net = LossNet(c.hidden, c.activation, c.beta, c.leak, c.monotone)
+        self.loss_net = LossNet(c.hidden, c.activation, c.beta, c.leak, c.monotone, c.net)
         self.loss_net.to(device=param.device, dtype=param.dtype)
         self.meta_opt = torch.optim.Adam(self.loss_net.parameters(), lr=c.meta_lr)   # OnlineLoss's
         self.steps, self.offline_trace, self.offline_seconds, self.snapshots = 0, [], 0.0, []
@@ -312,6 +351,9 @@ class OnlineLoss(OfflineLoss):
 class LFL:
     """The learned loss and its two stages (keys lfl.*); [V] the paper's, [R] our reconstruction."""
     prefix: ClassVar[str] = "lfl"
+    net: str = knob("chapter", "the loss network: chapter (softplus output, biases, sum over classes) or "
+                    "authors (CE + mean over classes of a bias-free net, no output activation) [S]",
+                    choices=NETS)
     hidden: int = knob(40, "units in each of the loss network's 2 hidden layers [V]", ">= 1")
     init: str = knob("random", "phi before the offline stage: random [V] or cross_entropy (l_phi fitted to CE; ours)",
                      choices=("random", "cross_entropy"))
@@ -322,38 +364,45 @@ class LFL:
     meta_lr: float = knob(1e-3, "Adam step size on phi in the online stage [R]", ">= 0")
     offline_steps: int = knob(2500, "S_init: Adam steps on phi in the offline (ML^3) stage [V]", ">= 0")
     offline_horizon: int = knob(1, "SGD steps unrolled per offline step [V: 1]", ">= 1")
-    offline_meta_lr: float = knob(1e-3, "Adam step size on phi in the offline stage [R]", ">= 0")
+    offline_meta_lr: float = knob(1e-3, "Adam step size on phi in the offline stage [S: EvoMAL's ML^3]", ">= 0")
     offline_lr: float = knob(0.0, "alpha of the unrolled offline steps [R]", ">= 0 (0 = the schedule's first lr)")
     monotone: bool = knob(False, "ours: l_phi monotone in p for each y (false = the paper's net)")
     same_time: bool = knob(True, "also run the baseline for online_loss's wall-clock")
 
 
 SECTIONS = (LFL,)
-DEFAULTS: dict = {}
+# The base optimiser of every preset and arm, as the authors' EvoMAL CIFAR configs [S]: SGD, lr
+# 0.01, Nesterov momentum 0.9, weight decay 5e-4, no warm-up. They decay the lr 10x at 2/3 and
+# again at 9/10 of the run; our loop's nearest schedule is cosine (a listed deviation).
+DEFAULTS: dict = {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
+                  "schedule": "cosine", "warmup": 0.0}
 PRESETS: dict = {
-    # CI: about a minute on 2 cores (31 steps per arm, 10 offline steps).
+    # CI: 31 steps per arm, 10 offline steps.
     "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50,
-              "lfl.init": "cross_entropy", "lfl.offline_steps": 10, "lfl.offline_meta_lr": 1e-2},
-    # 2 cores, about 11 minutes for the four arms: 468 steps per arm; an online step and an
-    # offline (ML^3) step cost about 4.5x a plain step. 100 offline steps cannot shape a random
-    # loss network on CIFAR (measured: flat curve), so the cpu run warm-starts it at cross-entropy.
-    "cpu": {"train_size": 10000, "epochs": 6.0, "lfl.init": "cross_entropy", "lfl.offline_steps": 100,
-            "lfl.offline_meta_lr": 1e-2},
+              "lfl.init": "cross_entropy", "lfl.offline_steps": 10},
+    # 2 cores: 468 steps per arm; an online step and an offline (ML^3) step cost about 4.5x a
+    # plain step. 100 offline steps cannot shape a random chapter net on CIFAR (measured: flat
+    # curve), so the chapter net is warm-started at cross-entropy; the authors' arms start random.
+    "cpu": {"train_size": 10000, "epochs": 6.0, "lfl.init": "cross_entropy", "lfl.offline_steps": 100},
     # Not measured yet on a GPU.
     "gpu": {"epochs": 20.0, "model": "resnet18", "width": 64, "lfl.offline_steps": 500},
-    # 150,000 steps of batch 128 on 45,000 images (10% held out); lr 0.01 as in the EvoMAL configs
-    # (which decay it 10x at 100k and 135k steps; our loop's nearest schedule is cosine).
-    "paper": {"epochs": 427.0, "meta_size": 5000, "model": "resnet18", "width": 64, "lr": 0.01,
-              "schedule": "cosine", "warmup": 0.0, "lfl.offline_steps": 2500},
+    # 150,000 steps of batch 128 on 45,000 images (10% held out), as the EvoMAL configs.
+    "paper": {"epochs": 427.0, "meta_size": 5000, "model": "resnet18", "width": 64, "lfl.offline_steps": 2500},
 }
-ARMS = {"baseline": Arm(Baseline), "offline_loss": Arm(OfflineLoss), "online_loss": Arm(OnlineLoss)}
+# The authors' network starts from a random phi, as the paper (its cross-entropy term is the warm start).
+AUTHORS = {"lfl.net": "authors", "lfl.init": "random"}
+ARMS = {"baseline": Arm(Baseline), "offline_loss": Arm(OfflineLoss), "online_loss": Arm(OnlineLoss),
+        "offline_authors": Arm(OfflineLoss, AUTHORS), "online_authors": Arm(OnlineLoss, AUTHORS)}
 
 
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
     """Arms at equal epochs: baseline (cross-entropy), offline_loss (ML^3 init, frozen),
-    online_loss (AdaLFL); and, with lfl.same_time, the baseline at online_loss's wall-clock (offline
-    init included)."""
-    from ..train import run_arms
+    online_loss (AdaLFL), and the same two with the authors' loss network (offline_authors,
+    online_authors; each pair shares its offline stage exactly); and, with lfl.same_time, the
+    baseline at online_loss's wall-clock (offline init included)."""
+    return run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)
 
-    return run_arms("online_loss", "online_loss", ARMS, cfg, seeds, out_dir=out_dir, progress=progress,
-                    dataset=dataset, same_time_for="online_loss" if cfg["lfl.same_time"] else None)
+
+def experiments(cfg: dict) -> list[Experiment]:
+    return [Experiment("online_loss", "online_loss", ARMS, cfg,
+                       same_time_for="online_loss" if cfg["lfl.same_time"] else None)]
