@@ -209,9 +209,8 @@ def student_version(nb):
 def write_student_versions(src_dir: str | Path, out_dir: str | Path) -> list[Path]:
     """Write the exercise version of every notebook in `src_dir` into `out_dir`.
 
-    Cells tagged `solution` are dropped and outputs are cleared. A `results/` folder next to the
-    notebooks (recorded runs that chapters display) is copied along, so the copies still run.
-    Returns the paths of the notebooks written.
+    Cells tagged `solution` are dropped and outputs are cleared (the recorded runs that chapters
+    display ship with the package, metabook/records/). Returns the paths of the notebooks written.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     notebooks = sorted(src_dir.glob("*.ipynb"))
@@ -228,9 +227,6 @@ def write_student_versions(src_dir: str | Path, out_dir: str | Path) -> list[Pat
             target = out_dir / path.name
             nbformat.write(student_version(nb), target)
             written.append(target)
-        if (src_dir / "results").is_dir():
-            shutil.copytree(src_dir / "results", out_dir / "results", dirs_exist_ok=True,
-                            ignore=IGNORED)
     except (OSError, shutil.Error) as err:
         raise BuildError(f"cannot write the student notebooks to {out_dir} ({type(err).__name__}: "
                          f"{_one_line(getattr(err, 'strerror', None) or err)}); choose a folder "

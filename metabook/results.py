@@ -2,7 +2,8 @@
 
 A record holds chapter, method, preset, seeds, the full resolved config, the dataset (and whether
 it was synthetic), the metrics, per-epoch history, costs, the comparison `arms`, and provenance
-(package versions, device, git commit, date). Chapters display recorded runs from book/results/.
+(package versions, device, git commit, date). Chapters display the recorded runs that ship with the
+package as data (metabook/records/), so an installed wheel shows them too.
 """
 from __future__ import annotations
 
@@ -13,12 +14,15 @@ import os
 import platform
 import subprocess
 import warnings
+from importlib import resources
 from pathlib import Path
 
 import numpy as np
 import torch
 
-RESULTS_DIR = Path(__file__).resolve().parent.parent / "book" / "results"
+# The recorded runs, package data (pyproject: [tool.setuptools.package-data]); found through
+# importlib.resources so that a wheel installed anywhere finds them. A plain path: notebooks join it.
+RESULTS_DIR = Path(str(resources.files("metabook") / "records"))
 
 
 def provenance(device: torch.device | str = "cpu") -> dict:
@@ -120,7 +124,7 @@ def load_result(path: str | Path) -> dict:
 
 
 def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR) -> list[dict]:
-    """All recorded result.json files of a chapter under book/results/ (any preset), newest first.
+    """All recorded result.json files of a chapter under metabook/records/ (any preset), newest first.
     A record that cannot be read is skipped with a one-line warning naming it."""
     runs = []
     for p in sorted(Path(results_dir).glob("**/result.json")):
