@@ -24,9 +24,17 @@ def synthetic():
     return make_synthetic(600, 200, seed=0)
 
 
-def tiny_loss_net(seed=0, activation="smooth_leaky_relu"):
+def tiny_loss_net(seed=0, activation="smooth_leaky_relu", net="chapter"):
     torch.manual_seed(seed)
-    return LossNet(hidden=4, activation=activation).double()
+    loss_net = LossNet(hidden=4, activation=activation, net=net).double()
+    if net == "authors":           # its default init is small (|w| < 1/sqrt(fan_in)): a meta-gradient
+        with torch.no_grad():      # far above finite differences' rounding needs larger weights
+            for w in loss_net.parameters():
+                w.mul_(4)
+    return loss_net
+
+
+NET_VARIANTS = [("smooth_leaky_relu", "chapter"), ("relu", "chapter"), ("smooth_leaky_relu", "authors")]
 
 
 def finite_difference(fn, loss_net, eps=1e-6):
@@ -49,9 +57,9 @@ def assert_matches(grads, fd, rtol=1e-6):
     assert torch.allclose(g, fd, rtol=rtol, atol=rtol * fd.abs().max().item())
 
 
-@pytest.mark.parametrize("activation", ["smooth_leaky_relu", "relu"])
-def test_online_meta_gradient_through_the_virtual_step_matches_finite_differences(activation):
-    model, loss_net, lr = tiny_bn_net(), tiny_loss_net(activation=activation), 0.5
+@pytest.mark.parametrize("activation, net", NET_VARIANTS)
+def test_online_meta_gradient_through_the_virtual_step_matches_finite_differences(activation, net):
+    model, loss_net, lr = tiny_bn_net(), tiny_loss_net(activation=activation, net=net), 0.5
     x, y, xm, ym = weighted_problem()
 
     def meta_after_virtual_step():
@@ -71,8 +79,9 @@ def test_online_meta_gradient_through_the_virtual_step_matches_finite_difference
         assert torch.allclose(a, b, rtol=1e-10, atol=1e-14) and not a.requires_grad
 
 
-def test_offline_unroll_meta_gradient_matches_finite_differences_for_horizon_two():
-    model, loss_net, lr = tiny_bn_net(), tiny_loss_net(seed=1), 0.5
+@pytest.mark.parametrize("net", ["chapter", "authors"])
+def test_offline_unroll_meta_gradient_matches_finite_differences_for_horizon_two(net):
+    model, loss_net, lr = tiny_bn_net(), tiny_loss_net(seed=1, net=net), 0.5
     x, y, xm, ym = weighted_problem()
     batches = [(x[:4], y[:4]), (x[4:], y[4:])]
     params = {k: p.detach().clone().requires_grad_(True) for k, p in model_params(model).items()}
@@ -100,6 +109,90 @@ def test_learned_loss_is_non_negative_for_any_weights_and_extreme_logits(activat
         assert (loss_net(pairs) >= 0).all()
         assert (loss_value(loss_net, logits, y, reduction="none") >= 0).all()
         assert (loss_curve(loss_net, 10) >= 0).all()
+
+
+def test_authors_loss_net_is_bias_free_signed_and_cross_entropy_plus_the_class_mean():
+    """lfl.net=authors: three bias-free linear layers (2->h->h->1), no output activation (the
+    per-class term takes both signs), and per example M = CE + (1/C) sum_c l(p_c, y_c), checked
+    against a hand computation; the chapter net differs in each respect, so the checks can fail."""
+    torch.manual_seed(0)
+    net = LossNet(hidden=8, net="authors").double()
+    shapes = [tuple(p.shape) for p in net.parameters()]
+    assert shapes == [(8, 2), (8, 8), (1, 8)]                               # weights only
+    assert len(list(LossNet(hidden=8).parameters())) == 6                  # the chapter net has biases
+    pairs = torch.rand(2000, 2, dtype=torch.float64)
+    pairs[:, 1] = (pairs[:, 1] < 0.5).double()
+    lows, highs = [], []
+    for seed in range(5):                                                  # no softplus on the output:
+        torch.manual_seed(seed)                                            # both signs occur
+        with torch.no_grad():
+            values = LossNet(hidden=8, net="authors").double()(pairs)
+        lows.append(values.min().item())
+        highs.append(values.max().item())
+    assert min(lows) < 0 < max(highs)
+    g = torch.Generator().manual_seed(1)
+    logits = (3 * torch.randn(64, 10, generator=g)).double()
+    y = torch.randint(10, (64,), generator=g)
+    probs, onehot = logits.softmax(1), F.one_hot(y, 10).double()
+    w1, w2, w3 = (p.detach() for p in net.parameters())
+    act = lambda z: 0.75 * F.softplus(z, beta=2.0) + 0.25 * z
+    by_hand = (act(act(torch.stack([probs, onehot], -1) @ w1.T) @ w2.T) @ w3.T).squeeze(-1)   # (64, 10)
+    ce = -torch.log(probs[torch.arange(64), y])
+    expected = ce + by_hand.sum(1) / 10
+    got = loss_value(net, logits, y, reduction="none")
+    assert torch.allclose(got, expected, rtol=1e-12, atol=1e-12)
+    assert not torch.allclose(got, ce + by_hand.sum(1), rtol=1e-3)          # the mean, not the sum
+    assert torch.allclose(loss_value(net, logits, y), expected.mean(), rtol=1e-12)
+    # the slice adds cross-entropy too: -log p_true + mean_c l
+    curve = loss_curve(net, 10)
+    p = lfl.P_GRID.double()
+    others = torch.stack([(1 - p) / 9, torch.zeros_like(p)], -1)
+    true = torch.stack([p, torch.ones_like(p)], -1)
+    with torch.no_grad():
+        slice_by_hand = -p.log() + (net(true) + 9 * net(others)) / 10
+    assert torch.allclose(curve, slice_by_hand, rtol=1e-10)
+
+
+def test_authors_loss_net_fitted_to_cross_entropy_is_cross_entropy_and_monotone_needs_the_chapter_net():
+    """init=cross_entropy on the authors' net fits the learned term to 0 (it adds CE itself)."""
+    from metabook.methods.online_loss import fit_to_cross_entropy
+    torch.manual_seed(0)
+    net = LossNet(hidden=40, net="authors")
+    g = torch.Generator().manual_seed(1)
+    logits, y = 2 * torch.randn(256, 10, generator=g), torch.randint(10, (256,), generator=g)
+    before = (loss_value(net, logits, y) - F.cross_entropy(logits, y)).abs().item()
+    assert fit_to_cross_entropy(net) < 1e-3
+    after = (loss_value(net, logits, y) - F.cross_entropy(logits, y)).abs().item()
+    assert after < 0.05 < before
+    with pytest.raises(ValueError, match="monotone=True needs net='chapter'"):
+        LossNet(monotone=True, net="authors")
+    with pytest.raises(ConfigError, match="lfl.monotone=true needs lfl.net=chapter"):
+        OnlineLoss(chapter_config("online_loss", "smoke", {"lfl.monotone": "true", "lfl.net": "authors"}))
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu", "paper"])
+def test_every_preset_uses_the_authors_base_optimiser_and_the_modules_meta_learning_rates(preset):
+    """SGD lr 0.01, Nesterov momentum 0.9, weight decay 5e-4, no warm-up (the EvoMAL CIFAR
+    configs), Adam 1e-3 on phi offline and online; read from the resolved config and from the
+    optimisers a method builds, so putting lr 0.1 or offline meta-lr 1e-2 back fails here."""
+    cfg = chapter_config("online_loss", preset)
+    assert (cfg["lr"], cfg["momentum"], cfg["nesterov"], cfg["weight_decay"]) == (0.01, 0.9, True, 5e-4)
+    assert (cfg["schedule"], cfg["warmup"]) == ("cosine", 0.0)
+    assert cfg["lfl.offline_meta_lr"] == 1e-3 and cfg["lfl.meta_lr"] == 1e-3
+    from metabook.train import lr_at
+    assert lr_at(0, 100, cfg) == 0.01                                # the offline alpha (lfl.offline_lr = 0)
+    method = OnlineLoss(cfg)
+    assert method.offline["meta_lr"] == 1e-3 and method.offline["lr"] == 0.01
+
+
+def test_the_arms_build_the_configured_optimisers(synthetic):
+    _, method, _ = tiny_run(synthetic, OnlineLoss, {"epochs": 0.1})
+    group = method.opt.param_groups[0]
+    assert (group["momentum"], group["nesterov"], group["weight_decay"]) == (0.9, True, 5e-4)
+    assert method.meta_opt.param_groups[0]["lr"] == 1e-3
+    assert method.loss_net.kind == "chapter"
+    for name in ("online_authors", "offline_authors"):
+        assert lfl.ARMS[name].changes["lfl.net"] == "authors"
 
 
 def test_loss_net_fitted_to_cross_entropy_falls_in_p_true_and_pushes_logits_like_cross_entropy():
@@ -197,23 +290,30 @@ def trajectories(synthetic):
     """online and offline at lfl.meta_lr = 0, offline with the lr 1e-6 higher (relatively),
     online at lfl.meta_lr = 1e-3 (OfflineLoss never reads lfl.meta_lr)."""
     lr = chapter_config("online_loss", "smoke", TINY)["lr"]
+    authors = {**lfl.AUTHORS, "lfl.meta_lr": 0.0}
     return {"online": trajectory(synthetic, OnlineLoss, {"lfl.meta_lr": 0.0}),
             "offline": trajectory(synthetic, OfflineLoss, {"lfl.meta_lr": 0.0}),
             "offline_lr": trajectory(synthetic, OfflineLoss, {"lfl.meta_lr": 0.0, "lr": lr * (1 + 1e-6)}),
-            "online_learning": trajectory(synthetic, OnlineLoss, {"lfl.meta_lr": 1e-3})}
+            "online_learning": trajectory(synthetic, OnlineLoss, {"lfl.meta_lr": 1e-3}),
+            "online_authors": trajectory(synthetic, OnlineLoss, authors),
+            "offline_authors": trajectory(synthetic, OfflineLoss, authors),
+            "offline_authors_lr": trajectory(synthetic, OfflineLoss, {**authors, "lr": lr * (1 + 1e-6)}),
+            "online_authors_learning": trajectory(synthetic, OnlineLoss, {**lfl.AUTHORS, "lfl.meta_lr": 1e-3})}
 
 
 def same_tensors(a, b):
     return len(a) == len(b) and all(torch.equal(x, y) for x, y in zip(a, b))
 
 
-def test_online_loss_with_meta_lr_zero_is_bitwise_the_frozen_offline_loss(trajectories):
+@pytest.mark.parametrize("suffix", ["", "_authors"])
+def test_online_loss_with_meta_lr_zero_is_bitwise_the_frozen_offline_loss(trajectories, suffix):
     """With lfl.meta_lr = 0 the online arm's real step is the offline arm's plain step on M_phi:
     same offline init, batches, lr and loss network, so after every one of 10 steps the model
     parameters, the BN statistics and the loss-net parameters are bit-for-bit equal, and phi is
     still the offline init's. A perturbed arm (lr 1e-6 higher, relatively) is not equal, so
     the comparison can fail."""
-    (model_on, on, steps_on), (model_off, off, steps_off) = trajectories["online"], trajectories["offline"]
+    (model_on, on, steps_on), (model_off, off, steps_off) = trajectories["online" + suffix], trajectories["offline" + suffix]
+    assert on.loss_net.kind == off.loss_net.kind == ("authors" if suffix else "chapter")
     assert len(steps_on) == len(steps_off) == 10
     assert on.offline_trace == off.offline_trace and len(on.offline_trace) == 3
     assert on.snapshots[0] == off.snapshots[0]                      # phi right after the init
@@ -226,14 +326,17 @@ def test_online_loss_with_meta_lr_zero_is_bitwise_the_frozen_offline_loss(trajec
     assert same_tensors(steps_on[0][2], steps_on[-1][2])            # phi never moved
     assert not same_tensors(steps_on[0][1], steps_on[-1][1])        # the model did
     # the comparison is sharp: a 1e-6 relative change of the lr breaks the equality
-    assert not same_tensors(trajectories["offline_lr"][2][-1][1], steps_off[-1][1])
+    perturbed = trajectories["offline_authors_lr" if suffix else "offline_lr"]
+    assert not same_tensors(perturbed[2][-1][1], steps_off[-1][1])
 
 
-def test_online_loss_with_positive_meta_lr_changes_phi_and_then_the_model(trajectories):
+@pytest.mark.parametrize("suffix", ["", "_authors"])
+def test_online_loss_with_positive_meta_lr_changes_phi_and_then_the_model(trajectories, suffix):
     """The companion of the bitwise test: with lfl.meta_lr > 0 the loss net moves at the first
     online step and keeps moving, and the model parts from the frozen-loss trajectory: after step
     1 it is still equal (both steps used phi_0), from step 2 on it is not (phi_1 != phi_0)."""
-    (_, on, steps_on), (_, off, steps_off) = trajectories["online_learning"], trajectories["offline"]
+    (_, on, steps_on), (_, off, steps_off) = (trajectories["online" + suffix + "_learning"],
+                                              trajectories["offline" + suffix])
     assert on.offline_trace == off.offline_trace
     assert not same_tensors(steps_on[0][2], steps_off[0][2])        # phi_1 != phi_0
     assert all(not same_tensors(a[2], b[2]) for a, b in zip(steps_on, steps_on[1:]))
@@ -296,6 +399,7 @@ def test_killed_online_run_resumes_from_the_checkpoint_after_prepare_bitwise_wit
     ({"lfl.offline_horizon": "0"}, "lfl.offline_horizon=0 is not valid; it must be >= 1"),
     ({"lfl.leak": "1.5"}, "it must be in [0, 1)"),
     ({"lfl.init": "ce"}, "choose one of: random, cross_entropy"),
+    ({"lfl.net": "paper"}, "lfl.net='paper' is not valid; choose one of: chapter, authors"),
     ({"lfl.hiden": "8"}, "valid keys:"),
 ])
 def test_bad_config_values_raise_config_error_naming_the_choices(overrides, needle):
@@ -308,13 +412,20 @@ def test_chapter_run_records_all_arms_cost_ratio_and_learned_loss_curves(synthet
     from metabook import run_chapter
     rec = run_chapter("online_loss", "smoke", seeds=[0], out_dir=tmp_path, overrides={**TINY, "epochs": 1.0},
                       progress=False, dataset=synthetic)
-    assert set(rec["arms"]) == {"baseline", "offline_loss", "online_loss", "baseline_same_time"}
+    assert set(rec["arms"]) == {"baseline", "offline_loss", "online_loss", "offline_authors", "online_authors",
+                                "baseline_same_time"}
     assert rec["method"] == "online_loss"
     peak = {a: rec["arms"][a]["peak_memory_bytes"] for a in ("baseline", "offline_loss", "online_loss")}
     assert peak["online_loss"] > peak["offline_loss"]       # the online step keeps a second graph (meta-gradient)
     extras = rec["arms"]["online_loss"]["extras"]["0"]
     assert len(extras["curves"]) >= 2 and len(extras["curves"][0]["loss"]) == len(extras["p_true"])
     assert len(extras["offline_meta_loss"]) == 3
+    # each pair (frozen, online) starts from the same offline stage; the two networks' stages differ
+    ex = {a: rec["arms"][a]["extras"]["0"] for a in ("offline_loss", "online_loss", "offline_authors", "online_authors")}
+    assert ex["offline_loss"]["offline_meta_loss"] == ex["online_loss"]["offline_meta_loss"]
+    assert ex["offline_authors"]["offline_meta_loss"] == ex["online_authors"]["offline_meta_loss"]
+    assert ex["offline_authors"]["curves"][0] == ex["online_authors"]["curves"][0]
+    assert ex["offline_loss"]["offline_meta_loss"] != ex["offline_authors"]["offline_meta_loss"]
     # the offline stage is the arms' one-off cost, timed by the loop, never inside a step
     assert rec["arms"]["online_loss"]["one_off_seconds"]["mean"] >= extras["offline_seconds"]
     assert rec["arms"]["baseline"]["one_off_seconds"]["mean"] < extras["offline_seconds"]
