@@ -1,20 +1,13 @@
 """Data: CIFAR-10/100 as uint8 arrays, splits, label noise, target distributions, a device loader.
 
-Where the arrays come from, in order (`load_dataset`):
-  1. `$METABOOK_DATA/<name>.npz`  (keys x_train, y_train, x_test, y_test; NHWC uint8). When
-     METABOOK_DATA is set, this file must be there: nothing falls through to the cache.
-  2. the cache `$METABOOK_CACHE` or ~/.cache/metabook (a previous download)
-  3. a checksum-verified download of the official archive (metabook.download), mirrors first
-  4. otherwise a clear error naming METABOOK_DATA and the file expected.
-Every file read is checked (`check_arrays`: keys, uint8 NHWC 32x32x3 images, one integer label
-per image, labels in range of the class count); a bad one raises DataError naming the file.
-`dataset_fingerprint` is a content hash of what was loaded, so a run can tell the data changed.
-`synthetic` data is generated only when asked for by name and is marked `synthetic=True`.
+`load_dataset` reads `$METABOOK_DATA/<name>.npz` when METABOOK_DATA is set (nothing else then),
+else the cache or a checksum-verified download (metabook.download). Every file is checked
+(`check_arrays`; a bad one raises DataError naming it) and fingerprinted (`dataset_fingerprint`).
+`synthetic` data is generated only when asked for by name.
 
-The loader keeps a whole split on the device as uint8 (airbench's idea): a batch is an index slice
-of a per-epoch permutation; crop (pad 4), flip and normalisation run batched on the device. The
-randomness of epoch e comes from a generator seeded with (seed, e), so an epoch can be replayed
-exactly from any batch, which is what makes resume-from-checkpoint bitwise reproducible.
+The loader keeps a whole split on the device as uint8 (airbench's idea); crop, flip and
+normalisation run batched there. Epoch e's randomness comes from a generator seeded with
+(seed, e), so an epoch replays exactly from any batch (bitwise resume).
 """
 from __future__ import annotations
 
@@ -65,23 +58,19 @@ class Dataset:
                 "num_classes": self.num_classes}
 
 
-def _npz_name(name: str) -> str:
-    return "cifar100.npz" if name.startswith("cifar100") else "cifar10.npz"
-
-
 def find_npz(name: str, download: bool = True) -> Path:
-    """Locate (or fetch) the .npz for a dataset, following the order in the module docstring."""
+    """The .npz of a dataset: METABOOK_DATA's, the cache's, or (download=True) a download."""
     from . import download as dl
 
-    filename = _npz_name(name)
+    if download:
+        return dl.fetch_npz(name.split("_")[0])
+    filename = f"{name.split('_')[0]}.npz"
     from_env = dl.data_dir_npz(filename)       # METABOOK_DATA set but wrong: FileNotFoundError
     if from_env:
         return from_env
     cached = dl.default_cache_dir() / filename
     if cached.exists():
         return cached
-    if download:
-        return dl.fetch_npz(name.split("_")[0], dl.default_cache_dir())
     raise FileNotFoundError(
         f"{name}: METABOOK_DATA is not set and {cached} does not exist; set METABOOK_DATA to a "
         f"directory holding {filename} (keys x_train, y_train, x_test, y_test), or allow the download.")
@@ -164,12 +153,8 @@ def read_checked(path: Path, name: str) -> tuple:
 
 
 def dataset_fingerprint(ds: Dataset) -> str:
-    """A short content hash (16 hex digits of a sha256) of the four arrays of `ds`.
-
-    For a file, it is computed once per (path, size, mtime) read and kept in memory; synthetic
-    (or hand-made) data is hashed each time. Same arrays, same hash; one changed pixel or label,
-    another hash. A run stores it, so a resume can refuse data that changed under it.
-    """
+    """16 hex digits of a sha256 of the four arrays of `ds` (one changed pixel or label, another
+    hash), so a resume can refuse data that changed. Kept per file (path, size, mtime) read."""
     if ds.file_key is not None and ds.file_key in _FINGERPRINTS:
         return _FINGERPRINTS[ds.file_key]
     h = hashlib.sha256()
@@ -361,13 +346,6 @@ class DeviceLoader:
         x = (x_uint8.float() - self.mean) / self.std
         fmt = torch.channels_last if self.channels_last else torch.contiguous_format
         return x.contiguous(memory_format=fmt)
-
-    def forever(self, seed_offset: int = 0):
-        """Endless batches (epoch after epoch), e.g. for meta batches drawn next to training."""
-        e = seed_offset
-        while True:
-            yield from self.epoch(e)
-            e += 1
 
 
 def augment_batch(x: torch.Tensor, offsets: torch.Tensor, flips: torch.Tensor) -> torch.Tensor:
