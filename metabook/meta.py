@@ -1,17 +1,9 @@
-"""One-step-lookahead meta-gradients on torch.func.functional_call.
+"""One-step-lookahead meta-gradients on torch.func.functional_call (derived in chapter 1).
 
-The bilevel problem of chapters 1-3: meta-parameters phi shape the inner (training) loss; we
-want the outer (meta) loss after one training step to be small:
-
-    theta'(phi) = theta - lr * grad_theta L_inner(theta, phi)                     (virtual step)
-    d L_outer(theta'(phi)) / d phi = -lr * (d^2 L_inner / d phi d theta)^T grad L_outer(theta')
-
-`meta_gradient` computes the right-hand side exactly with one double backward (create_graph);
-`first_order=True` replaces the mixed second derivative by a central finite difference of
-first-order gradients (the DARTS approximation), which needs no double backward.
-
-BatchNorm: every functional forward here runs on *copies* of the model's buffers, so a virtual
-step never changes the running statistics (train-mode batch statistics are still used).
+`meta_gradient`: d L_outer(theta'(phi)) / d phi after one virtual SGD step, by a double backward
+or (first_order) a finite difference; `directional`: forward-mode derivatives along a direction;
+`reweighting_step`: Learning to Reweight as the worked example. Functional forwards run on
+copies of the model's buffers, so a virtual step never changes BatchNorm's running statistics.
 """
 from __future__ import annotations
 
@@ -90,30 +82,17 @@ def _finite_difference_meta_grad(params, inner_loss, outer, fast, meta_params, l
         minus = {k: p - eps * g for (k, p), g in zip(params.items(), v)}
     g_plus = torch.autograd.grad(inner_loss(plus), meta_params, allow_unused=True)
     g_minus = torch.autograd.grad(inner_loss(minus), meta_params, allow_unused=True)
-    out = []
-    for p, a, b in zip(meta_params, g_plus, g_minus):
-        if a is None:
-            out.append(None)
-        else:
-            out.append(-lr * (a - b) / (2 * eps))
-    return out
+    return [None if a is None else -lr * (a - b) / (2 * eps) for a, b in zip(g_plus, g_minus)]
 
 
 def example_weight_meta_gradient(model: torch.nn.Module, params: Params, x, y, v, lr: float,
                                  mode: str = "jvp", fd_eps: float = 1e-3, update_stats: bool = True):
-    """d L_meta(theta') / d eps_i = -lr * <v, grad_theta l_i(theta)> for every example of (x, y).
+    """d L_meta(theta') / d eps_i = -lr * <v, grad_theta l_i(theta)> for every example of (x, y),
+    the meta-gradient of per-example weights eps_i, by `directional` along v (mode jvp or fd).
 
-    When meta-parameters enter the inner loss as per-example weights (sum_i eps_i l_i), the
-    meta-gradient is -lr times the Jacobian of the per-example losses applied to v, the gradient
-    of the meta loss at theta'. That product is a forward-mode derivative along v (a JVP), so it
-    needs no double backward:
-      mode="jvp": exact, one forward pass with dual numbers (torch.autograd.forward_ad);
-      mode="fd":  (l(theta + h v) - l(theta)) / h with h = fd_eps / ||v||, one extra forward
-                  without a graph (an approximation; cheapest).
-    x: (B, ...), y: (B,); v: one tensor per parameter, like params. Returns (meta_grad (B,),
-    losses (B,)), the losses at theta *with* their autograd graph, so the caller's real step can
-    reuse this forward (BatchNorm running stats update once here, as in a plain step, unless
-    update_stats=False, when the forward runs on copies of the buffers).
+    x: (B, ...), y: (B,); v: one tensor per parameter, like params, the meta loss's gradient at
+    theta'. Returns (meta_grad (B,), losses (B,)), the losses with their graph for the caller's
+    real step (BatchNorm running stats update here, unless update_stats=False).
     """
     buffers = {k: (b if update_stats else b.clone()) for k, b in model.named_buffers()}
     losses, jv = directional(model, params, v, x, lambda logits: F.cross_entropy(logits, y, reduction="none"),
@@ -158,11 +137,8 @@ def directional(model: torch.nn.Module, params: Params, v, x, out_fn, *, mode: s
 
 def reweighting_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, x_meta, y_meta,
                      lr: float, mode: str = "jvp") -> dict:
-    """One Learning-to-Reweight step (Ren et al. 2018), the worked example of a lookahead step.
-
-    With per-example weights eps = 0 the virtual step is theta' = theta, so the meta loss's
-    gradient v is taken at theta; the weights are w = max(-d L_meta / d eps, 0), normalised to
-    sum 1, and the real step descends sum_i w_i l_i, reusing the forward of the batch.
+    """One Learning-to-Reweight step (Ren et al. 2018): weights w = max(-d L_meta / d eps, 0) at
+    eps = 0 (so theta' = theta), normalised to sum 1; the real step descends sum_i w_i l_i.
     mode="exact": the general engine, `meta_gradient` with a double backward;
     mode="jvp":   the same numbers by one forward-mode pass (example_weight_meta_gradient);
     mode="fd":    a one-sided finite difference along v (approximate, cheapest).
