@@ -5,6 +5,8 @@
     python -m metabook bench [--preset cpu] [--seeds N] [--out DIR] [--set key=value ...]
                                    # every method against its baseline, same budget: one table
     python -m metabook config CHAPTER --preset cpu [--set key=value ...] [--json]  # every key explained
+    python -m metabook plan [CHAPTER ...] --preset P [--seeds K] [--json] [--write FILE]
+                                   # steps, FLOPs, peak memory and time on a few devices, before running
     python -m metabook build [--preset smoke|cpu|gpu|auto]                  # execute chapters, render the book
     python -m metabook student OUT_DIR                                      # notebooks without solutions
 
@@ -53,6 +55,15 @@ def _parser() -> argparse.ArgumentParser:
     cfg.add_argument("--preset", default="auto")
     cfg.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     cfg.add_argument("--json", action="store_true", help="print the resolved values as JSON")
+    plan = sub.add_parser("plan", help="what each arm and one-off stage of a chapter costs at a preset: steps, "
+                                       "FLOPs, peak memory, seconds here (measured) and on GPUs (estimated)")
+    plan.add_argument("chapters", nargs="*", metavar="CHAPTER", help="default: every chapter")
+    plan.add_argument("--preset", default="cpu")
+    plan.add_argument("--seeds", type=int, default=1, help="seeds the totals count (default 1)")
+    plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    plan.add_argument("--json", action="store_true", help="print one JSON object per (chapter, arm or stage)")
+    plan.add_argument("--write", metavar="FILE", help="also merge the rows into FILE (JSON), replacing that "
+                                                      "chapter and preset's rows (the book's plan: metabook/plans.json)")
     build = sub.add_parser("build", help="execute every chapter with papermill and render the book")
     build.add_argument("--preset", default="auto")
     build.add_argument("--build-dir", default="_build")
@@ -115,6 +126,23 @@ def _main(args) -> int:
                 print(f"{args.chapter} @ {cfg['preset']}: every key, its type, its value here, default, "
                       f"valid values and meaning (--json: the resolved values only)")
                 print(format_table(describe(chapter_module(args.chapter).SECTIONS, cfg)))
+        elif args.command == "plan":
+            from .methods import CHAPTERS
+            from .plan import as_json, format_plan, plan_chapter, write_plan
+
+            preset = resolve_preset(args.preset)
+            check_seeds(0, args.seeds)
+            unknown = [c for c in args.chapters if c not in CHAPTERS]
+            if unknown:
+                raise ConfigError(f"unknown chapter {unknown[0]!r}; choose from: {', '.join(CHAPTERS)}")
+            rows = []
+            for chapter in args.chapters or list(CHAPTERS):
+                print(f"planning {chapter} @ {preset} ...", file=sys.stderr)
+                rows += plan_chapter(chapter, preset, parse_overrides(args.set))
+            print(json.dumps(as_json(rows), indent=1) if args.json else format_plan(rows, args.seeds))
+            if args.write:
+                write_plan(rows, args.write)
+                print(f"wrote {args.write}", file=sys.stderr)
         elif args.command == "build":
             from .build import build_book
 

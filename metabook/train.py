@@ -119,6 +119,9 @@ class Method:
 
     name = "method"
     uses_meta = False             # does step() need the loop's meta batch?
+    # The config key that counts the repeated units of prepare() (its cost is about linear in it),
+    # and a small value of it: the planner measures prepare() at that value and at twice it.
+    one_off_units: tuple[str, int] | None = None
 
     def setup(self, ctx: Context) -> None:
         self.ctx, self.model = ctx, ctx.model
@@ -573,7 +576,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
                 budget_hit = elapsed >= cfg["time_budget_s"] and step < total
             if step % eval_steps == 0 or step == total or budget_hit:
                 flush()
-                history.append(_eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last))
+                history.append(eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last))
                 running = {"n": 0}
                 bar.set_postfix(test_acc=f"{history[-1]['test_acc']:.3f}")
             if on_step:
@@ -608,7 +611,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     return asdict(ArmRun(metrics=metrics, history=history, cost=cost, stopped_early=stopped))
 
 
-def _eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last: dict) -> dict:
+def eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last: dict) -> dict:
     """One history row: the window's mean training loss/accuracy, validation and test accuracy,
     the method's last-step metrics and its diagnostics (all outside the timed region)."""
     test_acc, test_loss = evaluate(model, data.test)
@@ -673,6 +676,23 @@ def _alive(pid: int) -> bool:
     return pid != os.getpid()
 
 
+def fresh_method(arm: Arm, cfg: dict, data: RunData, seed: int, total: int | None = None) -> Method:
+    """The arm's method on a fresh model (the run's initial weights for `seed`), set up for
+    `total` steps (default: the config's) and not prepared: what a run starts from."""
+    seed_everything(seed)
+    model = make_model(cfg, data.dataset.num_classes, data.train.y.device)
+    method = arm.factory(cfg)
+    method.setup(data.context(model, total or data.total_steps(cfg), seed))
+    return method
+
+
+def probe_step(method: Method, i: int, cfg: dict) -> dict:
+    """Step `i` of the run, with the batches and learning rate the loop would give it."""
+    streams, total = method.ctx.streams, method.ctx.total_steps
+    return method.step(streams.batch("train", i), streams.batch("meta", i) if method.uses_meta else None,
+                       lr_at(i, total, cfg))
+
+
 def step_peak_bytes(arm: Arm, cfg: dict, data: RunData, seed: int) -> tuple[int, str]:
     """Peak memory of an arm's first two steps, on a fresh model and method, outside any timed
     region and the run's RNG (bench.peak_step_bytes: the allocator on CUDA, the tensor meter
@@ -681,20 +701,9 @@ def step_peak_bytes(arm: Arm, cfg: dict, data: RunData, seed: int) -> tuple[int,
 
     device = data.train.y.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        seed_everything(seed)
-        model = make_model(cfg, data.dataset.num_classes, device)
-        method = arm.factory(cfg)
-        total = data.total_steps(cfg)
-        ctx = data.context(model, total, seed)
-        method.setup(ctx)
-        streams = ctx.streams
-
-        def two_steps():
-            for i in range(min(2, total)):
-                method.step(streams.batch("train", i), streams.batch("meta", i) if method.uses_meta else None,
-                            lr_at(i, total, cfg))
-
-        return peak_step_bytes(two_steps, device)
+        method = fresh_method(arm, cfg, data, seed)
+        return peak_step_bytes(lambda: [probe_step(method, i, cfg) for i in range(min(2, method.ctx.total_steps))],
+                               device)
 
 
 def _finished_run(path: Path, config: dict) -> dict | None:
@@ -845,13 +854,7 @@ def interleaved_step_costs(arms: dict, cfg: dict, steps: int = 20, seed: int = 0
     device = pick_device(cfg["device"])
     data = prepare_data(cfg, seed, device, dataset)
     streams, total = data.streams(), warmup + steps
-    methods = {}
-    for name, arm in arms.items():
-        arm_cfg = {**cfg, **arm.changes}
-        seed_everything(seed)
-        model = make_model(arm_cfg, data.dataset.num_classes, device)
-        methods[name] = arm.factory(arm_cfg)
-        methods[name].setup(data.context(model, total, seed))
+    methods = {name: fresh_method(arm, {**cfg, **arm.changes}, data, seed, total) for name, arm in arms.items()}
     timers = {name: StepTimer(device) for name in arms}
     for step in range(total):
         batch, meta_batch, lr = streams.batch("train", step), streams.batch("meta", step), lr_at(step, total, cfg)

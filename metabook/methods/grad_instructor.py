@@ -94,6 +94,7 @@ class GradInstructor(PlainBP):
     prepare() on this run's split, or the `enn` given (e.g. a recorded one)."""
 
     name = "grad_instructor"
+    one_off_units = ("gi.episodes", 8)
 
     def __init__(self, cfg: dict, enn: ENN | None = None):
         super().__init__(cfg)

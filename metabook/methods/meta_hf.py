@@ -597,6 +597,7 @@ class MLHF(Method):
     (so a resumed run does not meta-train again)."""
 
     name = "mlhf"
+    one_off_units = ("hf.mlhf_meta_steps", 1)
 
     def __init__(self, cfg: dict):
         self.c = c = section(cfg, HF)

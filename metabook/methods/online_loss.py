@@ -250,6 +250,7 @@ class OfflineLoss(Baseline):
     offline meta-loss trace and seconds, and the loss curve at every evaluation (`snapshots`)."""
 
     name = "offline_loss"
+    one_off_units = ("lfl.offline_steps", 5)
     uses_meta = True       # its offline stage needs the meta split (run_arms checks meta_size early)
 
     def __init__(self, cfg: dict):

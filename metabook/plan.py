@@ -1,0 +1,314 @@
+"""The planner: what a chapter costs before it runs (`python -m metabook plan`).
+
+For every arm of every experiment a chapter runs (its `experiments(cfg)`), and for every arm's
+one-off stage, at a preset:
+
+    steps       the steps the loop will run (one-off: the stage's units, e.g. meta-training steps)
+    flops       FLOPs of one real-size step counted by torch.utils.flop_counter, times the steps,
+                plus the evaluations (test and validation passes and the method's diagnostics)
+    peak_bytes  two real-size steps under the runner's own meter (train.step_peak_bytes: the
+                tensor meter on the CPU, the allocator on CUDA); one-off: its stage, measured
+    seconds     device -> seconds. `cpu`: measured here (median of real steps, one evaluation
+                timed), on this machine's threads. The GPUs: estimated as flops / throughput +
+                kernel launches x latency, at the throughput and latency DEVICES assumes.
+
+A one-off stage (Method.prepare) is measured at a small number of its units and at twice that
+(Method.one_off_units) and extrapolated linearly to the configured number. Estimates are per
+seed; a chapter's total multiplies by its seeds. `benchmarks/gpu_check.py` compares the GPU rows
+with measured steps when a GPU is at hand.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+
+import numpy as np
+import torch
+from torch.utils._python_dispatch import TorchDispatchMode
+from torch.utils.flop_counter import flop_registry
+
+from .config import pick_device
+from .data import load_dataset
+from .train import Method, eval_row, fresh_method, prepare_data, probe_step
+
+
+PLAN_FILE = Path(__file__).resolve().parent / "plans.json"     # the book's plan, shipped with the package
+
+
+@dataclass(frozen=True)
+class Device:
+    flops_per_s: float          # effective throughput assumed for these small CIFAR models
+    launch_s: float             # seconds per kernel launch assumed (eager PyTorch, one op per kernel)
+    assumes: str
+
+
+# Assumptions, not measurements: benchmarks/gpu_check.py measures them when a GPU is at hand.
+# Peak figures are NVIDIA's data-sheet numbers (dense); "effective" is the share a small CIFAR
+# network reaches in eager mode, a guess until gpu_check.py replaces it.
+DEVICES = {
+    "t4": Device(4e12, 10e-6, "T4, fp32 (what the code runs today): 4 TFLOP/s effective of 8.1 peak; 10 us a kernel"),
+    "t4_fp16": Device(16e12, 10e-6, "T4, fp16 autocast: 16 TFLOP/s effective of 65 peak; 10 us a kernel"),
+    "a100": Device(50e12, 6e-6, "A100, bf16 autocast: 50 TFLOP/s effective of 312 peak; 6 us a kernel"),
+    "h100": Device(120e12, 5e-6, "H100 SXM, bf16 autocast: 120 TFLOP/s effective of 989 peak; 5 us a kernel"),
+}
+
+
+@dataclass
+class Cost:
+    """The cost of one unit of work (a step, an evaluation, a one-off stage)."""
+    flops: float = 0.0
+    launches: int = 0           # kernels a GPU would launch (operators that are not views)
+    cpu_s: float = 0.0          # measured here
+
+    def __add__(self, other: Cost) -> Cost:
+        return Cost(self.flops + other.flops, self.launches + other.launches, self.cpu_s + other.cpu_s)
+
+    def __mul__(self, k: float) -> Cost:
+        return Cost(self.flops * k, round(self.launches * k), self.cpu_s * k)
+
+    def seconds(self) -> dict[str, float]:
+        return {"cpu": self.cpu_s, **{name: self.flops / d.flops_per_s + self.launches * d.launch_s
+                                      for name, d in DEVICES.items()}}
+
+
+@dataclass
+class PlanRow:
+    chapter: str
+    preset: str
+    arm: str
+    stage: str                  # "train" (the arm's steps and evaluations) or "one_off"
+    steps: int
+    flops: float
+    launches: int
+    peak_bytes: int
+    peak_kind: str
+    seconds: dict[str, float]   # device -> estimated seconds per seed ("cpu": measured here)
+    eval_seconds: dict[str, float] = field(default_factory=dict)   # the part of `seconds` that evaluates
+    experiment: str = ""        # which experiment of the chapter (chapter 8: the method)
+    config_sha: str = ""        # of the arm's config: a written plan is stale when it changes
+    units: str = ""             # one-off: what `steps` counts (the config key)
+    notes: list[str] = field(default_factory=list)
+
+
+class _Counter(TorchDispatchMode):
+    """FLOPs of the operators that run (torch.utils.flop_counter's formulas: matmuls,
+    convolutions, attention; forward and backward) and how many ran, views excluded (about the
+    kernels a GPU would launch). One plain dispatch mode: unlike FlopCounterMode it adds no
+    module hooks, so the memory meter around it sees only the step's own tensors."""
+
+    def __init__(self):
+        super().__init__()
+        self.flops, self.launches = 0, 0
+
+    def __torch_dispatch__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        out = func(*args, **kwargs)
+        self.launches += not func.is_view
+        if func.overloadpacket in flop_registry:
+            self.flops += flop_registry[func.overloadpacket](*args, **kwargs, out_val=out)
+        return out
+
+
+def _sync(device: torch.device) -> None:
+    if device.type == "cuda":
+        torch.cuda.synchronize(device)
+
+
+def counted(fn, device: torch.device) -> tuple[Cost, int, str]:
+    """(FLOPs and launches, peak bytes, what measured the peak) of one call of fn(), with the
+    runner's memory meter (bench.peak_step_bytes) around the counters."""
+    from .bench import peak_step_bytes
+
+    counter = _Counter()
+
+    def run():
+        with counter:
+            fn()
+    peak, kind = peak_step_bytes(run, device)
+    return Cost(float(counter.flops), counter.launches), peak, kind
+
+
+def timed(fn, device: torch.device, repeats: int = 1) -> float:
+    """Median seconds of `repeats` calls of fn()."""
+    times = []
+    for _ in range(repeats):
+        _sync(device)
+        t0 = time.perf_counter()
+        fn()
+        _sync(device)
+        times.append(time.perf_counter() - t0)
+    return float(np.median(times))
+
+
+def config_sha(cfg: dict) -> str:
+    return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
+
+
+def _evaluations(total: int, steps_per_epoch: int, eval_every: float) -> int:
+    """How many times the loop evaluates in `total` steps (train.train's rule)."""
+    every = max(1, round(eval_every * steps_per_epoch))
+    return total // every + (total % every != 0)
+
+
+def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[Cost, int, str, Cost]:
+    """(one step, peak bytes, peak kind, one evaluation) of a fresh method. Steps 0 and 1 run
+    under the counters and the runner's memory meter (the peak is train.step_peak_bytes's: the
+    first two steps); steps 2.. are timed; then one evaluation (test, validation, diagnostics)."""
+    device = data.train.y.device
+    two, peak, kind = counted(lambda: [probe_step(method, i, cfg) for i in (0, 1)], device)
+    i = iter(range(2, 10**9))
+    step = two * 0.5
+    step.cpu_s = timed(lambda: probe_step(method, next(i), cfg), device, timed_steps)
+    streams, spe = method.ctx.streams, method.ctx.steps_per_epoch
+
+    def one_eval():
+        with torch.no_grad():
+            eval_row(method, method.model, data, streams, 1, spe, cfg["lr"], {"n": 0}, 0.0, {})
+    evaluation, _, _ = counted(one_eval, device)
+    evaluation.cpu_s = timed(one_eval, device)
+    return step, peak, kind, evaluation
+
+
+def _one_off(arm, cfg: dict, data, seed: int) -> tuple[Cost, int, str, int, str, str] | None:
+    """(cost, units, unit key, peak bytes, peak kind, how it was measured) of the arm's prepare(),
+    or None if it has none."""
+    method = arm.factory(cfg)
+    if type(method).prepare is Method.prepare:
+        return None
+    device = data.train.y.device
+    key, small = method.one_off_units or ("", 0)
+    full = cfg[key] if key else 1
+    points = [full] if not key or full <= 2 * small else [small, 2 * small]
+    costs, peaks = [], []
+    for n in points:
+        c = {**cfg, key: n} if key else cfg
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            cost, peak, kind = counted(fresh_method(arm, c, data, seed).prepare, device)
+            cost.cpu_s = timed(fresh_method(arm, c, data, seed).prepare, device)
+        costs.append(cost)
+        peaks.append(peak)
+    if len(points) == 1:
+        return costs[0], full, key, peaks[0], kind, "measured"
+    a, b = costs
+    per_unit = Cost(max(b.flops - a.flops, 0.0), max(b.launches - a.launches, 0), max(b.cpu_s - a.cpu_s, 0.0)) * (1 / small)
+    return (a + per_unit * (full - small), full, key, max(peaks), kind,
+            f"measured at {key}={small} and {2 * small}, extrapolated linearly to {full}")
+
+
+def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: int = 3) -> list[PlanRow]:
+    """The rows of one train.Experiment: every arm's training (and its one-off stage), and the
+    reference arm at the same-time arm's wall-clock when the experiment has one."""
+    device = pick_device(exp.cfg["device"])
+    dataset = dataset or load_dataset(exp.cfg["dataset"])
+    data = prepare_data(exp.cfg, seed, device, dataset)
+    rows, totals, per_step = [], {}, {}
+    for name, arm in exp.arms.items():
+        cfg = {**exp.cfg, **arm.changes}
+        total = data.total_steps(cfg)
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            step, peak, kind, evaluation = _step_and_eval(fresh_method(arm, cfg, data, seed), cfg, data, timed_steps)
+        n_eval = _evaluations(total, len(data.train), cfg["eval_every"])
+        train_cost = step * total + evaluation * n_eval
+        per_step[name] = (step, evaluation)
+        base = dict(chapter=exp.chapter, preset=preset, arm=name, peak_kind=kind, experiment=exp.label,
+                    config_sha=config_sha(cfg))
+        rows.append(PlanRow(**base, stage="train", steps=total, flops=train_cost.flops,
+                            launches=train_cost.launches, peak_bytes=peak, seconds=train_cost.seconds(),
+                            eval_seconds=(evaluation * n_eval).seconds(),
+                            notes=[f"{n_eval} evaluations of {len(data.test.y)} test + {len(data.val.y)} "
+                                   f"validation images"]))
+        totals[name] = train_cost.seconds()
+        one_off = _one_off(arm, cfg, data, seed)
+        if one_off:
+            cost, units, key, opeak, okind, how = one_off
+            rows.append(PlanRow(**{**base, "peak_kind": okind}, stage="one_off", steps=units, flops=cost.flops,
+                                launches=cost.launches, peak_bytes=opeak, seconds=cost.seconds(), units=key,
+                                notes=[how]))
+            totals[name] = {d: totals[name][d] + s for d, s in cost.seconds().items()}
+    if exp.same_time_for:        # the reference arm for the target arm's wall-clock, on each device
+        step, evaluation = per_step[exp.reference]
+        budget = totals[exp.same_time_for]
+        steps = max(1, math.floor(budget["cpu"] / max(step.cpu_s, 1e-9)))
+        n_eval = _evaluations(steps, len(data.train), exp.cfg["eval_every"])
+        ref_row = next(r for r in rows if r.arm == exp.reference and r.stage == "train")
+        cost = step * steps + evaluation * n_eval
+        rows.append(PlanRow(chapter=exp.chapter, preset=preset, arm=f"{exp.reference}_same_time", stage="train",
+                            steps=steps, flops=cost.flops, launches=cost.launches, peak_bytes=ref_row.peak_bytes,
+                            peak_kind=ref_row.peak_kind, experiment=exp.label, config_sha=ref_row.config_sha,
+                            seconds={d: budget[d] + (evaluation * n_eval).seconds()[d] for d in budget},
+                            eval_seconds=(evaluation * n_eval).seconds(),
+                            notes=[f"{exp.same_time_for}'s time on each device (steps: on this CPU)"]))
+    return rows
+
+
+def plan_chapter(chapter: str, preset: str, overrides: dict | None = None, seed: int = 0,
+                 dataset=None) -> list[PlanRow]:
+    """Every row of a chapter's experiments at a preset."""
+    from .methods import chapter_config, chapter_module
+
+    cfg = chapter_config(chapter, preset, overrides)
+    rows = []
+    for exp in chapter_module(chapter).experiments(cfg):
+        for row in plan_experiment(exp, cfg["preset"], seed, dataset):
+            row.chapter = chapter          # chapter 8's experiments are the method chapters' arms
+            rows.append(row)
+    return rows
+
+
+def chapter_seconds(rows: list[PlanRow], chapter: str, preset: str, device: str = "cpu") -> float:
+    """A chapter's estimated seconds per seed on `device`."""
+    return sum(r.seconds[device] for r in rows if r.chapter == chapter and r.preset == preset)
+
+
+def _fmt_s(s: float) -> str:
+    return f"{s:.0f} s" if s < 120 else f"{s / 60:.1f} min" if s < 7200 else f"{s / 3600:.1f} h"
+
+
+def format_plan(rows: list[PlanRow], seeds: int = 1) -> str:
+    """A text table of the rows (per seed), a total per chapter (times `seeds`), and what each
+    device's estimate assumes."""
+    devices = ["cpu", *DEVICES]
+    head = f"{'chapter':16s} {'arm':28s} {'stage':8s} {'steps':>7s} {'TFLOP':>8s} {'peak':>9s} " + \
+        " ".join(f"{d:>9s}" for d in devices)
+    lines = [head, "-" * len(head)]
+    for chapter in dict.fromkeys(r.chapter for r in rows):
+        mine = [r for r in rows if r.chapter == chapter]
+        for r in mine:
+            arm = f"{r.experiment}:{r.arm}" if r.experiment else r.arm
+            lines.append(f"{chapter:16s} {arm:28s} {r.stage:8s} {r.steps:7d} {r.flops / 1e12:8.2f} "
+                         f"{r.peak_bytes / 2**20:7.0f}Mi " + " ".join(f"{_fmt_s(r.seconds[d]):>9s}" for d in devices))
+        total = {d: seeds * sum(r.seconds[d] for r in mine) for d in devices}
+        peak = max(r.peak_bytes for r in mine)
+        lines.append(f"{chapter:16s} {'TOTAL x' + str(seeds) + ' seed(s)':28s} {'':8s} {'':7s} {'':8s} "
+                     f"{peak / 2**20:7.0f}Mi " + " ".join(f"{_fmt_s(total[d]):>9s}" for d in devices))
+    lines.append("")
+    lines.append(f"cpu: measured on this machine ({torch.get_num_threads()} threads); peak: "
+                 f"{rows[0].peak_kind if rows else ''}")
+    lines += [f"{name}: {d.assumes}" for name, d in DEVICES.items()]
+    return "\n".join(lines)
+
+
+def as_json(rows: list[PlanRow]) -> list[dict]:
+    return [asdict(r) for r in rows]
+
+
+def read_plan(path=PLAN_FILE) -> list[dict]:
+    """The rows of a written plan ([] if there is none)."""
+    path = Path(path)
+    return json.loads(path.read_text())["rows"] if path.exists() else []
+
+
+def write_plan(rows: list[PlanRow], path=PLAN_FILE) -> None:
+    """Merge `rows` into the plan at `path`: the (chapter, preset) pairs they cover are replaced."""
+    from .results import provenance
+
+    covered = {(r.chapter, r.preset) for r in rows}
+    kept = [r for r in read_plan(path) if (r["chapter"], r["preset"]) not in covered]
+    device = pick_device("auto")
+    Path(path).write_text(json.dumps({"provenance": provenance(device), "devices": {
+        "cpu": f"measured on this machine ({torch.get_num_threads()} threads)",
+        **{n: d.assumes for n, d in DEVICES.items()}}, "rows": kept + as_json(rows)}, indent=1) + "\n")
