@@ -175,3 +175,38 @@ def format_table(rows: list[dict]) -> str:
     width = {c: max(len(str(c)), *(len(str(r[c])) for r in rows)) for c in cols}
     line = lambda r: "  ".join(str(r[c]).ljust(width[c]) for c in cols)
     return "\n".join([line({c: c for c in cols}), "  ".join("-" * width[c] for c in cols)] + [line(r) for r in rows])
+
+
+# ----------------------------------------------------------------------------- where a notebook keeps its runs
+
+DRIVE = Path("/content/drive/MyDrive")     # where Colab mounts Google Drive (drive.mount("/content/drive"))
+
+
+def on_colab() -> bool:
+    """True in a Google Colab kernel (its `google.colab` module is importable)."""
+    import importlib.util
+
+    try:
+        return importlib.util.find_spec("google.colab") is not None
+    except ModuleNotFoundError:           # no `google` package at all
+        return False
+
+
+def notebook_out_dir(name: str, preset: str, out_dir: str | Path | None = None, *,
+                     drive: str | Path = DRIVE, colab: bool | None = None) -> Path:
+    """The folder where a chapter notebook keeps its runs (checkpoints, finished arms, records),
+    so that running the chapter again after a disconnect or a kill resumes instead of starting over.
+
+    `out_dir` if given. Else, on Colab with Google Drive mounted at `drive`:
+    drive/metabook/runs/<name>-<preset> (it outlives the VM). Else runs/<name>-<preset> under the
+    book's root: the nearest folder at or above the working directory that holds _toc.yml (a
+    notebook runs with its own folder, book/, as working directory), or the working directory.
+    """
+    if out_dir is not None and str(out_dir) != "":
+        return Path(out_dir)
+    colab = on_colab() if colab is None else colab
+    if colab and Path(drive).is_dir():
+        return Path(drive) / "metabook" / "runs" / f"{name}-{preset}"
+    here = Path.cwd().resolve()
+    root = next((p for p in (here, *here.parents) if (p / "_toc.yml").is_file()), here)
+    return root / "runs" / f"{name}-{preset}"
