@@ -1,7 +1,10 @@
 # Two commands for a newcomer:  make book   (the main job)   and   make test.
 # Both create .venv (unless a virtual environment is already active), install requirements.txt
 # into it once (again whenever requirements.txt or pyproject.toml change), then do their job.
-PRESET ?= auto
+# `make book` executes every chapter at `smoke` (minutes on 2 cores, no GPU needed; the prose rests on the
+# recorded runs the chapters display) and ends by printing how to execute at `cpu` or `gpu` and how long
+# the planner says each takes. make book PRESET=cpu (or gpu, auto, paper) executes at that budget.
+PRESET ?= smoke
 # The project's CI and developer machines keep CIFAR-10 in ../shared/data; readers download it.
 METABOOK_DATA ?= $(if $(wildcard ../shared/data/cifar10.npz),$(abspath ../shared/data),)
 export METABOOK_DATA

@@ -29,6 +29,7 @@ import datetime
 import json
 import os
 import platform
+import re
 import shutil
 import subprocess
 import sys
@@ -234,6 +235,61 @@ def write_student_versions(src_dir: str | Path, out_dir: str | Path) -> list[Pat
     return written
 
 
+# --------------------------------------------------------------------------------------------
+# The install cell: the repository URL from _config.yml, pinned to the commit that renders
+# --------------------------------------------------------------------------------------------
+
+INSTALL_MARK = "# metabook-install"     # ends the one %pip line of a chapter that the build pins
+_INSTALL_LINE = re.compile(r'^(?P<indent>[ \t]*)%pip install -q "metabook @ [^"]*"[^\n]*' + re.escape(INSTALL_MARK)
+                           + r"[^\n]*$", re.M)
+
+
+def repository_url(root: str | Path = ".") -> str:
+    """`repository.url` of root/_config.yml: the one place the repository's address is written."""
+    path = Path(root) / "_config.yml"
+    try:
+        url = (yaml.safe_load(path.read_text(encoding="utf-8")) or {}).get("repository", {}).get("url")
+    except (OSError, yaml.YAMLError, AttributeError) as err:
+        raise BuildError(f"cannot read repository.url from {path} ({type(err).__name__}: "
+                         f"{_one_line(err)}); it needs `repository:` with `url: https://...`") from None
+    if not isinstance(url, str) or not url.startswith(("https://", "http://")):
+        raise BuildError(f"{path} has no usable repository.url (found {url!r}); set it to the "
+                         f"repository's https address")
+    return url.rstrip("/")
+
+
+def book_version(root: str | Path = ".") -> tuple[str, str]:
+    """(ref, note): the git commit that is rendering the book (`git rev-parse HEAD` in root), or,
+    outside a git checkout, the package version's tag (v0.1.0) with a note saying so."""
+    from . import __version__
+
+    try:
+        out = subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True,
+                             cwd=root, timeout=10)
+        commit = out.stdout.strip() if out.returncode == 0 else ""
+    except (OSError, subprocess.SubprocessError):
+        commit = ""
+    if re.fullmatch(r"[0-9a-f]{40}", commit):
+        dirty = subprocess.run(["git", "status", "--porcelain", "--untracked-files=no"], capture_output=True,
+                               text=True, cwd=root, timeout=10).stdout.strip()
+        return commit, (f"pinned to commit {commit[:12]}, the one that rendered this page"
+                        + (" (plus uncommitted changes to it)" if dirty else ""))
+    return (f"v{__version__}", f"pinned to the tag v{__version__} (the package version): this page was "
+                               f"built outside a git checkout, so its commit is unknown")
+
+
+def pin_install_cells(nb, url: str, ref: str, note: str) -> int:
+    """Rewrite the marked install line of `nb` (in place) to install metabook from `url` at
+    `ref`, with `note` as its comment. Returns the number of lines rewritten."""
+    line = f'%pip install -q "metabook @ git+{url}@{ref}"  {INSTALL_MARK}: {note}'
+    count = 0
+    for cell in nb.cells:
+        if cell.cell_type == "code" and INSTALL_MARK in cell.source:
+            cell.source, n = _INSTALL_LINE.subn(lambda m: m["indent"] + line, cell.source)
+            count += n
+    return count
+
+
 def _check_parameters_cell(path: Path) -> None:
     nb = nbformat.read(path, as_version=4)
     n = sum(PARAMETERS_TAG in _tags(c) for c in nb.cells if c.cell_type == "code")
@@ -335,6 +391,54 @@ def temporary_environ(env: dict[str, str]):
         os.environ.update(saved)
 
 
+# --------------------------------------------------------------------------------------------
+# After the build: how to execute at a real budget, and how long that takes (the planner's table)
+# --------------------------------------------------------------------------------------------
+
+PLANS = "plans.json"      # the planner's estimates, package data: metabook/plans.json
+# Which of the planner's devices each preset is meant for (name prefixes of its `seconds` keys).
+PRESET_DEVICES = {"cpu": ("cpu",), "gpu": ("t4",)}
+
+
+def _minutes(seconds: float) -> str:
+    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
+
+
+def next_steps_message(plans: str | Path | None = None) -> str:
+    """What `make book` prints last: how to execute the chapters at `cpu` or `gpu`, with the
+    planner's estimated time for each (summed over every arm and one-off stage of every chapter,
+    read from metabook/plans.json: a list of {chapter, preset, arm, steps, flops, peak_bytes,
+    seconds: {device: s}}). Without that file it names the command that prints the estimates."""
+    from importlib import resources
+
+    path = Path(plans) if plans is not None else Path(str(resources.files("metabook") / PLANS))
+    head = "To execute the chapters at a real budget (the prose discusses the recorded cpu runs either way):"
+    try:
+        rows = json.loads(path.read_text(encoding="utf-8"))
+        assert isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
+    except (OSError, ValueError, AssertionError):
+        return (f"{head}\n  make book PRESET=cpu     # a laptop, no GPU\n  make book PRESET=gpu     # one CUDA GPU\n"
+                f"How long each takes: python -m metabook plan --preset cpu   (and --preset gpu)")
+    lines = [head]
+    for preset, prefixes in PRESET_DEVICES.items():
+        totals: dict[str, dict[str, float]] = {}          # device -> chapter -> seconds
+        for row in (r for r in rows if r.get("preset") == preset):
+            for device, sec in (row.get("seconds") or {}).items():
+                if device.startswith(prefixes) and isinstance(sec, (int, float)):
+                    per = totals.setdefault(device, {})
+                    per[str(row.get("chapter"))] = per.get(str(row.get("chapter")), 0.0) + sec
+        if not totals:
+            lines.append(f"  make book PRESET={preset:4s}   # no {preset} estimate in {path.name}: "
+                         f"python -m metabook plan --preset {preset}")
+            continue
+        for device, per in totals.items():
+            slowest = max(per, key=per.get)
+            lines.append(f"  make book PRESET={preset:4s}   # planned on {device}: {_minutes(sum(per.values()))} "
+                         f"in all; longest: {slowest}, {_minutes(per[slowest])}")
+    lines.append("Per chapter and arm: python -m metabook plan --preset cpu   (or gpu)")
+    return "\n".join(lines)
+
+
 def _write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
@@ -417,9 +521,14 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
             shutil.copy2(nb_path, executed / path.name)
     report["execution_seconds"] = round(time.perf_counter() - t_all, 1)
 
+    pin = None            # (url, ref, note), read once the first marked install cell needs it
     for path in all_chapters:
         nb_path = src / path.relative_to(root)
         nb = nbformat.read(nb_path, as_version=4)
+        if any(c.cell_type == "code" and INSTALL_MARK in c.source for c in nb.cells):
+            pin = pin or (repository_url(root), *book_version(root))
+            pin_install_cells(nb, *pin)
+            report["install"] = {"url": pin[0], "ref": pin[1]}
         tag_for_rendering(nb)
         nbformat.write(nb, nb_path)
 
@@ -446,4 +555,6 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
     os.replace(jb_out / "_build" / "html", html)
     index = html / "index.html"
     print(f"[book] {index}", flush=True)
+    if preset == "smoke":
+        print(next_steps_message(), flush=True)
     return index
