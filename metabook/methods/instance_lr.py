@@ -1,31 +1,23 @@
 """Per-instance dynamic learning rates (after Saxena, Vyas, DeCoste 2021, arXiv 2105.13464).
 
-Every training example i keeps a log learning rate sigma_i (persistent across epochs, start 0,
-clipped to [sigma_min, sigma_max]); its gradient is scaled by r_i = exp(sigma_i) in the real step:
-
-    theta_{t+1} = theta_t - eta_t / B * sum_{i in B} r_i grad l_i(theta_t)        (then momentum, wd)
-
-sigma is learned by the one-step lookahead on a clean meta batch. The virtual step is a plain SGD
-step with the current eta_t; theta' is linear in r, so the meta-gradient is exact and is a
-Jacobian-vector product (no double backward, see chapter 1):
-
-    d L_meta(theta') / d sigma_i = -(eta_t / B) * r_i * <grad L_meta(theta'), grad l_i(theta_t)>
-
-The paper's own parameterisation, meta-objective and update rule could not be read (methods.md
-section 3: reconstruction [R]); this file implements that reconstruction and says so.
+Every training example i keeps a log learning rate sigma_i (clipped to [sigma_min, sigma_max]);
+the real step scales its gradient by r_i = exp(sigma_i), and sigma is learned by the one-step
+lookahead on a clean meta batch, its meta-gradient a Jacobian-vector product (chapter 4 derives
+it). The paper's own parameterisation, meta-objective and update rule could not be read
+(methods.md section 3): this file is our reconstruction [R].
 """
 from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import ClassVar
 
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError, knob, section
 from ..data import Batch
 from ..meta import (example_weight_meta_gradient, forward, lookahead_params, model_params,
                     reweighting_step)
-from dataclasses import dataclass
-from typing import ClassVar
-
-from ..config import ConfigError, knob, section
 from ..results import roc_auc
 from ..train import Arm, Experiment, run_experiment
 from .baseline import Baseline, set_lr
@@ -56,7 +48,33 @@ def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: fl
     return jv * r / b, losses, meta.detach()
 
 
-class InstanceLR(Baseline):
+@torch.no_grad()
+def per_example_losses(model, streams, split: str = "train") -> torch.Tensor:
+    """(N,) cross-entropy of every example of a split (its stored labels, after any corruption),
+    eval mode, no augmentation, in the split's order."""
+    was = model.training
+    model.eval()
+    n = streams.size(split)
+    out = torch.empty(n, device=next(model.parameters()).device)
+    for s in range(0, n, 500):
+        b = streams.examples(split, s, s + 500)
+        out[s:s + len(b.y)] = F.cross_entropy(model(b.x), b.y, reduction="none")
+    model.train(was)
+    return out
+
+
+class NoisyBaseline(Baseline):
+    """Plain SGD (the `baseline` arm), reporting the free noise detector at the end: the ROC-AUC
+    of its own per-example training loss for telling corrupted labels from clean ones."""
+
+    def extras(self, streams) -> dict:
+        corrupted = streams.corrupted
+        if not corrupted.any() or corrupted.all():
+            return {}
+        return {"loss_auc": roc_auc(per_example_losses(self.model, streams).cpu(), corrupted.cpu())}
+
+
+class InstanceLR(NoisyBaseline):
     """The method as a plug-in of the training loop. State: sigma (N_train,), the optimizer."""
 
     name = "instance_lr"
@@ -95,53 +113,25 @@ class InstanceLR(Baseline):
         return out
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "sigma": self.sigma}
+        return {**super().state_dict(), "sigma": self.sigma}
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
+        super().load_state_dict(state)
         self.sigma.copy_(state["sigma"])
 
     def extras(self, streams) -> dict:
         """Final rates and how well a low rate flags a corrupted label (ROC-AUC), with the free
-        detector beside it: the final model's per-example training loss."""
+        detector beside it (loss_auc, as for the baseline)."""
         q = torch.tensor([0.1, 0.5, 0.9], device=self.sigma.device)
         out = {"rate_quantiles": torch.quantile(self.sigma.exp(), q).tolist()}
-        corrupted = streams.corrupted
-        if corrupted.any() and not corrupted.all():
-            out["noise_auc"] = roc_auc(-self.sigma.cpu(), corrupted.cpu())
-            out["loss_auc"] = roc_auc(per_example_losses(self.model, streams).cpu(), corrupted.cpu())
-        return out
+        if streams.corrupted.any() and not streams.corrupted.all():
+            out["noise_auc"] = roc_auc(-self.sigma.cpu(), streams.corrupted.cpu())
+        return {**out, **super().extras(streams)}
 
     def artifacts(self) -> dict:
         """The final rate r_i of every training example (run_arms saves it with the split's
         indices, labels and corruption mask)."""
         return {"rate": self.sigma.exp().cpu().numpy()}
-
-
-@torch.no_grad()
-def per_example_losses(model, streams, split: str = "train") -> torch.Tensor:
-    """(N,) cross-entropy of every example of a split (its stored labels, after any corruption),
-    eval mode, no augmentation, in the split's order."""
-    was = model.training
-    model.eval()
-    n = streams.size(split)
-    out = torch.empty(n, device=next(model.parameters()).device)
-    for s in range(0, n, 500):
-        b = streams.examples(split, s, s + 500)
-        out[s:s + len(b.y)] = F.cross_entropy(model(b.x), b.y, reduction="none")
-    model.train(was)
-    return out
-
-
-class NoisyBaseline(Baseline):
-    """Plain SGD (the `baseline` arm), reporting the free noise detector at the end: the ROC-AUC
-    of its own per-example training loss for telling corrupted labels from clean ones."""
-
-    def extras(self, streams) -> dict:
-        corrupted = streams.corrupted
-        if not corrupted.any() or corrupted.all():
-            return {}
-        return {"loss_auc": roc_auc(per_example_losses(self.model, streams).cpu(), corrupted.cpu())}
 
 
 class ReweightL2RW(Baseline):
