@@ -62,6 +62,8 @@ def _parser() -> argparse.ArgumentParser:
     plan.add_argument("--seeds", type=int, default=1, help="seeds the totals count (default 1)")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     plan.add_argument("--json", action="store_true", help="print one JSON object per (chapter, arm or stage)")
+    plan.add_argument("--count-only", action="store_true",
+                      help="FLOPs and memory only, no timing here (quicker for the gpu and paper presets)")
     plan.add_argument("--write", metavar="FILE", help="also merge the rows into FILE (JSON), replacing that "
                                                       "chapter and preset's rows (the book's plan: metabook/plans.json)")
     build = sub.add_parser("build", help="execute every chapter with papermill and render the book")
@@ -138,7 +140,7 @@ def _main(args) -> int:
             rows = []
             for chapter in args.chapters or list(CHAPTERS):
                 print(f"planning {chapter} @ {preset} ...", file=sys.stderr)
-                rows += plan_chapter(chapter, preset, parse_overrides(args.set))
+                rows += plan_chapter(chapter, preset, parse_overrides(args.set), timed_steps=0 if args.count_only else 3)
             print(json.dumps(as_json(rows), indent=1) if args.json else format_plan(rows, args.seeds))
             if args.write:
                 write_plan(rows, args.write)

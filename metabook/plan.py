@@ -71,7 +71,9 @@ class Cost:
         return Cost(self.flops * k, round(self.launches * k), self.cpu_s * k)
 
     def seconds(self) -> dict[str, float]:
-        return {"cpu": self.cpu_s, **{name: self.flops / d.flops_per_s + self.launches * d.launch_s
+        """device -> seconds; no "cpu" when this machine's time was not measured (count_only)."""
+        here = {} if math.isnan(self.cpu_s) else {"cpu": self.cpu_s}
+        return {**here, **{name: self.flops / d.flops_per_s + self.launches * d.launch_s
                                       for name, d in DEVICES.items()}}
 
 
@@ -133,7 +135,9 @@ def counted(fn, device: torch.device) -> tuple[Cost, int, str]:
 
 
 def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    """Median seconds of `repeats` calls of fn()."""
+    """Median seconds of `repeats` calls of fn() (NaN for none)."""
+    if repeats == 0:
+        return float("nan")
     times = []
     for _ in range(repeats):
         _sync(device)
@@ -169,11 +173,11 @@ def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[C
         with torch.no_grad():
             eval_row(method, method.model, data, streams, 1, spe, cfg["lr"], {"n": 0}, 0.0, {})
     evaluation, _, _ = counted(one_eval, device)
-    evaluation.cpu_s = timed(one_eval, device)
+    evaluation.cpu_s = timed(one_eval, device, min(timed_steps, 1))
     return step, peak, kind, evaluation
 
 
-def _one_off(arm, cfg: dict, data, seed: int) -> tuple[Cost, int, str, int, str, str] | None:
+def _one_off(arm, cfg: dict, data, seed: int, time_it: bool = True) -> tuple[Cost, int, str, int, str, str] | None:
     """(cost, units, unit key, peak bytes, peak kind, how it was measured) of the arm's prepare(),
     or None if it has none."""
     method = arm.factory(cfg)
@@ -188,7 +192,7 @@ def _one_off(arm, cfg: dict, data, seed: int) -> tuple[Cost, int, str, int, str,
         c = {**cfg, key: n} if key else cfg
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             cost, peak, kind = counted(fresh_method(arm, c, data, seed).prepare, device)
-            cost.cpu_s = timed(fresh_method(arm, c, data, seed).prepare, device)
+            cost.cpu_s = timed(fresh_method(arm, c, data, seed).prepare, device) if time_it else float("nan")
         costs.append(cost)
         peaks.append(peak)
     if len(points) == 1:
@@ -201,7 +205,8 @@ def _one_off(arm, cfg: dict, data, seed: int) -> tuple[Cost, int, str, int, str,
 
 def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: int = 3) -> list[PlanRow]:
     """The rows of one train.Experiment: every arm's training (and its one-off stage), and the
-    reference arm at the same-time arm's wall-clock when the experiment has one."""
+    reference arm at the same-time arm's wall-clock when the experiment has one. timed_steps=0
+    counts FLOPs and memory only (no "cpu" seconds: quicker for presets meant for a GPU)."""
     device = pick_device(exp.cfg["device"])
     dataset = dataset or load_dataset(exp.cfg["dataset"])
     data = prepare_data(exp.cfg, seed, device, dataset)
@@ -222,7 +227,7 @@ def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: 
                             notes=[f"{n_eval} evaluations of {len(data.test.y)} test + {len(data.val.y)} "
                                    f"validation images"]))
         totals[name] = train_cost.seconds()
-        one_off = _one_off(arm, cfg, data, seed)
+        one_off = _one_off(arm, cfg, data, seed, time_it=timed_steps > 0)
         if one_off:
             cost, units, key, opeak, okind, how = one_off
             rows.append(PlanRow(**{**base, "peak_kind": okind}, stage="one_off", steps=units, flops=cost.flops,
@@ -232,7 +237,8 @@ def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: 
     if exp.same_time_for:        # the reference arm for the target arm's wall-clock, on each device
         step, evaluation = per_step[exp.reference]
         budget = totals[exp.same_time_for]
-        steps = max(1, math.floor(budget["cpu"] / max(step.cpu_s, 1e-9)))
+        here = "cpu" if "cpu" in budget else "t4"
+        steps = max(1, math.floor(budget[here] / max(step.seconds()[here], 1e-12)))
         n_eval = _evaluations(steps, len(data.train), exp.cfg["eval_every"])
         ref_row = next(r for r in rows if r.arm == exp.reference and r.stage == "train")
         cost = step * steps + evaluation * n_eval
@@ -241,27 +247,27 @@ def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: 
                             peak_kind=ref_row.peak_kind, experiment=exp.label, config_sha=ref_row.config_sha,
                             seconds={d: budget[d] + (evaluation * n_eval).seconds()[d] for d in budget},
                             eval_seconds=(evaluation * n_eval).seconds(),
-                            notes=[f"{exp.same_time_for}'s time on each device (steps: on this CPU)"]))
+                            notes=[f"{exp.same_time_for}'s time on each device (steps: as on {here})"]))
     return rows
 
 
 def plan_chapter(chapter: str, preset: str, overrides: dict | None = None, seed: int = 0,
-                 dataset=None) -> list[PlanRow]:
+                 dataset=None, timed_steps: int = 3) -> list[PlanRow]:
     """Every row of a chapter's experiments at a preset."""
     from .methods import chapter_config, chapter_module
 
     cfg = chapter_config(chapter, preset, overrides)
     rows = []
     for exp in chapter_module(chapter).experiments(cfg):
-        for row in plan_experiment(exp, cfg["preset"], seed, dataset):
+        for row in plan_experiment(exp, cfg["preset"], seed, dataset, timed_steps):
             row.chapter = chapter          # chapter 8's experiments are the method chapters' arms
             rows.append(row)
     return rows
 
 
-def chapter_seconds(rows: list[PlanRow], chapter: str, preset: str, device: str = "cpu") -> float:
-    """A chapter's estimated seconds per seed on `device`."""
-    return sum(r.seconds[device] for r in rows if r.chapter == chapter and r.preset == preset)
+def chapter_seconds(rows: list[dict], chapter: str, preset: str, device: str = "cpu") -> float:
+    """A chapter's estimated seconds per seed on `device` (rows as written: dicts)."""
+    return sum(r["seconds"][device] for r in rows if r["chapter"] == chapter and r["preset"] == preset)
 
 
 def _fmt_s(s: float) -> str:
@@ -271,7 +277,7 @@ def _fmt_s(s: float) -> str:
 def format_plan(rows: list[PlanRow], seeds: int = 1) -> str:
     """A text table of the rows (per seed), a total per chapter (times `seeds`), and what each
     device's estimate assumes."""
-    devices = ["cpu", *DEVICES]
+    devices = [d for d in ("cpu", *DEVICES) if all(d in r.seconds for r in rows)]
     head = f"{'chapter':16s} {'arm':28s} {'stage':8s} {'steps':>7s} {'TFLOP':>8s} {'peak':>9s} " + \
         " ".join(f"{d:>9s}" for d in devices)
     lines = [head, "-" * len(head)]

@@ -26,7 +26,7 @@ DEFAULTS: dict = {"model": "plain_cnn", "width": 16}
 PRESETS: dict = {
     "smoke": {"train_size": 1000, "meta_size": 200, "epochs": 1.0, "depths": [4, 10], "width": 8},
     "cpu": {"train_size": 10000, "epochs": 5.0, "depths": [4, 8, 16, 32], "channels_last": True},
-    "gpu": {"epochs": 30.0, "depths": [8, 16, 32, 56], "width": 32, "batch_size": 256},
+    "gpu": {"train_size": 20000, "epochs": 15.0, "depths": [8, 16, 32, 56], "width": 16},
     "paper": {"epochs": 160.0, "depths": [20, 32, 56, 110], "width": 16, "schedule": "cosine", "meta_size": 0},
 }
 

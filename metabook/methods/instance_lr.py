@@ -172,7 +172,7 @@ PRESETS: dict = {
     # 10,000 noisy training images, 10 epochs: each example's rate is updated 10 times, and the
     # four arms (with baseline_same_time) train for about 16 minutes on 2 CPU cores.
     "cpu": {"train_size": 10000, "epochs": 10.0},
-    "gpu": {"epochs": 40.0, "model": "resnet18", "width": 64, "batch_size": 100},
+    "gpu": {"train_size": 20000, "epochs": 20.0, "model": "resnet18", "width": 32},
     "paper": {"epochs": 40.0, "model": "resnet18", "width": 64, "batch_size": 100},
 }
 

@@ -388,8 +388,7 @@ PRESETS: dict = {
     # a plain step; with the depth chapter's 0.14 s per plain step on 2 cores, the 7 arms and
     # baseline_same_time come to about 15 plain-step units x 390 steps x 0.14 s = 14 minutes.
     "cpu": {"train_size": 10000, "epochs": 5.0, "channels_last": True, "ll.mode": "fd"},
-    # Not measured on a GPU yet.
-    "gpu": {"epochs": 30.0, "depth": 32, "width": 32, "batch_size": 256},
+    "gpu": {"train_size": 20000, "epochs": 20.0, "depth": 32, "width": 16},
     "paper": {"epochs": 160.0, "depth": 32, "width": 16, "schedule": "cosine", "warmup": 0.0},
 }
 
