@@ -144,16 +144,11 @@ class MLP(nn.Module):
 
 class CudaConvnet(nn.Module):
     """The CUDA-convnet-sized CNN (after Krizhevsky's cuda-convnet `layers-18pct` for CIFAR-10):
-
-        conv5x5-w, max-pool 3/2, ReLU, LRN  ->  conv5x5-w, ReLU, avg-pool 3/2, LRN
-        ->  conv5x5-2w, ReLU, avg-pool 3/2  ->  linear (2w * 4 * 4 -> classes)
-
-    (B, 3, 32, 32) -> 16x16 -> 8x8 -> 4x4 -> (B, classes). At width 32 (channels 32/32/64) it has
-    89,578 parameters. LRN: size 3, alpha 5e-5, beta 0.75 (that config's `rnorm` layers). No
-    BatchNorm, as in the original, so the `batchnorm` option of build_model does not apply; the
-    cuda-convnet config's per-layer weight decay and initial scales are not reproduced (PyTorch's
-    default initialisation). The MLHF paper says only "CUDA-convnet"; methods.md section 6.5
-    describes the larger TF-tutorial variant (64/64 channels, FC-384, FC-192), which is not this one.
+    three conv5x5 layers (w, w, 2w channels), each pooled 3/2 to 16, 8, 4 pixels, LRN (size 3,
+    alpha 5e-5, beta 0.75: that config's `rnorm`) after the first two, a linear classifier; 89,578
+    parameters at width 32. No BatchNorm (so build_model's `batchnorm` does not apply), PyTorch's
+    default init (the config's per-layer decay and scales are not reproduced). The MLHF paper says
+    only "CUDA-convnet"; methods.md 6.5's TF-tutorial variant (64/64, FC-384, FC-192) is not this one.
     """
 
     def __init__(self, num_classes: int = 10, width: int = 32):
