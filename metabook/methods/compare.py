@@ -2,17 +2,12 @@
 
     python -m metabook bench --preset cpu --seeds 2          (= python -m metabook run compare ...)
 
-Each method keeps its own chapter's setting at the same preset (its model, learning rate and
-method knobs: local losses need a plain deep net, Grad-Instructor an MLP, MLHF the CUDA-convnet),
-and the bench imposes what must be equal for a fair table: the training images, meta/validation
-images, test images, epochs, batch size and seeds. A method that targets label noise
-(instance_lr) runs under compare.noise_kind / compare.noise_rate, and so does its baseline; the
-others train on clean labels.
-
-Every method is paired with its own chapter's baseline (plain SGD on the same model, same data,
-same seeds) and with that baseline given the method's wall-clock (`baseline_same_time`), in one
-`run_arms` call per method with the arms its chapter declares (`ARMS`), so every ratio in the
-table is measured in the same run:
+Each method keeps its chapter's setting at the same preset (model, learning rate, method knobs);
+the bench imposes what a fair table needs equal (SHARED_KEYS: images, epochs, batch size) and the
+seeds. A chapter that targets label noise (instance_lr) runs under compare.noise_kind /
+compare.noise_rate, its baseline too; the others train on clean labels. Every method runs in one
+experiment with its chapter's baseline and that baseline at the method's wall-clock
+(`baseline_same_time`), so every ratio in the table is measured in the same run:
 
     step cost ratio  = median seconds per step of the method / of its baseline
     total time ratio = (training seconds + one-off seconds) / baseline's training seconds
@@ -20,10 +15,9 @@ table is measured in the same run:
                        one meter, bench.peak_step_bytes: tensor bytes on the CPU, allocator on CUDA)
 
 One-off stages (AdaLFL's offline initialisation, Grad-Instructor's critic, MLHF's meta-training)
-run in the method's prepare(), once per seed: they are in the total time ratio and in the budget
-of its baseline_same_time, not in its step cost. Each method's run_arms record is written to
-OUT/<method>/arms.json, its finished (arm, seed) runs to OUT/<method>/runs/ (a killed bench
-resumes there).
+count in the total time ratio and baseline_same_time's budget, not in the step cost. Each
+method's record goes to OUT/<method>/arms.json, its finished runs to OUT/<method>/runs/ (a killed
+bench resumes there).
 """
 from __future__ import annotations
 
@@ -45,7 +39,6 @@ METHODS: dict = {
 # The keys the bench sets for every method alike (its budget); everything else is the chapter's.
 SHARED_KEYS = ("dataset", "train_size", "meta_size", "test_size", "epochs", "batch_size", "device",
                "eval_every", "checkpoint_every", "augment")
-
 
 
 @dataclass
