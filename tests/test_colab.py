@@ -306,3 +306,29 @@ def test_the_build_says_how_long_cpu_and_gpu_take_from_the_planners_file(tmp_pat
     assert "t4" in gpu and "25 min in all" in gpu, gpu
     missing = next_steps_message(tmp_path / "absent.json")
     assert "python -m metabook plan --preset cpu" in missing and "make book PRESET=cpu" in missing
+
+
+def test_a_build_outside_git_renders_the_install_cell_pinned_to_the_version_tag(tmp_path):
+    from metabook import __version__
+    from metabook.build import build_book
+
+    url = "https://github.com/someone/metabook"
+    (tmp_path / "book").mkdir()
+    (tmp_path / "_config.yml").write_text(f'title: tiny\nonly_build_toc_files: true\nexecute:\n  execute_notebooks: "off"\n'
+                                          f"repository:\n  url: {url}\nsphinx:\n  config:\n    html_extra_path: []\n")
+    (tmp_path / "_toc.yml").write_text("format: jb-book\nroot: book/intro\nchapters:\n  - file: book/01_tiny\n")
+    (tmp_path / "book" / "intro.md").write_text("# Tiny\n")
+    first = ('import sys\nif "google.colab" in sys.modules:\n'
+             f'    %pip install -q "metabook @ git+{url}"  {INSTALL_MARK}: the build pins this line')
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("# Tiny chapter"), nbformat.v4.new_code_cell(first),
+        nbformat.v4.new_code_cell('PRESET = "auto"', metadata={"tags": ["parameters"]})],
+        metadata={"kernelspec": {"name": "python3", "display_name": "Python 3", "language": "python"}})
+    nbformat.write(nb, tmp_path / "book" / "01_tiny.ipynb")
+    build_book(preset="smoke", root=tmp_path, build_dir=tmp_path / "_build")
+    pinned = f'%pip install -q "metabook @ git+{url}@v{__version__}"'
+    rendered = nbformat.read(tmp_path / "_build" / "src" / "book" / "01_tiny.ipynb", as_version=4)
+    assert pinned in rendered.cells[1].source and "outside a git checkout" in rendered.cells[1].source
+    assert "the build pins this line" in nbformat.read(tmp_path / "book" / "01_tiny.ipynb", as_version=4).cells[1].source
+    report = json.loads((tmp_path / "_build" / "build_report.json").read_text())
+    assert report["install"] == {"url": url, "ref": f"v{__version__}"}
