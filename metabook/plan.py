@@ -33,7 +33,7 @@ from torch.utils.flop_counter import flop_registry
 
 from .config import pick_device
 from .data import load_dataset
-from .train import Method, eval_row, fresh_method, prepare_data, probe_step
+from .train import Method, eval_row, fresh_method, prepare_data, probe_step, step_peak_bytes
 
 
 PLAN_FILE = Path(__file__).resolve().parent / "plans.json"     # the book's plan, shipped with the package
@@ -120,18 +120,11 @@ def _sync(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def counted(fn, device: torch.device) -> tuple[Cost, int, str]:
-    """(FLOPs and launches, peak bytes, what measured the peak) of one call of fn(), with the
-    runner's memory meter (bench.peak_step_bytes) around the counters."""
-    from .bench import peak_step_bytes
-
-    counter = _Counter()
-
-    def run():
-        with counter:
-            fn()
-    peak, kind = peak_step_bytes(run, device)
-    return Cost(float(counter.flops), counter.launches), peak, kind
+def counted(fn) -> Cost:
+    """FLOPs and launches of one call of fn()."""
+    with _Counter() as counter:
+        fn()
+    return Cost(float(counter.flops), counter.launches)
 
 
 def timed(fn, device: torch.device, repeats: int = 1) -> float:
@@ -158,28 +151,28 @@ def _evaluations(total: int, steps_per_epoch: int, eval_every: float) -> int:
     return total // every + (total % every != 0)
 
 
-def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[Cost, int, str, Cost]:
-    """(one step, peak bytes, peak kind, one evaluation) of a fresh method. Steps 0 and 1 run
-    under the counters and the runner's memory meter (the peak is train.step_peak_bytes's: the
-    first two steps); steps 2.. are timed; then one evaluation (test, validation, diagnostics)."""
+def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[Cost, Cost]:
+    """(one step, one evaluation) of a fresh method: steps 0 and 1 counted (their mean), steps
+    2.. timed; then one evaluation (test, validation, diagnostics) counted and timed."""
     device = data.train.y.device
-    two, peak, kind = counted(lambda: [probe_step(method, i, cfg) for i in (0, 1)], device)
+    step = counted(lambda: [probe_step(method, i, cfg) for i in (0, 1)]) * 0.5
     i = iter(range(2, 10**9))
-    step = two * 0.5
     step.cpu_s = timed(lambda: probe_step(method, next(i), cfg), device, timed_steps)
     streams, spe = method.ctx.streams, method.ctx.steps_per_epoch
 
     def one_eval():
         with torch.no_grad():
             eval_row(method, method.model, data, streams, 1, spe, cfg["lr"], {"n": 0}, 0.0, {})
-    evaluation, _, _ = counted(one_eval, device)
+    evaluation = counted(one_eval)
     evaluation.cpu_s = timed(one_eval, device, min(timed_steps, 1))
-    return step, peak, kind, evaluation
+    return step, evaluation
 
 
 def _one_off(arm, cfg: dict, data, seed: int, time_it: bool = True) -> tuple[Cost, int, str, int, str, str] | None:
     """(cost, units, unit key, peak bytes, peak kind, how it was measured) of the arm's prepare(),
     or None if it has none."""
+    from .bench import peak_step_bytes
+
     method = arm.factory(cfg)
     if type(method).prepare is Method.prepare:
         return None
@@ -191,7 +184,9 @@ def _one_off(arm, cfg: dict, data, seed: int, time_it: bool = True) -> tuple[Cos
     for n in points:
         c = {**cfg, key: n} if key else cfg
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            cost, peak, kind = counted(fresh_method(arm, c, data, seed).prepare, device)
+            method, box = fresh_method(arm, c, data, seed), {}
+            peak, kind = peak_step_bytes(lambda: box.setdefault("cost", counted(method.prepare)), device)
+            cost = box["cost"]
             cost.cpu_s = timed(fresh_method(arm, c, data, seed).prepare, device) if time_it else float("nan")
         costs.append(cost)
         peaks.append(peak)
@@ -215,7 +210,8 @@ def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: 
         cfg = {**exp.cfg, **arm.changes}
         total = data.total_steps(cfg)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            step, peak, kind, evaluation = _step_and_eval(fresh_method(arm, cfg, data, seed), cfg, data, timed_steps)
+            step, evaluation = _step_and_eval(fresh_method(arm, cfg, data, seed), cfg, data, timed_steps)
+        peak, kind = step_peak_bytes(arm, cfg, data, seed)          # the runner's own number
         n_eval = _evaluations(total, len(data.train), cfg["eval_every"])
         train_cost = step * total + evaluation * n_eval
         per_step[name] = (step, evaluation)

@@ -1,0 +1,146 @@
+"""The planner: it counts what a run does (FLOPs, evaluations, memory, one-off stages), writes the
+JSON the issue asks for, and the book's written plan keeps each preset's promise."""
+import json
+import math
+import subprocess
+import sys
+
+import pytest
+import torch
+import torch.nn.functional as F
+from torch.utils.flop_counter import FlopCounterMode
+
+from metabook import chapter_config
+from metabook.data import make_synthetic
+from metabook.methods import CHAPTERS, chapter_module
+from metabook.methods.baseline import Baseline
+from metabook.plan import (DEVICES, PLAN_FILE, _evaluations, config_sha, counted, plan_chapter,
+                           plan_experiment, read_plan)
+from metabook.train import Arm, Experiment, fresh_method, prepare_data, probe_step, step_peak_bytes
+
+TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "test_size": 100, "batch_size": 32,
+        "width": 8, "epochs": 2.0, "eval_every": 0.5}
+
+
+@pytest.fixture(scope="module")
+def synthetic():
+    return make_synthetic(600, 200, seed=0)
+
+
+def test_step_flops_are_torch_flop_counters(synthetic):
+    cfg = chapter_config("baseline", "smoke", TINY)
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    arm = Arm(Baseline)
+    method = fresh_method(arm, cfg, data, 0)
+    with FlopCounterMode(display=False) as reference:
+        probe_step(method, 0, cfg)
+    method = fresh_method(arm, cfg, data, 0)
+    mine = counted(lambda: probe_step(method, 0, cfg))
+    assert reference.get_total_flops() > 0
+    assert mine.flops == reference.get_total_flops()
+
+
+def test_evaluations_counted_as_the_loop_runs_them(synthetic):
+    from metabook.train import run_arms
+
+    for eval_every in (0.5, 1.0, 0.3):
+        cfg = chapter_config("baseline", "smoke", {**TINY, "eval_every": eval_every, "epochs": 1.7})
+        rec = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], progress=False, dataset=synthetic)
+        steps, spe = rec["arms"]["baseline"]["steps"], math.floor(256 / 32)
+        assert _evaluations(steps, spe, eval_every) == len(rec["arms"]["baseline"]["history"]["0"])
+
+
+def test_planned_peak_is_the_runners_peak(synthetic):
+    cfg = chapter_config("baseline", "smoke", TINY)
+    exp = Experiment("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg)
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    step_peak_bytes(exp.arms["baseline"], cfg, data, 0)          # first use in the process: warm it
+    row, = plan_experiment(exp, "smoke", 0, synthetic)
+    assert row.peak_bytes == step_peak_bytes(exp.arms["baseline"], cfg, data, 0)[0]
+    assert row.steps == data.total_steps(cfg) and row.stage == "train"
+
+
+class Stage(Baseline):
+    """A one-off stage of cfg['units_key'] + 1 matrix products of 2 x 64^3 FLOPs each."""
+    name = "stage"
+    one_off_units = ("units_key", 2)
+
+    def __init__(self, cfg):
+        super().__init__(cfg)
+        self.units = cfg["units_key"]
+
+    def prepare(self):
+        a = torch.randn(64, 64)
+        for _ in range(self.units + 1):
+            a = a @ a / 64
+
+
+def test_one_off_stage_is_measured_small_and_extrapolated_linearly(synthetic):
+    """A stage of n + 1 products: measured at n = 2 and 4, extrapolated to n = 11 it must count
+    exactly 12 products' FLOPs; at n = 3 (not above twice the small value) it is measured as is."""
+    import metabook.plan as plan
+
+    cfg = chapter_config("baseline", "smoke", TINY)
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    cost, units, key, _, _, how = plan._one_off(Arm(Stage), {**cfg, "units_key": 11}, data, 0)
+    assert (units, key) == (11, "units_key") and "extrapolated" in how
+    assert cost.flops == 12 * 2 * 64 ** 3
+    small, _, _, _, _, how = plan._one_off(Arm(Stage), {**cfg, "units_key": 3}, data, 0)
+    assert small.flops == 4 * 2 * 64 ** 3 and how == "measured"
+
+
+def test_plan_json_has_the_fields_the_issue_names():
+    out = subprocess.run([sys.executable, "-m", "metabook", "plan", "baseline", "--preset", "smoke", "--json",
+                          "--set", "dataset=synthetic", "--set", "train_size=256", "--set", "epochs=1",
+                          "--set", "test_size=100"],
+                         capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr
+    rows = json.loads(out.stdout)
+    assert rows and {"chapter", "preset", "arm", "steps", "flops", "peak_bytes", "seconds"} <= set(rows[0])
+    assert set(rows[0]["seconds"]) == {"cpu", *DEVICES} and "t4" in rows[0]["seconds"]
+    assert rows[0]["chapter"] == "baseline" and rows[0]["preset"] == "smoke" and rows[0]["flops"] > 0
+
+
+def test_plan_rejects_an_unknown_chapter_in_one_line():
+    out = subprocess.run([sys.executable, "-m", "metabook", "plan", "basline"], capture_output=True, text=True)
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "baseline" in out.stderr
+
+
+# ------------------------------------------------------------------ the written plan's promises
+
+PROMISE = {"smoke": ("cpu", 90.0), "cpu": ("cpu", 20 * 60.0), "gpu": ("t4", 30 * 60.0)}
+GPU_MEMORY = 12 * 2 ** 30
+
+
+def _written(preset):
+    return [r for r in read_plan() if r["preset"] == preset]
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_written_plan_covers_every_chapter_with_todays_config(preset):
+    """metabook/plans.json is made by `python -m metabook plan --preset P --write metabook/plans.json`;
+    a preset that changed since makes it stale (its rows carry the configs' hashes)."""
+    rows = _written(preset)
+    assert {r["chapter"] for r in rows} == set(CHAPTERS), "re-run the planner for the missing chapters"
+    for chapter in CHAPTERS:
+        cfg = chapter_config(chapter, preset)
+        for exp in chapter_module(chapter).experiments(cfg):
+            for name, arm in exp.arms.items():
+                sha = config_sha({**exp.cfg, **arm.changes})
+                mine = [r for r in rows if r["chapter"] == chapter and r["arm"] == name
+                        and r["experiment"] == exp.label]
+                assert mine and all(r["config_sha"] == sha for r in mine), \
+                    f"{chapter}/{exp.label}:{name} @ {preset} changed since it was planned: re-plan it"
+
+
+@pytest.mark.parametrize("preset", ["smoke", "cpu", "gpu"])
+def test_each_preset_keeps_its_promise(preset):
+    device, limit = PROMISE[preset]
+    rows = _written(preset)
+    assert rows
+    for chapter in CHAPTERS:
+        mine = [r for r in rows if r["chapter"] == chapter]
+        seconds = sum(r["seconds"][device] for r in mine)
+        assert seconds <= limit, f"{chapter} @ {preset}: {seconds:.0f} s planned on {device}, promised {limit:.0f}"
+        if preset == "gpu":
+            assert max(r["peak_bytes"] for r in mine) <= GPU_MEMORY, f"{chapter} @ gpu needs more than 12 GiB"
