@@ -1,12 +1,10 @@
 """Hessian-free optimisation (HF, Martens 2010) from scratch and MLHF (Chen, Lu, Fokoue 2018,
 arXiv 1805.08462), which replaces HF's damping rule and preconditioner by two meta-learned GRUs.
 
-HF step on f(theta) = mean CE + wd/2 ||theta||^2: Gauss-Newton products G v = J^T H_L J v + wd v
-(one `jvp`, one `vjp`, on a curvature sub-batch), damped preconditioned CG on (G + lambda I) d = -g
-with Martens' stopping rule and diagonal preconditioner (Fisher + wd + lambda)^xi, CG backtracking,
-Levenberg-Marquardt damping and an Armijo line search. Vectors are flat (P,) tensors in
-`model_params` order; extra forwards run on copies of the BatchNorm buffers (`metabook.meta.forward`).
-Chapter 7 derives every equation.
+An HF step on f(theta) = mean CE + wd/2 ||theta||^2: Gauss-Newton products on a curvature
+sub-batch, damped preconditioned CG, CG backtracking, Levenberg-Marquardt damping and an Armijo
+line search; chapter 7 derives every equation. Vectors are flat (P,) tensors in `model_params`
+order; extra forwards run on copies of the BatchNorm buffers (`metabook.meta.forward`).
 """
 from __future__ import annotations
 
@@ -354,19 +352,13 @@ class AdamArm(Baseline):
 #
 # The paper establishes (methods.md 6.2): two RNNs (damping, preconditioner), coordinate-wise weight
 # sharing, experience replay, a special gradient treatment of the curvature, CUDA-convnet on
-# CIFAR-10. It gives no formula for either net; the nets below are our reconstruction [R]
-# (methods.md 6.4), derived in chapter 7:
-#   damping: log lambda_t = clamp(log LM(lambda_{t-1}, rho_{t-1}) + C tanh(GRU(u_t)), ., log 1e4),
-#     C = log 1.4 < log 3/2, so the net scales LM's move but never reverses it (an earlier free
-#     rule meta-trained on 3-step episodes raised lambda to 1e8 over 156 steps; book/results/meta_hf-cpu).
-#   preconditioner: P_ti = (F_ii + wd + lambda_t)^xi * exp(3 tanh(GRU(X_ti))), one GRU for all P.
-#   Output layers start at zero: untrained MLHF is HF with LM damping and exactly K CG iterations.
-# Meta-loss of an episode of T steps: L = 1/T sum_t log f(theta_t; B_t). `unroll` returns its exact
-# gradient with g_t, G_t, the Fisher diagonal, the features, the CG start and rho_{t-1} held as
-# constants (our reading of the paper's "gradient calculation of H"); `frozen=records` replays those
-# constants so a finite difference checks it (tests/test_meta_hf.py). Experience replay: episodes
-# start from a fresh init (prob. hf.mlhf_fresh_prob) or a buffered end state. Meta-training is the
-# arm's prepare(), on the stream "mlhf_episodes", timed as its one_off_seconds.
+# CIFAR-10. It gives no formula for either net; DampingRNN and PrecondRNN are our reconstruction
+# [R] (methods.md 6.4), derived in chapter 7. The damping net scales LM's move but never reverses
+# it (an earlier free rule meta-trained on 3-step episodes raised lambda to 1e8 over 156 steps;
+# metabook/records/meta_hf-cpu). Output layers start at zero: untrained MLHF is HF with LM damping
+# and exactly K CG iterations. `unroll` differentiates an episode's meta-loss with g_t, G_t, the
+# Fisher diagonal, the features, the CG start and rho_{t-1} held constant (our reading of the
+# paper's "gradient calculation of H"). Meta-training is the arm's prepare(), timed as one_off_seconds.
 
 PRECOND_RANGE = 3.0            # the learned factor of P lies in [e^-3, e^3]
 DAMPING_CORRECTION = math.log(1.4)   # C: the net multiplies LM's lambda by [1/1.4, 1.4]; must stay < log 3/2
@@ -504,8 +496,9 @@ def _objective(model, theta: Vector, like: Params, x, y, wd: float) -> torch.Ten
 def unroll(nets: MLHFNets, model, like: Params, theta0: Vector, state: OptState, batches: list,
            s: MLHFSettings, frozen: list | None = None):
     """One meta-training episode: T = len(batches) - 1 MLHF steps from theta0 (P,) and `state`;
-    step t uses batches[t] = (x, y), its meta-loss term batches[t + 1]. Returns (L (), theta_T,
-    end state (both detached), records); `frozen=records` re-evaluates L with those constants."""
+    step t uses batches[t] = (x, y); L = the mean over t of log f(theta_{t+1}; batches[t + 1]).
+    Returns (L (), theta_T, end state (both detached), records); `frozen=records` re-evaluates L
+    with those constants (the finite-difference check of tests/test_meta_hf.py)."""
     T = len(batches) - 1
     theta, records, terms = theta0.detach(), [], []
     wd = s.weight_decay
