@@ -1,18 +1,13 @@
 """Learning to balance local losses (after Yoa, Jeon, Oh, Kim, IEEE Access 9, 2021,
 doi 10.1109/ACCESS.2021.3113934); the derivations are in book/03_local_losses.ipynb.
 
-A plain DeepCNN (no skips) gets a local head a_l on each of its first K = L-1 blocks, and every
-step descends L_G + sum_l m_l lambda_l L_l: the global loss plus the local losses L_l = CE(a_l(z_l), y),
-with a mask m ~ Bernoulli(1 - p)^K (`ll.dropout`) and weights lambda (mean 1) set by `ll.weights`:
-a balancer MLP on per-layer loss features (meta_net, one Adam step per iteration), L2RW-style
-weights from the meta-gradient at lambda = 0 (free, Ren et al. 2018), or 1 (equal). The
-meta-gradient is chapter 1's one-step lookahead (plain-SGD virtual step of the body only): one
-directional derivative of the K local losses (`ll.mode`: jvp exact, fd finite difference).
-`ll.detach`: False = deep supervision (Lee et al. 2015), True = detached blocks (Nokland & Eidnes
-2019, DGL, InfoPro; the meta loss is not detached). `ll.cv_folds` > 1: meta batches come from a
-held-out fold of the training split (rotated every `ll.cv_every` epochs, removed from that
-period's training batches), so `val_acc` on the meta split is one no arm optimised for; without
-it `val_acc - test_acc` measures meta-overfitting.
+A plain DeepCNN gets a local head on each of its first K = L-1 blocks; every step descends the
+global loss plus the local losses, each masked (`ll.dropout`) and weighted by lambda (`ll.weights`:
+a balancer MLP meta-learned by chapter 1's one-step lookahead, L2RW-style per-step weights as in
+Ren et al. 2018, or 1). `ll.detach`: deep supervision (Lee et al. 2015) or detached blocks (Nokland
+& Eidnes 2019, DGL, InfoPro). `ll.cv_folds` > 1 draws meta batches from a held-out fold of the
+training split, so `val_acc` is one no arm optimised for; without it `val_acc - test_acc`
+measures meta-overfitting.
 
 What is the paper's and what is ours (methods.md section 2; the paper's full text could not be
 read, so everything but the [A] items is reconstruction [R]):
