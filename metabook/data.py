@@ -258,13 +258,10 @@ def class_skewed_weights(num_classes: int, favoured: list[int], ratio: float) ->
     return w / w.sum()
 
 
-def parse_classes(classes, num_classes: int) -> list[int]:
-    """[5, 3] (or '3,5') -> [3, 5]; every class must be in [0, num_classes). [] or '' -> []."""
-    try:
-        items = classes if isinstance(classes, (list, tuple)) else str(classes).split(",")
-        out = sorted({int(c) for c in items if str(c).strip()})
-    except ValueError:
-        raise ConfigError(f"target.classes={classes!r}: expected class numbers, e.g. 3,5") from None
+def parse_classes(classes: list[int], num_classes: int) -> list[int]:
+    """target.classes (a list of ints: the config parses and checks them) sorted without repeats,
+    e.g. [5, 3] -> [3, 5]; every class must be in [0, num_classes)."""
+    out = sorted(set(classes))
     if any(not 0 <= c < num_classes for c in out):
         raise ConfigError(f"target.classes={classes!r}: every class must be in 0..{num_classes - 1}")
     return out
