@@ -25,12 +25,6 @@ PRESETS: dict = {
 }
 
 
-def make_optimizer(model: torch.nn.Module, cfg: dict) -> torch.optim.SGD:
-    return torch.optim.SGD(model.parameters(), lr=cfg["lr"], momentum=cfg["momentum"],
-                           nesterov=cfg["nesterov"] and cfg["momentum"] > 0,
-                           weight_decay=cfg["weight_decay"])
-
-
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """The loop's scheduled learning rate for this step."""
     for group in opt.param_groups:
@@ -48,7 +42,9 @@ class Baseline(Method):
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
-        self.opt = make_optimizer(ctx.model, self.opt_cfg)
+        c = self.opt_cfg
+        self.opt = torch.optim.SGD(ctx.model.parameters(), lr=c["lr"], momentum=c["momentum"],
+                                   nesterov=c["nesterov"] and c["momentum"] > 0, weight_decay=c["weight_decay"])
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         set_lr(self.opt, lr)
