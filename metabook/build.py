@@ -406,15 +406,17 @@ def _minutes(seconds: float) -> str:
 
 def next_steps_message(plans: str | Path | None = None) -> str:
     """What `make book` prints last: how to execute the chapters at `cpu` or `gpu`, with the
-    planner's estimated time for each (summed over every arm and one-off stage of every chapter,
-    read from metabook/plans.json: a list of {chapter, preset, arm, steps, flops, peak_bytes,
-    seconds: {device: s}}). Without that file it names the command that prints the estimates."""
+    planner's estimated time for each (seconds per seed, as the chapters run one seed, summed over
+    every arm and one-off stage of every chapter), read from metabook/plans.json: {"rows": [...]}
+    or a bare list of rows {chapter, preset, arm, steps, flops, peak_bytes, seconds: {device: s}}.
+    Without that file it names the command that prints the estimates."""
     from importlib import resources
 
     path = Path(plans) if plans is not None else Path(str(resources.files("metabook") / PLANS))
     head = "To execute the chapters at a real budget (the prose discusses the recorded cpu runs either way):"
     try:
         rows = json.loads(path.read_text(encoding="utf-8"))
+        rows = rows.get("rows") if isinstance(rows, dict) else rows
         assert isinstance(rows, list) and all(isinstance(r, dict) for r in rows)
     except (OSError, ValueError, AssertionError):
         return (f"{head}\n  make book PRESET=cpu     # a laptop, no GPU\n  make book PRESET=gpu     # one CUDA GPU\n"

@@ -304,6 +304,8 @@ def test_the_build_says_how_long_cpu_and_gpu_take_from_the_planners_file(tmp_pat
     gpu = next(l for l in lines if "PRESET=gpu" in l)
     assert "15 min in all" in cpu and "baseline, 10 min" in cpu, cpu
     assert "t4" in gpu and "25 min in all" in gpu, gpu
+    (tmp_path / "written.json").write_text(json.dumps({"provenance": {}, "rows": plans}))   # plan --write's shape
+    assert next_steps_message(tmp_path / "written.json").splitlines() == lines
     missing = next_steps_message(tmp_path / "absent.json")
     assert "python -m metabook plan --preset cpu" in missing and "make book PRESET=cpu" in missing
 
