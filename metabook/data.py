@@ -315,28 +315,28 @@ class DeviceLoader:
         return n // self.batch_size if self.train else -(-n // self.batch_size)
 
     def epoch_plan(self, epoch: int):
-        """The permutation, crop offsets and flips of one epoch, from a generator seeded by (seed, epoch).
-        The last epoch's plan is kept, so asking for it batch by batch does not redraw it."""
+        """The permutation, crop offsets and flips of one epoch, from a CPU generator seeded by
+        (seed, epoch) (the same numbers on any device), moved to the device once per epoch and
+        kept, so asking for it batch by batch neither redraws nor copies it."""
         n = len(self.y)
         if not self.train:
-            return torch.arange(n), None, None
+            return torch.arange(n, device=self.device), None, None
         if self._plan[0] != epoch:
             g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
             perm = torch.randperm(n, generator=g)
             offsets = torch.randint(0, 9, (n, 2), generator=g)
             flips = torch.rand(n, generator=g) < 0.5
-            self._plan = (epoch, (perm, offsets, flips))
+            self._plan = (epoch, tuple(t.to(self.device) for t in (perm, offsets, flips)))
         return self._plan[1]
 
     def epoch(self, epoch: int, start: int = 0):
         """Iterate over the batches of `epoch`, beginning at batch number `start`."""
         perm, offsets, flips = self.epoch_plan(epoch)
         for b in range(start, len(self)):
-            sel = perm[b * self.batch_size:(b + 1) * self.batch_size]
-            idx = sel.to(self.device)
+            idx = perm[b * self.batch_size:(b + 1) * self.batch_size]
             x = self.x[idx]
             if self.augment:
-                x = augment_batch(x, offsets[sel].to(self.device), flips[sel].to(self.device))
+                x = augment_batch(x, offsets[idx], flips[idx])
             yield Batch(self.normalise(x), self.y[idx], idx)
 
     def normalise(self, x_uint8: torch.Tensor) -> torch.Tensor:

@@ -7,6 +7,7 @@ copies of the model's buffers, so a virtual step never changes BatchNorm's runni
 """
 from __future__ import annotations
 
+import functools
 import warnings
 from typing import Callable
 
@@ -34,6 +35,20 @@ def lookahead_params(params: Params, grads, lr: float, weight_decay: float = 0.0
     return {k: p - lr * (g + weight_decay * p) for (k, p), g in zip(params.items(), grads)}
 
 
+def full_precision(fn):
+    """Run fn with autocast off: meta-gradient arithmetic (virtual steps, directional derivatives,
+    double backward) stays in the tensors' own precision even inside a mixed-precision step."""
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        with torch.autocast("cpu", enabled=False):
+            if not torch.cuda.is_available():
+                return fn(*args, **kwargs)
+            with torch.autocast("cuda", enabled=False):
+                return fn(*args, **kwargs)
+    return wrapper
+
+
+@full_precision
 def meta_gradient(model: torch.nn.Module,
                   inner_loss: Callable[[Params], torch.Tensor],
                   outer_loss: Callable[[Params], torch.Tensor],
@@ -85,6 +100,7 @@ def _finite_difference_meta_grad(params, inner_loss, outer, fast, meta_params, l
     return [None if a is None else -lr * (a - b) / (2 * eps) for a, b in zip(g_plus, g_minus)]
 
 
+@full_precision
 def example_weight_meta_gradient(model: torch.nn.Module, params: Params, x, y, v, lr: float,
                                  mode: str = "jvp", fd_eps: float = 1e-3, update_stats: bool = True):
     """d L_meta(theta') / d eps_i = -lr * <v, grad_theta l_i(theta)> for every example of (x, y),
@@ -100,6 +116,7 @@ def example_weight_meta_gradient(model: torch.nn.Module, params: Params, x, y, v
     return -lr * jv.detach(), losses
 
 
+@full_precision
 def directional(model: torch.nn.Module, params: Params, v, x, out_fn, *, mode: str = "jvp",
                 fd_eps: float = 1e-3, buffers: dict | None = None, fixed: Params | None = None,
                 base: torch.Tensor | None = None, kwargs: dict | None = None):
@@ -135,6 +152,7 @@ def directional(model: torch.nn.Module, params: Params, v, x, out_fn, *, mode: s
     raise ValueError(f"unknown mode {mode!r}; choose one of: jvp, fd")
 
 
+@full_precision
 def reweighting_step(model: torch.nn.Module, opt: torch.optim.Optimizer, x, y, x_meta, y_meta,
                      lr: float, mode: str = "jvp") -> dict:
     """One Learning-to-Reweight step (Ren et al. 2018): weights w = max(-d L_meta / d eps, 0) at

@@ -41,7 +41,8 @@ PLAN_FILE = Path(__file__).resolve().parent / "plans.json"     # the book's plan
 
 @dataclass(frozen=True)
 class Device:
-    flops_per_s: float          # effective throughput assumed for these small CIFAR models
+    fp32_flops_per_s: float     # effective throughput assumed for these small CIFAR models, full precision
+    amp_flops_per_s: float      # the same for an arm whose step autocasts (Method.uses_amp)
     launch_s: float             # seconds per kernel launch assumed (eager PyTorch, one op per kernel)
     assumes: str
 
@@ -50,10 +51,12 @@ class Device:
 # Peak figures are NVIDIA's data-sheet numbers (dense); "effective" is the share a small CIFAR
 # network reaches in eager mode, a guess until gpu_check.py replaces it.
 DEVICES = {
-    "t4": Device(4e12, 10e-6, "T4, fp32 (what the code runs today): 4 TFLOP/s effective of 8.1 peak; 10 us a kernel"),
-    "t4_fp16": Device(16e12, 10e-6, "T4, fp16 autocast: 16 TFLOP/s effective of 65 peak; 10 us a kernel"),
-    "a100": Device(50e12, 6e-6, "A100, bf16 autocast: 50 TFLOP/s effective of 312 peak; 6 us a kernel"),
-    "h100": Device(120e12, 5e-6, "H100 SXM, bf16 autocast: 120 TFLOP/s effective of 989 peak; 5 us a kernel"),
+    "t4": Device(4e12, 16e12, 10e-6, "T4: 4 TFLOP/s effective in fp32 (8.1 peak), 16 with fp16 autocast "
+                                     "(65 peak); 10 us a kernel"),
+    "a100": Device(20e12, 60e12, 6e-6, "A100: 20 TFLOP/s effective in fp32/TF32 (19.5/156 peak), 60 with bf16 "
+                                       "autocast (312 peak); 6 us a kernel"),
+    "h100": Device(40e12, 150e12, 5e-6, "H100 SXM: 40 TFLOP/s effective in fp32/TF32 (67/495 peak), 150 with "
+                                        "bf16 autocast (989 peak); 5 us a kernel"),
 }
 
 
@@ -63,18 +66,22 @@ class Cost:
     flops: float = 0.0
     launches: int = 0           # kernels a GPU would launch (operators that are not views)
     cpu_s: float = 0.0          # measured here
+    amp: bool = False           # runs in mixed precision on a GPU
 
     def __add__(self, other: Cost) -> Cost:
-        return Cost(self.flops + other.flops, self.launches + other.launches, self.cpu_s + other.cpu_s)
+        """The FLOPs, launches and CPU time of both (for GPU seconds of parts in different
+        precisions, add their seconds: _sum_seconds)."""
+        return Cost(self.flops + other.flops, self.launches + other.launches, self.cpu_s + other.cpu_s,
+                    self.amp and other.amp)
 
     def __mul__(self, k: float) -> Cost:
-        return Cost(self.flops * k, round(self.launches * k), self.cpu_s * k)
+        return Cost(self.flops * k, round(self.launches * k), self.cpu_s * k, self.amp)
 
     def seconds(self) -> dict[str, float]:
         """device -> seconds; no "cpu" when this machine's time was not measured (count_only)."""
         here = {} if math.isnan(self.cpu_s) else {"cpu": self.cpu_s}
-        return {**here, **{name: self.flops / d.flops_per_s + self.launches * d.launch_s
-                                      for name, d in DEVICES.items()}}
+        rate = lambda d: d.amp_flops_per_s if self.amp else d.fp32_flops_per_s
+        return {**here, **{name: self.flops / rate(d) + self.launches * d.launch_s for name, d in DEVICES.items()}}
 
 
 @dataclass
@@ -141,6 +148,12 @@ def timed(fn, device: torch.device, repeats: int = 1) -> float:
     return float(np.median(times))
 
 
+def _sum_seconds(*costs: Cost) -> dict[str, float]:
+    """device -> the seconds of several costs together (each at its own precision)."""
+    parts = [c.seconds() for c in costs]
+    return {d: sum(p[d] for p in parts) for d in parts[0]}
+
+
 def config_sha(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cfg, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
@@ -156,6 +169,7 @@ def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[C
     2.. timed; then one evaluation (test, validation, diagnostics) counted and timed."""
     device = data.train.y.device
     step = counted(lambda: [probe_step(method, i, cfg) for i in (0, 1)]) * 0.5
+    step.amp = method.uses_amp()
     i = iter(range(2, 10**9))
     step.cpu_s = timed(lambda: probe_step(method, next(i), cfg), device, timed_steps)
     streams, spe = method.ctx.streams, method.ctx.steps_per_epoch
@@ -214,15 +228,16 @@ def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: 
         peak, kind = step_peak_bytes(arm, cfg, data, seed)          # the runner's own number
         n_eval = _evaluations(total, len(data.train), cfg["eval_every"])
         train_cost = step * total + evaluation * n_eval
+        seconds = _sum_seconds(step * total, evaluation * n_eval)
         per_step[name] = (step, evaluation)
         base = dict(chapter=exp.chapter, preset=preset, arm=name, peak_kind=kind, experiment=exp.label,
                     config_sha=config_sha(cfg))
         rows.append(PlanRow(**base, stage="train", steps=total, flops=train_cost.flops,
-                            launches=train_cost.launches, peak_bytes=peak, seconds=train_cost.seconds(),
+                            launches=train_cost.launches, peak_bytes=peak, seconds=seconds,
                             eval_seconds=(evaluation * n_eval).seconds(),
                             notes=[f"{n_eval} evaluations of {len(data.test.y)} test + {len(data.val.y)} "
                                    f"validation images"]))
-        totals[name] = train_cost.seconds()
+        totals[name] = seconds
         one_off = _one_off(arm, cfg, data, seed, time_it=timed_steps > 0)
         if one_off:
             cost, units, key, opeak, okind, how = one_off

@@ -129,6 +129,10 @@ class Method:
     def prepare(self) -> None:
         """A one-off stage before the first step (nothing by default)."""
 
+    def uses_amp(self) -> bool:
+        """Does step() run in mixed precision on a GPU (cfg['amp'])? Full precision by default."""
+        return False
+
     def step(self, batch: Batch, meta_batch: Batch | None, lr: float) -> dict:
         raise NotImplementedError
 
@@ -742,6 +746,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
     if reference not in arms:
         raise ConfigError(f"run_arms needs a {reference!r} arm: every cost is a ratio to it")
     device = pick_device(cfg["device"])
+    if device.type == "cuda":      # fastest convolution algorithms for these fixed shapes
+        torch.backends.cudnn.benchmark = True
     dataset = dataset or load_dataset(cfg["dataset"])
     out = Path(out_dir) if out_dir else None
     arm_cfgs = {name: {**cfg, **arm.changes} for name, arm in arms.items()}

@@ -21,7 +21,7 @@ def test_auto_preset_is_cpu_without_cuda():
 
 
 @pytest.mark.parametrize("overrides, needle", [
-    ({"foo": "1"}, "valid keys: augment"),
+    ({"foo": "1"}, "valid keys: amp, augment"),
     ({"lr": "-0.1"}, "lr=-0.1 is not valid; it must be > 0"),
     ({"noise.rate": "1"}, "it must be in [0, 1)"),
     ({"noise.kind": "gaussian"}, "choose one of: none, symmetric, pairflip"),

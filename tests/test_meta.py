@@ -172,3 +172,42 @@ def test_reweighting_gives_corrupted_examples_less_weight():
     for _ in range(10):
         w += reweighting_step(model, opt, x, y_noisy, xm, ym, lr=0.1)["weights"]
     assert w[flipped].mean() < 0.25 * w[~flipped].mean()
+
+
+def test_meta_gradients_stay_full_precision_inside_bf16_autocast():
+    """A mixed-precision loop may wrap a meta step in autocast: meta_gradient and the forward-mode
+    example-weight meta-gradient must then give exactly their full-precision float32 numbers (the
+    first matches float64 central finite differences), while an unguarded forward in the same context is
+    visibly bf16."""
+    from metabook.meta import example_weight_meta_gradient
+
+    model64, lr = tiny_bn_net(), 0.3
+    x64, y, xm64, ym = weighted_problem()
+    model, x, xm = model64.float(), x64.float(), xm64.float()
+    model64 = tiny_bn_net()
+
+    params = model_params(model)
+    v = torch.autograd.grad(F.cross_entropy(forward(model, params, xm), ym), list(params.values()))
+
+    def both():
+        w = torch.full((8,), 1 / 8, requires_grad=True)
+        (g,), _ = meta_gradient(model, lambda p: (w * F.cross_entropy(forward(model, p, x), y, reduction="none")).sum(),
+                                lambda p: F.cross_entropy(forward(model, p, xm), ym), [w], lr)
+        jvp, _ = example_weight_meta_gradient(model, params, x, y, v, lr, mode="jvp")
+        return g, jvp
+
+    plain = both()
+    with torch.autocast("cpu", torch.bfloat16):
+        inside = both()
+        unguarded = forward(model, params, x)
+    assert unguarded.dtype == torch.bfloat16                        # the context is live
+    for a, b in zip(plain, inside):
+        assert torch.equal(a, b)
+    h, fd = 1e-6, torch.zeros(8, dtype=torch.float64)
+    w = torch.full((8,), 1 / 8, dtype=torch.float64)
+    for i in range(8):
+        e = torch.zeros(8, dtype=torch.float64)
+        e[i] = h
+        fd[i] = (outer_after_step(model64, w + e, x64, y, xm64, ym, lr)
+                 - outer_after_step(model64, w - e, x64, y, xm64, ym, lr)) / (2 * h)
+    assert torch.allclose(inside[0].double(), fd, rtol=1e-3, atol=1e-5 * fd.abs().max().item())

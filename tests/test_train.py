@@ -395,3 +395,22 @@ def test_the_same_time_baseline_records_its_steps_and_replays_them_exactly(synth
     with pytest.raises(ConfigError, match="same_time_steps has 3 values for 2 seeds"):
         run_arms("instance_lr", "instance_lr", ARMS, {**cfg, "same_time_steps": [5, 6, 7]}, [0, 1],
                  progress=False, dataset=synthetic, same_time_for="instance_lr")
+
+
+def test_baseline_steps_in_bf16_when_asked_and_in_full_precision_otherwise(synthetic):
+    """amp=bf16 runs the baseline's forward in bf16 on the CPU (other numbers than fp32, still
+    learning); amp=auto on the CPU is bitwise amp=off; an arm with its own step never autocasts."""
+    from metabook.methods.instance_lr import InstanceLR
+
+    runs = {amp: run_tiny(synthetic, {"amp": amp})[1] for amp in ("off", "auto", "bf16")}
+    loss = {amp: [h["train_loss"] for h in r["history"]] for amp, r in runs.items()}
+    assert loss["auto"] == loss["off"]
+    assert loss["bf16"] != loss["off"]
+    assert loss["bf16"][-1] < loss["bf16"][0] and runs["bf16"]["metrics"]["test_acc"] > 0.2
+    cfg = chapter_config("instance_lr", "smoke", {**TINY, "amp": "bf16"})
+    assert Baseline(cfg).uses_amp() and not InstanceLR(cfg).uses_amp()
+
+
+def test_fp16_on_the_cpu_is_refused_in_one_line(synthetic):
+    with pytest.raises(ConfigError, match="amp=fp16 needs a CUDA device"):
+        run_tiny(synthetic, {"amp": "fp16"})

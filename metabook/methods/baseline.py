@@ -7,6 +7,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
+from ..config import ConfigError
 from ..data import Batch
 from ..train import Arm, Context, Experiment, Method, run_experiment
 
@@ -25,6 +26,17 @@ PRESETS: dict = {
 }
 
 
+def autocast_dtype(amp: str, device: torch.device) -> torch.dtype | None:
+    """The dtype of the `amp` setting on `device` (None: full precision)."""
+    if amp == "off" or (amp == "auto" and device.type != "cuda"):
+        return None
+    if amp == "fp16" and device.type != "cuda":
+        raise ConfigError("amp=fp16 needs a CUDA device; on the CPU choose bf16 or off")
+    if amp == "auto":
+        return torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+    return torch.bfloat16 if amp == "bf16" else torch.float16
+
+
 def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
     """The loop's scheduled learning rate for this step."""
     for group in opt.param_groups:
@@ -32,34 +44,51 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 
 class Baseline(Method):
-    """Plain training: one forward, one backward, one optimiser step per batch."""
+    """Plain training: one forward, one backward, one optimiser step per batch; the forward in
+    mixed precision when cfg['amp'] asks (fp16 with a grad scaler). Subclasses that write their
+    own step() run it in full precision."""
 
     name = "baseline"
 
     def __init__(self, cfg: dict):
         self.label_smoothing = cfg["label_smoothing"]
         self.opt_cfg = {k: cfg[k] for k in ("lr", "momentum", "nesterov", "weight_decay")}
+        self.amp = cfg.get("amp", "off")
 
     def setup(self, ctx: Context) -> None:
         super().setup(ctx)
         c = self.opt_cfg
         self.opt = torch.optim.SGD(ctx.model.parameters(), lr=c["lr"], momentum=c["momentum"],
                                    nesterov=c["nesterov"] and c["momentum"] > 0, weight_decay=c["weight_decay"])
+        self.device = next(ctx.model.parameters()).device
+        self.dtype = autocast_dtype(self.amp, self.device) if self.uses_amp() else None
+        self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
+
+    def uses_amp(self) -> bool:
+        return self.amp != "off" and type(self).step is Baseline.step
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         set_lr(self.opt, lr)
-        logits = self.model(batch.x)
-        loss = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
+        with torch.autocast(self.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
+            logits = self.model(batch.x)
+            loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
-        loss.backward()
-        self.opt.step()
+        if self.scaler:
+            self.scaler.scale(loss).backward()
+            self.scaler.step(self.opt)
+            self.scaler.update()
+        else:
+            loss.backward()
+            self.opt.step()
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean()}
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict()}
+        return {"opt": self.opt.state_dict(), **({"scaler": self.scaler.state_dict()} if self.scaler else {})}
 
     def load_state_dict(self, state: dict) -> None:
         self.opt.load_state_dict(state["opt"])
+        if self.scaler and "scaler" in state:
+            self.scaler.load_state_dict(state["scaler"])
 
 
 ARMS = {"baseline": Arm(Baseline)}
