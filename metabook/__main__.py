@@ -58,6 +58,8 @@ def _parser() -> argparse.ArgumentParser:
     plan = sub.add_parser("plan", help="what each arm and one-off stage of a chapter costs at a preset: steps, "
                                        "FLOPs, peak memory, seconds here (measured) and on GPUs (estimated)")
     plan.add_argument("chapters", nargs="*", metavar="CHAPTER", help="default: every chapter")
+    plan.add_argument("--summary", action="store_true",
+                      help="print the written plan (metabook/plans.json) as a Markdown table; plans nothing")
     plan.add_argument("--preset", default="cpu")
     plan.add_argument("--seeds", type=int, default=1, help="seeds the totals count (default 1)")
     plan.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
@@ -130,7 +132,11 @@ def _main(args) -> int:
                 print(format_table(describe(chapter_module(args.chapter).SECTIONS, cfg)))
         elif args.command == "plan":
             from .methods import CHAPTERS
-            from .plan import as_json, format_plan, plan_chapter, write_plan
+            from .plan import as_json, format_plan, plan_chapter, read_plan, summary_markdown, write_plan
+
+            if args.summary:
+                print(summary_markdown(read_plan()))
+                return 0
 
             preset = resolve_preset(args.preset)
             check_seeds(0, args.seeds)

@@ -8,8 +8,9 @@ one-off stage, at a preset:
                 plus the evaluations (test and validation passes and the method's diagnostics)
     peak_bytes  two real-size steps under the runner's own meter (train.step_peak_bytes: the
                 tensor meter on the CPU, the allocator on CUDA); one-off: its stage, measured
-    seconds     device -> seconds. `cpu`: measured here (median of real steps, one evaluation
-                timed), on this machine's threads. The GPUs: estimated as flops / throughput +
+    seconds     device -> seconds. `cpu`: measured here (median of real steps, one evaluation,
+                as this process's CPU time: robust to other jobs; with one thread, the wall-clock
+                of this machine idle, an upper bound for two cores). The GPUs: estimated as flops / throughput +
                 kernel launches x latency, at the throughput and latency DEVICES assumes.
 
 A one-off stage (Method.prepare) is measured at a small number of its units and at twice that
@@ -135,16 +136,19 @@ def counted(fn) -> Cost:
 
 
 def timed(fn, device: torch.device, repeats: int = 1) -> float:
-    """Median seconds of `repeats` calls of fn() (NaN for none)."""
+    """Median seconds of `repeats` calls of fn() (NaN for none): on CUDA the wall-clock; on the
+    CPU this process's CPU time, which other jobs on the machine hardly change (with one thread
+    it is the wall-clock of an idle machine; with more it is their sum, a safe upper bound)."""
     if repeats == 0:
         return float("nan")
+    clock = time.perf_counter if device.type == "cuda" else time.process_time
     times = []
     for _ in range(repeats):
         _sync(device)
-        t0 = time.perf_counter()
+        t0 = clock()
         fn()
         _sync(device)
-        times.append(time.perf_counter() - t0)
+        times.append(clock() - t0)
     return float(np.median(times))
 
 
@@ -303,7 +307,7 @@ def format_plan(rows: list[PlanRow], seeds: int = 1) -> str:
         lines.append(f"{chapter:16s} {'TOTAL x' + str(seeds) + ' seed(s)':28s} {'':8s} {'':7s} {'':8s} "
                      f"{peak / 2**20:7.0f}Mi " + " ".join(f"{_fmt_s(total[d]):>9s}" for d in devices))
     lines.append("")
-    lines.append(f"cpu: measured on this machine ({torch.get_num_threads()} threads); peak: "
+    lines.append(f"cpu: measured on this machine, CPU time with {torch.get_num_threads()} thread(s); peak: "
                  f"{rows[0].peak_kind if rows else ''}")
     lines += [f"{name}: {d.assumes}" for name, d in DEVICES.items()]
     return "\n".join(lines)
@@ -311,6 +315,28 @@ def format_plan(rows: list[PlanRow], seeds: int = 1) -> str:
 
 def as_json(rows: list[PlanRow]) -> list[dict]:
     return [asdict(r) for r in rows]
+
+
+def summary_markdown(rows: list[dict]) -> str:
+    """A Markdown table of written rows: per chapter and preset, the steps, TFLOPs, the largest
+    peak memory and the seconds per seed on every device (summed over arms and one-off stages)."""
+    devices = ["cpu", *DEVICES]
+    lines = ["| chapter | preset | steps | TFLOP | peak memory | " + " | ".join(devices) + " |",
+             "|---|---|---:|---:|---:|" + "---:|" * len(devices)]
+    keys = dict.fromkeys((r["chapter"], r["preset"]) for r in rows)
+    for chapter, preset in sorted(keys, key=lambda k: (list(PRESET_ORDER).index(k[1]), k[0])):
+        mine = [r for r in rows if r["chapter"] == chapter and r["preset"] == preset]
+        cells = []
+        for d in devices:
+            known = [r["seconds"][d] for r in mine if d in r["seconds"]]
+            cells.append(_fmt_s(sum(known)) if len(known) == len(mine) else "-")
+        lines.append(f"| {chapter} | {preset} | {sum(r['steps'] for r in mine if r['stage'] == 'train'):,} | "
+                     f"{sum(r['flops'] for r in mine) / 1e12:,.1f} | "
+                     f"{max(r['peak_bytes'] for r in mine) / 2**30:.2f} GiB | " + " | ".join(cells) + " |")
+    return "\n".join(lines)
+
+
+PRESET_ORDER = ("smoke", "cpu", "gpu", "paper")
 
 
 def read_plan(path=PLAN_FILE) -> list[dict]:
@@ -327,5 +353,5 @@ def write_plan(rows: list[PlanRow], path=PLAN_FILE) -> None:
     kept = [r for r in read_plan(path) if (r["chapter"], r["preset"]) not in covered]
     device = pick_device("auto")
     Path(path).write_text(json.dumps({"provenance": provenance(device), "devices": {
-        "cpu": f"measured on this machine ({torch.get_num_threads()} threads)",
+        "cpu": f"measured on this machine: CPU time with {torch.get_num_threads()} thread(s)",
         **{n: d.assumes for n, d in DEVICES.items()}}, "rows": kept + as_json(rows)}, indent=1) + "\n")

@@ -27,6 +27,13 @@ def chapter_config(chapter: str, preset: str = "auto", overrides: dict | None = 
     return make_config(mod.SECTIONS, mod.DEFAULTS, mod.PRESETS, preset, overrides)
 
 
+def preset_differences(chapter: str, preset: str = "gpu", reference: str = "paper") -> list[dict]:
+    """What `preset` changes from `reference` (by default: what the gpu preset leaves out of the
+    paper's setting), one row per key: {key, preset, reference}."""
+    a, b = chapter_config(chapter, preset), chapter_config(chapter, reference)
+    return [{"key": k, preset: a[k], reference: b[k]} for k in a if k != "preset" and a[k] != b[k]]
+
+
 def run_chapter(chapter: str, preset: str = "auto", seeds=(0,), out_dir=None,
                 overrides: dict | None = None, progress: bool = True, dataset=None) -> dict:
     """Run a chapter's experiment; writes out_dir/result.json when out_dir is given."""
