@@ -3,10 +3,13 @@
     python benchmarks/plan_check.py CHAPTER [CHAPTER ...] [--preset cpu] [--out DIR]
 
 For each chapter: the planner's rows (python -m metabook plan), then the chapter's run at the same
-preset, seed 0, in DIR/CHAPTER (resumable), then per arm the planned training seconds (steps only,
-evaluations excluded, one-off stage included) against the run's measured train_seconds +
-one_off_seconds, and the chapter's planned total against the run's wall-clock. Writes
-DIR/plan_check.json (appending chapters) with provenance; the README's table is made from it.
+preset, seed 0, in DIR/CHAPTER, then the chapter's planned total (steps, evaluations, one-off
+stages) against the run's CPU time (this process's, like the planner's `cpu` column: with one
+thread it is the wall-clock of an idle machine, and other jobs hardly change it) and wall-clock;
+and per arm the planned training seconds (steps and one-off, no evaluations) against the run's
+measured train_seconds + one_off_seconds (wall-clock: comparable only on an idle machine). Run it
+with OMP_NUM_THREADS=1 and a fresh DIR (a resumed run's CPU time is only its last part). Writes
+DIR/plan_check.json (appending chapters) with provenance.
 """
 import argparse
 import json
@@ -32,9 +35,9 @@ if __name__ == "__main__":
         t0 = time.perf_counter()
         rows = plan_chapter(chapter, a.preset)
         plan_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         record = run_chapter(chapter, a.preset, seeds=[0], out_dir=out / chapter, progress=False)
-        wall = time.perf_counter() - t0
+        wall, cpu = time.perf_counter() - t0, time.process_time() - c0
         arms = []
         for r in (x for x in rows if x.stage == "train"):
             key = f"{r.experiment}:{r.arm}" if r.experiment else r.arm
@@ -49,9 +52,10 @@ if __name__ == "__main__":
             print(f"{chapter:16s} {key:32s} planned {planned:8.1f} s  measured {measured:8.1f} s  "
                   f"ratio {planned / measured:5.2f}")
         total = sum(r.seconds["cpu"] for r in rows)
-        print(f"{chapter:16s} {'(whole run)':32s} planned {total:8.1f} s  wall     {wall:8.1f} s  "
-              f"ratio {total / wall:5.2f}   (planning took {plan_s:.0f} s)")
+        print(f"{chapter:16s} {'(whole run)':32s} planned {total:8.1f} s  CPU time {cpu:8.1f} s  "
+              f"ratio {total / cpu:5.2f}  (wall {wall:.0f} s; planning took {plan_s:.0f} s)")
         results["chapters"][chapter] = {"preset": a.preset, "arms": arms, "planned_total_s": total,
-                                        "wall_s": wall, "planning_s": plan_s, "rows": as_json(rows)}
+                                        "cpu_s": cpu, "ratio": total / cpu, "wall_s": wall,
+                                        "planning_s": plan_s, "rows": as_json(rows)}
         results["provenance"] = provenance("cpu")
         path.write_text(json.dumps(results, indent=1) + "\n")
