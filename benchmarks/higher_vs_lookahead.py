@@ -19,7 +19,7 @@ Before timing, the three are run once from identical copies of the model and the
 compared (they must agree to float32 rounding). Peak memory: bench.peak_tensor_bytes on CPU (the
 peak bytes of the tensors a step creates), torch.cuda.max_memory_allocated above the start on CUDA;
 and, on any device, bench.peak_autograd_bytes (the bytes the graphs hold for backward).
-Writes OUT/result.json (default book/results/compare-higher/) with provenance.
+Writes OUT/result.json (default metabook/records/compare-higher/) with provenance.
 """
 from __future__ import annotations
 
@@ -65,7 +65,7 @@ def main() -> None:
     p.add_argument("--rounds", type=int, default=20)
     p.add_argument("--warmup", type=int, default=3)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
-    p.add_argument("--out", default="book/results/compare-higher")
+    p.add_argument("--out", default="metabook/records/compare-higher")
     a = p.parse_args()
     dev = torch.device(a.device)
     lr = 0.1

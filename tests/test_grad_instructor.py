@@ -179,7 +179,7 @@ def test_each_seed_trains_its_own_enn_and_a_second_run_loads_it_from_the_cache(s
 
 
 def test_the_recorded_enn_file_still_loads():
-    """book/results/grad_instructor-cpu/enn.pt (written before the per-seed cache) is what chapter
+    """metabook/records/grad_instructor-cpu/enn.pt (written before the per-seed cache) is what chapter
     6's Grad-CAM figure uses."""
     path = RESULTS_DIR / "grad_instructor-cpu" / "enn.pt"
     if not path.exists():
