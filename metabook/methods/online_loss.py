@@ -367,7 +367,7 @@ class LFL:
     offline_horizon: int = knob(1, "SGD steps unrolled per offline step [V: 1]", ">= 1")
     offline_meta_lr: float = knob(1e-3, "Adam step size on phi in the offline stage [S: EvoMAL's ML^3]", ">= 0")
     offline_lr: float = knob(0.0, "alpha of the unrolled offline steps [R]", ">= 0 (0 = the schedule's first lr)")
-    monotone: bool = knob(False, "ours: l_phi monotone in p for each y (false = the paper's net)")
+    monotone: bool = knob(False, "ours: l_phi monotone in p for each y (lfl.net=chapter only; false = unconstrained)")
     same_time: bool = knob(True, "also run the baseline for online_loss's wall-clock")
 
 
