@@ -337,6 +337,10 @@ def summary_markdown(rows: list[dict]) -> str:
 
 
 PRESET_ORDER = ("smoke", "cpu", "gpu", "paper")
+# The book's chapters and the experiments (methods.CHAPTERS) each one runs at its preset.
+BOOK_CHAPTERS = {"02_baseline": ("baseline", "depth"), "03_local_losses": ("local_losses",),
+                 "04_instance_lr": ("instance_lr",), "05_online_loss": ("online_loss",),
+                 "06_grad_instructor": ("grad_instructor",), "07_meta_hf": ("meta_hf",), "08_compare": ("compare",)}
 
 
 def read_plan(path=PLAN_FILE) -> list[dict]:

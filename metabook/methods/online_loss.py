@@ -379,8 +379,8 @@ DEFAULTS: dict = {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay":
                   "schedule": "cosine", "warmup": 0.0}
 PRESETS: dict = {
     # CI: 31 steps per arm, 10 offline steps.
-    "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50,
-              "lfl.init": "cross_entropy", "lfl.offline_steps": 10},
+    "smoke": {"train_size": 1000, "meta_size": 500, "test_size": 500, "epochs": 2.0, "checkpoint_every": 50,
+              "lfl.init": "cross_entropy", "lfl.offline_steps": 5},
     # 2 cores: 468 steps per arm; an online step and an offline (ML^3) step cost about 4.5x a
     # plain step. 100 offline steps cannot shape a random chapter net on CIFAR (measured: flat
     # curve), so the chapter net is warm-started at cross-entropy; the authors' arms start random.
