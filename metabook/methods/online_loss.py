@@ -378,15 +378,15 @@ SECTIONS = (LFL,)
 DEFAULTS: dict = {"lr": 0.01, "momentum": 0.9, "nesterov": True, "weight_decay": 5e-4,
                   "schedule": "cosine", "warmup": 0.0}
 PRESETS: dict = {
-    # CI: 31 steps per arm, 10 offline steps.
+    # CI: 14 steps per arm on 1,000 images, 5 offline steps.
     "smoke": {"train_size": 1000, "meta_size": 500, "test_size": 500, "epochs": 2.0, "checkpoint_every": 50,
               "lfl.init": "cross_entropy", "lfl.offline_steps": 5},
     # 2 cores: 468 steps per arm; an online step and an offline (ML^3) step cost about 4.5x a
     # plain step. 100 offline steps cannot shape a random chapter net on CIFAR (measured: flat
     # curve), so the chapter net is warm-started at cross-entropy; the authors' arms start random.
     "cpu": {"train_size": 10000, "epochs": 6.0, "lfl.init": "cross_entropy", "lfl.offline_steps": 100},
-    # Not measured yet on a GPU.
-    "gpu": {"epochs": 20.0, "model": "resnet18", "width": 64, "lfl.offline_steps": 500},
+    # A T4 in about half an hour for the five arms (python -m metabook plan online_loss --preset gpu).
+    "gpu": {"train_size": 20000, "epochs": 15.0, "model": "resnet18", "width": 16, "lfl.offline_steps": 500},
     # 150,000 steps of batch 128 on 45,000 images (10% held out), as the EvoMAL configs.
     "paper": {"epochs": 427.0, "meta_size": 5000, "model": "resnet18", "width": 64, "lfl.offline_steps": 2500},
 }
