@@ -350,12 +350,16 @@ def read_plan(path=PLAN_FILE) -> list[dict]:
 
 
 def write_plan(rows: list[PlanRow], path=PLAN_FILE) -> None:
-    """Merge `rows` into the plan at `path`: the (chapter, preset) pairs they cover are replaced."""
+    """Merge `rows` into the plan at `path`: the (chapter, preset) pairs they cover are replaced;
+    `sources` keeps the provenance of every planning run whose rows are still there."""
     from .results import provenance
 
-    covered = {(r.chapter, r.preset) for r in rows}
-    kept = [r for r in read_plan(path) if (r["chapter"], r["preset"]) not in covered]
-    device = pick_device("auto")
-    Path(path).write_text(json.dumps({"provenance": provenance(device), "devices": {
+    path = Path(path)
+    old = json.loads(path.read_text()) if path.exists() else {}
+    covered = sorted({f"{r.chapter}@{r.preset}" for r in rows})
+    kept = [r for r in old.get("rows", []) if f"{r['chapter']}@{r['preset']}" not in covered]
+    sources = [{**s, "covers": [c for c in s["covers"] if c not in covered]} for s in old.get("sources", [])]
+    sources = [s for s in sources if s["covers"]] + [{"made": provenance(pick_device("auto")), "covers": covered}]
+    path.write_text(json.dumps({"sources": sources, "devices": {
         "cpu": f"measured on this machine: CPU time with {torch.get_num_threads()} thread(s)",
         **{n: d.assumes for n, d in DEVICES.items()}}, "rows": kept + as_json(rows)}, indent=1) + "\n")

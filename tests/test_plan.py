@@ -150,3 +150,28 @@ def test_each_preset_keeps_its_promise(preset):
         assert seconds <= limit, f"{book_chapter} @ {preset}: {seconds:.0f} s planned on {device}, promised {limit:.0f}"
         if preset == "gpu":
             assert max(r["peak_bytes"] for r in mine) <= GPU_MEMORY, f"{book_chapter} @ gpu needs more than 12 GiB"
+
+
+def test_readme_shows_the_written_plan():
+    """The README's table is `python -m metabook plan --summary`, not typed by hand."""
+    from pathlib import Path
+
+    from metabook.plan import summary_markdown
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("<!-- plan-table start -->\n")[1].split("<!-- plan-table end -->")[0].strip()
+    assert table == summary_markdown(read_plan())
+
+
+def test_writing_a_plan_replaces_only_the_chapters_and_presets_it_covers(tmp_path):
+    from metabook.plan import PlanRow, write_plan
+
+    def row(chapter, preset, steps):
+        return PlanRow(chapter, preset, "baseline", "train", steps, 1.0, 1, 1, "meter", {"t4": 1.0})
+    path = tmp_path / "plans.json"
+    write_plan([row("baseline", "smoke", 1), row("depth", "smoke", 2)], path)
+    write_plan([row("baseline", "smoke", 3), row("baseline", "cpu", 4)], path)
+    written = json.loads(path.read_text())
+    assert sorted((r["chapter"], r["preset"], r["steps"]) for r in written["rows"]) == \
+        [("baseline", "cpu", 4), ("baseline", "smoke", 3), ("depth", "smoke", 2)]
+    assert [s["covers"] for s in written["sources"]] == [["depth@smoke"], ["baseline@cpu", "baseline@smoke"]]
