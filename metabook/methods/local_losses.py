@@ -378,11 +378,11 @@ PRESETS: dict = {
     "smoke": {"train_size": 2000, "meta_size": 500, "test_size": 1000, "epochs": 1.0, "depth": 6, "width": 8,
               "checkpoint_every": 50},
     # 2 cores: the depth chapter's setting (10,000 images, 5 epochs = 390 steps, width 16), at depth 16
-    # where end-to-end backprop already lags the skip net (51.4% vs 59.9% there). One-thread step
-    # costs measured here (loaded machine): equal 1.25x, meta 2.3x (fd; 3.2x with jvp), free 3.1x
-    # a plain step; with the depth chapter's 0.14 s per plain step on 2 cores, the 7 arms and
-    # baseline_same_time come to about 15 plain-step units x 390 steps x 0.14 s = 14 minutes.
-    "cpu": {"train_size": 10000, "epochs": 5.0, "channels_last": True, "ll.mode": "fd"},
+    # where end-to-end backprop already lags the skip net (51.4% vs 59.9% there). All seven arms
+    # plan 27.6 min of one CPU thread (python -m metabook plan local_losses --preset cpu); without
+    # `free` (5.1 min) and `meta_nocv` (5.4 min) the chapter fits 20 (--set ll.arms=... adds them).
+    "cpu": {"train_size": 10000, "epochs": 5.0, "channels_last": True, "ll.mode": "fd",
+            "ll.arms": ["baseline", "skips", "equal", "meta", "meta_nodrop"]},
     "gpu": {"train_size": 20000, "epochs": 20.0, "depth": 32, "width": 16},
     "paper": {"epochs": 160.0, "depth": 32, "width": 16, "schedule": "cosine", "warmup": 0.0},
 }
