@@ -381,10 +381,11 @@ PRESETS: dict = {
     # CI: 14 steps per arm on 1,000 images, 5 offline steps.
     "smoke": {"train_size": 1000, "meta_size": 500, "test_size": 500, "epochs": 2.0, "checkpoint_every": 50,
               "lfl.init": "cross_entropy", "lfl.offline_steps": 5},
-    # 2 cores: 468 steps per arm; an online step and an offline (ML^3) step cost about 4.5x a
-    # plain step. 100 offline steps cannot shape a random chapter net on CIFAR (measured: flat
-    # curve), so the chapter net is warm-started at cross-entropy; the authors' arms start random.
-    "cpu": {"train_size": 10000, "epochs": 6.0, "lfl.init": "cross_entropy", "lfl.offline_steps": 100},
+    # 2 cores: 312 steps per arm (6 epochs, 468 steps, planned 24.5 min of one CPU thread: over
+    # the cpu preset's 20); an online step costs about 3.5x a plain one. 100 offline steps cannot
+    # shape a random chapter net on CIFAR (measured: flat curve), so the chapter net is
+    # warm-started at cross-entropy; the authors' arms start random.
+    "cpu": {"train_size": 10000, "epochs": 4.0, "lfl.init": "cross_entropy", "lfl.offline_steps": 100},
     # A T4 in about half an hour for the five arms (python -m metabook plan online_loss --preset gpu).
     "gpu": {"train_size": 20000, "epochs": 15.0, "model": "resnet18", "width": 16, "lfl.offline_steps": 500},
     # 150,000 steps of batch 128 on 45,000 images (10% held out), as the EvoMAL configs.
