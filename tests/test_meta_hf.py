@@ -682,10 +682,10 @@ def test_meta_training_draws_its_own_stream_of_the_training_split(monkeypatch):
 
 
 @pytest.mark.parametrize("method_class", [HessianFree, MLHF], ids=["hf", "mlhf"])
-def test_hf_and_mlhf_train_the_gpu_presets_batchnorm_resnet(method_class):
-    """The gpu/paper presets use ResNet-18 (BatchNorm in train mode): HF's and MLHF's steps must run
+def test_hf_and_mlhf_train_the_paper_preset_batchnorm_resnet(method_class):
+    """The paper preset uses ResNet-18 (BatchNorm in train mode): HF's and MLHF's steps must run
     on it, stay finite and lower the training loss (here: a width-4 ResNet-18 on synthetic data)."""
-    assert chapter_config("meta_hf", "gpu")["model"] == "resnet18"
+    assert chapter_config("meta_hf", "paper")["model"] == "resnet18"
     _, _, res = run_hf({"model": "resnet18", "width": 4, "epochs": 3.0, "hf.mlhf_meta_steps": 2,
                         "hf.mlhf_unroll": 2}, method_class=method_class)
     losses = [row["train_loss"] for row in res["history"]]

@@ -72,7 +72,8 @@ class Baseline(Method):
         set_lr(self.opt, lr)
         with torch.autocast(self.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
             logits = self.model(batch.x)
-            loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
+            loss = F.cross_entropy(logits.float() if self.dtype else logits, batch.y,
+                                   label_smoothing=self.label_smoothing)
         self.opt.zero_grad(set_to_none=True)
         if self.scaler:
             self.scaler.scale(loss).backward()
