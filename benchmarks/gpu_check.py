@@ -22,7 +22,7 @@ from metabook import chapter_config
 from metabook.config import pick_device
 from metabook.data import load_dataset
 from metabook.methods import CHAPTERS, chapter_module
-from metabook.plan import DEVICES, Cost, counted
+from metabook.plan import DEVICES, counted
 from metabook.results import provenance
 from metabook.train import StepTimer, fresh_method, prepare_data, probe_step, step_peak_bytes
 
@@ -64,6 +64,7 @@ if __name__ == "__main__":
                 method = fresh_method(arm, acfg, data, 0)
                 probe_step(method, 0, acfg)
                 step = counted(lambda: probe_step(method, 1, acfg))
+                step.amp = method.uses_amp()          # as the planner costs it: mixed-precision rate
                 timer = StepTimer(device)
                 for i in range(2, 4 + a.steps):
                     timer.start()
@@ -72,7 +73,7 @@ if __name__ == "__main__":
                 seconds = sorted(timer.collect()[2:])[a.steps // 2]      # median after two more warm-ups
                 del method
                 peak, kind = step_peak_bytes(arm, acfg, data, 0)
-                planned = {d: Cost(step.flops, step.launches).seconds()[d] for d in rows_for}
+                planned = {d: step.seconds()[d] for d in rows_for}
                 results.append({"chapter": chapter, "arm": arm_name, "experiment": exp.label,
                                 "measured_s_per_step": seconds, "planned_s_per_step": planned,
                                 "ratio_planned_to_measured": {d: s / seconds for d, s in planned.items()},
