@@ -730,14 +730,19 @@ def probe_step(method: Method, i: int, cfg: dict) -> dict:
 def step_peak_bytes(arm: Arm, cfg: dict, data: RunData, seed: int) -> tuple[int, str]:
     """Peak memory of an arm's first two steps, on a fresh model and method, outside any timed
     region and the run's RNG (bench.peak_step_bytes: the allocator on CUDA, the tensor meter
-    elsewhere). The one-off stage is not run: its cost is its own."""
+    elsewhere). The one-off stage is not run: its cost is its own. The same two steps run once
+    before, unmetered, on another fresh copy, so that what the process builds on first use
+    (lazy caches that outlive the step) is not charged to whichever arm happens to go first."""
     from .bench import peak_step_bytes
 
     device = data.train.y.device
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-        method = fresh_method(arm, cfg, data, seed)
-        return peak_step_bytes(lambda: [probe_step(method, i, cfg) for i in range(min(2, method.ctx.total_steps))],
-                               device)
+        for metered in (False, True):
+            method = fresh_method(arm, cfg, data, seed)
+            steps = lambda: [probe_step(method, i, cfg) for i in range(min(2, method.ctx.total_steps))]  # noqa: E731
+            if metered:
+                return peak_step_bytes(steps, device)
+            steps()
 
 
 def _finished_run(path: Path, config: dict) -> dict | None:

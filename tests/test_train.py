@@ -281,6 +281,27 @@ def test_peak_memory_is_measured_per_arm_not_inherited_from_a_heavier_one(synthe
     assert "tensor" in rec["cost"]["peak_memory_kind"]
 
 
+_FIRST_USE: dict = {}
+
+
+class LazyCache(Baseline):
+    """A baseline whose first step in the process builds a 4 MiB cache that outlives it."""
+    def step(self, batch, meta_batch, lr):
+        _FIRST_USE.setdefault("table", torch.zeros(1 << 20))
+        return super().step(batch, meta_batch, lr)
+
+
+def test_a_first_use_cache_is_not_charged_to_the_arm_that_goes_first(synthetic):
+    from metabook.train import step_peak_bytes
+
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2})
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    _FIRST_USE.clear()
+    first = step_peak_bytes(Arm(LazyCache), cfg, data, 0)[0]
+    assert "table" in _FIRST_USE                                   # the cache was built, outside the meter
+    assert first == step_peak_bytes(Arm(LazyCache), cfg, data, 0)[0]
+
+
 def test_ctrl_c_saves_a_checkpoint_and_the_rerun_ends_as_an_uninterrupted_run(synthetic, tmp_path):
     import os
     import signal
