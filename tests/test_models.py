@@ -52,3 +52,25 @@ def test_skips_change_the_function_but_not_the_parameters():
 def test_unknown_model_lists_the_choices():
     with pytest.raises(ConfigError, match="choose one of: small_cnn, plain_cnn, res_cnn, resnet18, mlp, cuda_convnet"):
         build_model("vgg", 10)
+
+
+def test_batchnorm_free_deep_cnn_keeps_the_signal_scale_through_depth():
+    """He initialisation: the last block's output has about the first block's scale (PyTorch's
+    default init would shrink its variance about 6x per layer: 6^-15 over 16 layers)."""
+    torch.manual_seed(0)
+    model = DeepCNN(depth=16, width=8, batchnorm=False)
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in model.modules())
+    feats = model.features(torch.randn(16, 3, 32, 32))
+    first, last = feats[0].pow(2).mean().sqrt().item(), feats[-1].pow(2).mean().sqrt().item()
+    assert 0.1 < last / first < 10, (first, last)
+
+
+def test_res_cnn_shortcut_wraps_one_layer():
+    """The second layer of a pair outputs h_2(z_1) + z_1 (the docstring's z_2), not a pair's sum."""
+    torch.manual_seed(0)
+    res = DeepCNN(depth=6, width=4, skips=True)
+    x = torch.randn(2, 3, 32, 32)
+    feats = res.features(x)
+    z1 = feats[0]
+    assert torch.allclose(feats[1], res.blocks[1](z1) + z1)
+    assert torch.allclose(feats[0], res.blocks[0](x))                  # the first layer has none
