@@ -6,22 +6,27 @@ global loss plus the local losses, each masked (`ll.dropout`) and weighted by la
 a balancer MLP meta-learned by chapter 1's one-step lookahead, L2RW-style per-step weights as in
 Ren et al. 2018, or 1). `ll.detach`: deep supervision (Lee et al. 2015) or detached blocks (Nokland
 & Eidnes 2019, DGL, InfoPro). `ll.cv_folds` > 1 draws meta batches from a held-out fold of the
-training split, so `val_acc` is one no arm optimised for; without it `val_acc - test_acc`
-measures meta-overfitting.
+training split (and removes that fold from the training batches, equal weights included), so
+`val_acc` is one no arm optimised for; without it `val_acc - test_acc` measures meta-overfitting.
 
-What is the paper's and what is ours (methods.md section 2; the paper's full text could not be
-read, so everything but the [A] items is reconstruction [R]):
+What is the paper's and what is ours (methods.md section 2, paper-facts.md paper 1; the paper's
+full text could not be read, so everything but the [A]/[V] items is reconstruction [R]):
   [A] local losses from local blocks on every hidden layer; a meta-learner sets a dynamic weight
       per layer at every iteration to optimise the global loss; minibatch-wise dropout and a
       cross-validation loop against meta-overfitting; the claim that plain nets without skip
       connections become trainable.
+  [V] the framework figure: one meta-network reads the local-loss blocks' outputs and emits one
+      weight per local loss, L = L_global + sum_l v_l L_local_l (ll.balancer_in=outputs).
   [R] the heads (adaptive average pool to ll.head_pool x ll.head_pool, then a linear layer: cheap,
-      weaker than Nokland's conv3x3 heads); the balancer's inputs, size and softmax-times-K
-      normalisation; the free L2RW variant; both gradient routings; the one-step lookahead with a
-      plain-SGD virtual step; dropout as a mask on the loss terms (no 1/(1-p) rescaling); CV folds
-      cut from the training split, rotated every ll.cv_every epochs; the update order (the real
-      step reuses lambda_t and the virtual step's gradient, AdaLFL's order; Meta-Weight-Net
-      recomputes lambda with phi_{t+1}, about 25% more per meta step).
+      weaker than Nokland's conv3x3 heads); what the balancer reads (loss statistics, or a
+      sorted-softmax summary of the heads' outputs), its size, its normalisation (K softmax or
+      2 sigmoid) and Adam step size (ll.meta_lr, chosen on val_acc among the step sizes at which
+      the weights move); the free L2RW variant (normalised as L2RW, to sum 1); both gradient
+      routings; the one-step lookahead with a plain-SGD virtual step; dropout as a mask on the
+      loss terms (no 1/(1-p) rescaling); CV folds cut from the training split, rotated every
+      ll.cv_every epochs; the update order (the real step reuses lambda_t and the virtual step's
+      gradient, AdaLFL's order; Meta-Weight-Net recomputes lambda with phi_{t+1}, about 25% more
+      per meta step).
 """
 from __future__ import annotations
 
@@ -395,7 +400,8 @@ class LL:
     cv_folds: int = knob(5, "K_cv folds of the training split for the CV loop [R]",
                          ">= 0 (0 or 1 = no cross-validation loop)")
     cv_every: float = knob(1.0, "epochs before the held-out fold rotates [R]", "> 0")
-    meta_lr: float = knob(1e-3, "Adam's learning rate on the balancer's parameters [R]", ">= 0")
+    meta_lr: float = knob(0.03, "Adam's learning rate on the balancer's parameters (chosen on val_acc among the "
+                          "step sizes at which the weights move; 0.001 left them at 1) [R]", ">= 0")
     meta_lrs: list[float] = knob([], "extra arms meta_lr=V: the meta arm at these step sizes (a sweep; "
                                  "choose on val_acc)", "> 0")
     balancer_in: str = knob("stats", "what the balancer reads: stats (each layer's loss, its EMA and change, "
