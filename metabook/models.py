@@ -50,7 +50,9 @@ class DeepCNN(nn.Module):
     BasicBlock wraps two conv layers per shortcut; this one wraps one.
     batchnorm=False: conv layers with biases and He (Kaiming normal, fan-in, ReLU) initialisation
     (PyTorch's default init shrinks the signal's variance about 6x per ReLU layer, so without
-    BatchNorm a plain net would fail by its init, not by its depth).
+    BatchNorm a plain net would fail by its init, not by its depth); with skips, the layers that
+    add a shortcut start scaled by 1/sqrt(their number), as Fixup does, since unscaled each
+    shortcut would double the variance.
     """
 
     def __init__(self, depth: int = 8, width: int = 16, num_classes: int = 10,
@@ -71,10 +73,22 @@ class DeepCNN(nn.Module):
         self.skips = skips
         self.head = nn.Linear(c_in, num_classes)
         if not batchnorm:
-            for m in self.blocks.modules():
-                if isinstance(m, nn.Conv2d):
-                    nn.init.kaiming_normal_(m.weight, mode="fan_in", nonlinearity="relu")
-                    nn.init.zeros_(m.bias)
+            shortcut = self._shortcut_layers()
+            for block, has in zip(self.blocks, shortcut):
+                conv = block[0]
+                nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+                if skips and has:              # Fixup-like: n shortcuts grow the variance (1 + 1/n)^n < e, not 2^n
+                    conv.weight.data.mul_(sum(shortcut) ** -0.5)
+
+    def _shortcut_layers(self) -> list[bool]:
+        """Which layers add a shortcut when skips=True: the 2nd, 4th, ... layer of each stage."""
+        out, pos = [], 0
+        for i in range(len(self.blocks)):
+            pos = 0 if self.pool_before[i] else pos
+            out.append(pos % 2 == 1)
+            pos += 1
+        return out
 
     def features(self, x, detach: bool = False) -> list[torch.Tensor]:
         """The output of every block, (B, C_l, H_l, W_l) for l = 1..depth. detach=True cuts the graph

@@ -74,3 +74,25 @@ def test_res_cnn_shortcut_wraps_one_layer():
     z1 = feats[0]
     assert torch.allclose(feats[1], res.blocks[1](z1) + z1)
     assert torch.allclose(feats[0], res.blocks[0](x))                  # the first layer has none
+
+
+@pytest.mark.parametrize("batchnorm", [True, False])
+def test_res_cnn_adds_a_shortcut_exactly_where_shortcut_layers_says(batchnorm):
+    torch.manual_seed(0)
+    res = DeepCNN(depth=16, width=4, skips=True, batchnorm=batchnorm).eval()
+    x = torch.randn(2, 3, 32, 32)
+    feats, inp = res.features(x), x
+    for i, (block, has) in enumerate(zip(res.blocks, res._shortcut_layers())):
+        inp = torch.nn.functional.max_pool2d(inp, 2) if res.pool_before[i] else inp
+        assert torch.allclose(feats[i], block(inp) + (inp if has else 0)), i
+        inp = feats[i]
+    assert sum(res._shortcut_layers()) == 7                      # stages of 6, 5, 5 layers: 3 + 2 + 2
+
+
+def test_batchnorm_free_res_cnn_starts_with_a_bounded_signal():
+    """The shortcut layers start scaled by 1/sqrt(7 shortcuts at depth 16, 15 at depth 32): the last
+    block's scale stays within 10x of the first's (unscaled He init: about 100x at depth 32)."""
+    for depth in (16, 32):
+        torch.manual_seed(0)
+        feats = DeepCNN(depth=depth, width=8, skips=True, batchnorm=False).features(torch.randn(16, 3, 32, 32))
+        assert feats[-1].pow(2).mean().sqrt() / feats[0].pow(2).mean().sqrt() < 10, depth
