@@ -44,8 +44,15 @@ class DeepCNN(nn.Module):
     8 pixels), global average pooling and a linear classifier.
 
     skips=False: a plain stack, the net that gets hard to train as it deepens.
-    skips=True: the same layers with an identity shortcut around every second layer of a stage
-    (z_2 = h_2(z_1) + z_1, z_4 = h_4(z_3) + z_3, ...), the reference that trains at any depth.
+    skips=True: the same layers with identity shortcuts, each around ONE layer: within a stage the
+    layers pair up and the second of each pair adds its input, z_2 = h_2(z_1) + z_1,
+    z_4 = h_4(z_3) + z_3, ... (the 1st, 3rd, 5th... layer of a stage has none). ResNet's
+    BasicBlock wraps two conv layers per shortcut; this one wraps one.
+    batchnorm=False: conv layers with biases and He (Kaiming normal, fan-in, ReLU) initialisation
+    (PyTorch's default init shrinks the signal's variance about 6x per ReLU layer, so without
+    BatchNorm a plain net would fail by its init, not by its depth); with skips, the layers that
+    add a shortcut start scaled by 1/sqrt(their number), as Fixup does, since unscaled each
+    shortcut would double the variance.
     """
 
     def __init__(self, depth: int = 8, width: int = 16, num_classes: int = 10,
@@ -65,6 +72,23 @@ class DeepCNN(nn.Module):
                 c_in = c_out
         self.skips = skips
         self.head = nn.Linear(c_in, num_classes)
+        if not batchnorm:
+            shortcut = self._shortcut_layers()
+            for block, has in zip(self.blocks, shortcut):
+                conv = block[0]
+                nn.init.kaiming_normal_(conv.weight, mode="fan_in", nonlinearity="relu")
+                nn.init.zeros_(conv.bias)
+                if skips and has:              # Fixup-like: n shortcuts grow the variance (1 + 1/n)^n < e, not 2^n
+                    conv.weight.data.mul_(sum(shortcut) ** -0.5)
+
+    def _shortcut_layers(self) -> list[bool]:
+        """Which layers add a shortcut when skips=True: the 2nd, 4th, ... layer of each stage."""
+        out, pos = [], 0
+        for i in range(len(self.blocks)):
+            pos = 0 if self.pool_before[i] else pos
+            out.append(pos % 2 == 1)
+            pos += 1
+        return out
 
     def features(self, x, detach: bool = False) -> list[torch.Tensor]:
         """The output of every block, (B, C_l, H_l, W_l) for l = 1..depth. detach=True cuts the graph

@@ -6,22 +6,27 @@ global loss plus the local losses, each masked (`ll.dropout`) and weighted by la
 a balancer MLP meta-learned by chapter 1's one-step lookahead, L2RW-style per-step weights as in
 Ren et al. 2018, or 1). `ll.detach`: deep supervision (Lee et al. 2015) or detached blocks (Nokland
 & Eidnes 2019, DGL, InfoPro). `ll.cv_folds` > 1 draws meta batches from a held-out fold of the
-training split, so `val_acc` is one no arm optimised for; without it `val_acc - test_acc`
-measures meta-overfitting.
+training split (and removes that fold from the training batches, equal weights included), so
+`val_acc` is one no arm optimised for; without it `val_acc - test_acc` measures meta-overfitting.
 
-What is the paper's and what is ours (methods.md section 2; the paper's full text could not be
-read, so everything but the [A] items is reconstruction [R]):
+What is the paper's and what is ours (methods.md section 2, paper-facts.md paper 1; the paper's
+full text could not be read, so everything but the [A]/[V] items is reconstruction [R]):
   [A] local losses from local blocks on every hidden layer; a meta-learner sets a dynamic weight
       per layer at every iteration to optimise the global loss; minibatch-wise dropout and a
       cross-validation loop against meta-overfitting; the claim that plain nets without skip
       connections become trainable.
+  [V] the framework figure: one meta-network reads the local-loss blocks' outputs and emits one
+      weight per local loss, L = L_global + sum_l v_l L_local_l (ll.balancer_in=outputs).
   [R] the heads (adaptive average pool to ll.head_pool x ll.head_pool, then a linear layer: cheap,
-      weaker than Nokland's conv3x3 heads); the balancer's inputs, size and softmax-times-K
-      normalisation; the free L2RW variant; both gradient routings; the one-step lookahead with a
-      plain-SGD virtual step; dropout as a mask on the loss terms (no 1/(1-p) rescaling); CV folds
-      cut from the training split, rotated every ll.cv_every epochs; the update order (the real
-      step reuses lambda_t and the virtual step's gradient, AdaLFL's order; Meta-Weight-Net
-      recomputes lambda with phi_{t+1}, about 25% more per meta step).
+      weaker than Nokland's conv3x3 heads); what the balancer reads (loss statistics, or a
+      sorted-softmax summary of the heads' outputs), its size, its normalisation (K softmax or
+      2 sigmoid) and Adam step size (ll.meta_lr, chosen on val_acc among the step sizes at which
+      the weights move); the free L2RW variant (normalised as L2RW, to sum 1); both gradient
+      routings; the one-step lookahead with a plain-SGD virtual step; dropout as a mask on the
+      loss terms (no 1/(1-p) rescaling); CV folds cut from the training split, rotated every
+      ll.cv_every epochs; the update order (the real step reuses lambda_t and the virtual step's
+      gradient, AdaLFL's order; Meta-Weight-Net recomputes lambda with phi_{t+1}, about 25% more
+      per meta step).
 """
 from __future__ import annotations
 
@@ -130,29 +135,47 @@ def directional_derivative(net: LocalNet, params: dict, v, x, y, local_losses, *
 
 
 def free_weights(g: torch.Tensor) -> torch.Tensor:
-    """L2RW-style weights from g (K,) at lambda = 0: K max(0, -g) / sum, mean 1 (all zero when no
-    local loss would lower the meta loss this step)."""
+    """L2RW-style weights from g (K,) at lambda = 0, with L2RW's own normalisation: max(0, -g) / sum,
+    so the weights sum to 1 and no layer gets more than 1 (all zero when no local loss would lower
+    the meta loss this step). (Normalised to sum K instead, one layer could get weight K.)"""
     w = torch.clamp(-g, min=0)
     total = w.sum()
-    return torch.where(total > 0, w * (len(w) / total), w)      # no host sync for the test
+    return torch.where(total > 0, w / total, w)                 # no host sync for the test
 
 
 # ----------------------------------------------------------------------------- the balancer network
 
 
 class Balancer(nn.Module):
-    """g_phi: per-layer features s (K, 4) -> lambda (K,) = K softmax(MLP(s)), one MLP shared by all
-    layers (Meta-Weight-Net style); its output layer starts at zero, so lambda starts at 1."""
+    """g_phi: per-layer features s (K, F) -> lambda (K,). Its output layer starts at zero, so
+    lambda starts at 1 with either normalisation.
 
-    def __init__(self, hidden: int = 32):
+    layers=None: one MLP (F -> hidden -> 1) shared by all layers (Meta-Weight-Net style), for the
+    loss statistics of `layer_features` (F = 4). layers=K: one MLP over all layers at once
+    (K*F -> hidden -> K), the paper's figure (a meta-network that reads the local-loss blocks'
+    outputs, `output_features`, and emits one weight per local loss).
+    norm='sum_k': lambda = K softmax(scores) (the weights always sum to K);
+    norm='sigmoid': lambda = 2 sigmoid(scores) (each in (0, 2), free to fall together).
+    """
+
+    def __init__(self, hidden: int = 32, features: int = 4, layers: int | None = None, norm: str = "sum_k"):
         super().__init__()
-        self.mlp = nn.Sequential(nn.Linear(4, hidden), nn.ReLU(), nn.Linear(hidden, 1))
+        if norm not in NORMS:
+            raise ConfigError(f"ll.norm={norm!r} is not valid; choose one of: {', '.join(NORMS)}")
+        self.layers, self.norm = layers, norm
+        n_in, n_out = (features, 1) if layers is None else (features * layers, layers)
+        self.mlp = nn.Sequential(nn.Linear(n_in, hidden), nn.ReLU(), nn.Linear(hidden, n_out))
         nn.init.zeros_(self.mlp[-1].weight)
         nn.init.zeros_(self.mlp[-1].bias)
 
     def forward(self, s):
-        scores = self.mlp(s).squeeze(-1)                                             # (K,)
+        scores = self.mlp(s).squeeze(-1) if self.layers is None else self.mlp(s.flatten())   # (K,)
+        if self.norm == "sigmoid":
+            return 2 * torch.sigmoid(scores)
         return len(scores) * torch.softmax(scores, 0)
+
+
+NORMS = ("sum_k", "sigmoid")
 
 
 def layer_features(local_losses, ema, prev, num_classes: int) -> torch.Tensor:
@@ -161,6 +184,13 @@ def layer_features(local_losses, ema, prev, num_classes: int) -> torch.Tensor:
     k, scale = len(local_losses), math.log(num_classes)
     depth = torch.arange(1, k + 1, device=local_losses.device, dtype=local_losses.dtype) / (k + 1)
     return torch.stack([local_losses / scale, ema / scale, (local_losses - prev) / scale, depth], 1)
+
+
+def output_features(local_outs: list[torch.Tensor]) -> torch.Tensor:
+    """(K, C): what each local-loss block outputs, summarised over the batch without the labels:
+    every example's softmax probabilities sorted from largest to smallest, averaged over the
+    batch (a confidence profile; class-order free). local_outs: K logits (B, C); detached."""
+    return torch.stack([torch.softmax(o.detach(), 1).sort(1, descending=True).values.mean(0) for o in local_outs])
 
 
 def balancer_meta_gradient(net: LocalNet, balancer: Balancer, feats, losses, x, y, x_meta, y_meta, mask,
@@ -200,7 +230,7 @@ class LocalLosses(Baseline):
     def __init__(self, cfg: dict):
         super().__init__(cfg)
         self.c = c = section(cfg, LL)
-        self.cv = c.cv_folds if c.cv_folds > 1 and c.weights != "equal" else 0      # folds in use (0: no CV loop)
+        self.cv = c.cv_folds if c.cv_folds > 1 else 0      # folds in use (0: no CV loop; equal weights too)
         self.uses_meta = c.weights != "equal" and not self.cv      # the loop's meta split feeds meta batches
         if c.detach and c.mode == "fd" and c.weights != "equal":
             raise ConfigError(FD_DETACHED)
@@ -211,7 +241,9 @@ class LocalLosses(Baseline):
         self.net = LocalNet(ctx.model, ctx.num_classes, self.c.head_pool).to(**like)
         self.opt.add_param_group({"params": list(self.net.heads.parameters())})
         self.k = len(self.net.heads)
-        self.balancer = Balancer(self.c.hidden).to(**like)
+        joint = self.c.balancer_in == "outputs"
+        self.balancer = Balancer(self.c.hidden, ctx.num_classes if joint else 4, self.k if joint else None,
+                                 self.c.norm).to(**like)
         self.meta_opt = torch.optim.Adam(self.balancer.parameters(), lr=self.c.meta_lr)
         self.window = max(1, ctx.total_steps // TRACE_ROWS)
         if self.cv:
@@ -248,7 +280,7 @@ class LocalLosses(Baseline):
         if self.cv:                                    # train on the other folds, meta on the held-out one
             keep = self.fold[batch.idx] != self.held_out_fold(self.t)
             x, y, self.last_train_idx = x[keep], y[keep], batch.idx[keep]
-            meta_batch = self.fold_meta_batch(self.t)
+            meta_batch = self.fold_meta_batch(self.t) if self.c.weights != "equal" else None
         self.last_meta_idx = meta_batch.idx if meta_batch is not None else None
         mask = self.draw_mask().to(device=x.device, dtype=x.dtype)
         outs = self.net(x, detach=self.c.detach)      # the one real forward (BatchNorm stats update here)
@@ -257,8 +289,9 @@ class LocalLosses(Baseline):
         kw = dict(detach=self.c.detach, mode=self.c.mode, loss_fn=self.loss_fn)
         info, extra = dict.fromkeys(("meta_loss", "meta_acc"), losses.new_zeros(())), {}
         if self.c.weights == "meta_net":               # lambda_t = g_phi_t(s_t)
-            feats = layer_features(local, local if self.ema is None else self.ema,
-                                   local if self.prev is None else self.prev, self.ctx.num_classes)
+            feats = output_features(outs[:-1]) if self.c.balancer_in == "outputs" else layer_features(
+                local, local if self.ema is None else self.ema, local if self.prev is None else self.prev,
+                self.ctx.num_classes)
             phi_grads, lam, g, grads, info = balancer_meta_gradient(
                 self.net, self.balancer, feats, losses, x, y, meta_batch.x, meta_batch.y, mask, lr, **kw)
             for p, gp in zip([*net_params(self.net), *self.balancer.parameters()], [*grads, *phi_grads]):
@@ -328,6 +361,7 @@ class LocalLosses(Baseline):
         `meta_loss` on the meta batches at theta' (the balancer's own objective)."""
         return {"layers": self.k, "depth_fraction": [(l + 1) / (self.k + 1) for l in range(self.k)],
                 "weights_mode": self.c.weights, "detach": self.c.detach, "cv_folds": self.cv,
+                "meta_lr": self.c.meta_lr, "balancer_in": self.c.balancer_in, "norm": self.c.norm,
                 "trace": {k: list(v) for k, v in self.read_trace().items()}}
 
 
@@ -338,8 +372,15 @@ ARMS: dict = {
     "baseline": Arm(Baseline),                                        # end-to-end backprop, plain net
     "skips": Arm(Baseline, {"model": "res_cnn"}),                      # the same layers with skips
     "equal": Arm(LocalLosses, {"ll.weights": "equal", "ll.dropout": 0.0, "ll.cv_folds": 0}),
+    # equal weights with the meta arm's dropout and CV loop (same data use): meta vs this isolates
+    # the learned weights
+    "equal_dropout_cv": Arm(LocalLosses, {"ll.weights": "equal"}),
     "free": Arm(LocalLosses, {"ll.weights": "free"}),
     "meta": Arm(LocalLosses, {"ll.weights": "meta_net"}),
+    # the paper's figure: one meta-network reads the local-loss blocks' outputs, emits K weights
+    "meta_outputs": Arm(LocalLosses, {"ll.weights": "meta_net", "ll.balancer_in": "outputs"}),
+    # the weights no longer sum to K: each in (0, 2), so all can fall together
+    "meta_sigmoid": Arm(LocalLosses, {"ll.weights": "meta_net", "ll.norm": "sigmoid"}),
     "meta_nodrop": Arm(LocalLosses, {"ll.weights": "meta_net", "ll.dropout": 0.0}),
     "meta_nocv": Arm(LocalLosses, {"ll.weights": "meta_net", "ll.cv_folds": 0}),
     "equal_detached": Arm(LocalLosses, {"ll.weights": "equal", "ll.dropout": 0.0, "ll.cv_folds": 0,
@@ -359,13 +400,22 @@ class LL:
     cv_folds: int = knob(5, "K_cv folds of the training split for the CV loop [R]",
                          ">= 0 (0 or 1 = no cross-validation loop)")
     cv_every: float = knob(1.0, "epochs before the held-out fold rotates [R]", "> 0")
-    meta_lr: float = knob(1e-3, "Adam's learning rate on the balancer's parameters [R]", ">= 0")
+    meta_lr: float = knob(0.03, "Adam's learning rate on the balancer's parameters (chosen on val_acc among the "
+                          "step sizes at which the weights move; 0.001 left them at 1) [R]", ">= 0")
+    meta_lrs: list[float] = knob([], "extra arms meta_lr=V: the meta arm at these step sizes (a sweep; "
+                                 "choose on val_acc)", "> 0")
+    balancer_in: str = knob("stats", "what the balancer reads: stats (each layer's loss, its EMA and change, "
+                            "its depth; one MLP shared by the layers) | outputs (the local heads' outputs, "
+                            "one MLP over all layers, as the paper's figure) [R]", choices=("stats", "outputs"))
+    norm: str = knob("sum_k", "the balancer's weights: sum_k (K softmax, sum K) | sigmoid (2 sigmoid, each in "
+                     "(0, 2)) [R]", choices=NORMS)
     hidden: int = knob(32, "balancer hidden units [R]", ">= 1")
     ema: float = knob(0.9, "decay of the loss EMA fed to the balancer [R]", "in [0, 1)")
     head_pool: int = knob(2, "local head: average pool to head_pool x head_pool, then linear [R]", ">= 1")
     mode: str = knob("jvp", "the meta-gradient's directional derivative: jvp (exact) | fd (finite difference)",
                      choices=("jvp", "fd"))
-    arms: list[str] = knob(["baseline", "skips", "equal", "free", "meta", "meta_nodrop", "meta_nocv"],
+    arms: list[str] = knob(["baseline", "skips", "equal", "equal_dropout_cv", "free", "meta", "meta_outputs",
+                            "meta_sigmoid", "meta_nodrop", "meta_nocv", "equal_detached", "meta_detached"],
                            "arms to run (baseline and meta are required)", choices=tuple(ARMS))
     same_time: bool = knob(True, "also run the baseline for the `meta` arm's wall-clock")
 
@@ -373,17 +423,21 @@ class LL:
 SECTIONS = (LL,)
 DEFAULTS: dict = {"model": "plain_cnn", "width": 16, "depth": 16}
 PRESETS: dict = {
-    # CI: 15 steps per arm on 2,000 images, a 6-layer plain net (5 local heads); about 26 s of CPU
-    # time for the 8 arms on one core (measured on real CIFAR-10; most of it evaluation and start-up).
+    # CI: 15 steps per arm on 2,000 images, a 6-layer plain net (5 local heads): every arm, and the
+    # meta arm also at the old step size 0.001 (arm meta_lr=0.001), to show its weights stay at 1.
     "smoke": {"train_size": 2000, "meta_size": 500, "test_size": 1000, "epochs": 1.0, "depth": 6, "width": 8,
-              "checkpoint_every": 50},
+              "checkpoint_every": 50, "ll.meta_lrs": [1e-3]},
     # 2 cores: the depth chapter's setting (10,000 images, 5 epochs = 390 steps, width 16), at depth 16
-    # where end-to-end backprop already lags the skip net (51.4% vs 59.9% there). All seven arms
-    # plan 27.6 min of one CPU thread (python -m metabook plan local_losses --preset cpu); without
-    # `free` (5.1 min) and `meta_nocv` (5.4 min) the chapter fits 20 (--set ll.arms=... adds them).
+    # where end-to-end backprop lags the skip net. The arms that isolate the learned weights (meta
+    # against equal_dropout_cv, the same data use) and the paper's meta-network (meta_outputs), so
+    # the chapter fits 20 minutes of one CPU thread by the planner; --set ll.arms=... adds the
+    # others (equal, free, meta_sigmoid, meta_nodrop, meta_nocv, the detached routing).
     "cpu": {"train_size": 10000, "epochs": 5.0, "channels_last": True, "ll.mode": "fd",
-            "ll.arms": ["baseline", "skips", "equal", "meta", "meta_nodrop"]},
-    "gpu": {"train_size": 20000, "epochs": 20.0, "depth": 32, "width": 16},
+            "ll.arms": ["baseline", "skips", "equal_dropout_cv", "meta", "meta_outputs"]},
+    # a T4 in 30 minutes (the planner's t4 column): the free, meta_nodrop and meta_nocv arms by --set
+    "gpu": {"train_size": 20000, "epochs": 20.0, "depth": 32, "width": 16,
+            "ll.arms": ["baseline", "skips", "equal", "equal_dropout_cv", "meta", "meta_outputs", "meta_sigmoid",
+                        "meta_detached"]},
     "paper": {"epochs": 160.0, "depth": 32, "width": 16, "schedule": "cosine", "warmup": 0.0},
 }
 
@@ -392,7 +446,10 @@ def experiments(cfg: dict) -> list[Experiment]:
     names = cfg["ll.arms"]
     if not {"baseline", "meta"} <= set(names):
         raise ConfigError(f"ll.arms={','.join(names)}: baseline and meta are required")
-    return [Experiment("local_losses", "meta", {n: ARMS[n] for n in names}, cfg,
+    arms = {n: ARMS[n] for n in names}
+    for v in cfg["ll.meta_lrs"]:                 # the sweep of the balancer's step size
+        arms[f"meta_lr={v:g}"] = Arm(LocalLosses, {**ARMS["meta"].changes, "ll.meta_lr": v})
+    return [Experiment("local_losses", "meta", arms, cfg,
                        same_time_for="meta" if cfg["ll.same_time"] else None)]
 
 
