@@ -31,9 +31,11 @@ from ..config import ConfigError, knob
 # Row name -> (chapter, the method arm, the control arm that isolates the paper's claim, the claim).
 # The control is what the method is credited against beside plain SGD: MLHF against Hessian-free
 # without meta-learning, AdaLFL (the authors' loss network) against the same loss frozen after the
-# same offline stage. None: the baseline is the control. The order is the book's.
+# same offline stage, local losses' learned weights against equal weights with the same dropout and
+# cross-validation loop. None: the baseline is the control. The order is the book's.
 METHODS: dict = {
-    "local_losses": ("local_losses", "meta", None, "meta-learned weights of local losses train a deep plain net"),
+    "local_losses": ("local_losses", "meta", "equal_dropout_cv", "meta-learned weights of local losses train a "
+                     "deep plain net"),
     "instance_lr": ("instance_lr", "instance_lr", None, "per-instance learning rates resist label noise"),
     "online_loss": ("online_loss", "online_authors", "offline_authors", "a loss learned online beats cross-entropy "
                     "and the loss learned offline"),
