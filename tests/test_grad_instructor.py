@@ -209,7 +209,8 @@ def test_the_critics_episodes_start_from_the_baseline_arms_weights_at_the_stated
     base = fresh_method(Arm(gi.PlainBP), cfg, data, seed)
     total, streams = base.ctx.total_steps, data.streams()
     reward = en.reward_examples(c, streams)
-    traj = en.baseline_trajectory(cfg, streams, 10, total, 3, reward.x, reward.y, base.model.state_dict(), seed)
+    init = {k: v.clone() for k, v in base.model.state_dict().items()}
+    traj = en.replay_trajectory(cfg, streams, 10, total, 3, reward.x, reward.y, init, seed)
     assert traj.steps == [0, round(total / 3), round(2 * total / 3)] and traj.total == total == 20
     for i in range(traj.steps[-1] + 1):
         if i in traj.steps:
@@ -231,6 +232,17 @@ def test_the_critics_episodes_start_from_the_baseline_arms_weights_at_the_stated
                                                                 c.canvas, c.resolution)) for s in traj.states)
     with pytest.raises(ConfigError, match="gi.starts=init"):
         en.train_enn(c, streams, 10, seed, width=cfg["width"], depth=cfg["depth"])
+    # later rounds replay the run guided by the current ENN: at gi.weight 0 it is the baseline's run bit for
+    # bit, at gi.weight > 0 it leaves it, and it records the guiding ENN's prediction at every saved state
+    enn = fixed_enn()
+    same = en.replay_trajectory({**cfg, "gi.weight": 0.0}, streams, 10, total, 3, reward.x, reward.y, init, seed, enn=enn)
+    assert same.kind == "guided" and all(torch.equal(a[k], b[k]) for a, b in zip(same.states, traj.states) for k in a)
+    guided = en.replay_trajectory({**cfg, "gi.weight": 5.0}, streams, 10, total, 3, reward.x, reward.y, init, seed, enn=enn)
+    assert not torch.equal(guided.states[-1]["hidden.0.weight"], traj.states[-1]["hidden.0.weight"])
+    start = MLP(num_classes=10, width=cfg["width"], depth=cfg["depth"])
+    start.load_state_dict(init)
+    with torch.no_grad():
+        assert len(guided.preds) == 3 and guided.preds[0] == pytest.approx(enn(en.render_model(start, c)[None]).item())
 
 
 def test_lambda_returns_of_a_hand_made_episode():
@@ -334,7 +346,8 @@ def test_killed_grad_instructor_run_resumes_bitwise(synthetic, tmp_path):
     assert steps_run[0] == 9
     drop_time = lambda history: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
     assert resumed["metrics"] == full["metrics"] and drop_time(resumed["history"]) == drop_time(full["history"])
-    untimed = lambda info: {**info, "seconds": 0, "starts": {**info["starts"], "seconds": 0}}
+    untimed = lambda info: {**info, "seconds": 0, "starts": {**info["starts"], "seconds": 0, "rounds": [
+        {**r, "seconds": 0} for r in info["starts"]["rounds"]]}}
     assert untimed(resumed["extras"]["enn"]) == untimed(full["extras"]["enn"])
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
@@ -379,7 +392,9 @@ def test_chapter_run_records_all_arms_the_cost_ratio_and_one_enn_per_seed(synthe
     for seed, enn in rec["enn"].items():
         total = arm["steps"]                                     # the baseline trajectory: one full-length run
         assert enn["starts"]["total"] == total and enn["starts"]["steps"] == en.trajectory_steps(total, 8)
-        assert enn["episodes"] == 6 and enn["rounds"] == 2 and enn["sgd_steps"] == 6 * 4 + enn["starts"]["steps"][-1]
+        assert enn["episodes"] == 6 and enn["rounds"] == 2 and enn["sgd_steps"] == 6 * 4 + 2 * enn["starts"]["steps"][-1]
+        assert [r["kind"] for r in enn["starts"]["rounds"]] == ["baseline", "guided"]
+        assert enn["starts"]["rounds"][0]["preds"] is None and len(enn["starts"]["rounds"][1]["preds"]) == 8
         assert enn["reward"] == {"split": "meta", "images": 50}
         control = rec["enn_by_arm"]["gi_init_critic"][seed]
         assert control["starts"] == {"kind": "init"} and set(control["start_steps"]) == {-1}

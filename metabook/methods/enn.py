@@ -5,8 +5,9 @@ could be read, methods.md section 5), [R]: our reconstruction; chapter 6 derives
 gi.rounds rounds, the later ones following the current ENN: without them the critic never sees
 the weights its own gradient leads to (measured: an ENN fitted on plain-SGD episodes only
 predicted 0.95 for the target within an epoch, whose real accuracy fell below plain backprop's).
-With gi.starts = "trajectory" most episodes start from weights saved along one full-length plain
-backprop run of the target (baseline_trajectory), so that the critic is fitted where the target goes
+With gi.starts = "trajectory" most episodes start from weights saved along full-length runs of the
+target (replay_trajectory): in round 0 the baseline arm's run, in later rounds the target's run
+guided by the current ENN, so that the critic is fitted where the target goes
 (measured with starts from initialisation only: 40-step episodes end at 8-39%, and over a 2,340-step
 target run the ENN predicted 70-79% against 49-52% real, issue 18).
 """
@@ -249,12 +250,15 @@ def run_episode(model: nn.Module, batches, x_eval, y_eval, lr: float, c, enn: EN
 
 @dataclass
 class Trajectory:
-    """One plain-backprop run of the target: its weights (state_dicts) saved at `steps` of `total`,
-    and the reward split's accuracy there. The critic's episodes start from these weights."""
+    """One full-length run of the target: its weights (state_dicts) saved at `steps` of `total`, the
+    reward split's accuracy there and, for a run guided by an ENN, that ENN's prediction there.
+    The critic's episodes start from these weights."""
     steps: list[int]
     states: list[dict]
     accs: list[float]
     total: int
+    kind: str = "baseline"             # "baseline" or "guided" (Grad-Instructor's update with the given ENN)
+    preds: list[float] | None = None    # the guiding ENN's prediction at each saved state
     seconds: float = 0.0
 
 
@@ -264,34 +268,40 @@ def trajectory_steps(total: int, points: int) -> list[int]:
     return sorted({round(k * total / points) for k in range(points)})
 
 
-def baseline_trajectory(cfg: dict, streams, num_classes: int, total: int, points: int, x_eval, y_eval,
-                        init_state: dict, seed: int = 0) -> Trajectory:
-    """The baseline arm's run, replayed: the Baseline method (its optimiser and step) from the target's
-    initial weights `init_state`, on the loop's "train" stream with the loop's schedule lr_at(t, total),
-    for the target's `total` steps; the weights (and the reward accuracy) at trajectory_steps(total,
-    points). Bit for bit the weights the `baseline` arm of the same seed has at those steps."""
-    from .baseline import Baseline            # baseline.py imports nothing of this module's
+def replay_trajectory(cfg: dict, streams, num_classes: int, total: int, points: int, x_eval, y_eval,
+                      init_state: dict, seed: int = 0, enn: ENN | None = None) -> Trajectory:
+    """The target's run, replayed from its initial weights `init_state` on the loop's "train" stream with
+    the loop's schedule lr_at(t, total): without `enn` the `baseline` arm's method (bit for bit its
+    weights), with one the `grad_instructor` arm's update guided by that (frozen) ENN at cfg's
+    gi.weight; the weights, the reward accuracy (and the ENN's prediction) at trajectory_steps(total,
+    points). Steps after the last saved one are not run."""
+    from .baseline import Baseline            # imported here: both import this module
+    from .grad_instructor import GradInstructor
     device = x_eval.device
     model = make_model(cfg, num_classes, device)
     model.load_state_dict(init_state)
-    method = Baseline(cfg)
+    method = Baseline(cfg) if enn is None else GradInstructor(cfg, enn=enn)
     method.setup(Context(model, streams, total, 0, num_classes, streams.size("train"), seed))
     save = trajectory_steps(total, points)
     accuracy = torch.no_grad()(lambda: (model(x_eval).argmax(1) == y_eval).float().mean().item())
-    t0, states, accs = time.perf_counter(), [], []
-    for t in range(max(save) + 1):             # nothing after the last saved state is needed
+    t0, states, accs, preds = time.perf_counter(), [], [], []
+    for t in range(max(save) + 1):
         if t in save:
             was = model.training
             model.eval()
             states.append({k: v.detach().clone() for k, v in model.state_dict().items()})
             accs.append(accuracy())
+            if enn is not None:
+                preds.append(method.value())
             model.train(was)
             if t == save[-1]:
                 break
         loss = method.step(streams.batch("train", t), None, lr_at(t, total, cfg))["loss"]
         if not torch.isfinite(loss):
-            raise FloatingPointError(f"the ENN's baseline trajectory diverged at step {t} of {total}; lower lr")
-    return Trajectory(save, states, accs, total, time.perf_counter() - t0)
+            raise FloatingPointError(f"the ENN's {'guided' if enn else 'baseline'} trajectory diverged at step {t} "
+                                     f"of {total}; lower lr or gi.weight")
+    return Trajectory(save, states, accs, total, "baseline" if enn is None else "guided", preds or None,
+                      time.perf_counter() - t0)
 
 
 def collect_episodes(c, width: int, depth: int, streams, x_eval, y_eval, num_classes: int, n: int, seed: int,
@@ -361,9 +371,11 @@ def train_enn(c, streams, num_classes: int, seed: int = 0, *, width: int, depth:
               target_cfg: dict | None = None, total_steps: int | None = None,
               init_state: dict | None = None) -> tuple[ENN, dict]:
     """The frozen ENN of one run (c: the GI section; width, depth: the target MLP's) and its info. With
-    gi.starts = "trajectory" it first replays the baseline arm's run of this seed (target_cfg: the run's
-    config, init_state: the target's initial weights, total_steps: its length) and saves gi.start_points
-    states along it (the episodes' starts; baseline_trajectory). Each round collects episodes (rewards:
+    gi.starts = "trajectory" each round first replays a full-length run of this seed's target
+    (target_cfg: the run's config, init_state: its initial weights, total_steps: its length) and saves
+    gi.start_points states along it, the round's episode starts (replay_trajectory): round 0 the
+    baseline arm's run, later rounds the run guided by the current ENN (on-policy: where the target
+    goes when it climbs this critic). Each round collects episodes (rewards:
     reward_examples, on the meta split), holds out the last gi.holdout of them and refits the ENN on all
     others so far. Seeded by seed + gi.enn_seed."""
     per_round = episodes_per_round(c)
@@ -374,13 +386,15 @@ def train_enn(c, streams, num_classes: int, seed: int = 0, *, width: int, depth:
         raise ConfigError("gi.starts=trajectory needs the target's config, initial weights and total steps "
                           "(train_enn(..., target_cfg=cfg, total_steps=T, init_state=...)); or set gi.starts=init")
     t0 = time.perf_counter()
-    parts, held_parts, trace, enn, trajectory = [], [], [], None, None
+    parts, held_parts, trace, enn, trajectory, trajectories = [], [], [], None, None, []
     with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
         torch.manual_seed(enn_seed)
-        if c.starts == "trajectory":
-            trajectory = baseline_trajectory({**target_cfg, "width": width, "depth": depth}, streams, num_classes,
-                                             total_steps, c.start_points, reward.x, reward.y, init_state, seed)
         for r, n in enumerate(per_round):
+            if c.starts == "trajectory":
+                trajectory = replay_trajectory({**target_cfg, "width": width, "depth": depth}, streams, num_classes,
+                                               total_steps, c.start_points, reward.x, reward.y, init_state, seed,
+                                               enn=enn)
+                trajectories.append(trajectory)
             eps = collect_episodes(c, width, depth, streams, reward.x, reward.y, num_classes, n, enn_seed,
                                    enn=enn, round_=r, trajectory=trajectory)
             keep = torch.arange(len(eps.accs)) < len(eps.accs) - max(1, round(c.holdout * len(eps.accs)))
@@ -397,13 +411,15 @@ def train_enn(c, streams, num_classes: int, seed: int = 0, *, width: int, depth:
     held = Episodes.cat(held_parts)
     every = Episodes.cat([fit, held])
     quality = enn_quality(enn, held) if len(held.accs) >= 2 else {}
-    starts = {"kind": c.starts} if trajectory is None else {
-        "kind": c.starts, "steps": trajectory.steps, "total": trajectory.total, "accs": trajectory.accs,
-        "seconds": trajectory.seconds, "sgd_steps": trajectory.steps[-1]}
+    replayed = sum(tr.steps[-1] for tr in trajectories)
+    starts = {"kind": c.starts} if not trajectories else {
+        "kind": c.starts, "steps": trajectories[0].steps, "total": total_steps, "sgd_steps": replayed,
+        "seconds": sum(tr.seconds for tr in trajectories),
+        "rounds": [{"kind": tr.kind, "accs": tr.accs, "preds": tr.preds, "seconds": tr.seconds} for tr in trajectories]}
     info = {"seconds": time.perf_counter() - t0, "episodes": c.episodes, "rounds": len(per_round),
             "starts": starts, "reward": {"split": "meta", "images": len(reward.y)},
             "diverged": fit.diverged, "fit_episodes": len(fit.accs), "episode_steps": c.episode_steps,
-            "sgd_steps": fit.steps + (trajectory.steps[-1] if trajectory else 0), "objective": c.enn_objective, "image_size": image_size(c.canvas, c.resolution),
+            "sgd_steps": fit.steps + replayed, "objective": c.enn_objective, "image_size": image_size(c.canvas, c.resolution),
             "fit_loss": trace[:: max(1, len(trace) // 100)] + trace[-1:], **quality,
             "actions": every.actions.tolist(), "episode_round": every.rounds.tolist(),
             "final_accs": every.accs[:, -1].tolist(), "initial_accs": every.accs[:, 0].tolist(),
