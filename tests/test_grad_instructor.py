@@ -414,3 +414,23 @@ def test_chapter_run_records_all_arms_the_cost_ratio_and_one_enn_per_seed(synthe
     with pytest.raises(ConfigError, match="2 \\* gi.rounds"):
         run_chapter("grad_instructor", "smoke", overrides={**TINY, "gi.episodes": 3}, progress=False,
                     dataset=synthetic)
+
+
+def test_the_critics_reward_images_are_meta_split_images_never_validation_heldout_or_test(synthetic):
+    """Issue 18: the reward was val[:500], the split readers tune on. It is the meta split's first
+    gi.eval_size images now, and the meta split shares no image with the validation split."""
+    from metabook.data import split_train_meta
+    cfg = chapter_config("grad_instructor", "smoke", TINY)
+    c, seed = section(cfg, gi.GI), 1
+    data = prepare_data(cfg, seed, torch.device("cpu"), synthetic)
+    reward = en.reward_examples(c, data.streams())
+    _, meta_idx, val_idx = split_train_meta(synthetic.y_train, cfg["meta_size"], cfg["train_size"], seed,
+                                            cfg["val_size"] or cfg["meta_size"])
+    assert len(reward.y) == c.eval_size == 50 and len(val_idx) == cfg["meta_size"] == 100
+    assert not set(meta_idx.tolist()) & set(val_idx.tolist())
+    as_rows = lambda x: {bytes(r) for r in x.reshape(len(x), -1).numpy()}
+    raw = data.meta.x[:c.eval_size].permute(0, 2, 3, 1)                       # stored (N, 3, 32, 32) -> (N, 32, 32, 3)
+    assert torch.equal(reward.x, data.meta.normalise(data.meta.x[:c.eval_size]))
+    assert as_rows(raw) <= as_rows(synthetic.x_train[meta_idx])
+    for other in (synthetic.x_train[val_idx], synthetic.x_heldout, synthetic.x_test):
+        assert not as_rows(raw) & as_rows(other)
