@@ -4,7 +4,8 @@
 update [R]: loss = CE(f_W(x), y) - w(t) E(render(W)), E the frozen ENN (enn.py, trained per seed and
 split in prepare(), cached in OUT/cache/enn-seed{S}-{key}.pt), w(t) = gi.weight * schedule(t / T).
 Arms (same epochs and seeds): `baseline`, `l1` (L1 on the weight matrices), `he_init`,
-`grad_instructor` (its ENN's episodes start along a full-length baseline trajectory) and the control
+`grad_instructor` (its ENN's episodes start along full-length runs: the baseline's, then those the
+critic guides) and the control
 `gi_init_critic` (episodes from initialisation only, the critic of issue 18); each reports its final
 train-test gap (the abstract's second claim) and the GI arms their critic's calibration.
 """
@@ -148,8 +149,8 @@ class GradInstructor(PlainBP):
 
     def diagnostics(self, streams) -> dict:
         """||w(t) grad E|| / ||grad CE|| over the weight matrices, on the first training batch (eval mode),
-        and the calibration pair: the ENN's prediction `enn_value` (at step(), logged by the loop) against
-        `reward_acc`, the accuracy on the critic's own reward images (the meta split) now."""
+        and the calibration pair: the ENN's prediction for the current weights (`enn_now`) and their
+        accuracy on the critic's own reward images, the meta split (`reward_acc`)."""
         reward = reward_examples(self.c, streams)
         with torch.no_grad():
             was = self.model.training
@@ -201,8 +202,9 @@ class GI:
                               "(the snapshot's accuracy)", choices=("rl", "regression"))
     gamma: float = knob(1.0, "discount: 1 = predict the final accuracy, 0 = the next snapshot's", "in [0, 1]")
     lam: float = knob(0.8, "TD(lambda): 1 = Monte-Carlo returns, 0 = TD(0)", "in [0, 1]")
-    starts: str = knob("trajectory", "where the ENN's episodes start: trajectory (weights saved along one full-length "
-                       "plain-backprop run of the target, and a gi.init_share of fresh inits) | init (fresh inits only)",
+    starts: str = knob("trajectory", "where the ENN's episodes start: trajectory (weights saved along a full-length "
+                       "run of the target per round: the baseline's, then the one the current ENN guides; and a "
+                       "gi.init_share of fresh inits) | init (fresh inits only)",
                        choices=("trajectory", "init"))
     start_points: int = knob(8, "trajectory states saved, at steps round(k T / gi.start_points), k = 0..", ">= 1")
     init_share: float = knob(0.25, "with starts=trajectory: share of episodes from a fresh init (He x gain)", "in [0, 1]")
