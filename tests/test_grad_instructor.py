@@ -363,6 +363,9 @@ def test_killed_grad_instructor_run_resumes_bitwise(synthetic, tmp_path):
     ("gi.episodes", 2, ">= 3"),
     ("gi.holdout", 1.0, r"in \(0, 1\)"),
     ("gi.enn_seed", -1, ">= 0"),
+    ("gi.starts", "replay", "trajectory, init"),
+    ("gi.start_points", 0, ">= 1"),
+    ("gi.init_share", 1.5, r"in \[0, 1\]"),
     ("gi.same_time", "maybe", "true/false"),
     ("gi.bogus", 1, "valid keys"),
 ])
