@@ -159,20 +159,25 @@ def test_with_weight_zero_the_grad_instructor_arm_is_plain_backprop_bitwise(synt
     assert res_c["cost"]["one_off_seconds"] < res_b["cost"]["one_off_seconds"]    # a given ENN is not trained
 
 
+def cache_files(tmp_path, seed):
+    return sorted((tmp_path / "cache").glob(f"enn-seed{seed}-*.pt"))
+
+
 def test_each_seed_trains_its_own_enn_and_a_second_run_loads_it_from_the_cache(synthetic, tmp_path):
     _, first = run_arm(synthetic, gi.GradInstructor, out_dir=tmp_path)
-    path = tmp_path / "cache" / "enn-seed0.pt"
-    assert path.exists() and "loaded_from" not in first["extras"]["enn"]
+    [path] = cache_files(tmp_path, 0)
+    assert "loaded_from" not in first["extras"]["enn"]
     _, again = run_arm(synthetic, gi.GradInstructor, out_dir=tmp_path)
     assert again["extras"]["enn"]["loaded_from"] == str(path)
     assert again["metrics"] == first["metrics"] and again["extras"]["enn_value_initial"] == first["extras"]["enn_value_initial"]
     _, seed1 = run_arm(synthetic, gi.GradInstructor, out_dir=tmp_path, seed=1)      # another split, another ENN
-    assert (tmp_path / "cache" / "enn-seed1.pt").exists() and "loaded_from" not in seed1["extras"]["enn"]
+    assert len(cache_files(tmp_path, 1)) == 1 and "loaded_from" not in seed1["extras"]["enn"]
     assert seed1["extras"]["enn"]["final_accs"] != first["extras"]["enn"]["final_accs"]
+    assert seed1["extras"]["enn"]["split"] != first["extras"]["enn"]["split"]       # the key names the split
     _, same = run_arm(synthetic, gi.GradInstructor, {"gi.schedule": "linear_decay"}, out_dir=tmp_path)  # an arm knob
     assert "loaded_from" in same["extras"]["enn"]
     _, other = run_arm(synthetic, gi.GradInstructor, {"gi.enn_iters": 11}, out_dir=tmp_path)  # another ENN config
-    assert "loaded_from" not in other["extras"]["enn"]
+    assert "loaded_from" not in other["extras"]["enn"] and len(cache_files(tmp_path, 0)) == 2   # side by side
     path.write_bytes(b"not a checkpoint")
     with pytest.raises(RunError, match=f"{path}.*delete it"):
         run_arm(synthetic, gi.GradInstructor, out_dir=tmp_path)
@@ -190,6 +195,54 @@ def test_the_recorded_enn_file_still_loads():
     assert set(saved["key"]) < set(key)       # the old key had fewer keys; the notebook compares those,
     assert all(key[k] == v for k, v in saved["key"].items())    # and at `cpu` they match: the figure uses it
     assert 0 < enn(torch.zeros(1, 6, 10, 10)).item() < 1
+
+
+def test_the_critics_episodes_start_from_the_baseline_arms_weights_at_the_stated_steps(synthetic):
+    """gi.starts=trajectory: the saved states are the `baseline` arm's own weights (same seed, initial
+    weights, batches and schedule) at round(k T / gi.start_points); every episode's first state is
+    the rendering of one of them (or, with start -1, a fresh He init)."""
+    from metabook.train import Arm, fresh_method, lr_at, probe_step
+    cfg = chapter_config("grad_instructor", "smoke", {**TINY, "gi.start_points": 3, "gi.init_share": 0.3,
+                                                       "gi.episodes": 12})
+    c, seed = section(cfg, gi.GI), 1
+    data = prepare_data(cfg, seed, torch.device("cpu"), synthetic)
+    base = fresh_method(Arm(gi.PlainBP), cfg, data, seed)
+    total, streams = base.ctx.total_steps, data.streams()
+    reward = en.reward_examples(c, streams)
+    init = {k: v.clone() for k, v in base.model.state_dict().items()}
+    traj = en.replay_trajectory(cfg, streams, 10, total, 3, reward.x, reward.y, init, seed)
+    assert traj.steps == [0, round(total / 3), round(2 * total / 3)] and traj.total == total == 20
+    for i in range(traj.steps[-1] + 1):
+        if i in traj.steps:
+            saved = traj.states[traj.steps.index(i)]
+            assert all(torch.equal(saved[k], v) for k, v in base.model.state_dict().items()), f"step {i}"
+        probe_step(base, i, cfg)
+    assert not torch.equal(traj.states[0]["hidden.0.weight"], traj.states[1]["hidden.0.weight"])
+    eps = en.collect_episodes(c, cfg["width"], cfg["depth"], streams, reward.x, reward.y, 10, 12, seed,
+                              trajectory=traj)
+    starts = eps.actions[:, 3].long().tolist()
+    assert set(starts) <= {-1, *traj.steps} and -1 in starts and len(set(starts) - {-1}) >= 2
+    for state, start in zip(eps.states[:, 0], starts):
+        if start >= 0:
+            mlp = MLP(num_classes=10, width=cfg["width"], depth=cfg["depth"])
+            mlp.load_state_dict(traj.states[traj.steps.index(start)])
+            assert torch.equal(state, en.render_model(mlp, c))
+        else:                                       # a fresh He init: the rms images sit near sqrt(2) * gain
+            assert not any(torch.equal(state, en.render_weights([s[k] for k in s if k.endswith("weight")],
+                                                                c.canvas, c.resolution)) for s in traj.states)
+    with pytest.raises(ConfigError, match="gi.starts=init"):
+        en.train_enn(c, streams, 10, seed, width=cfg["width"], depth=cfg["depth"])
+    # later rounds replay the run guided by the current ENN: at gi.weight 0 it is the baseline's run bit for
+    # bit, at gi.weight > 0 it leaves it, and it records the guiding ENN's prediction at every saved state
+    enn = fixed_enn()
+    same = en.replay_trajectory({**cfg, "gi.weight": 0.0}, streams, 10, total, 3, reward.x, reward.y, init, seed, enn=enn)
+    assert same.kind == "guided" and all(torch.equal(a[k], b[k]) for a, b in zip(same.states, traj.states) for k in a)
+    guided = en.replay_trajectory({**cfg, "gi.weight": 5.0}, streams, 10, total, 3, reward.x, reward.y, init, seed, enn=enn)
+    assert not torch.equal(guided.states[-1]["hidden.0.weight"], traj.states[-1]["hidden.0.weight"])
+    start = MLP(num_classes=10, width=cfg["width"], depth=cfg["depth"])
+    start.load_state_dict(init)
+    with torch.no_grad():
+        assert len(guided.preds) == 3 and guided.preds[0] == pytest.approx(enn(en.render_model(start, c)[None]).item())
 
 
 def test_lambda_returns_of_a_hand_made_episode():
@@ -285,17 +338,20 @@ def test_killed_grad_instructor_run_resumes_bitwise(synthetic, tmp_path):
 
     with pytest.raises(Killed):
         run_arm(synthetic, gi.GradInstructor, overrides, out_dir=tmp_path, on_step=kill_at(11))
-    (tmp_path / "cache" / "enn-seed0.pt").unlink()
+    [cached] = cache_files(tmp_path, 0)
+    cached.unlink()
     steps_run = []
     model_b, resumed = run_arm(synthetic, gi.GradInstructor, overrides, out_dir=tmp_path,
                                on_step=lambda step, m: steps_run.append(step))
     assert steps_run[0] == 9
     drop_time = lambda history: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
     assert resumed["metrics"] == full["metrics"] and drop_time(resumed["history"]) == drop_time(full["history"])
-    assert resumed["extras"]["enn"] == full["extras"]["enn"] | {"seconds": resumed["extras"]["enn"]["seconds"]}
+    untimed = lambda info: {**info, "seconds": 0, "starts": {**info["starts"], "seconds": 0, "rounds": [
+        {**r, "seconds": 0} for r in info["starts"]["rounds"]]}}
+    assert untimed(resumed["extras"]["enn"]) == untimed(full["extras"]["enn"])
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
-    assert not (tmp_path / "cache" / "enn-seed0.pt").exists()
+    assert not cache_files(tmp_path, 0)
 
 
 @pytest.mark.parametrize("key, value, match", [
@@ -307,6 +363,9 @@ def test_killed_grad_instructor_run_resumes_bitwise(synthetic, tmp_path):
     ("gi.episodes", 2, ">= 3"),
     ("gi.holdout", 1.0, r"in \(0, 1\)"),
     ("gi.enn_seed", -1, ">= 0"),
+    ("gi.starts", "replay", "trajectory, init"),
+    ("gi.start_points", 0, ">= 1"),
+    ("gi.init_share", 1.5, r"in \[0, 1\]"),
     ("gi.same_time", "maybe", "true/false"),
     ("gi.bogus", 1, "valid keys"),
 ])
@@ -328,17 +387,28 @@ def test_chapter_run_records_all_arms_the_cost_ratio_and_one_enn_per_seed(synthe
     from metabook import run_chapter
     rec = run_chapter("grad_instructor", "smoke", seeds=[0, 1], out_dir=tmp_path, overrides=TINY, progress=False,
                       dataset=synthetic)
-    assert set(rec["arms"]) == {"baseline", "l1", "he_init", "grad_instructor", "baseline_same_time"}
+    assert set(rec["arms"]) == {"baseline", "l1", "he_init", "grad_instructor", "gi_init_critic", "baseline_same_time"}
     arm = rec["arms"]["grad_instructor"]
     assert rec["cost"]["enn_seconds"] == arm["one_off_seconds"]["mean"] == rec["metrics"]["enn_seconds"]
     assert rec["arms"]["baseline"]["one_off_seconds"]["mean"] < 0.01 * arm["one_off_seconds"]["mean"]
     assert set(rec["enn"]) == {"0", "1"} and rec["enn"]["0"]["final_accs"] != rec["enn"]["1"]["final_accs"]
     for seed, enn in rec["enn"].items():
-        assert enn["episodes"] == 6 and enn["rounds"] == 2 and enn["sgd_steps"] == 6 * 4
+        total = arm["steps"]                                     # the baseline trajectory: one full-length run
+        assert enn["starts"]["total"] == total and enn["starts"]["steps"] == en.trajectory_steps(total, 8)
+        assert enn["episodes"] == 6 and enn["rounds"] == 2 and enn["sgd_steps"] == 6 * 4 + 2 * enn["starts"]["steps"][-1]
+        assert [r["kind"] for r in enn["starts"]["rounds"]] == ["baseline", "guided"]
+        assert enn["starts"]["rounds"][0]["preds"] is None and len(enn["starts"]["rounds"][1]["preds"]) == 8
+        assert enn["reward"] == {"split": "meta", "images": 50}
+        control = rec["enn_by_arm"]["gi_init_critic"][seed]
+        assert control["starts"] == {"kind": "init"} and set(control["start_steps"]) == {-1}
+        assert control["sgd_steps"] == 6 * 4 and control["split"] == enn["split"]
         assert len(enn["final_accs"]) == len(enn["actions"]) == 6 - enn["diverged"]
         extras = arm["extras"][seed]
         assert extras["enn_seconds"] == enn["seconds"] and "enn" not in extras
-        assert (tmp_path / "cache" / f"enn-seed{seed}.pt").exists()
+        assert len(cache_files(tmp_path, seed)) == 2             # grad_instructor's and the control's ENN
+        for name in gi.GI_ARMS:
+            cal = rec["calibration"][name][seed]
+            assert cal["evaluations"] == len(rec["arms"][name]["history"][seed]) and 0 <= cal["late_mae"] <= 1
     assert rec["metrics"]["enn_spearman_all"] == pytest.approx(
         (rec["enn"]["0"]["spearman_all"] + rec["enn"]["1"]["spearman_all"]) / 2, nan_ok=True)
     assert all(len(arm["gap"]["per_seed"]) == 2 for arm in rec["arms"].values())
@@ -347,3 +417,23 @@ def test_chapter_run_records_all_arms_the_cost_ratio_and_one_enn_per_seed(synthe
     with pytest.raises(ConfigError, match="2 \\* gi.rounds"):
         run_chapter("grad_instructor", "smoke", overrides={**TINY, "gi.episodes": 3}, progress=False,
                     dataset=synthetic)
+
+
+def test_the_critics_reward_images_are_meta_split_images_never_validation_heldout_or_test(synthetic):
+    """Issue 18: the reward was val[:500], the split readers tune on. It is the meta split's first
+    gi.eval_size images now, and the meta split shares no image with the validation split."""
+    from metabook.data import split_train_meta
+    cfg = chapter_config("grad_instructor", "smoke", TINY)
+    c, seed = section(cfg, gi.GI), 1
+    data = prepare_data(cfg, seed, torch.device("cpu"), synthetic)
+    reward = en.reward_examples(c, data.streams())
+    _, meta_idx, val_idx = split_train_meta(synthetic.y_train, cfg["meta_size"], cfg["train_size"], seed,
+                                            cfg["val_size"] or cfg["meta_size"])
+    assert len(reward.y) == c.eval_size == 50 and len(val_idx) == cfg["meta_size"] == 100
+    assert not set(meta_idx.tolist()) & set(val_idx.tolist())
+    as_rows = lambda x: {bytes(r) for r in x.reshape(len(x), -1).numpy()}
+    raw = data.meta.x[:c.eval_size].permute(0, 2, 3, 1)                       # stored (N, 3, 32, 32) -> (N, 32, 32, 3)
+    assert torch.equal(reward.x, data.meta.normalise(data.meta.x[:c.eval_size]))
+    assert as_rows(raw) <= as_rows(synthetic.x_train[meta_idx])
+    for other in (synthetic.x_train[val_idx], synthetic.x_heldout, synthetic.x_test):
+        assert not as_rows(raw) & as_rows(other)

@@ -1,10 +1,13 @@
 """Grad-Instructor (Ino 2024, arXiv 2406.10559): an evaluation network (ENN) steers backpropagation.
 
 [A] = the abstract (all that could be read), [R] = our reconstruction; chapter 6 derives it. The
-update [R]: loss = CE(f_W(x), y) - w(t) E(render(W)), E the frozen ENN (enn.py, trained per seed in
-prepare(), cached in OUT/cache/enn-seed{S}.pt), w(t) = gi.weight * schedule(t / T). Arms (same epochs
-and seeds): `baseline`, `l1` (L1 on the weight matrices), `he_init`, `grad_instructor`; each reports
-its final train-test gap (the abstract's second claim).
+update [R]: loss = CE(f_W(x), y) - w(t) E(render(W)), E the frozen ENN (enn.py, trained per seed and
+split in prepare(), cached in OUT/cache/enn-seed{S}-{key}.pt), w(t) = gi.weight * schedule(t / T).
+Arms (same epochs and seeds): `baseline`, `l1` (L1 on the weight matrices), `he_init`,
+`grad_instructor` (its ENN's episodes start along full-length runs: the baseline's, then those the
+critic guides) and the control
+`gi_init_critic` (episodes from initialisation only, the critic of issue 18); each reports its final
+train-test gap (the abstract's second claim) and the GI arms their critic's calibration.
 """
 from __future__ import annotations
 
@@ -22,7 +25,7 @@ from ..data import Batch
 from ..train import Arm, Experiment, run_experiment
 from .baseline import Baseline, set_lr
 from .enn import (ENN, enn_config_key, episodes_per_round, he_init_, load_or_train_enn, render_model,
-                  weight_matrices)
+                  reward_examples, weight_matrices)
 
 SCHEDULES = ("constant", "linear_decay", "cosine_decay")
 
@@ -98,6 +101,7 @@ class GradInstructor(PlainBP):
 
     def __init__(self, cfg: dict, enn: ENN | None = None):
         super().__init__(cfg)
+        self.cfg = cfg
         self.c, self.target = section(cfg, GI), {"width": cfg["width"], "depth": cfg["depth"]}   # the MLP's shape
         self.enn_key = enn_config_key(cfg)            # everything the ENN's training reads
         episodes_per_round(self.c)                    # a bad gi.episodes / gi.rounds fails before any arm runs
@@ -114,7 +118,9 @@ class GradInstructor(PlainBP):
         """Train this seed's ENN (or load it from the run's cache); note its initial prediction."""
         if not self.given:
             enn, self.enn_info = load_or_train_enn(self.c, self.enn_key, self.ctx.streams, self.ctx.num_classes,
-                                                   self.ctx.seed, self.ctx.cache_dir, **self.target)
+                                                   self.ctx.seed, self.ctx.cache_dir, **self.target,
+                                                   target_cfg=self.cfg, total_steps=self.ctx.total_steps,
+                                                   init_state=self.model.state_dict())
             self.enn.load_state_dict(enn.state_dict())
         self.value0 = self.value()
 
@@ -142,7 +148,16 @@ class GradInstructor(PlainBP):
                 "enn_value": value.detach(), "gi_weight": w}
 
     def diagnostics(self, streams) -> dict:
-        """||w(t) grad E|| / ||grad CE|| over the weight matrices, on the first training batch (eval mode)."""
+        """||w(t) grad E|| / ||grad CE|| over the weight matrices, on the first training batch (eval mode),
+        and the calibration pair: the ENN's prediction for the current weights (`enn_now`) and their
+        accuracy on the critic's own reward images, the meta split (`reward_acc`)."""
+        reward = reward_examples(self.c, streams)
+        with torch.no_grad():
+            was = self.model.training
+            self.model.eval()
+            reward_acc = (self.model(reward.x).argmax(1) == reward.y).float().mean().item()
+            enn_now = self.value()
+            self.model.train(was)
         b = streams.examples("train", 0, streams.batch_size())
         weights, was = weight_matrices(self.model), self.model.training
         self.model.eval()
@@ -152,7 +167,8 @@ class GradInstructor(PlainBP):
             g_enn = torch.autograd.grad(self.enn(render_model(self.model, self.c)[None])[0], weights)
         self.model.train(was)
         norm = lambda gs: torch.sqrt(sum((g * g).sum() for g in gs))
-        return {"enn_grad_ratio": (self.w() * norm(g_enn) / norm(g_ce).clamp_min(1e-30)).item()}
+        return {"enn_grad_ratio": (self.w() * norm(g_enn) / norm(g_ce).clamp_min(1e-30)).item(),
+                "enn_now": enn_now, "reward_acc": reward_acc}
 
     def extras(self, streams) -> dict:
         quality = {f"enn_{k}": v for k, v in self.enn_info.items()
@@ -186,6 +202,12 @@ class GI:
                               "(the snapshot's accuracy)", choices=("rl", "regression"))
     gamma: float = knob(1.0, "discount: 1 = predict the final accuracy, 0 = the next snapshot's", "in [0, 1]")
     lam: float = knob(0.8, "TD(lambda): 1 = Monte-Carlo returns, 0 = TD(0)", "in [0, 1]")
+    starts: str = knob("trajectory", "where the ENN's episodes start: trajectory (weights saved along a full-length "
+                       "run of the target per round: the baseline's, then the one the current ENN guides; and a "
+                       "gi.init_share of fresh inits) | init (fresh inits only)",
+                       choices=("trajectory", "init"))
+    start_points: int = knob(8, "trajectory states saved, at steps round(k T / gi.start_points), k = 0..", ">= 1")
+    init_share: float = knob(0.25, "with starts=trajectory: share of episodes from a fresh init (He x gain)", "in [0, 1]")
     episodes: int = knob(160, "short target trainings for the ENN (incl. held-out ones)",
                          ">= 3 (and >= 2 * gi.rounds: some are held out)")
     rounds: int = knob(3, "collect-and-fit rounds; rounds > 0 follow the current ENN", ">= 1")
@@ -193,7 +215,7 @@ class GI:
                           "in (0, 1)")
     episode_steps: int = knob(40, "SGD steps per episode", ">= 1")
     snapshot_every: int = knob(5, "steps between states (K = episode_steps // snapshot_every)", ">= 1")
-    eval_size: int = knob(500, "held-out images behind each snapshot's accuracy (the reward)", ">= 1")
+    eval_size: int = knob(500, "meta-split images behind each snapshot's accuracy (the reward)", ">= 1")
     gain_min: float = knob(0.2, "behaviour policy: lowest init gain (x He std; log-uniform)", "> 0")
     gain_max: float = knob(2.0, "behaviour policy: highest init gain", "> 0")
     lr_min: float = knob(0.003, "behaviour policy: lowest learning rate (log-uniform)", "> 0")
@@ -230,7 +252,21 @@ PRESETS: dict = {
 }
 
 
-ARMS = {"baseline": Arm(PlainBP), "l1": Arm(L1Reg), "he_init": Arm(HeInit), "grad_instructor": Arm(GradInstructor)}
+ARMS = {"baseline": Arm(PlainBP), "l1": Arm(L1Reg), "he_init": Arm(HeInit), "grad_instructor": Arm(GradInstructor),
+        "gi_init_critic": Arm(GradInstructor, {"gi.starts": "init"})}     # the control: issue 18's critic
+GI_ARMS = ("grad_instructor", "gi_init_critic")
+
+
+def calibration(history: list[dict]) -> dict:
+    """The critic's calibration along a target run, from its evaluation rows: mean |ENN prediction -
+    reward-split accuracy| over all rows and over the second half of training, and the last row's pair."""
+    rows = [h for h in history if "enn_now" in h and "reward_acc" in h]
+    if not rows:
+        return {}
+    err = np.array([h["enn_now"] - h["reward_acc"] for h in rows])
+    late = err[len(err) // 2:]
+    return {"mae": float(np.abs(err).mean()), "late_mae": float(np.abs(late).mean()), "bias": float(err.mean()),
+            "final_pred": rows[-1]["enn_now"], "final_real": rows[-1]["reward_acc"], "evaluations": len(rows)}
 
 
 def experiments(cfg: dict) -> list[Experiment]:
@@ -243,8 +279,19 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     wall-clock, its ENN included); each seed's ENN info goes to record["enn"][seed]."""
     record = run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)
     arm = record["arms"]["grad_instructor"]
-    record["enn"] = {seed: extras.pop("enn") for seed, extras in arm["extras"].items()}
+    for name in GI_ARMS:            # the ENN infos leave the extras; the control's under its arm's name
+        if name in record["arms"]:
+            infos = {seed: ex.pop("enn") for seed, ex in record["arms"][name]["extras"].items()}
+            if name == "grad_instructor":
+                record["enn"] = infos
+            else:
+                record.setdefault("enn_by_arm", {})[name] = infos
+            record.setdefault("calibration", {})[name] = {
+                seed: calibration(hist) for seed, hist in record["arms"][name]["history"].items()}
     record["cost"]["enn_seconds"] = record["metrics"]["enn_seconds"] = arm["one_off_seconds"]["mean"]
+    for name, cal in record.get("calibration", {}).items():
+        if values := [c["late_mae"] for c in cal.values() if c]:
+            record["metrics"][f"{name}_late_calibration_mae"] = float(np.mean(values))
     for key in ("spearman_initial", "spearman_all"):
         if values := [info[key] for info in record["enn"].values() if key in info]:
             record["metrics"][f"enn_{key}"] = float(np.mean(values))
