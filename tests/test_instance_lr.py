@@ -76,7 +76,8 @@ def test_chapter_run_records_noise_auc_rates_and_all_arms(tmp_path):
     import numpy as np
     from metabook import run_chapter
     tiny = {"dataset": "synthetic", "train_size": 512, "meta_size": 100, "batch_size": 64, "width": 8,
-            "test_size": 200, "epochs": 1.0}
+            "test_size": 200, "epochs": 1.0, "ilr.arms": "baseline,instance_lr,l2rw,baseline_clean,mean_rate,mwn",
+            "ilr.same_time": True}
     rec = run_chapter("instance_lr", "smoke", seeds=[0], out_dir=tmp_path, overrides=tiny, progress=False)
     assert set(rec["arms"]) == {"baseline", "instance_lr", "l2rw", "baseline_clean", "mean_rate", "mwn",
                                 "baseline_same_time"}
