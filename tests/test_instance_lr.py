@@ -87,7 +87,7 @@ def test_chapter_run_records_noise_auc_rates_and_all_arms(tmp_path):
     assert len(curve["loss"]) == len(curve["weight"]) and all(0 < w < 1 for w in curve["weight"])
     assert 0 <= rec["arms"]["mwn"]["extras"]["0"]["weight_auc"] <= 1
     assert "loss_auc" in rec["arms"]["baseline_same_time"]["extras"]["0"]     # the free detector of plain SGD
-    assert rec["dataset"]["noise"]["kind"] == "symmetric" and rec["dataset"]["noise"]["corrupted"] > 100
+    assert rec["dataset"]["noise"]["kind"] == "uniform" and rec["dataset"]["noise"]["corrupted"] > 100
     saved = np.load(tmp_path / "instance_lr-seed0.npz")
     assert saved["rate"].shape == saved["train_index"].shape == saved["corrupted"].shape == (512,)
     assert saved["label"].shape == (512,) and saved["label"].max() < 10

@@ -306,7 +306,7 @@ class ILR:
 
 
 SECTIONS = (ILR,)
-DEFAULTS: dict = {"noise.kind": "symmetric", "noise.rate": 0.4}
+DEFAULTS: dict = {"noise.kind": "uniform", "noise.rate": 0.4}      # MW-Net's convention (36% of labels wrong)
 _CONTROLS = "baseline,instance_lr,baseline_clean,mean_rate,mwn"
 PRESETS: dict = {
     # Checks that every arm runs: 1,280 noisy images, 2 epochs (20 steps), the method and its three
