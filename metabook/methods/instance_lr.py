@@ -5,6 +5,12 @@ the real step scales its gradient by r_i = exp(sigma_i), and sigma is learned by
 lookahead on a clean meta batch, its meta-gradient a Jacobian-vector product (chapter 4 derives
 it). The paper's own parameterisation, meta-objective and update rule could not be read
 (methods.md section 3): this file is our reconstruction [R].
+
+Beside it, the arms that isolate what the rates do: `baseline_clean` (plain SGD that also trains
+on the clean meta images), `mean_rate` (the same meta step, but the real step gives every example
+the batch's mean rate) and `mwn` (Meta-Weight-Net, Shu et al. 2019: a weighting network on the
+per-example loss, trained by the same lookahead). All three meta arms take the meta-gradient of
+the per-example multipliers from `multiplier_meta_gradient`, written once.
 """
 from __future__ import annotations
 
@@ -12,6 +18,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 import torch
+import torch.nn as nn
 import torch.nn.functional as F
 
 from ..config import ConfigError, knob, section
@@ -23,6 +30,24 @@ from ..train import Arm, Experiment, run_experiment
 from .baseline import Baseline, set_lr
 
 
+def multiplier_meta_gradient(model, params, x, y, losses, x_meta, y_meta, c, lr: float,
+                             mode: str = "jvp"):
+    """d L_meta(theta'(c)) / d c for the virtual step theta' = theta - lr * grad_theta mean_i c_i l_i.
+
+    losses: (B,) l_i(theta) of (x, y), with their graph (the caller's real forward); c: (B,) the
+    per-example multipliers, no graph (rates exp(sigma_i), or MW-Net's weights). theta' is linear
+    in c, so d L_meta / d c_i = -(lr / B) <grad L_meta(theta'), grad l_i(theta)>, one
+    Jacobian-vector product for the batch. Returns (grad (B,), meta loss).
+    """
+    g = torch.autograd.grad((c * losses).mean(), list(params.values()), retain_graph=True)
+    fast = lookahead_params(params, g, lr)                                        # theta'(c)
+    meta = F.cross_entropy(forward(model, fast, x_meta), y_meta)
+    v = torch.autograd.grad(meta, list(fast.values()))
+    with torch.no_grad():              # only the tangents are needed here: no reverse graph
+        jv, _ = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode, update_stats=False)
+    return jv / len(y), meta.detach()
+
+
 def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: float,
                               lookahead: bool = True, mode: str = "jvp"):
     """d L_meta(theta'(sigma)) / d sigma for one batch. sigma: (B,) log rates of the batch.
@@ -32,20 +57,14 @@ def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: fl
     theta instead of theta' (cheaper: no virtual step; a first-order approximation).
     """
     r = sigma.exp()
-    b = len(y)
     if lookahead:
         losses = F.cross_entropy(model(x), y, reduction="none")                   # the real forward
-        g = torch.autograd.grad((r * losses).mean(), list(params.values()), retain_graph=True)
-        fast = lookahead_params(params, g, lr)                                    # theta'(sigma)
-        meta = F.cross_entropy(forward(model, fast, x_meta), y_meta)
-        v = torch.autograd.grad(meta, list(fast.values()))
-        with torch.no_grad():          # only the tangents are needed here: no reverse graph
-            jv, _ = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode, update_stats=False)
-    else:
-        meta = F.cross_entropy(forward(model, params, x_meta), y_meta)
-        v = torch.autograd.grad(meta, list(params.values()))
-        jv, losses = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode)
-    return jv * r / b, losses, meta.detach()
+        dc, meta = multiplier_meta_gradient(model, params, x, y, losses, x_meta, y_meta, r, lr, mode)
+        return dc * r, losses, meta                                               # chain rule: dr/dsigma = r
+    meta = F.cross_entropy(forward(model, params, x_meta), y_meta)
+    v = torch.autograd.grad(meta, list(params.values()))
+    jv, losses = example_weight_meta_gradient(model, params, x, y, v, lr, mode=mode)
+    return jv * r / len(y), losses, meta.detach()
 
 
 @torch.no_grad()
@@ -98,9 +117,13 @@ class InstanceLR(NoisyBaseline):
         sigma = (sigma - c.meta_lr * g_sigma).clamp(c.sigma_min, c.sigma_max)
         self.sigma[batch.idx] = sigma
         self.opt.zero_grad(set_to_none=True)
-        (sigma.exp() * losses).mean().backward()
+        (self.step_rates(sigma) * losses).mean().backward()
         self.opt.step()
         return {"loss": losses.detach().mean(), "meta_loss": meta_loss}
+
+    def step_rates(self, sigma: torch.Tensor) -> torch.Tensor:
+        """(B,) the multipliers of the real step: each example's own rate exp(sigma_i)."""
+        return sigma.exp()
 
     def diagnostics(self, streams) -> dict:
         """Mean rate of all examples, of the clean and of the corrupted ones, and the ROC-AUC of a
@@ -146,7 +169,121 @@ class ReweightL2RW(Baseline):
         return {"loss": out["loss"], "meta_loss": out["meta_loss"]}
 
 
-ARMS = {"baseline": Arm(NoisyBaseline), "instance_lr": Arm(InstanceLR), "l2rw": Arm(ReweightL2RW)}
+class MeanRate(InstanceLR):
+    """Control: the method's rates and meta step unchanged, but the real step gives every example
+    of the batch the batch's mean rate, mean_i exp(sigma_i): plain SGD at the learning rate the
+    rates imply, eta_t * mean(r), without the per-example differences. With all rates of a
+    batch equal it is the method, bit for bit."""
+
+    name = "mean_rate"
+
+    def step_rates(self, sigma: torch.Tensor) -> torch.Tensor:
+        r = sigma.exp()
+        return r.mean().expand_as(r)
+
+
+class BaselineClean(NoisyBaseline):
+    """Control: plain SGD on the noisy training batch plus the clean meta batch the method sees at
+    the same step (the loop's meta stream: same images, same order, not augmented), the loss the
+    mean over all 2B examples, one forward pass. Same steps as the baseline (epochs of the noisy
+    split), so each clean image enters train_size / meta_size times as often as a noisy one, as
+    often as the method's meta-gradient reads it."""
+
+    name = "baseline_clean"
+    uses_meta = True
+
+    def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
+        x, y = torch.cat([batch.x, meta_batch.x]), torch.cat([batch.y, meta_batch.y])
+        return super().step(Batch(x, y, batch.idx), None, lr)
+
+    def uses_amp(self) -> bool:
+        return self.amp != "off"
+
+
+def weight_net(hidden: int) -> nn.Module:
+    """MW-Net's weighting function: per-example loss (B, 1) -> weight in (0, 1), an MLP
+    1 -> hidden (ReLU) -> 1 with a sigmoid output (Shu et al. 2019)."""
+    return nn.Sequential(nn.Linear(1, hidden), nn.ReLU(), nn.Linear(hidden, 1), nn.Sigmoid())
+
+
+def mwn_meta_gradient(model, params, vnet, x, y, x_meta, y_meta, lr: float, mode: str = "jvp"):
+    """d L_meta(theta'(phi)) / d phi for the weighting network's parameters phi, one batch.
+
+    w_i = vnet(l_i) on the detached losses (the network sees a loss value, not its graph); the
+    virtual step descends mean_i w_i l_i. Returns (grads like vnet.parameters(), losses (B,)
+    with their graph for the real step, meta loss)."""
+    losses = F.cross_entropy(model(x), y, reduction="none")
+    w = vnet(losses.detach().unsqueeze(1)).squeeze(1)                             # (B,) weights
+    dw, meta = multiplier_meta_gradient(model, params, x, y, losses, x_meta, y_meta, w.detach(), lr, mode)
+    return torch.autograd.grad(w, list(vnet.parameters()), dw), losses, meta       # chain rule through vnet
+
+
+class MetaWeightNet(NoisyBaseline):
+    """Meta-Weight-Net (Shu et al. 2019) in the same loop: an Adam step on the weighting network
+    from the one-step lookahead, then the real step on mean_i w_i l_i with the updated network's
+    weights. State: the weighting network and its optimizer."""
+
+    name = "mwn"
+    uses_meta = True
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.c = section(cfg, ILR)
+
+    def setup(self, ctx) -> None:
+        super().setup(ctx)
+        with torch.random.fork_rng(devices=[]):          # the other arms' random streams stay as they are
+            torch.manual_seed(ctx.seed + 4049)
+            self.vnet = weight_net(self.c.mwn_hidden).to(self.device)
+        self.vopt = torch.optim.Adam(self.vnet.parameters(), lr=self.c.mwn_lr, weight_decay=self.c.mwn_weight_decay)
+        self.last_weight = torch.zeros((), device=self.device)
+
+    def weights(self, losses: torch.Tensor) -> torch.Tensor:
+        """(N,) weights the network gives to losses (N,), no graph."""
+        with torch.no_grad():
+            return self.vnet(losses.detach().unsqueeze(1)).squeeze(1)
+
+    def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
+        set_lr(self.opt, lr)
+        grads, losses, meta_loss = mwn_meta_gradient(self.model, model_params(self.model), self.vnet, batch.x,
+                                                     batch.y, meta_batch.x, meta_batch.y, lr, self.c.mode)
+        self.vopt.zero_grad(set_to_none=True)
+        for p, g in zip(self.vnet.parameters(), grads):
+            p.grad = g
+        self.vopt.step()
+        w = self.weights(losses)                                          # the updated network's weights
+        self.opt.zero_grad(set_to_none=True)
+        (w * losses).mean().backward()
+        self.opt.step()
+        self.last_weight = w.mean()
+        return {"loss": losses.detach().mean(), "meta_loss": meta_loss}
+
+    def diagnostics(self, streams) -> dict:
+        return {"mean_weight": self.last_weight.item()}
+
+    def extras(self, streams) -> dict:
+        """The learned weighting function on a grid of losses, and the ROC-AUC of a low weight
+        (of the final model's per-example training loss) for a corrupted label."""
+        grid = torch.linspace(0, 6, 13, device=self.device)
+        out = {"weight_curve": {"loss": grid.tolist(), "weight": self.weights(grid).tolist()}}
+        corrupted = streams.corrupted
+        if corrupted.any() and not corrupted.all():
+            losses = per_example_losses(self.model, streams)
+            out["weight_auc"] = roc_auc(-self.weights(losses).cpu(), corrupted.cpu())
+            out["loss_auc"] = roc_auc(losses.cpu(), corrupted.cpu())
+        return out
+
+    def state_dict(self) -> dict:
+        return {**super().state_dict(), "vnet": self.vnet.state_dict(), "vopt": self.vopt.state_dict()}
+
+    def load_state_dict(self, state: dict) -> None:
+        super().load_state_dict(state)
+        self.vnet.load_state_dict(state["vnet"])
+        self.vopt.load_state_dict(state["vopt"])
+
+
+ARMS = {"baseline": Arm(NoisyBaseline), "instance_lr": Arm(InstanceLR), "l2rw": Arm(ReweightL2RW),
+        "baseline_clean": Arm(BaselineClean), "mean_rate": Arm(MeanRate), "mwn": Arm(MetaWeightNet)}
 TARGETS_LABEL_NOISE = True           # the bench runs this chapter (and its baseline) under label noise
 
 
@@ -160,19 +297,29 @@ class ILR:
     lookahead: bool = knob(True, "meta-gradient at the virtual step theta' (false: at theta)")
     mode: str = knob("jvp", "meta-gradient: jvp (exact, forward mode) or fd (finite difference)",
                      choices=("jvp", "fd"))
-    arms: list[str] = knob(["baseline", "instance_lr", "l2rw"], "arms to run (baseline and instance_lr "
-                           "are required)", choices=tuple(ARMS))
+    mwn_lr: float = knob(1e-3, "MW-Net: Adam step size of the weighting network", ">= 0")
+    mwn_weight_decay: float = knob(1e-4, "MW-Net: the weighting network's weight decay", ">= 0")
+    mwn_hidden: int = knob(100, "MW-Net: hidden units of the weighting network", ">= 1")
+    arms: list[str] = knob(["baseline", "instance_lr", "l2rw", "baseline_clean", "mean_rate", "mwn"],
+                           "arms to run (baseline and instance_lr are required)", choices=tuple(ARMS))
     same_time: bool = knob(True, "also run the baseline for instance_lr's wall-clock")
 
 
 SECTIONS = (ILR,)
-DEFAULTS: dict = {"noise.kind": "symmetric", "noise.rate": 0.4}
+DEFAULTS: dict = {"noise.kind": "uniform", "noise.rate": 0.4}      # MW-Net's convention (36% of labels wrong)
+_CONTROLS = "baseline,instance_lr,baseline_clean,mean_rate,mwn"
 PRESETS: dict = {
-    "smoke": {"train_size": 2000, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50},
-    # 5,000 noisy training images, 10 epochs: each example's rate is updated 10 times. The four
-    # arms (with baseline_same_time) plan about 17 min of one CPU thread (10,000 images: 33 min).
-    "cpu": {"train_size": 5000, "epochs": 10.0},
-    "gpu": {"train_size": 20000, "epochs": 20.0, "model": "resnet18", "width": 32},
+    # Checks that every arm runs: 1,280 noisy images, 2 epochs (20 steps), the method and its three
+    # controls (about 75 s of one CPU thread planned).
+    "smoke": {"train_size": 1280, "meta_size": 500, "epochs": 2.0, "checkpoint_every": 50,
+              "ilr.arms": _CONTROLS, "ilr.same_time": False},
+    # 4,000 noisy training images, 10 epochs: each example's rate is updated 10 times. The method
+    # and its three controls (step costs about 1, 2.1, 3.6, 3.3 and 3.4 baseline steps) plan about
+    # 16 min of one CPU thread; L2RW and the baseline at the method's wall-clock would add about
+    # 8 min, so they run at gpu only.
+    "cpu": {"train_size": 4000, "epochs": 10.0, "ilr.arms": _CONTROLS, "ilr.same_time": False},
+    # The controls and the baseline at instance_lr's wall-clock; L2RW left out to keep 30 min on a T4.
+    "gpu": {"train_size": 20000, "epochs": 20.0, "model": "resnet18", "width": 32, "ilr.arms": _CONTROLS},
     "paper": {"epochs": 40.0, "model": "resnet18", "width": 64, "batch_size": 100},
 }
 
