@@ -123,4 +123,4 @@ def test_config_command_explains_every_key(tmp_path):
     proc = subprocess.run([sys.executable, "-m", "metabook", "config", "instance_lr", "--preset", "cpu", "--json"],
                           capture_output=True, text=True, timeout=120)
     import json
-    assert json.loads(proc.stdout)["ilr.arms"] == ["baseline", "instance_lr", "l2rw"]
+    assert json.loads(proc.stdout)["ilr.arms"] == ["baseline", "instance_lr", "baseline_clean", "mean_rate", "mwn"]
