@@ -245,12 +245,14 @@ def hf_gradient(model, batch: Batch, weight_decay: float):
 
 def hf_direction(model, params: Params, x, y, g: Vector, f0: float, lam, s: HFSettings, *,
                  factor: Vector | None = None, x0: Vector | None = None, tol: float = 5e-4,
-                 rtol: float = 1e-10, backtrack: bool = False, curvature: tuple | None = None) -> HFStep:
+                 rtol: float = 1e-10, backtrack: bool = False, curvature: tuple | None = None,
+                 evaluate: bool = True) -> HFStep:
     """One HF direction at `params` on (x (B, ...), y (B,)): G and its Fisher diagonal on the first
     s.gn_batch examples (or `curvature` = (G, fisher)), PCG from x0 on (G + lam I) d = -g with
     preconditioner (F + wd + lam)^xi * factor, the last (or backtracked) iterate, f(theta + d), rho.
     lam: a float, a 0-d tensor or a (P,) tensor (a damping per coordinate), whose graph (and
-    factor's) then reaches d. factor may be a function of CG's initial residual (then xi = 0)."""
+    factor's) then reaches d. factor may be a function of CG's initial residual (then xi = 0).
+    evaluate=False skips f(theta + d) (f1 and rho are then nan): a method that needs neither."""
     wd = s.weight_decay
     if curvature is None:
         m = min(s.gn_batch, len(y))
@@ -269,22 +271,26 @@ def hf_direction(model, params: Params, x, y, g: Vector, f0: float, lam, s: HFSe
     if backtrack:
         j, f1 = cg_backtrack(f_at, cg.iterates)
     else:
-        j, f1 = len(cg.iterates) - 1, f_at(cg.iterates[-1][1])
+        j, f1 = len(cg.iterates) - 1, f_at(cg.iterates[-1][1]) if evaluate else math.nan
     _, d, phi = cg.iterates[j]
     dd = d.detach() * d.detach()
     damping_term = (lam.detach() * dd).sum().item() if torch.is_tensor(lam) else lam * dd.sum().item()
     predicted = phi - 0.5 * damping_term                                     # q(d) - q(0) without damping
     rho = (f1 - f0) / predicted if predicted < 0 else -1.0                   # no predicted decrease: failed
+    rho = rho if evaluate else math.nan
     return HFStep(G, fisher, cg, j, d, f1, rho, f_at)
 
 
 def hf_apply(params: Params, step: HFStep, g: Vector, f0: float, search: bool,
              scale: float = 1.0) -> tuple[float, float]:
     """theta += alpha d in place, d = scale * step.d, alpha from the Armijo line search (or 1).
-    Returns (alpha, f after)."""
+    Returns (alpha, f after; without a search and at scale != 1 it is not evaluated: nan)."""
     d = scale * step.d.detach()
-    f1 = step.f1 if scale == 1.0 else step.f_at(d)
-    alpha, f_new = line_search(lambda a: step.f_at(a * d), f0, g.dot(d).item(), f1) if search else (1.0, f1)
+    if search:
+        f1 = step.f1 if scale == 1.0 else step.f_at(d)
+        alpha, f_new = line_search(lambda a: step.f_at(a * d), f0, g.dot(d).item(), f1)
+    else:
+        alpha, f_new = 1.0, step.f1 if scale == 1.0 else math.nan
     with torch.no_grad():
         for p, w in zip(params.values(), unflatten(alpha * d, params).values()):
             p.add_(w)
@@ -799,7 +805,7 @@ def official_step(nets: OfficialNets, segments, state: OfficialState, model, par
 
     x0 = -state.x_prev if state.age > 0 else None
     step = hf_direction(model, params, x, y, g, c["f0"], lam, s, factor=precond, x0=x0, tol=0.0, rtol=0.0,
-                        curvature=c["curvature"])
+                        curvature=c["curvature"], evaluate=False)
     if consts is None:
         c["curvature"] = (step.G, None)
     d, r = step.d, step.cg.r                       # A x = A (-d) = g + r
@@ -957,10 +963,9 @@ class OfficialMLHF(Method):
         with torch.no_grad():
             step, self.state, _, P, lam, _ = official_step(self.nets, self.segments, self.state, self.model, params,
                                                            batch.x, batch.y, g, f0, self.s)
-        _, f_new = hf_apply(params, step, g, f0, search=False, scale=self.c.official_lr)
+        hf_apply(params, step, g, f0, search=False, scale=self.c.official_lr)
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean(),
-                "damping": lam.mean(), "rho": float(step.rho), "f_after": f_new,
-                "precond_mean": P.mean(), "step_norm": self.c.official_lr * step.d.norm()}
+                "damping": lam.mean(), "precond_mean": P.mean(), "step_norm": self.c.official_lr * step.d.norm()}
 
     def state_dict(self) -> dict:
         return {"nets": self.nets.state_dict(), "opt_state": self.state.to_dict(), "meta_stats": self.meta_stats}
@@ -981,6 +986,11 @@ class OfficialMLHF(Method):
                 "meta_params": sum(p.numel() for p in self.nets.parameters())}
 
 # ----------------------------------------------------------------------------- chapter config and run
+
+ARMS = {"baseline": Arm(Baseline), "adam": Arm(AdamArm), "hf": Arm(HessianFree), "hf_same_cg": Arm(HFSameCG),
+        "mlhf_untrained": Arm(MLHFUntrained), "mlhf": Arm(MLHF), "mlhf_official": Arm(OfficialMLHF)}
+REQUIRED_ARMS = ("baseline", "mlhf")
+
 
 @dataclass
 class HF:
@@ -1007,6 +1017,7 @@ class HF:
                                  ">= 0 (0 = every episode from a fresh initialisation)")
     mlhf_fresh_prob: float = knob(0.2, "probability that an episode starts from a fresh initialisation", "in [0, 1]")
     mlhf_line_search: bool = knob(True, "Armijo line search on MLHF's learned step at deployment")
+    arms: list[str] = knob(list(ARMS), "arms to run (baseline and mlhf are required)", choices=tuple(ARMS))
     official_cg_iters: int = knob(4, "CG iterations per step of the official MLHF (its code: 2 or 4)", ">= 1")
     official_unroll: int = knob(10, "steps per meta-training episode of the official MLHF (its code: 10)", ">= 2")
     official_meta_steps: int = knob(20, "meta-training episodes of the official MLHF (its code: 250 epochs)",
@@ -1036,13 +1047,15 @@ PRESETS: dict = {
     # episodes of 3 steps first, about 5 s of one core at width 8).
     "smoke": {"train_size": 2000, "meta_size": 200, "test_size": 1000, "epochs": 2.0, "model": "cuda_convnet",
               "width": 8, "eval_every": 0.5, "lr": 0.03, "hf.cg_iters": 10, "hf.gn_batch_size": 16, "checkpoint_every": 20,
-              "hf.mlhf_cg_iters": 5, "hf.mlhf_meta_steps": 6, "hf.mlhf_unroll": 3},
+              "hf.mlhf_cg_iters": 5, "hf.mlhf_meta_steps": 6, "hf.mlhf_unroll": 3, "hf.official_meta_steps": 2,
+              "hf.official_unroll": 4},
     # 2 CPU cores: 156 steps per arm. Measured on one core at width 32, batch 128: an SGD step
     # ~0.2 s, an HF step ~2 s, an MLHF step ~1.4 s, one meta-training episode (T = 3) ~7 s.
     # Plain SGD needs lr 0.03 on this BatchNorm-free net: at the global 0.1 it stayed at chance (10.3%,
     # measured); 0.03 beat 0.01 on validation accuracy (37.9% vs 29.9% after 2 epochs).
     "cpu": {"train_size": 10000, "epochs": 2.0, "model": "cuda_convnet", "width": 32, "eval_every": 0.5, "lr": 0.03,
-            "checkpoint_every": 20, "hf.mlhf_meta_steps": 20, "hf.mlhf_unroll": 3},
+            "checkpoint_every": 20, "hf.mlhf_meta_steps": 20, "hf.mlhf_unroll": 3, "hf.official_meta_steps": 3,
+            "hf.arms": ["baseline", "hf", "hf_same_cg", "mlhf_untrained", "mlhf", "mlhf_official"]},
     # A T4 in half an hour, 12 GiB: MLHF's meta-training memory grows with the curvature batch,
     # the width and the unroll (1.1 GiB at cpu: width 32, gn 32, T = 3); gn 128 and T = 5 at
     # width 64 ran this machine (24 GiB) out of memory while being planned, so gn 64 and T = 4.
@@ -1053,18 +1066,20 @@ PRESETS: dict = {
               "hf.cg_iters": 250},
 }
 
-ARMS = {"baseline": Arm(Baseline), "adam": Arm(AdamArm), "hf": Arm(HessianFree), "hf_same_cg": Arm(HFSameCG),
-        "mlhf_untrained": Arm(MLHFUntrained), "mlhf": Arm(MLHF), "mlhf_official": Arm(OfficialMLHF)}
 
 
 def experiments(cfg: dict) -> list[Experiment]:
-    return [Experiment("meta_hf", "mlhf", ARMS, cfg, same_time_for="mlhf")]
+    names = cfg["hf.arms"]
+    if not set(REQUIRED_ARMS) <= set(names):
+        raise ConfigError(f"hf.arms={','.join(names)}: {' and '.join(REQUIRED_ARMS)} are required")
+    return [Experiment("meta_hf", "mlhf", {n: ARMS[n] for n in ARMS if n in names}, cfg, same_time_for="mlhf")]
 
 
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
-    """Arms at equal epochs: baseline (SGD with Nesterov momentum), adam, hf, mlhf (the chapter's
-    method: its metrics are the record's); and the baseline at mlhf's wall-clock, which includes
-    mlhf's meta-training (its one-off stage, also recorded as cost.meta_train_seconds)."""
+    """The arms of cfg['hf.arms'] at equal epochs: baseline (SGD with Nesterov momentum), adam, hf,
+    hf_same_cg, mlhf_untrained, mlhf (the chapter's method: its metrics are the record's) and
+    mlhf_official; and the baseline at mlhf's wall-clock, which includes mlhf's meta-training (its
+    one-off stage, also recorded as cost.meta_train_seconds)."""
     record = run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)
     record["cost"]["meta_train_seconds"] = record["arms"]["mlhf"]["one_off_seconds"]["mean"]
     return record
