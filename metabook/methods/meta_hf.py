@@ -1061,7 +1061,7 @@ PRESETS: dict = {
     # width 64 ran this machine (24 GiB) out of memory while being planned, so gn 64 and T = 4.
     "gpu": {"train_size": 20000, "epochs": 10.0, "model": "cuda_convnet", "width": 64, "lr": 0.03,
             "batch_size": 512, "hf.gn_batch_size": 64, "hf.cg_iters": 20, "hf.mlhf_meta_steps": 40,
-            "hf.mlhf_unroll": 4},
+            "hf.mlhf_unroll": 4, "hf.official_meta_steps": 40, "hf.official_lr": 8.0},
     "paper": {"epochs": 100.0, "model": "resnet18", "width": 64, "batch_size": 1000, "hf.gn_batch_size": 250,
               "hf.cg_iters": 250},
 }
