@@ -1,5 +1,8 @@
 """Hessian-free optimisation (HF, Martens 2010) from scratch and MLHF (Chen, Lu, Fokoue 2018,
-arXiv 1805.08462), which replaces HF's damping rule and preconditioner by two meta-learned GRUs.
+arXiv 1805.08462), which replaces HF's damping rule and preconditioner by meta-learned recurrent
+nets: our reconstruction from the abstract (arm `mlhf`, two GRUs bounding a learned correction of
+Levenberg-Marquardt), the official code's design (arm `mlhf_official`, coordinate-wise LSTM heads),
+and the controls that separate meta-learning from Hessian-free (`hf_same_cg`, `mlhf_untrained`).
 
 An HF step on f(theta) = mean CE + wd/2 ||theta||^2: Gauss-Newton products on a curvature
 sub-batch, damped preconditioned CG, CG backtracking, Levenberg-Marquardt damping and an Armijo
@@ -994,8 +997,10 @@ REQUIRED_ARMS = ("baseline", "mlhf")
 
 @dataclass
 class HF:
-    """Hessian-free (the `hf` arm) and MLHF (the `mlhf` arm, keys hf.mlhf_*; hf.damping is its initial
-    damping, hf.precond_exponent its base xi, hf.fisher_chunk / gn_batch_size / warm_start as for hf)."""
+    """Hessian-free (the `hf` and `hf_same_cg` arms), MLHF (the `mlhf` and `mlhf_untrained` arms, keys
+    hf.mlhf_*; hf.damping is its initial damping, hf.precond_exponent its base xi, hf.fisher_chunk /
+    gn_batch_size / warm_start as for hf) and the official code's MLHF (`mlhf_official`, keys
+    hf.official_*; hf.gn_batch_size as for hf)."""
     prefix: ClassVar[str] = "hf"
     damping: float = knob(1.0, "initial Tikhonov damping lambda", "> 0")
     damping_rule: str = knob("lm", "how lambda moves: lm (Levenberg-Marquardt) or fixed", choices=("lm", "fixed"))
@@ -1043,8 +1048,8 @@ DEFAULTS: dict = {}
 # The paper trains "CUDA-convnet" on CIFAR-10; `cuda_convnet` is Krizhevsky's layers-18pct-sized net
 # (conv5x5 32/32/64, three pools, linear; 89,578 parameters at width 32), see metabook.models.
 PRESETS: dict = {
-    # CI, about a minute on one core for all five arms (30 steps each; mlhf meta-trains for 6
-    # episodes of 3 steps first, about 5 s of one core at width 8).
+    # CI: all seven arms, 30 steps each (mlhf meta-trains for 6 episodes of 3 steps first,
+    # mlhf_official for 2 of 4 steps; `python -m metabook plan meta_hf --preset smoke` costs it).
     "smoke": {"train_size": 2000, "meta_size": 200, "test_size": 1000, "epochs": 2.0, "model": "cuda_convnet",
               "width": 8, "eval_every": 0.5, "lr": 0.03, "hf.cg_iters": 10, "hf.gn_batch_size": 16, "checkpoint_every": 20,
               "hf.mlhf_cg_iters": 5, "hf.mlhf_meta_steps": 6, "hf.mlhf_unroll": 3, "hf.official_meta_steps": 2,
@@ -1053,6 +1058,9 @@ PRESETS: dict = {
     # ~0.2 s, an HF step ~2 s, an MLHF step ~1.4 s, one meta-training episode (T = 3) ~7 s.
     # Plain SGD needs lr 0.03 on this BatchNorm-free net: at the global 0.1 it stayed at chance (10.3%,
     # measured); 0.03 beat 0.01 on validation accuracy (37.9% vs 29.9% after 2 epochs).
+    # The six arms plan 19.3 min of one CPU thread (plan meta_hf --preset cpu): Adam (about 0.5 min)
+    # is left out to keep 20 (--set hf.arms=... adds it). mlhf_official's 3 meta-training episodes of
+    # 10 steps: 33 s of one thread and 4.1 GiB (the unrolled graph of 10 steps of 4 CG iterations).
     "cpu": {"train_size": 10000, "epochs": 2.0, "model": "cuda_convnet", "width": 32, "eval_every": 0.5, "lr": 0.03,
             "checkpoint_every": 20, "hf.mlhf_meta_steps": 20, "hf.mlhf_unroll": 3, "hf.official_meta_steps": 3,
             "hf.arms": ["baseline", "hf", "hf_same_cg", "mlhf_untrained", "mlhf", "mlhf_official"]},
