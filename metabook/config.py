@@ -51,7 +51,12 @@ class Run:
     prefix: ClassVar[str] = ""
     dataset: str = knob("cifar10", "the images", choices=("cifar10", "cifar100", "cifar100_coarse", "synthetic"))
     train_size: int = knob(0, "training images used", ">= 0 (0 = all that are not held out)")
-    meta_size: int = knob(1000, "held-out images: meta batches and validation accuracy", ">= 0")
+    meta_size: int = knob(1000, "images split off for meta batches (the meta arms train on them)", ">= 0")
+    val_size: int = knob(0, "images split off for validation (tuning, val_acc): nothing trains on them",
+                         ">= 0 (0 = as many as meta_size)")
+    heldout_size: int = knob(10000, "images of the fixed held-out split evaluated at the end of a run "
+                             "(heldout_acc: the verdicts' split; metabook.data.heldout_indices)",
+                             ">= 0 (at most what the data holds; the record says how many)")
     test_size: int = knob(0, "test images used", ">= 0 (0 = all available)")
     model: str = knob("small_cnn", "the network (metabook.models)",
                       choices=("small_cnn", "plain_cnn", "res_cnn", "resnet18", "mlp", "cuda_convnet"))
@@ -85,8 +90,9 @@ class Run:
 class Noise:
     """Label noise on the training split."""
     prefix: ClassVar[str] = "noise"
-    kind: str = knob("none", "symmetric: a uniformly drawn other class; pairflip: the next class",
-                     choices=("none", "symmetric", "pairflip"))
+    kind: str = knob("none", "symmetric: a uniformly drawn other class; uniform: a label drawn from all "
+                     "classes (MW-Net's convention); pairflip: the next class",
+                     choices=("none", "symmetric", "uniform", "pairflip"))
     rate: float = knob(0.0, "fraction of training labels corrupted", "in [0, 1)")
 
 
@@ -223,13 +229,16 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     return out
 
 
+SHARED_PRESETS = {"smoke": {"heldout_size": 2000}}      # every chapter's preset, before its own
+
+
 def make_config(sections, defaults: dict, presets: dict, preset: str, overrides: dict | None = None) -> dict:
     """Resolve the shared and the chapter's sections, the chapter's defaults, a preset and
     overrides into one checked flat dict of dotted keys (with `preset` recorded)."""
     preset = resolve_preset(preset)
     fields = all_keys(sections)
     cfg = {key: (f.default_factory() if f.default is dataclasses.MISSING else f.default) for key, f in fields.items()}
-    for source in (defaults, presets.get(preset, {}), overrides or {}):
+    for source in (defaults, SHARED_PRESETS.get(preset, {}), presets.get(preset, {}), overrides or {}):
         for key, value in source.items():
             if key not in fields:
                 raise ConfigError(f"unknown config key {key!r}; valid keys: {', '.join(sorted(fields))}")

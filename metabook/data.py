@@ -29,6 +29,7 @@ CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "cifar100_coarse": 20}
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
+NOISE_KINDS = ("none", "symmetric", "uniform", "pairflip")
 
 
 class DataError(ValueError):
@@ -47,6 +48,8 @@ class Dataset:
     synthetic: bool
     source: str             # where the arrays came from (a path, or "generated from seed S")
     file_key: tuple | None = field(default=None, repr=False, compare=False)  # (path, size, mtime, name) read
+    x_heldout: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 32, 32, 3, dtype=torch.uint8))
+    y_heldout: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # (H,) see heldout_indices
 
     @property
     def num_classes(self) -> int:
@@ -55,7 +58,7 @@ class Dataset:
     def describe(self) -> dict:
         return {"name": self.name, "synthetic": self.synthetic, "source": self.source,
                 "train_size": len(self.y_train), "test_size": len(self.y_test),
-                "num_classes": self.num_classes}
+                "heldout_available": len(self.y_heldout), "num_classes": self.num_classes}
 
 
 def find_npz(name: str, download: bool = True) -> Path:
@@ -158,7 +161,7 @@ def dataset_fingerprint(ds: Dataset) -> str:
     if ds.file_key is not None and ds.file_key in _FINGERPRINTS:
         return _FINGERPRINTS[ds.file_key]
     h = hashlib.sha256()
-    for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test):
+    for t in (ds.x_train, ds.y_train, ds.x_test, ds.y_test, ds.x_heldout, ds.y_heldout):
         a = np.ascontiguousarray(t.detach().cpu().numpy())
         h.update(f"{a.dtype.str}{a.shape};".encode())
         h.update(a.reshape(-1).view(np.uint8))
@@ -172,9 +175,10 @@ _FINGERPRINTS: dict[tuple, str] = {}
 
 
 def make_synthetic(n_train: int = 10000, n_test: int = 2000, num_classes: int = 10,
-                   seed: int = 0) -> Dataset:
+                   seed: int = 0, n_heldout: int | None = None) -> Dataset:
     """CIFAR-shaped, learnable data: each class is a smooth random colour pattern; an image is its
-    class pattern, shifted by up to 4 pixels, scaled in contrast, plus pixel noise."""
+    class pattern, shifted by up to 4 pixels, scaled in contrast, plus pixel noise. The held-out
+    split is `n_heldout` (default n_test) more images, drawn after the test images."""
     g = torch.Generator().manual_seed(seed)
     coarse = torch.rand(num_classes, 3, 4, 4, generator=g)
     patterns = torch.nn.functional.interpolate(coarse, size=40, mode="bilinear", align_corners=False)
@@ -191,8 +195,9 @@ def make_synthetic(n_train: int = 10000, n_test: int = 2000, num_classes: int = 
 
     x_train, y_train = sample(n_train)
     x_test, y_test = sample(n_test)
-    return Dataset("synthetic", x_train, y_train, x_test, y_test,
-                   [f"class{i}" for i in range(num_classes)], True, f"generated from seed {seed}")
+    x_held, y_held = sample(n_test if n_heldout is None else n_heldout)
+    return Dataset("synthetic", x_train, y_train, x_test, y_test, [f"class{i}" for i in range(num_classes)],
+                   True, f"generated from seed {seed}", x_heldout=x_held, y_heldout=y_held)
 
 
 def load_dataset(name: str, download: bool = True) -> Dataset:
@@ -203,52 +208,79 @@ def load_dataset(name: str, download: bool = True) -> Dataset:
         return make_synthetic()
     path = find_npz(name, download=download)
     key, (x_train, y_train, x_test, y_test, names) = read_checked(path, name)
-    return Dataset(name, torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64)),
-                   torch.from_numpy(x_test), torch.from_numpy(y_test.astype(np.int64)),
-                   names, False, str(path), file_key=(*key, name))
+    x_train, y_train = torch.from_numpy(x_train), torch.from_numpy(y_train.astype(np.int64))
+    held = heldout_indices(y_train, len(names) if names is not None else int(y_train.max()) + 1)
+    keep = torch.ones(len(y_train), dtype=torch.bool)
+    keep[held] = False
+    return Dataset(name, x_train[keep], y_train[keep], torch.from_numpy(x_test),
+                   torch.from_numpy(y_test.astype(np.int64)), names, False, str(path), file_key=(*key, name),
+                   x_heldout=x_train[held], y_heldout=y_train[held])
+
+
+HELDOUT_SIZE, HELDOUT_SEED = 10_000, 31_337
+
+
+def heldout_indices(y: torch.Tensor, num_classes: int) -> torch.Tensor:
+    """The fixed held-out split of a file's training images, (H,) indices into y: the same number
+    from every class, min(10,000, N // 5) in all (all 10,000 for CIFAR's 50,000), drawn by a fixed
+    generator (never a run's seed, so every run and preset holds out the same images), in an order
+    that cycles through the classes (so its first n images are class-balanced too). Nothing trains
+    on them: load_dataset removes them from x_train and keeps them as x_heldout."""
+    per = min(HELDOUT_SIZE, len(y) // 5) // num_classes
+    per = min(per, int(torch.bincount(y, minlength=num_classes).min()))
+    perm = torch.randperm(len(y), generator=torch.Generator().manual_seed(HELDOUT_SEED))
+    by_class = torch.stack([perm[y[perm] == c][:per] for c in range(num_classes)])   # (C, per)
+    return by_class.t().reshape(-1)
 
 
 # ----------------------------------------------------------------------------- splits and noise
 
-def split_train_meta(y: torch.Tensor, meta_size: int, train_size: int = 0, seed: int = 0):
-    """Hold out a class-balanced `meta` split; the rest (or `train_size` of it) is `train`.
-
-    Returns (train_idx, meta_idx), int64 index tensors into y. Fixed by `seed`.
-    """
+def split_train_meta(y: torch.Tensor, meta_size: int, train_size: int = 0, seed: int = 0, val_size: int = 0):
+    """Split the training images by `seed` into class-balanced `meta` (meta batches) and `val`
+    (validation: tuning and val_acc, nothing trains on it) splits and `train`: the rest, or
+    `train_size` of it. Returns (train_idx, meta_idx, val_idx), sorted int64 indices into y."""
     n, classes = len(y), int(y.max()) + 1
-    if meta_size + max(train_size, 1) > n:
-        raise ConfigError(f"meta_size={meta_size} + train_size={train_size} exceeds the {n} training images")
-    g = torch.Generator().manual_seed(10_000 + seed)
-    perm = torch.randperm(n, generator=g)
-    per_class = [perm[y[perm] == c] for c in range(classes)]
-    take = [meta_size // classes + (1 if c < meta_size % classes else 0) for c in range(classes)]
-    meta_idx = torch.cat([idx[:k] for idx, k in zip(per_class, take)])
-    is_meta = torch.zeros(n, dtype=torch.bool)
-    is_meta[meta_idx] = True
-    train_idx = perm[~is_meta[perm]]
+    if meta_size + val_size + max(train_size, 1) > n:
+        raise ConfigError(f"meta_size={meta_size} + val_size={val_size} + train_size={train_size} exceeds the "
+                          f"{n} training images")
+    perm = torch.randperm(n, generator=torch.Generator().manual_seed(10_000 + seed))
+    taken = torch.zeros(n, dtype=torch.bool)
+    splits = []
+    for size in (meta_size, val_size):
+        per_class = [perm[(y[perm] == c) & ~taken[perm]] for c in range(classes)]
+        take = [size // classes + (1 if c < size % classes else 0) for c in range(classes)]
+        idx = torch.cat([i[:k] for i, k in zip(per_class, take)])
+        taken[idx] = True
+        splits.append(idx.sort().values)
+    train_idx = perm[~taken[perm]]
     if train_size:
         train_idx = train_idx[:train_size]
-    return train_idx.sort().values, meta_idx.sort().values
+    return train_idx.sort().values, splits[0], splits[1]
 
 
 def corrupt_labels(y: torch.Tensor, kind: str, rate: float, num_classes: int, seed: int = 0):
     """Label noise. Returns (y_noisy, corrupted) where corrupted is a bool mask of changed labels.
 
     symmetric: each label, with probability `rate`, becomes a uniformly drawn *different* class.
+    uniform:   each label, with probability `rate`, is redrawn uniformly from all C classes, so it
+               stays right with probability 1/C (MW-Net's convention: 40% uniform = 36% wrong on C=10).
     pairflip:  each label, with probability `rate`, becomes the next class, (c + 1) mod C.
+    `corrupted` marks the labels that differ from the true ones.
     """
-    if kind not in ("none", "symmetric", "pairflip"):
-        raise ConfigError(f"unknown noise kind {kind!r}; choose one of: none, symmetric, pairflip")
+    if kind not in NOISE_KINDS:
+        raise ConfigError(f"unknown noise kind {kind!r}; choose one of: {', '.join(NOISE_KINDS)}")
     if not 0 <= rate < 1:
         raise ConfigError(f"noise rate {rate} is not valid; it must be in [0, 1)")
     g = torch.Generator().manual_seed(20_000 + seed)
     corrupted = (torch.rand(len(y), generator=g) < rate) if kind != "none" else torch.zeros(len(y), dtype=torch.bool)
     if kind == "symmetric":
         shift = torch.randint(1, num_classes, (len(y),), generator=g)
+    elif kind == "uniform":
+        shift = torch.randint(0, num_classes, (len(y),), generator=g)
     else:
         shift = torch.ones(len(y), dtype=torch.long)
     y_noisy = torch.where(corrupted, (y + shift) % num_classes, y)
-    return y_noisy, corrupted
+    return y_noisy, y_noisy != y
 
 
 def class_skewed_weights(num_classes: int, favoured: list[int], ratio: float) -> torch.Tensor:

@@ -34,7 +34,7 @@ from torch.utils.flop_counter import flop_registry
 
 from .config import pick_device
 from .data import load_dataset
-from .train import Method, eval_row, fresh_method, prepare_data, probe_step, step_peak_bytes
+from .train import Method, eval_row, fresh_method, per_example, prepare_data, probe_step, step_peak_bytes
 
 
 PLAN_FILE = Path(__file__).resolve().parent / "plans.json"     # the book's plan, shipped with the package
@@ -168,9 +168,10 @@ def _evaluations(total: int, steps_per_epoch: int, eval_every: float) -> int:
     return total // every + (total % every != 0)
 
 
-def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[Cost, Cost]:
-    """(one step, one evaluation) of a fresh method: steps 0 and 1 counted (their mean), steps
-    2.. timed; then one evaluation (test, validation, diagnostics) counted and timed."""
+def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[Cost, Cost, Cost]:
+    """(one step, one evaluation, the final held-out evaluation) of a fresh method: steps 0 and 1
+    counted (their mean), steps 2.. timed; then one evaluation (test, validation, diagnostics) and
+    the held-out one, counted and timed."""
     device = data.train.y.device
     step = counted(lambda: [probe_step(method, i, cfg) for i in (0, 1)]) * 0.5
     step.amp = method.uses_amp()
@@ -183,7 +184,9 @@ def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[C
             eval_row(method, method.model, data, streams, 1, spe, cfg["lr"], {"n": 0}, 0.0, {})
     evaluation = counted(one_eval)
     evaluation.cpu_s = timed(one_eval, device, min(timed_steps, 1))
-    return step, evaluation
+    heldout = counted(lambda: per_example(method.model, data.heldout))
+    heldout.cpu_s = timed(lambda: per_example(method.model, data.heldout), device, min(timed_steps, 1))
+    return step, evaluation, heldout
 
 
 def _one_off(arm, cfg: dict, data, seed: int, time_it: bool = True) -> tuple[Cost, int, str, int, str, str] | None:
@@ -228,19 +231,19 @@ def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: 
         cfg = {**exp.cfg, **arm.changes}
         total = data.total_steps(cfg)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
-            step, evaluation = _step_and_eval(fresh_method(arm, cfg, data, seed), cfg, data, timed_steps)
+            step, evaluation, heldout = _step_and_eval(fresh_method(arm, cfg, data, seed), cfg, data, timed_steps)
         peak, kind = step_peak_bytes(arm, cfg, data, seed)          # the runner's own number
         n_eval = _evaluations(total, len(data.train), cfg["eval_every"])
-        train_cost = step * total + evaluation * n_eval
-        seconds = _sum_seconds(step * total, evaluation * n_eval)
+        train_cost = step * total + evaluation * n_eval + heldout
+        seconds = _sum_seconds(step * total, evaluation * n_eval + heldout)
         per_step[name] = (step, evaluation)
         base = dict(chapter=exp.chapter, preset=preset, arm=name, peak_kind=kind, experiment=exp.label,
                     config_sha=config_sha(cfg))
         rows.append(PlanRow(**base, stage="train", steps=total, flops=train_cost.flops,
                             launches=train_cost.launches, peak_bytes=peak, seconds=seconds,
-                            eval_seconds=(evaluation * n_eval).seconds(),
+                            eval_seconds=(evaluation * n_eval + heldout).seconds(),
                             notes=[f"{n_eval} evaluations of {len(data.test.y)} test + {len(data.val.y)} "
-                                   f"validation images"]))
+                                   f"validation images, one of {len(data.heldout.y)} held-out images"]))
         totals[name] = seconds
         one_off = _one_off(arm, cfg, data, seed, time_it=timed_steps > 0)
         if one_off:

@@ -19,6 +19,7 @@ device), NaN checks, checkpoints, resume, and the one memory meter (`bench.peak_
 """
 from __future__ import annotations
 
+import base64
 import math
 import os
 import random
@@ -187,9 +188,10 @@ def run_experiment(exp: Experiment, seeds: list[int], **kwargs) -> dict:
 class RunData:
     dataset: Dataset
     train: DeviceLoader          # shuffled, augmented
-    meta: DeviceLoader           # the held-out split, shuffled, not augmented (meta batches)
-    val: DeviceLoader            # the held-out split, in order (validation accuracy)
+    meta: DeviceLoader           # the meta split, shuffled, not augmented (meta batches)
+    val: DeviceLoader            # the validation split, in order (val_acc): nothing trains on it
     test: DeviceLoader
+    heldout: DeviceLoader        # the first heldout_size images of the dataset's fixed held-out split
     train_idx: torch.Tensor      # positions of the train split in dataset.x_train
     meta_idx: torch.Tensor
     corrupted: torch.Tensor      # (len(train_idx),) bool: which training labels were corrupted
@@ -214,14 +216,16 @@ class RunData:
 def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | None = None) -> RunData:
     """Load the dataset, split train/meta by seed, corrupt training labels if asked, build loaders."""
     ds = dataset or load_dataset(cfg["dataset"])
-    train_idx, meta_idx = split_train_meta(ds.y_train, cfg["meta_size"], cfg["train_size"], seed)
+    val_size = cfg["val_size"] or cfg["meta_size"]
+    train_idx, meta_idx, val_idx = split_train_meta(ds.y_train, cfg["meta_size"], cfg["train_size"], seed, val_size)
     favoured = parse_classes(cfg["target.classes"], ds.num_classes)
     target_probs = None
     if favoured:      # personalization: the meta split follows the target distribution instead
         target_probs = class_skewed_weights(ds.num_classes, favoured, cfg["target.ratio"])
-        is_train = torch.zeros(len(ds.y_train), dtype=torch.bool)
-        is_train[train_idx] = True
-        pool = torch.nonzero(~is_train).flatten()
+        is_taken = torch.zeros(len(ds.y_train), dtype=torch.bool)
+        is_taken[train_idx] = True
+        is_taken[val_idx] = True
+        pool = torch.nonzero(~is_taken).flatten()
         meta_idx = pool[target_subset(ds.y_train[pool], target_probs, cfg["meta_size"], seed)]
     y_train, corrupted = corrupt_labels(ds.y_train[train_idx], cfg["noise.kind"], cfg["noise.rate"],
                                         ds.num_classes, seed)
@@ -232,10 +236,12 @@ def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | 
                          augment=cfg["augment"], **common)
     meta = DeviceLoader(ds.x_train[meta_idx], ds.y_train[meta_idx], min(bs, max(len(meta_idx), 1)),
                         train=True, seed=seed + 7919, augment=False, **common)
-    val = DeviceLoader(ds.x_train[meta_idx], ds.y_train[meta_idx], 500, train=False, **common)
+    val = DeviceLoader(ds.x_train[val_idx], ds.y_train[val_idx], 500, train=False, **common)
     test = DeviceLoader(ds.x_test[:n_test], ds.y_test[:n_test], 500, train=False, **common)
-    info = {**ds.describe(), "train_size": len(train_idx), "meta_size": len(meta_idx),
-            "test_size": n_test, "test_size_requested": cfg["test_size"] or None, "noise": {"kind": cfg["noise.kind"], "rate": cfg["noise.rate"],
+    n_held = min(cfg["heldout_size"], len(ds.y_heldout))          # at most what the data holds: recorded
+    heldout = DeviceLoader(ds.x_heldout[:n_held], ds.y_heldout[:n_held], 500, train=False, **common)
+    info = {**ds.describe(), "train_size": len(train_idx), "meta_size": len(meta_idx), "val_size": len(val_idx),
+            "heldout_size": n_held, "test_size": n_test, "test_size_requested": cfg["test_size"] or None, "noise": {"kind": cfg["noise.kind"], "rate": cfg["noise.rate"],
                                            "corrupted": int(corrupted.sum())}}
     if cfg["test_size"] and cfg["test_size"] > n_test:
         import warnings
@@ -246,7 +252,7 @@ def prepare_data(cfg: dict, seed: int, device: torch.device, dataset: Dataset | 
     if target_probs is not None:
         info["target"] = {"classes": favoured, "ratio": cfg["target.ratio"], "probs": target_probs.tolist()}
         train_prior = torch.bincount(y_train, minlength=ds.num_classes).float() / len(y_train)
-    return RunData(ds, train, meta, val, test, train_idx, meta_idx, corrupted, info,
+    return RunData(ds, train, meta, val, test, heldout, train_idx, meta_idx, corrupted, info,
                    target_probs=target_probs, train_prior=train_prior)
 
 
@@ -279,18 +285,37 @@ def lr_at(step: int, total: int, cfg: dict) -> float:
 
 
 @torch.no_grad()
-def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
-    """(accuracy in [0, 1], mean cross-entropy) over a whole split, in eval mode."""
+def per_example(model: torch.nn.Module, loader: DeviceLoader) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct (N,) bool, cross-entropy (N,) float) of every example of a split, in stored
+    order, in eval mode."""
     was_training = model.training
     model.eval()
-    correct, loss, n = 0, 0.0, 0
+    correct, losses = [], []
     for batch in loader.epoch(0):
         logits = model(batch.x)
-        loss += F.cross_entropy(logits, batch.y, reduction="sum").item()
-        correct += (logits.argmax(1) == batch.y).sum().item()
-        n += len(batch.y)
+        losses.append(F.cross_entropy(logits, batch.y, reduction="none"))
+        correct.append(logits.argmax(1) == batch.y)
     model.train(was_training)
-    return correct / max(n, 1), loss / max(n, 1)
+    if not correct:
+        return torch.zeros(0, dtype=torch.bool), torch.zeros(0)
+    return torch.cat(correct).cpu(), torch.cat(losses).cpu()
+
+
+def evaluate(model: torch.nn.Module, loader: DeviceLoader) -> tuple[float, float]:
+    """(accuracy in [0, 1], mean cross-entropy) over a whole split, in eval mode."""
+    correct, losses = per_example(model, loader)
+    n = max(len(correct), 1)
+    return correct.sum().item() / n, losses.double().sum().item() / n
+
+
+def pack_bits(mask: torch.Tensor) -> str:
+    """A bool vector as text (base64 of its bits): a record's per-image correctness."""
+    return base64.b64encode(np.packbits(mask.numpy().astype(np.uint8)).tobytes()).decode()
+
+
+def unpack_bits(text: str, n: int) -> np.ndarray:
+    """pack_bits' inverse: the first n bits as a bool array."""
+    return np.unpackbits(np.frombuffer(base64.b64decode(text), dtype=np.uint8))[:n].astype(bool)
 
 
 @torch.no_grad()
@@ -342,6 +367,7 @@ class ArmRun:
     seed: int = 0
     config: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
+    heldout_correct: str = ""          # pack_bits of which held-out images it got right (paired statistics)
 
 
 @dataclass
@@ -609,10 +635,14 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     warm = step_times[min(5, len(step_times) - 1):]          # the first steps include warm-up
     metrics = {k: final[k] for k in ("test_acc", "val_acc", "test_loss", "train_loss", "target_acc",
                                      "target_acc_prior") if k in final}
+    correct, losses = per_example(model, data.heldout)          # the verdicts' split, once, untimed
+    if len(correct):
+        metrics.update(heldout_acc=correct.double().mean().item(), heldout_loss=losses.double().mean().item())
     cost = Cost(steps=step, epochs=step / spe, train_seconds=elapsed, one_off_seconds=one_off,
                 seconds_per_step=float(np.median(warm)), seconds_per_step_mean=float(np.mean(warm)),
                 timer=timer.kind)
-    return asdict(ArmRun(metrics=metrics, history=history, cost=cost, stopped_early=stopped))
+    return asdict(ArmRun(metrics=metrics, history=history, cost=cost, stopped_early=stopped,
+                         heldout_correct=pack_bits(correct) if len(correct) else ""))
 
 
 def eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last: dict) -> dict:
@@ -823,9 +853,11 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
             peak_memory_kind=runs[0]["cost"]["peak_memory_kind"],
             history={str(r["seed"]): r["history"] for r in runs},
             stopped_early=runs[0]["stopped_early"]))
-        for key in ("target_acc", "target_acc_prior"):
-            if key in runs[0]["metrics"]:
+        for key in ("heldout_acc", "heldout_loss", "target_acc", "target_acc_prior"):
+            if all(key in r["metrics"] for r in runs):
                 arms_out[name][key] = seed_stats([r["metrics"][key] for r in runs])
+        if all(r.get("heldout_correct") for r in runs):
+            arms_out[name]["heldout_correct"] = {str(r["seed"]): r["heldout_correct"] for r in runs}
         if any(r.get("extras") for r in runs):
             arms_out[name]["extras"] = {str(r["seed"]): r.get("extras", {}) for r in runs}
     main = per_arm[method_arm]
@@ -834,6 +866,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
         "seed": seeds[0], "seeds": list(seeds), "config": cfg, "dataset": data_info,
         "metrics": {"test_acc": arms_out[method_arm]["test_acc"]["mean"],
                     "val_acc": arms_out[method_arm]["val_acc"]["mean"],
+                    **({"heldout_acc": arms_out[method_arm]["heldout_acc"]["mean"]}
+                       if "heldout_acc" in arms_out[method_arm] else {}),
                     "test_acc_std": arms_out[method_arm]["test_acc"]["std"]},
         "history": main[0]["history"],
         "cost": {"seconds_per_step": arms_out[method_arm]["seconds_per_step"],

@@ -57,8 +57,13 @@ def test_bench_pairs_each_method_with_its_baseline_under_one_budget(bench_record
         mcfg = rec["method_configs"][name]
         assert all(mcfg[k] == rec["config"][k] for k in ("train_size", "meta_size", "test_size", "epochs",
                                                             "batch_size", "dataset"))
-        assert row["delta"]["per_seed"][0] == pytest.approx(
-            row["test_acc"]["per_seed"][0] - row["baseline_acc"]["per_seed"][0])
+        assert row["metric"] == "heldout_acc"                            # the verdicts' split
+        assert row["versus"]["baseline"]["diffs"][0] == pytest.approx(
+            row["acc"]["per_seed"][0] - row["baseline_acc"]["per_seed"][0])
+        for d in row["versus"].values():
+            if d:
+                assert d["lo"] <= d["mean"] <= d["hi"] and d["method"].startswith("bootstrap over 1 seeds")
+                assert d["verdict"] == ("ahead" if d["lo"] > 0 else "behind" if d["hi"] < 0 else "not resolved")
         assert row["total_time_ratio"] == pytest.approx(
             (row["train_seconds"] + row["one_off_seconds"]) / row["baseline_train_seconds"])
         assert (out / name / "arms.json").exists() and not (out / name / "result.json").exists()
@@ -71,6 +76,9 @@ def test_bench_pairs_each_method_with_its_baseline_under_one_budget(bench_record
     # an MLHF step (CG over Gauss-Newton products, the nets' state) holds more than an SGD step; its
     # meta-training is a one-off stage, not in the step (1.29x measured here by the tensor meter)
     assert rec["rows"]["meta_hf"]["memory_ratio"] > 1.2
+    # MLHF is credited against Hessian-free without meta-learning, in the same run
+    assert rec["rows"]["meta_hf"]["control"] == "hf" and rec["rows"]["instance_lr"]["control"] is None
+    assert rec["rows"]["meta_hf"]["control_acc"]["per_seed"] != rec["rows"]["meta_hf"]["acc"]["per_seed"]
 
 
 def test_bench_table_shows_every_method_with_ratios(bench_record):
@@ -78,7 +86,22 @@ def test_bench_table_shows_every_method_with_ratios(bench_record):
 
     rows = table(bench_record[0])
     assert [r["method"] for r in rows] == ["instance_lr", "meta_hf"]
-    assert all(r["time/step"].endswith("x") and "±" in r["test acc"] for r in rows)
+    assert all(r["time/step"].endswith("x") and "±" in r["acc"] for r in rows)
+    assert rows[1]["vs control"].startswith("hf: ") and rows[0]["vs control"] == "-"
+    assert all(r["vs baseline"].split("]")[-1].strip() in ("ahead", "behind", "not resolved") for r in rows)
+
+
+def test_a_record_from_before_the_paired_statistics_gets_t_intervals_over_its_seeds():
+    from metabook.methods.compare import table
+    from metabook.results import latest_recorded
+
+    rec = latest_recorded("compare", "cpu")
+    assert rec is not None and "versus" not in next(iter(rec["rows"].values()))
+    rows = table(rec)
+    assert len(rows) == len(rec["rows"])
+    row = rec["rows"]["instance_lr"]
+    d = [a - b for a, b in zip(row["test_acc"]["per_seed"], row["baseline_acc"]["per_seed"])]
+    assert rows[1]["vs baseline"].startswith(f"{100 * sum(d) / len(d):+.1f} [")   # 2 seeds: a wide t-interval
 
 
 def test_bench_resumes_from_finished_runs(bench_record):
@@ -87,7 +110,7 @@ def test_bench_resumes_from_finished_runs(bench_record):
     rec, out, dataset = bench_record
     again = run_chapter("compare", "smoke", seeds=[0], out_dir=out, overrides=TINY, progress=False, dataset=dataset)
     for name, row in rec["rows"].items():
-        assert again["rows"][name]["test_acc"] == row["test_acc"]                # loaded, not retrained
+        assert again["rows"][name]["acc"] == row["acc"]                          # loaded, not retrained
         assert again["rows"][name]["train_seconds"] == row["train_seconds"]
 
 
@@ -101,7 +124,7 @@ def test_bench_rejects_an_unknown_method_naming_the_choices():
         parse_methods([])
     assert parse_methods(["meta_hf", "instance_lr"]) == ["instance_lr", "meta_hf"]     # the book's order
     with pytest.raises(ConfigError, match="symmetric"):
-        chapter_config("compare", "smoke", {"compare.noise_kind": "uniform"})
+        chapter_config("compare", "smoke", {"compare.noise_kind": "gaussian"})
 
 
 def test_bench_command_line_reports_a_bad_method(capsys):
@@ -109,3 +132,15 @@ def test_bench_command_line_reports_a_bad_method(capsys):
 
     assert main(["bench", "--preset", "smoke", "--set", "compare.methods=nope"]) == 2
     assert "compare.methods='nope' is not valid; choose from: local_losses" in capsys.readouterr().err
+
+
+def test_the_landing_page_shows_the_verdicts_the_records_give():
+    from pathlib import Path
+
+    from metabook.methods.compare import verdicts_markdown
+    from metabook.results import latest_recorded
+
+    page = (Path(__file__).resolve().parents[1] / "book" / "intro.md").read_text()
+    shown = page.split("<!-- verdicts start -->\n")[1].split("<!-- verdicts end -->")[0]
+    assert shown == verdicts_markdown(latest_recorded("compare", "cpu"))
+    assert shown.count("| {doc}`") == 5 and "not resolved" in shown

@@ -24,7 +24,7 @@ def test_auto_preset_is_cpu_without_cuda():
     ({"foo": "1"}, "valid keys: amp, augment"),
     ({"lr": "-0.1"}, "lr=-0.1 is not valid; it must be > 0"),
     ({"noise.rate": "1"}, "it must be in [0, 1)"),
-    ({"noise.kind": "gaussian"}, "choose one of: none, symmetric, pairflip"),
+    ({"noise.kind": "gaussian"}, "choose one of: none, symmetric, uniform, pairflip"),
     ({"model": "vgg"}, "choose one of: small_cnn"),
     ({"epochs": "ten"}, "expected a float"),
     ({"augment": "maybe"}, "expected a boolean"),

@@ -14,8 +14,11 @@ REAL = os.environ.get("METABOOK_DATA")
 def test_real_cifar10_loads_with_its_documented_labels():
     ds = D.load_dataset("cifar10", download=False)
     assert not ds.synthetic
-    assert ds.x_train.shape == (50000, 32, 32, 3) and ds.x_train.dtype == torch.uint8
-    assert ds.y_train[:5].tolist() == [6, 9, 9, 4, 1]
+    assert ds.x_train.shape == (40000, 32, 32, 3) and ds.x_train.dtype == torch.uint8
+    assert ds.x_heldout.shape == (10000, 32, 32, 3)
+    assert torch.bincount(ds.y_heldout).tolist() == [1000] * 10
+    import numpy as np
+    assert np.load(D.find_npz("cifar10", download=False))["y_train"][:5].tolist() == [6, 9, 9, 4, 1]
     assert ds.y_test[:5].tolist() == [3, 8, 8, 0, 6]
     assert len(ds.y_test) == 1000 and ds.describe()["test_size"] == 1000
     assert ds.class_names[0] == "airplane"
@@ -166,7 +169,7 @@ def test_a_file_replaced_on_disk_is_read_and_checked_again(monkeypatch, tmp_path
     os.utime(path, ns=(0, path.stat().st_mtime_ns + 10**9))   # a later mtime, whatever the clock
     with pytest.raises(D.DataError, match="60 labels"):
         D.load_dataset("cifar10", download=False)
-    assert len(first.y_train) == 64
+    assert len(first.y_train) + len(first.y_heldout) == 64
 
 
 def test_dataset_fingerprint_is_a_content_hash(monkeypatch, tmp_path):
@@ -204,15 +207,45 @@ def test_synthetic_data_is_marked_and_reproducible():
     assert not torch.equal(a.x_train, D.make_synthetic(200, 50, seed=4).x_train)
 
 
-def test_meta_split_is_class_balanced_disjoint_and_fixed_by_seed():
+def test_meta_and_validation_splits_are_class_balanced_disjoint_and_fixed_by_seed():
     y = torch.arange(1000) % 10
-    tr, me = D.split_train_meta(y, meta_size=100, seed=1)
-    assert len(set(tr.tolist()) & set(me.tolist())) == 0 and len(tr) + len(me) == 1000
-    assert torch.bincount(y[me]).tolist() == [10] * 10
-    tr2, me2 = D.split_train_meta(y, meta_size=100, seed=1)
-    assert torch.equal(me, me2)
+    tr, me, va = D.split_train_meta(y, meta_size=100, seed=1, val_size=50)
+    assert len(tr) + len(me) + len(va) == 1000 and len(set(tr.tolist()) | set(me.tolist()) | set(va.tolist())) == 1000
+    assert torch.bincount(y[me]).tolist() == [10] * 10 and torch.bincount(y[va]).tolist() == [5] * 10
+    tr2, me2, va2 = D.split_train_meta(y, meta_size=100, seed=1, val_size=50)
+    assert torch.equal(me, me2) and torch.equal(va, va2) and torch.equal(tr, tr2)
+    assert torch.equal(me, D.split_train_meta(y, meta_size=100, seed=1)[1])     # val never moves meta
     assert not torch.equal(me, D.split_train_meta(y, meta_size=100, seed=2)[1])
-    assert len(D.split_train_meta(y, meta_size=100, train_size=300, seed=1)[0]) == 300
+    assert len(D.split_train_meta(y, meta_size=100, train_size=300, seed=1, val_size=50)[0]) == 300
+    with pytest.raises(ConfigError, match="val_size=500"):
+        D.split_train_meta(y, meta_size=100, train_size=500, seed=1, val_size=500)
+
+
+def test_heldout_split_is_fixed_stratified_and_removed_from_training(monkeypatch, tmp_path):
+    import numpy as np
+    y = torch.randint(10, (5000,), generator=torch.Generator().manual_seed(0))
+    held = D.heldout_indices(y, 10)
+    assert len(held) == 1000 and torch.equal(held, D.heldout_indices(y, 10))       # N // 5, no seed
+    assert torch.bincount(y[held]).tolist() == [100] * 10
+    assert torch.bincount(y[held[:50]]).tolist() == [5] * 10                    # prefixes balanced too
+    _write_npz(tmp_path, **_arrays(n=500))
+    monkeypatch.setenv("METABOOK_DATA", str(tmp_path))
+    ds = D.load_dataset("cifar10", download=False)
+    x_file = np.load(tmp_path / "cifar10.npz")["x_train"]
+    rows = {bytes(r) for r in x_file.reshape(500, -1)}
+    train_rows = {bytes(r) for r in ds.x_train.numpy().reshape(len(ds.x_train), -1)}
+    held_rows = {bytes(r) for r in ds.x_heldout.numpy().reshape(len(ds.x_heldout), -1)}
+    assert len(ds.y_heldout) == 100 and len(ds.y_train) == 400
+    assert not train_rows & held_rows and train_rows | held_rows == rows
+
+
+def test_uniform_noise_redraws_from_all_classes_as_mw_net_counts_it():
+    y = torch.arange(50000) % 10
+    noisy, mask = D.corrupt_labels(y, "uniform", 0.4, 10, seed=0)
+    assert torch.equal(mask, noisy != y)
+    assert abs(mask.float().mean().item() - 0.4 * 0.9) < 0.01          # 36% wrong, not 40%
+    sym, sym_mask = D.corrupt_labels(y, "symmetric", 0.4, 10, seed=0)
+    assert abs(sym_mask.float().mean().item() - 0.4) < 0.01
 
 
 def test_symmetric_noise_changes_exactly_the_masked_labels_at_the_rate():

@@ -163,7 +163,7 @@ CASES = [
     ("config-lr-inf", "config baseline --preset smoke --set lr=inf", None, ["lr=inf", "finite"]),
     ("bench-negative-seed", "bench --preset smoke --seed -1 --out {tmp}/out", data(), ["--seed -1"]),
     # -- config that only the data can refute
-    ("meta-size-too-large", RUN + " --set meta_size=60", data(), ["meta_size=60", "exceeds the 64 training images"]),
+    ("meta-size-too-large", RUN + " --set meta_size=60", data(), ["meta_size=60", "exceeds the 54 training images"]),
     ("target-class-12", RUN + " --set target.classes=12", data(), ["target.classes=[12]", "0..9"]),
     ("batch-larger-than-data", RUN + " --set batch_size=64", data(), ["batch", "32 images"]),
     # -- the run folder (#3, #6, #9) and a combination only the arms can refute (#5)

@@ -414,3 +414,29 @@ def test_baseline_steps_in_bf16_when_asked_and_in_full_precision_otherwise(synth
 def test_fp16_on_the_cpu_is_refused_in_one_line(synthetic):
     with pytest.raises(ConfigError, match="amp=fp16 needs a CUDA device"):
         run_tiny(synthetic, {"amp": "fp16"})
+
+
+def test_validation_split_is_disjoint_from_meta_and_heldout_is_the_fixed_split(synthetic):
+    cfg = chapter_config("baseline", "smoke", {**TINY, "val_size": 60, "heldout_size": 150})
+    a, b = prepare_data(cfg, 0, torch.device("cpu"), synthetic), prepare_data(cfg, 1, torch.device("cpu"), synthetic)
+    for d in (a, b):
+        rows = lambda x: {bytes(r) for r in x.cpu().numpy().reshape(len(x), -1)}     # noqa: E731
+        assert len(d.val.y) == 60 and not rows(d.val.x) & rows(d.meta.x) and not rows(d.val.x) & rows(d.train.x)
+        assert d.info["heldout_size"] == 150 and torch.equal(d.heldout.y, synthetic.y_heldout[:150])
+        assert rows(d.heldout.x) == rows(synthetic.x_heldout[:150].permute(0, 3, 1, 2).contiguous())
+    assert not torch.equal(a.val.y, b.val.y) or not torch.equal(a.val.x, b.val.x)     # val is per seed, held-out is not
+
+
+def test_the_record_holds_heldout_accuracy_and_which_images_were_right(synthetic):
+    from metabook.train import per_example, unpack_bits
+
+    cfg = chapter_config("baseline", "smoke", {**TINY, "heldout_size": 300})
+    rec = run_baseline(cfg, synthetic)
+    arm = rec["arms"]["baseline"]
+    bits = unpack_bits(arm["heldout_correct"]["0"], rec["dataset"]["heldout_size"])
+    assert rec["dataset"]["heldout_size"] == 300 and len(bits) == 300
+    assert abs(bits.mean() - arm["heldout_acc"]["mean"]) < 1e-9 and rec["metrics"]["heldout_acc"] == arm["heldout_acc"]["mean"]
+    assert 0.3 < bits.mean() < 1.0                          # learned, and not every image right
+    model, res = run_tiny(synthetic, {"heldout_size": 300})
+    data = prepare_data(chapter_config("baseline", "smoke", {**TINY, "heldout_size": 300}), 0, torch.device("cpu"), synthetic)
+    assert res["metrics"]["heldout_acc"] == per_example(model, data.heldout)[0].double().mean().item()

@@ -28,13 +28,17 @@ from typing import ClassVar
 
 from ..config import ConfigError, knob
 
-# Row name -> (chapter, the chapter's method arm). The order is the book's.
+# Row name -> (chapter, the method arm, the control arm that isolates the paper's claim, the claim).
+# The control is what the method is credited against beside plain SGD: MLHF against Hessian-free
+# without meta-learning, AdaLFL (the authors' loss network) against the same loss frozen after the
+# same offline stage. None: the baseline is the control. The order is the book's.
 METHODS: dict = {
-    "local_losses": ("local_losses", "meta"),
-    "instance_lr": ("instance_lr", "instance_lr"),
-    "online_loss": ("online_loss", "online_loss"),
-    "grad_instructor": ("grad_instructor", "grad_instructor"),
-    "meta_hf": ("meta_hf", "mlhf"),
+    "local_losses": ("local_losses", "meta", None, "meta-learned weights of local losses train a deep plain net"),
+    "instance_lr": ("instance_lr", "instance_lr", None, "per-instance learning rates resist label noise"),
+    "online_loss": ("online_loss", "online_authors", "offline_authors", "a loss learned online beats cross-entropy "
+                    "and the loss learned offline"),
+    "grad_instructor": ("grad_instructor", "grad_instructor", None, "a learned critic's gradient improves an MLP"),
+    "meta_hf": ("meta_hf", "mlhf", "hf", "meta-learned damping and preconditioning improve Hessian-free"),
 }
 # The keys the bench sets for every method alike (its budget); everything else is the chapter's.
 SHARED_KEYS = ("dataset", "train_size", "meta_size", "test_size", "epochs", "batch_size", "device",
@@ -47,7 +51,7 @@ class Compare:
     prefix: ClassVar[str] = "compare"
     methods: list[str] = knob(list(METHODS), "the methods in the table", choices=tuple(METHODS))
     noise_kind: str = knob("symmetric", "label noise for the noise-targeting methods and their baseline",
-                           choices=("none", "symmetric", "pairflip"))
+                           choices=("none", "symmetric", "uniform", "pairflip"))
     noise_rate: float = knob(0.4, "its rate", "in [0, 1)")
 
 
@@ -76,7 +80,7 @@ def method_config(name: str, cfg: dict) -> dict:
     """The chapter's config at the bench's preset, with the bench's budget and noise imposed."""
     from . import chapter_config, chapter_module
 
-    chapter, _ = METHODS[name]
+    chapter = METHODS[name][0]
     noisy = getattr(chapter_module(chapter), "TARGETS_LABEL_NOISE", False)     # the chapter declares it
     return chapter_config(chapter, cfg["preset"], {
         **{k: cfg[k] for k in SHARED_KEYS},
@@ -85,12 +89,12 @@ def method_config(name: str, cfg: dict) -> dict:
 
 
 def method_arms(name: str) -> dict:
-    """The row's two arms, as its chapter declares them: {'baseline': Arm, method arm: Arm}."""
+    """The row's arms, as its chapter declares them: the baseline, the method and its control."""
     from . import chapter_module
 
-    chapter, arm = METHODS[name]
+    chapter, arm, control, _ = METHODS[name]
     arms = chapter_module(chapter).ARMS
-    return {"baseline": arms["baseline"], arm: arms[arm]}
+    return {n: arms[n] for n in ("baseline", arm, control) if n}
 
 
 def experiments(cfg: dict) -> list:
@@ -100,7 +104,7 @@ def experiments(cfg: dict) -> list:
 
     exps = []
     for name in parse_methods(cfg["compare.methods"]):
-        chapter, arm = METHODS[name]
+        chapter, arm, _, _ = METHODS[name]
         exps.append(Experiment(chapter, arm, method_arms(name), method_config(name, cfg), same_time_for=arm,
                                label=name))
     return exps
@@ -131,26 +135,33 @@ def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, datase
     return {"chapter": "compare", "method": "compare", "preset": cfg["preset"], "seed": seeds[0],
             "seeds": list(seeds), "config": cfg, "dataset": first, "rows": rows,
             "method_configs": {n: r["config"] for n, r in sub_records.items()},
-            "metrics": {f"{n}_delta": r["delta"]["mean"] for n, r in rows.items()},
+            "metrics": {f"{n}_delta": r["versus"]["baseline"]["mean"] for n, r in rows.items()},
             "provenance": provenance(pick_device(cfg["device"]))}
 
 
 def summarise(name: str, rec: dict) -> dict:
-    """One row of the table from a method's run_arms record."""
-    from ..results import seed_stats
+    """One row of the table from a method's run_arms record: accuracies on the verdicts' split
+    (held-out images; test images in records made before it existed) and the method's paired
+    differences with its baseline, its control and the baseline at its wall-clock, each with a
+    95% interval and a verdict (results.paired_difference)."""
+    from ..results import paired_difference
 
-    chapter, arm = METHODS[name]
+    chapter, arm, control, claim = METHODS[name]
+    if control and control not in rec["arms"]:
+        control = None                                  # a record made before the control existed
+    metric = "heldout_acc" if "heldout_acc" in rec["arms"][arm] else "test_acc"
     a, b, s = rec["arms"][arm], rec["arms"]["baseline"], rec["arms"]["baseline_same_time"]
-    delta = seed_stats([m - n for m, n in zip(a["test_acc"]["per_seed"], b["test_acc"]["per_seed"])])
-    delta_same = seed_stats([m - n for m, n in zip(a["test_acc"]["per_seed"], s["test_acc"]["per_seed"])])
+    versus = {k: paired_difference(rec, arm, ref, metric) for k, ref in
+              (("baseline", "baseline"), ("control", control), ("same_time", "baseline_same_time")) if ref}
     cfg = rec["config"]
     one_off = a["one_off_seconds"]["mean"]
     return {
-        "method": name, "chapter": chapter, "arm": arm, "model": cfg["model"],
-        "depth": cfg["depth"], "width": cfg["width"],
+        "method": name, "chapter": chapter, "arm": arm, "control": control, "claim": claim, "metric": metric,
+        "model": cfg["model"], "depth": cfg["depth"], "width": cfg["width"],
         "noise": f"{cfg['noise.kind']} {cfg['noise.rate']:.0%}" if cfg["noise.kind"] != "none" else "none",
-        "test_acc": a["test_acc"], "baseline_acc": b["test_acc"], "same_time_acc": s["test_acc"],
-        "delta": delta, "delta_same_time": delta_same,
+        "acc": a[metric], "baseline_acc": b[metric], "same_time_acc": s[metric],
+        "control_acc": rec["arms"][control][metric] if control else None,
+        "versus": versus,
         "steps": a["steps"], "same_time_steps": s["steps"], "same_time_steps_per_seed": s["steps_per_seed"],
         "same_time_stopped_early": s["stopped_early"],
         "seconds_per_step": a["seconds_per_step"], "baseline_seconds_per_step": b["seconds_per_step"],
@@ -164,15 +175,67 @@ def summarise(name: str, rec: dict) -> dict:
     }
 
 
+def interval(d: dict | None) -> str:
+    """A paired difference as text: '+1.2 [-0.3, +2.7] not resolved' (points)."""
+    if d is None:
+        return "-"
+    if d["lo"] != d["lo"]:                              # NaN: one seed, no interval
+        return f"{100 * d['mean']:+.1f} (one seed: not resolved)"
+    return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] {d['verdict']}"
+
+
 def table(record: dict) -> list[dict]:
-    """The bench's table, one row per method (accuracies in %, mean ± std over the seeds)."""
+    """The bench's table, one row per method: accuracy (%, mean ± std over seeds), the paired
+    differences in points with their 95% intervals and verdicts, and the cost ratios."""
     pm = lambda st: f"{100 * st['mean']:.1f} ± {100 * st['std']:.1f}"
     rows = []
-    for r in record["rows"].values():
-        rows.append({"method": r["method"], "model": r["model"], "noise": r["noise"],
-                     "test acc": pm(r["test_acc"]), "baseline": pm(r["baseline_acc"]),
-                     "Δ": f"{100 * r['delta']['mean']:+.1f}",
-                     "baseline same time": pm(r["same_time_acc"]),
+    for r in summaries(record):
+        rows.append({"method": r["method"], "model": r["model"], "noise": r["noise"], "acc": pm(r["acc"]),
+                     "vs baseline": interval(r["versus"]["baseline"]),
+                     "vs control": (f"{r['control']}: " + interval(r["versus"]["control"])) if r["control"] else "-",
+                     "vs baseline, same time": interval(r["versus"]["same_time"]),
                      "time/step": f"{r['step_cost_ratio']:.2f}x", "total time": f"{r['total_time_ratio']:.2f}x",
                      "memory": f"{r['memory_ratio']:.2f}x"})
     return rows
+
+
+def summaries(record: dict) -> list[dict]:
+    """The record's rows as `summarise` makes them (older records' rows converted)."""
+    return [r if "versus" in r else summarise_old(r) for r in record["rows"].values()]
+
+
+BOOK_PAGES = {"local_losses": "03_local_losses", "instance_lr": "04_instance_lr", "online_loss": "05_online_loss",
+              "grad_instructor": "06_grad_instructor", "meta_hf": "07_meta_hf"}
+
+
+def verdicts_markdown(record: dict) -> str:
+    """The landing page's table of the five verdicts, from a bench record: the method, its claim,
+    the measured effect against the claim's control (else the baseline) with its 95% interval,
+    the verdict, and what the record rests on."""
+    cfg, ds = record["config"], record["dataset"]
+    budget = (f"{record['preset']} bench: {ds['train_size']:,} training images, {cfg['epochs']:g} epochs, "
+              f"{len(record['seeds'])} seed(s), {ds.get('heldout_size') or ds['test_size']:,} "
+              f"{'held-out' if ds.get('heldout_size') else 'test'} images")
+    lines = [f"Measured on: {budget} ({record['provenance'].get('date', '')[:10]}, "
+             f"{record['provenance'].get('device', '')}).", "",
+             "| method | claim | against | effect (points, 95% interval) | verdict |", "|---|---|---|---|---|"]
+    for r in summaries(record):
+        against = r["control"] or "baseline"
+        d = r["versus"]["control"] if r["control"] else r["versus"]["baseline"]
+        effect = f"{100 * d['mean']:+.1f}" + (f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else "")
+        lines.append(f"| {{doc}}`{r['method']} <{BOOK_PAGES[r['method']]}>` | {METHODS[r['method']][3]} | "
+                     f"{against} | {effect} | {d['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def summarise_old(row: dict) -> dict:
+    """A row of a record made before the paired statistics (test_acc per seed, no control): the
+    same fields, its differences as t-intervals over the seeds."""
+    from ..results import paired_difference
+
+    arms = {"m": {"test_acc": row["test_acc"]}, "b": {"test_acc": row["baseline_acc"]},
+            "s": {"test_acc": row["same_time_acc"]}}
+    rec = {"arms": arms, "dataset": {}}
+    return {**row, "acc": row["test_acc"], "control": None, "metric": "test_acc",
+            "versus": {"baseline": paired_difference(rec, "m", "b", "test_acc"), "control": None,
+                       "same_time": paired_difference(rec, "m", "s", "test_acc")}}

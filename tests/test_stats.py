@@ -1,0 +1,56 @@
+"""Paired statistics of a record: the interval, the method behind it and the verdict word."""
+import numpy as np
+import pytest
+import torch
+
+from metabook.results import RecordError, paired_difference
+from metabook.train import pack_bits
+
+
+def record(per_seed_a, per_seed_b, bits_a=None, bits_b=None):
+    def arm(acc, bits):
+        out = {"heldout_acc": {"per_seed": list(acc)}, "test_acc": {"per_seed": list(acc)}}
+        if bits is not None:
+            out["heldout_correct"] = {str(s): pack_bits(torch.as_tensor(b)) for s, b in enumerate(bits)}
+        return out
+    n = len(bits_a[0]) if bits_a is not None else 0
+    return {"dataset": {"heldout_size": n}, "arms": {"m": arm(per_seed_a, bits_a), "b": arm(per_seed_b, bits_b)}}
+
+
+def test_five_seeds_get_a_t_interval_by_hand():
+    a, b = [0.60, 0.62, 0.61, 0.63, 0.59], [0.58, 0.59, 0.60, 0.60, 0.58]
+    d = np.subtract(a, b)
+    half = 2.776 * d.std(ddof=1) / np.sqrt(5)                      # t(0.975, 4) = 2.776
+    res = paired_difference(record(a, b), "m", "b")
+    assert res["method"].startswith("t-interval over 5")
+    assert res["lo"] == pytest.approx(d.mean() - half, abs=1e-4) and res["hi"] == pytest.approx(d.mean() + half, abs=1e-4)
+    assert res["verdict"] == "ahead"
+    assert paired_difference(record(b, a), "m", "b")["verdict"] == "behind"
+
+
+def test_two_seeds_without_images_are_not_resolved_by_a_wide_t_interval():
+    res = paired_difference(record([0.60, 0.64], [0.58, 0.60]), "m", "b")       # +2, +4 points
+    assert res["method"] == "t-interval over 2 seeds" and res["lo"] < 0 < res["hi"]
+    assert res["verdict"] == "not resolved"
+
+
+def test_two_seeds_with_images_use_the_paired_bootstrap():
+    rng = np.random.default_rng(0)
+    base = [rng.random(4000) < 0.5 for _ in range(2)]
+    better = [b | (rng.random(4000) < 0.2) for b in base]           # right wherever base was, and more
+    accs = lambda bits: [float(np.mean(x)) for x in bits]            # noqa: E731
+    res = paired_difference(record(accs(better), accs(base), better, base), "m", "b")
+    assert res["method"].startswith("bootstrap over 2 seeds and 4000") and res["verdict"] == "ahead"
+    assert res["lo"] > 0.05 and res["mean"] == pytest.approx(np.mean([np.mean(x) - np.mean(y) for x, y in zip(better, base)]))
+    few = [b.copy() for b in base]
+    for f in few:
+        f[:3] = ~f[:3]                                               # 3 images of 4000 differ
+    res = paired_difference(record(accs(few), accs(base), few, base), "m", "b")
+    assert res["lo"] <= 0 <= res["hi"] and res["verdict"] == "not resolved"
+
+
+def test_a_metric_the_record_lacks_is_named():
+    rec = record([0.5], [0.4])
+    del rec["arms"]["m"]["heldout_acc"]
+    with pytest.raises(RecordError, match="heldout_acc is not in arms 'm' and 'b'"):
+        paired_difference(rec, "m", "b")
