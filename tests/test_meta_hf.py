@@ -3,7 +3,9 @@ one HF step against SGD, bitwise resume, config errors; MLHF: its meta-gradient 
 finite differences, meta-training on a tiny problem, the untrained nets = HF with Levenberg-Marquardt
 damping, the learned damping bounded by LM's direction and MLHF's ceiling, deployment = the
 meta-training unroll, meta-training batches from their own stream, NaN handling, bitwise resume
-(also from the checkpoint written after meta-training), the chapter's five arms."""
+(also from the checkpoint written after meta-training), the chapter's arms; the ablation arms
+(hf_same_cg, mlhf_untrained) and the official code's MLHF: its solve, its two meta-gradients
+against finite differences, its meta split, replay and resume."""
 import math
 
 import pytest
@@ -280,15 +282,21 @@ def test_bad_hf_config_values_raise_config_errors_naming_the_valid_choices(key, 
         chapter_config("meta_hf", "smoke", {key: value})
 
 
-def test_chapter_run_records_sgd_adam_hf_mlhf_and_the_baseline_at_mlhf_wall_clock(tmp_path):
+def test_chapter_run_records_all_arms_and_the_baseline_at_mlhf_wall_clock(tmp_path):
     """The chapter's run at the smoke preset (shrunk: synthetic data, cuda_convnet at width 4)."""
     import math
 
     from metabook import run_chapter
     tiny = {**TINY, "model": "cuda_convnet", "train_size": 128, "epochs": 1.0, "hf.cg_iters": 4,
-            "hf.mlhf_cg_iters": 3, "hf.mlhf_meta_steps": 2, "hf.mlhf_unroll": 2}
+            "hf.mlhf_cg_iters": 3, "hf.mlhf_meta_steps": 2, "hf.mlhf_unroll": 2, "hf.official_meta_steps": 2,
+            "hf.official_unroll": 2, "hf.official_cg_iters": 2}
     rec = run_chapter("meta_hf", "smoke", seeds=[0], out_dir=tmp_path, overrides=tiny, progress=False)
-    assert set(rec["arms"]) == {"baseline", "adam", "hf", "mlhf", "baseline_same_time"} and rec["method"] == "mlhf"
+    assert set(rec["arms"]) == {"baseline", "adam", "hf", "hf_same_cg", "mlhf_untrained", "mlhf", "mlhf_official",
+                                "baseline_same_time"} and rec["method"] == "mlhf"
+    assert rec["arms"]["hf_same_cg"]["extras"]["0"]["cg_iters_mean"] == 3.0          # MLHF's K
+    assert rec["arms"]["mlhf_untrained"]["extras"]["0"]["meta_episodes"] == 0
+    assert rec["arms"]["mlhf_official"]["extras"]["0"]["meta_episodes"] == 2
+    assert rec["arms"]["mlhf_official"]["one_off_seconds"]["mean"] > rec["arms"]["mlhf_untrained"]["one_off_seconds"]["mean"]
     # an (ML)HF step holds more than an SGD step (the tensor meter: deterministic, unlike 4 steps' timing)
     peak = {a: rec["arms"][a]["peak_memory_bytes"] for a in ("baseline", "hf", "mlhf")}
     assert peak["hf"] > peak["baseline"] and peak["mlhf"] > peak["baseline"]
@@ -690,3 +698,197 @@ def test_hf_and_mlhf_train_the_paper_preset_batchnorm_resnet(method_class):
                         "hf.mlhf_unroll": 2}, method_class=method_class)
     losses = [row["train_loss"] for row in res["history"]]
     assert all(math.isfinite(v) for v in losses) and losses[-1] < losses[0], losses
+
+
+# ----------------------------------------------------------------------------- the ablation arms and the official MLHF
+
+def hf_cfg_k(k=3, **changes):
+    """HF and MLHF on the tiny float64 problems with K = k (MLHF's CG iterations), no meta-training."""
+    return knobs({**{key: v for key, v in HF_CFG.items() if key.startswith("hf.")}, "weight_decay": 0.0,
+                  "hf.damping": 0.1, "hf.gn_batch_size": 16, "hf.fisher_chunk": 4, "hf.mlhf_cg_iters": k,
+                  "hf.mlhf_hidden": 3, "hf.mlhf_meta_steps": 0, **changes})
+
+
+def test_hf_same_cg_runs_mlhfs_cg_budget_and_is_hf_otherwise():
+    """hf_same_cg = HessianFree with hf.cg_iters set to hf.mlhf_cg_iters (K = 3 here, while
+    hf.cg_iters = 50): every step runs exactly K iterations (Martens' rule needs i > 10 to stop),
+    and the trajectory is that of HF configured with K by hand."""
+    cfg = hf_cfg_k(3)
+    assert cfg["hf.cg_iters"] == 50
+    same, by_hand = meta_hf.HFSameCG(cfg), HessianFree({**cfg, "hf.cg_iters": 3})
+    model_a, _, outs_a = deploy_mlhf(same, 8)
+    model_b, _, outs_b = deploy_mlhf(by_hand, 8)
+    assert [o["cg_iters"] for o in outs_a] == [3.0] * 8
+    assert same.extras(None)["cg_iters_mean"] == 3.0
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.equal(a, b)
+    _, _, outs_full = deploy_mlhf(HessianFree(cfg), 8)
+    assert max(o["cg_iters"] for o in outs_full) > 3                          # the full HF arm does run longer
+
+
+def test_mlhf_untrained_does_no_meta_training_and_is_hf_with_k_fixed_iterations(monkeypatch):
+    """mlhf_untrained: even with hf.mlhf_meta_steps = 5 its prepare() never meta-trains and the arm
+    declares no one-off stage; its steps are HF's with exactly K CG iterations, no stopping rule
+    and no backtracking (LM damping, Martens' preconditioner, warm start, line search alike)."""
+    calls = []
+    monkeypatch.setattr(meta_hf, "meta_train", lambda *a, **k: calls.append(1))
+    cfg = hf_cfg_k(3, **{"hf.mlhf_meta_steps": 5})
+    untrained = meta_hf.MLHFUntrained(cfg)
+    assert untrained.one_off_units is None and MLHF.one_off_units is not None
+    model_a, _, outs_a = deploy_mlhf(untrained, 10)
+    untrained.prepare()
+    assert calls == [] and untrained.extras(None)["meta_episodes"] == 0
+    hf = HessianFree({**cfg, "hf.cg_iters": 3, "hf.cg_tol": 0.0, "hf.backtrack": False})
+    model_b, _, outs_b = deploy_mlhf(hf, 10)
+    for a, b in zip(model_a.parameters(), model_b.parameters()):
+        assert torch.allclose(a, b, rtol=1e-9, atol=1e-12)
+    assert [float(o["damping"]) for o in outs_a] == pytest.approx([o["damping"] for o in outs_b], rel=1e-9)
+    assert len({float(o["damping"]) for o in outs_a}) > 1                     # LM really moved lambda
+
+
+def official_nets(model, seed=3):
+    segments = meta_hf.param_kinds(model)
+    torch.manual_seed(seed)
+    return segments, meta_hf.OfficialNets({k for k, _ in segments}).double()
+
+
+OFFICIAL_S = meta_hf.HFSettings(cg_iters=4, precond_exponent=0.0, fisher_chunk=1, gn_batch=8, warm_start=1.0,
+                                weight_decay=0.01)
+
+
+def test_param_kinds_give_one_head_pair_per_parameter_kind():
+    """As the official code: conv kernels, conv biases, dense kernels, dense biases (BatchNorm
+    weights) each get their own damping and preconditioner heads, shared by their coordinates."""
+    cfg = chapter_config("meta_hf", "smoke", {**TINY, "model": "cuda_convnet"})
+    model = make_model(cfg, 10, torch.device("cpu"))
+    segments = meta_hf.param_kinds(model)
+    assert {k for k, _ in segments} == {"Conv2d_weight", "Conv2d_bias", "Linear_weight", "Linear_bias"}
+    assert sum(n for _, n in segments) == sum(p.numel() for p in model.parameters())
+    assert {k for k, _ in meta_hf.param_kinds(tiny_bn_net())} >= {"BatchNorm1d_weight", "BatchNorm1d_bias"}
+    nets = meta_hf.OfficialNets({k for k, _ in segments})
+    cell = nets.heads["Conv2d_weight"]["precond"]
+    assert [c.hidden_size for c in cell.cells] == [4, 4] and cell.out.out_features == 1
+
+
+def test_official_step_with_many_cg_iterations_solves_the_damped_gauss_newton_system():
+    """Signs and the damping per coordinate: with 80 iterations the step d (= -x) solves
+    (G + diag(lambda)) d = -g, lambda = the damping heads' softplus + 2e-5 >= 2e-5, P > 0, and the
+    Hessian loss is -<g, x> / sqrt(x^T (G + diag lambda) x)."""
+    model = tiny_mlp()
+    segments, nets = official_nets(model)
+    x, y = separable_problem(torch.Generator().manual_seed(2), 16)
+    params = model_params(model)
+    g = flatten(torch.autograd.grad(F.cross_entropy(forward(model, params, x), y), list(params.values()))).detach()
+    g = g + 0.01 * flatten(params).detach()
+    state = meta_hf.OfficialState.fresh(len(g), g)
+    s = meta_hf.HFSettings(80, 0.0, 1, 16, 1.0, 0.01)
+    with torch.no_grad():
+        step, new, _, P, lam, hessian_loss = meta_hf.official_step(nets, segments, state, model, params, x, y, g, 1.0, s)
+    A = explicit_gauss_newton(model, x, y, 0.01) + torch.diag(lam)
+    assert (lam >= 2e-5).all() and (P > 0).all() and lam.std() > 0                # per coordinate
+    assert torch.allclose(step.d, torch.linalg.solve(A, -g), rtol=1e-6, atol=1e-10)
+    xo = -step.d
+    assert hessian_loss.item() == pytest.approx((-(g @ xo) / torch.sqrt(xo @ A @ xo)).item(), rel=1e-6)
+    assert torch.equal(new.x_prev, xo) and new.age == 1
+
+
+@pytest.mark.parametrize("make, n", [(tiny_mlp, 2), (tiny_bn_net, 4)])
+def test_official_meta_gradients_match_central_finite_differences(make, n):
+    """float64, both meta-objectives (the damping heads' meta_loss, the preconditioner heads'
+    Hessian loss) along random directions of all of phi. n = 2 steps: the meta_loss depends on
+    phi only through the first step, where nothing is held, so the check is against the true
+    episode function. n = 4 (BatchNorm net, warm starts, LSTM states over 4 steps): against the
+    surrogate with the official code's stop-gradients (theta_t, g_t, x_1, r_1, noise, weights) held."""
+    model = make()
+    segments, nets = official_nets(model)
+    like = {k: p.detach() for k, p in model_params(model).items()}
+    theta0 = flatten(like)
+    state = meta_hf.OfficialState.fresh(len(theta0), theta0)
+    batches = episode_batches(n - 1)
+    run = lambda frozen=None: meta_hf.official_unroll(nets, segments, model, like, theta0, state, batches, OFFICIAL_S,
+                                                      1.0, noise_seed=0, frozen=frozen)
+    meta_loss, hessian_loss, _, end, records = run()
+    phi = list(nets.parameters())
+    gen, h = torch.Generator().manual_seed(7), 1e-6
+    grads = [flatten(torch.autograd.grad(value, phi, retain_graph=True)) for value in (meta_loss, hessian_loss)]
+    checks = [(0, meta_loss, None if n == 2 else records), (1, hessian_loss, records)]
+    for (index, value, frozen), grad in zip(checks, grads):
+        fn = lambda: run(frozen)[index].item()
+        assert fn() == pytest.approx(value.item(), rel=1e-12)
+        direction = torch.randn(len(grad), generator=gen, dtype=torch.float64)
+        fd = (meta_loss_along(nets, direction, h, fn) - meta_loss_along(nets, direction, -h, fn)) / (2 * h)
+        assert abs(fd) > 1e-6
+        assert (grad @ direction).item() == pytest.approx(fd, rel=1e-5, abs=1e-11)
+    assert end.age == n
+    if n == 4:          # the surrogate really differs from the true function (the dropped paths are not zero)
+        true = lambda: run()[1].item()
+        fd_true = (meta_loss_along(nets, direction, h, true) - meta_loss_along(nets, direction, -h, true)) / (2 * h)
+        assert abs(fd_true - fd) > 1e-4 * abs(fd)
+
+
+def official_cfg(**changes):
+    return {**TINY, "hf.official_meta_steps": 3, "hf.official_unroll": 2, "hf.official_cg_iters": 2, **changes}
+
+
+def test_official_meta_training_draws_the_meta_split_only(monkeypatch):
+    """prepare() meta-trains on batches 0 .. steps * unroll - 1 of the stream
+    'mlhf_official_episodes' over the meta split (the split no arm trains on), nothing else."""
+    cfg = chapter_config("meta_hf", "smoke", official_cfg())
+    data = prepare_data(cfg, 0, torch.device("cpu"), make_synthetic(400, 100, seed=0))
+    streams = data.streams()
+    seen, real = [], streams.batch
+    monkeypatch.setattr(streams, "batch", lambda name, i, split=None: seen.append((name, i, split)) or real(name, i, split))
+    seed_everything(0)
+    method = meta_hf.OfficialMLHF(cfg)
+    method.setup(Context(make_model(cfg, 10, torch.device("cpu")), streams, 12, 6, 10, len(data.train.y), seed=0))
+    method.prepare()
+    assert seen == [("mlhf_official_episodes", i, "meta") for i in range(6)]
+    e = method.extras(None)
+    assert e["meta_episodes"] == 3 and e["meta_params"] > 0 and math.isfinite(e["hessian_loss_last"])
+    before = flatten(model_params(method.model)).clone()
+    out = method.step(streams.batch("train", 0), None, 123.0)       # the loop's lr is unused: constant lr
+    assert torch.isfinite(out["loss"]) and not torch.equal(before, flatten(model_params(method.model)))
+
+
+@pytest.mark.parametrize("keep_prob, resets", [(1.0, 0), (0.0, 4)])
+def test_official_replay_continues_with_keep_prob_and_resets_otherwise(keep_prob, resets):
+    """keep_prob 1: one trajectory, 4 episodes of 2 steps (age 8 at the end, nothing stored);
+    keep_prob 0: every episode ends in a reset to a replayed state."""
+    model = tiny_mlp()
+    segments, nets = official_nets(model)
+    gen = torch.Generator().manual_seed(5)
+    batches = [separable_problem(gen, 16) for _ in range(8)]
+    m = meta_hf.OfficialMetaConfig(steps=4, unroll=2, lr=1e-3, keep_prob=keep_prob, replay_size=3, train_lr=1.0,
+                                   seed=0)
+    before = flatten([p.detach().clone() for p in nets.parameters()])
+    stats = meta_hf.official_meta_train(nets, segments, model, lambda i: batches[i], OFFICIAL_S, m)
+    assert stats["resets"] == resets and len(stats["meta_losses"]) == 4
+    assert not torch.equal(before, flatten([p.detach() for p in nets.parameters()]))       # Adam moved phi
+    if keep_prob == 1.0:
+        assert stats["replay_age_max"] == 0                   # only the initial fresh state is stored
+    else:
+        assert stats["replay_age_max"] >= 2
+
+
+def test_killed_official_mlhf_run_resumes_bitwise(tmp_path):
+    run = lambda **k: run_hf(official_cfg(), method_class=meta_hf.OfficialMLHF, **k)
+    model_a, method_a, full = run()
+    with pytest.raises(Killed):
+        run(out_dir=tmp_path, on_step=kill_at(8))
+    model_b, method_b, resumed = run(out_dir=tmp_path)
+    for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
+        assert torch.equal(a, b), name
+    sa, sb = method_a.state.to_dict(), method_b.state.to_dict()
+    for key, a in sa.items():
+        assert torch.equal(a, sb[key]) if torch.is_tensor(a) else a == sb[key], key
+    assert sa["age"] == 12 and sa["h_precond"].abs().max() > 0
+    timeless = lambda history: [{k: v for k, v in row.items() if k != "elapsed_s"} for row in history]
+    assert timeless(resumed["history"]) == timeless(full["history"])
+
+
+def test_hf_arms_without_mlhf_raise_a_config_error_naming_the_required_arms():
+    from metabook.methods.meta_hf import experiments
+    with pytest.raises(ConfigError, match="baseline and mlhf are required"):
+        experiments(chapter_config("meta_hf", "smoke", {"hf.arms": ["baseline", "hf"]}))
+    with pytest.raises(ConfigError, match="hf.arms.*mlhf_official"):
+        chapter_config("meta_hf", "smoke", {"hf.arms": ["baseline", "mlhf", "mlhf_offical"]})

@@ -1,5 +1,8 @@
 """Hessian-free optimisation (HF, Martens 2010) from scratch and MLHF (Chen, Lu, Fokoue 2018,
-arXiv 1805.08462), which replaces HF's damping rule and preconditioner by two meta-learned GRUs.
+arXiv 1805.08462), which replaces HF's damping rule and preconditioner by meta-learned recurrent
+nets: our reconstruction from the abstract (arm `mlhf`, two GRUs bounding a learned correction of
+Levenberg-Marquardt), the official code's design (arm `mlhf_official`, coordinate-wise LSTM heads),
+and the controls that separate meta-learning from Hessian-free (`hf_same_cg`, `mlhf_untrained`).
 
 An HF step on f(theta) = mean CE + wd/2 ||theta||^2: Gauss-Newton products on a curvature
 sub-batch, damped preconditioned CG, CG backtracking, Levenberg-Marquardt damping and an Armijo
@@ -18,7 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch.func import jvp, vjp
 
-from ..config import knob, section
+from ..config import ConfigError, knob, section
 from ..data import Batch
 from ..meta import Params, forward, model_params
 from ..train import Arm, Context, Experiment, Method, NonFiniteError, run_experiment
@@ -106,16 +109,21 @@ class CGResult:
     phi: float                                  # phi(x) = 1/2 x^T A x - b^T x at the final iterate
     iterates: list = field(default_factory=list)   # [(i, x_i, phi_i)] at i = ceil(1.3^j) and the last
     stop: str = ""                              # why CG stopped
+    r: Vector | None = None                     # the final residual b - A x (P,)
 
 
-def pcg(Av: Callable[[Vector], Vector], b: Vector, precond: Vector | None = None,
+def pcg(Av: Callable[[Vector], Vector], b: Vector, precond=None,
         x0: Vector | None = None, max_iters: int = 250, tol: float = 5e-4,
         rtol: float = 1e-10) -> CGResult:
-    """Minimise phi(x) = 1/2 x^T A x - b^T x by CG with diagonal preconditioner M (P,) (z = r / M).
-    Stops at max_iters, on Martens' relative-progress rule with eps = tol (0: off), at residual
-    rtol * ||b||, or on curvature p^T A p <= 0 (keeping the last good iterate)."""
+    """Minimise phi(x) = 1/2 x^T A x - b^T x by CG with diagonal preconditioner M (P,) (z = r / M);
+    precond may also be a function r_0 (P,) -> M (P,) of the initial residual (the official MLHF's
+    preconditioner net reads it). Stops at max_iters, on Martens' relative-progress rule with
+    eps = tol (0: off), at residual rtol * ||b||, or on curvature p^T A p <= 0 (keeping the last
+    good iterate)."""
     x = torch.zeros_like(b) if x0 is None else x0.clone()
     r = b - Av(x) if x0 is not None else b.clone()
+    if callable(precond):
+        precond = precond(r)
     z = r / precond if precond is not None else r
     p = z.clone()
     rz = torch.dot(r, z)
@@ -148,7 +156,7 @@ def pcg(Av: Callable[[Vector], Vector], b: Vector, precond: Vector | None = None
         rz = rz_new
     if not iterates or iterates[-1][0] != i:
         iterates.append((i, x, phis[-1]))
-    return CGResult(x, i, phis[-1], iterates, stop)
+    return CGResult(x, i, phis[-1], iterates, stop, r)
 
 
 # ----------------------------------------------------------------------------- damping and step size
@@ -240,11 +248,14 @@ def hf_gradient(model, batch: Batch, weight_decay: float):
 
 def hf_direction(model, params: Params, x, y, g: Vector, f0: float, lam, s: HFSettings, *,
                  factor: Vector | None = None, x0: Vector | None = None, tol: float = 5e-4,
-                 rtol: float = 1e-10, backtrack: bool = False, curvature: tuple | None = None) -> HFStep:
+                 rtol: float = 1e-10, backtrack: bool = False, curvature: tuple | None = None,
+                 evaluate: bool = True) -> HFStep:
     """One HF direction at `params` on (x (B, ...), y (B,)): G and its Fisher diagonal on the first
     s.gn_batch examples (or `curvature` = (G, fisher)), PCG from x0 on (G + lam I) d = -g with
     preconditioner (F + wd + lam)^xi * factor, the last (or backtracked) iterate, f(theta + d), rho.
-    lam: a float, or a 0-d tensor whose graph (and factor's) then reaches d."""
+    lam: a float, a 0-d tensor or a (P,) tensor (a damping per coordinate), whose graph (and
+    factor's) then reaches d. factor may be a function of CG's initial residual (then xi = 0).
+    evaluate=False skips f(theta + d) (f1 and rho are then nan): a method that needs neither."""
     wd = s.weight_decay
     if curvature is None:
         m = min(s.gn_batch, len(y))
@@ -253,6 +264,8 @@ def hf_direction(model, params: Params, x, y, g: Vector, f0: float, lam, s: HFSe
     else:
         G, fisher = curvature
     precond = (fisher + wd + lam) ** s.precond_exponent if s.precond_exponent > 0 else None
+    if callable(factor) and precond is not None:
+        raise ValueError("a preconditioner that reads the initial residual needs precond_exponent = 0")
     if factor is not None:
         precond = factor if precond is None else precond * factor
     cg = pcg(lambda v: G(v) + lam * v, -g, precond, x0=x0, max_iters=s.cg_iters, tol=tol, rtol=rtol)
@@ -261,18 +274,26 @@ def hf_direction(model, params: Params, x, y, g: Vector, f0: float, lam, s: HFSe
     if backtrack:
         j, f1 = cg_backtrack(f_at, cg.iterates)
     else:
-        j, f1 = len(cg.iterates) - 1, f_at(cg.iterates[-1][1])
+        j, f1 = len(cg.iterates) - 1, f_at(cg.iterates[-1][1]) if evaluate else math.nan
     _, d, phi = cg.iterates[j]
-    lam_f = lam.item() if torch.is_tensor(lam) else lam
-    predicted = phi - 0.5 * lam_f * d.detach().dot(d.detach()).item()        # q(d) - q(0) without damping
+    dd = d.detach() * d.detach()
+    damping_term = (lam.detach() * dd).sum().item() if torch.is_tensor(lam) else lam * dd.sum().item()
+    predicted = phi - 0.5 * damping_term                                     # q(d) - q(0) without damping
     rho = (f1 - f0) / predicted if predicted < 0 else -1.0                   # no predicted decrease: failed
+    rho = rho if evaluate else math.nan
     return HFStep(G, fisher, cg, j, d, f1, rho, f_at)
 
 
-def hf_apply(params: Params, step: HFStep, g: Vector, f0: float, search: bool) -> tuple[float, float]:
-    """theta += alpha d in place, alpha from the Armijo line search (or 1). Returns (alpha, f after)."""
-    d = step.d.detach()
-    alpha, f_new = line_search(lambda a: step.f_at(a * d), f0, g.dot(d).item(), step.f1) if search else (1.0, step.f1)
+def hf_apply(params: Params, step: HFStep, g: Vector, f0: float, search: bool,
+             scale: float = 1.0) -> tuple[float, float]:
+    """theta += alpha d in place, d = scale * step.d, alpha from the Armijo line search (or 1).
+    Returns (alpha, f after; without a search and at scale != 1 it is not evaluated: nan)."""
+    d = scale * step.d.detach()
+    if search:
+        f1 = step.f1 if scale == 1.0 else step.f_at(d)
+        alpha, f_new = line_search(lambda a: step.f_at(a * d), f0, g.dot(d).item(), f1)
+    else:
+        alpha, f_new = 1.0, step.f1 if scale == 1.0 else math.nan
     with torch.no_grad():
         for p, w in zip(params.values(), unflatten(alpha * d, params).values()):
             p.add_(w)
@@ -326,6 +347,19 @@ class HessianFree(Method):
     def extras(self, streams) -> dict:
         return {"final_damping": self.damping, "cg_iters_mean": self.cg_total / max(self.steps, 1),
                 "skipped_steps": self.skipped}
+
+
+class HFSameCG(HessianFree):
+    """Hand-tuned HF with MLHF's CG budget (arm "hf_same_cg"): at most hf.mlhf_cg_iters CG
+    iterations per step, everything else as `hf` (LM damping, Martens' preconditioner and stopping
+    rule, backtracking, line search). With HF and untrained MLHF it separates the CG budget from
+    what meta-learning adds."""
+
+    name = "hf_same_cg"
+
+    def __init__(self, cfg: dict):
+        super().__init__(cfg)
+        self.s = replace(self.s, cg_iters=self.c.mlhf_cg_iters)
 
 
 class AdamArm(Baseline):
@@ -648,12 +682,325 @@ class MLHF(Method):
                 "meta_params": sum(p.numel() for p in self.nets.parameters())}
 
 
+class MLHFUntrained(MLHF):
+    """MLHF with its nets at initialisation (arm "mlhf_untrained"): no meta-training, no one-off
+    stage, everything else as `mlhf`. Its output layers start at zero, so this is HF with LM
+    damping, Martens' preconditioner and exactly K CG iterations: the control that says how much
+    of MLHF is meta-learned."""
+
+    name = "mlhf_untrained"
+    one_off_units = None
+
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        self.meta = replace(self.meta, steps=0)
+
+
+# ----------------------------------------------------------------------------- MLHF as its official code does it
+#
+# The authors' TensorFlow code (github.com/ozzzp/MLHF, read for the book's facts: CustomOp/rnn.py,
+# MetaOptimizer.py, util.py, RL_farmwork/experience_replay.py) fixes what the paper's abstract
+# leaves open. Per parameter kind (conv kernel, conv bias, dense kernel, ...) two coordinate-wise
+# heads: tanh of three inputs per coordinate -> LSTM(4) -> LSTM(4) -> linear -> softplus. The
+# damping head reads (g, r_1, x_1), the previous CG residual and solution, and gives a damping
+# per coordinate added to a constant 2e-5; the preconditioner head reads (g, r_0, x_0), CG's
+# initial residual and its warm start x_0 = x_1, and gives P with y = P (.) r. CG runs 4
+# iterations; the update is theta - lr x at a constant lr. Meta-training unrolls 10 steps with
+# theta stop-gradiented between steps (only the LSTM states carry phi's graph on), clips each step
+# to ||theta|| 0.25 / lr and multiplies it by U[0.98, 1.02]; the preconditioner heads minimise
+# the "Hessian loss" -<g, x> / sqrt(x^T A x), the damping heads 10 x a softmax-weighted mean of
+# (f(theta_{t+1}; B_t) + f(theta_{t+1}; B_{t+1})) / 2 - f(theta_t; B_t); Adam 1e-3, L2 2e-7, the
+# meta-gradient clipped to the norm of phi; states are replayed (keep-prob 0.3). The step itself
+# is `hf_direction`, the same one HF and MLHF use, here in the official code's signs (x = -d,
+# r_official = -r). What differs from that code is listed in chapter 7.
+
+OFFICIAL_LAYERS = (4, 4)           # LSTM units of the two layers of each head
+OFFICIAL_DAMPING = 2e-5            # the constant damping the learned one is added to
+OFFICIAL_L2 = 2e-7                 # L2 penalty on phi (gradient 2e-7 phi, TF's l2_loss)
+OFFICIAL_DAMPING_LOSS_SCALE = 10.0  # the damping heads' meta-loss is 10 x meta_loss
+OFFICIAL_STEP_NOISE = 0.02         # meta-training steps multiplied by U[1 - 0.02, 1 + 0.02]
+OFFICIAL_STEP_CLIP = 0.25          # meta-training steps clipped to ||theta|| * 0.25 / lr
+OFFICIAL_STATE = 2 * 2 * OFFICIAL_LAYERS[0]   # (h, c) of two layers per coordinate
+
+
+class CoordLSTM(torch.nn.Module):
+    """One coordinate-wise head: X (n, 3) -> tanh -> LSTM(4) -> LSTM(4) -> linear -> softplus.
+    state (n, 16) holds (h, c) of both layers. Returns (out (n,) > 0, new state (n, 16))."""
+
+    def __init__(self, n_in: int = 3):
+        super().__init__()
+        sizes = (n_in,) + OFFICIAL_LAYERS
+        self.cells = torch.nn.ModuleList(torch.nn.LSTMCell(a, b) for a, b in zip(sizes, sizes[1:]))
+        self.out = torch.nn.Linear(OFFICIAL_LAYERS[-1], 1)
+
+    def forward(self, X, state):
+        h, new = torch.tanh(X), []
+        for cell, hc in zip(self.cells, state.chunk(len(self.cells), dim=1)):
+            h, c = cell(h, tuple(hc.chunk(2, dim=1)))
+            new += [h, c]
+        return F.softplus(self.out(h)[:, 0]), torch.cat(new, dim=1)
+
+
+class OfficialNets(torch.nn.Module):
+    """phi: a damping head and a preconditioner head per parameter kind."""
+
+    def __init__(self, kinds):
+        super().__init__()
+        self.heads = torch.nn.ModuleDict({k: torch.nn.ModuleDict({"damping": CoordLSTM(), "precond": CoordLSTM()})
+                                          for k in sorted(kinds)})
+
+    def run(self, head: str, segments, X, state):
+        """The `head` of each parameter's kind on its coordinates. X (P, 3), state (P, 16)."""
+        outs, states, start = [], [], 0
+        for kind, n in segments:
+            o, st = self.heads[kind][head](X[start:start + n], state[start:start + n])
+            outs.append(o), states.append(st)
+            start += n
+        return torch.cat(outs), torch.cat(states)
+
+
+def param_kinds(model: torch.nn.Module) -> list[tuple[str, int]]:
+    """(kind, numel) per trainable parameter in `model_params` order; kind = module class and
+    parameter name, e.g. 'Conv2d_weight' (the official code has one pair of heads per kind)."""
+    kind_of = {}
+    for mname, mod in model.named_modules():
+        for pname, _ in mod.named_parameters(recurse=False):
+            kind_of[f"{mname}.{pname}" if mname else pname] = f"{type(mod).__name__}_{pname}"
+    return [(kind_of[k], p.numel()) for k, p in model_params(model).items()]
+
+
+@dataclass
+class OfficialState:
+    """The official MLHF's state in one target run (official signs: the step is theta - lr x)."""
+    h_damping: torch.Tensor        # (P, 16) the damping heads' LSTM states (phi's graph inside an unroll)
+    h_precond: torch.Tensor        # (P, 16)
+    x_prev: torch.Tensor           # (P,) x_1, the previous CG solution (CG's warm start)
+    r_prev: torch.Tensor           # (P,) r_1, the previous final CG residual
+    age: int = 0
+
+    @staticmethod
+    def fresh(P: int, like: torch.Tensor) -> "OfficialState":
+        z = lambda *shape: torch.zeros(*shape, dtype=like.dtype, device=like.device)
+        return OfficialState(z(P, OFFICIAL_STATE), z(P, OFFICIAL_STATE), z(P), z(P))
+
+    def detached(self) -> "OfficialState":
+        return replace(self, h_damping=self.h_damping.detach(), h_precond=self.h_precond.detach())
+
+    def to_dict(self) -> dict:
+        return {k: getattr(self, k) for k in self.__dataclass_fields__}
+
+
+def official_step(nets: OfficialNets, segments, state: OfficialState, model, params: Params, x, y, g: Vector,
+                  f0: float, s: HFSettings, consts: dict | None = None):
+    """One step of the official MLHF at `params` on (x, y): the damping heads' lambda (P,), then
+    `hf_direction` with the preconditioner heads' P read from CG's initial residual, K = s.cg_iters
+    iterations from x_0 = x_1. Returns (HFStep (d = -x), next state, constants, P (P,), lambda (P,),
+    the Hessian loss -<g, x> / sqrt(x^T A x) ()); `consts` as for `mlhf_step`."""
+    c = {"g": g, "f0": f0, "curvature": None} if consts is None else consts
+    g = c["g"]
+    D, h_d = nets.run("damping", segments, torch.stack([g, state.r_prev, state.x_prev], 1), state.h_damping)
+    lam = D + OFFICIAL_DAMPING
+    heads = {}
+
+    def precond(r0):                    # r0 = -g - A d_0 = -(official r_0); pcg divides by it
+        heads["P"], heads["h"] = nets.run("precond", segments, torch.stack([g, -r0, state.x_prev], 1), state.h_precond)
+        return 1.0 / heads["P"]
+
+    x0 = -state.x_prev if state.age > 0 else None
+    step = hf_direction(model, params, x, y, g, c["f0"], lam, s, factor=precond, x0=x0, tol=0.0, rtol=0.0,
+                        curvature=c["curvature"], evaluate=False)
+    if consts is None:
+        c["curvature"] = (step.G, None)
+    d, r = step.d, step.cg.r                       # A x = A (-d) = g + r
+    hessian_loss = g.dot(d) / (-d.dot(g + r)).clamp_min(1e-30).sqrt()
+    new = OfficialState(h_d, heads["h"], -d.detach(), -r.detach(), state.age + 1)
+    return step, new, c, heads["P"], lam, hessian_loss
+
+
+def official_unroll(nets: OfficialNets, segments, model, like: Params, theta0: Vector, state: OfficialState,
+                    batches: list, s: HFSettings, lr: float, noise_seed: int, frozen: dict | None = None):
+    """One meta-training episode of n = len(batches) official steps (step t on batches[t]) as the
+    official code unrolls it: theta_{t+1} = sg(theta_t) - u_t lr clip(x_t), u_t ~ U[0.98, 1.02].
+    Returns (meta_loss (), hessian_loss (), theta_n, end state (both detached), records), with
+    meta_loss = sum_t w_t m_t over t < n - 1, m_t = (f(theta_{t+1}; B_t) + f(theta_{t+1}; B_{t+1}))/2
+    - f(theta_t; B_t), w = softmax(m) held constant, and hessian_loss the mean of the steps'.
+    `frozen=records` re-evaluates both with g, G, theta_t, x_1, r_1, the noise and w held (the
+    official code's stop-gradients, also in value): the finite-difference check's surrogate."""
+    n, wd = len(batches), s.weight_decay
+    if n < 2:
+        raise ConfigError(f"the official MLHF's episode needs at least 2 steps, got {n} (hf.official_unroll >= 2)")
+    recs = [] if frozen is None else frozen["steps"]
+    theta = f_theta = None
+    f_before, f_next, f_same, hess = [], [], [], []
+    for t in range(n):
+        x, y = batches[t]
+        if frozen is None:
+            if t == 0:
+                theta = theta0.detach().requires_grad_(True)
+                f_theta = _objective(model, theta, like, x, y, wd)
+            g = torch.autograd.grad(f_theta, theta, retain_graph=True)[0].detach()
+            base, f0 = theta.detach(), f_theta.item()
+            noise = 1 + OFFICIAL_STEP_NOISE * (2 * torch.rand(len(base), generator=torch.Generator().manual_seed(
+                noise_seed * 1009 + t), dtype=base.dtype) - 1).to(base.device)
+            consts = None
+        else:
+            consts = recs[t]
+            g, f0, base, noise = consts["g"], consts["f0"], consts["theta"], consts["noise"]
+            state = replace(state, x_prev=consts["x_prev"], r_prev=consts["r_prev"])       # stop-gradient inputs
+        incoming = state
+        step, state, rec, _, _, h_loss = official_step(nets, segments, state, model, unflatten(base, like), x, y,
+                                                       g, f0, s, consts)
+        if frozen is None:
+            rec.update(theta=base, noise=noise, x_prev=incoming.x_prev, r_prev=incoming.r_prev)
+            recs.append(rec)
+        d = step.d
+        limit = base.norm() * OFFICIAL_STEP_CLIP / lr
+        theta_next = base + noise * lr * d * (limit / torch.maximum(d.norm(), limit))
+        f_before.append(f0)
+        hess.append(h_loss)
+        if t + 1 < n:
+            f_same.append(_objective(model, theta_next, like, x, y, wd))
+            f_theta = _objective(model, theta_next, like, *batches[t + 1], wd)
+            f_next.append(f_theta)
+        theta = theta_next
+    m = torch.stack([(a + b) / 2 - f for a, b, f in zip(f_same, f_next, f_before)])      # (n - 1,)
+    w = torch.softmax(m.detach(), 0) if frozen is None else frozen["weights"]
+    records = {"steps": recs, "weights": w}
+    return (w * m).sum(), torch.stack(hess).mean(), theta.detach(), state.detached(), records
+
+
+@dataclass
+class OfficialMetaConfig:
+    steps: int                     # meta-iterations (episodes)
+    unroll: int                    # steps per episode
+    lr: float                      # Adam on phi
+    keep_prob: float               # probability of continuing the current trajectory
+    replay_size: int
+    train_lr: float                # the target net's lr inside meta-training
+    seed: int
+
+
+def official_meta_train(nets: OfficialNets, segments, model, batch_at: Callable[[int], tuple], s: HFSettings,
+                        m: OfficialMetaConfig) -> dict:
+    """Meta-train `nets` in place as the official code does (see the section's comment); episode e
+    uses batch_at(e * unroll + j), j < unroll. After each episode the trajectory goes on with
+    probability keep_prob; otherwise its state joins the replay (a random one is replaced once it
+    holds replay_size) and the next episode starts from a replayed state drawn uniformly. The
+    replay starts with one fresh initialisation. Returns the meta-losses and replay statistics."""
+    like = {k: p.detach() for k, p in model_params(model).items()}
+    ref = next(iter(like.values()))
+    P = sum(p.numel() for p in like.values())
+    named = list(nets.named_parameters())
+    groups = {"damping": [p for k, p in named if ".damping." in k], "precond": [p for k, p in named if ".precond." in k]}
+    opt = torch.optim.Adam(nets.parameters(), lr=m.lr)
+    rng = torch.Generator().manual_seed(m.seed)
+    current = (fresh_theta(model, m.seed * 7919).to(ref), OfficialState.fresh(P, ref))
+    replay = [current]
+    meta_losses, hessian_losses, resets = [], [], 0
+    for it in range(m.steps):
+        batches = [batch_at(it * m.unroll + j) for j in range(m.unroll)]
+        meta_loss, hessian_loss, theta_end, state_end, _ = official_unroll(
+            nets, segments, model, like, current[0], current[1], batches, s, m.train_lr, noise_seed=m.seed + it)
+        if not (torch.isfinite(meta_loss) and torch.isfinite(hessian_loss)):
+            raise NonFiniteError(f"official MLHF meta-training episode {it}: meta_loss {meta_loss.item()}, "
+                                 f"hessian_loss {hessian_loss.item()}; stopped instead of training on")
+        grads = dict(zip(("damping", "precond"), (
+            torch.autograd.grad(OFFICIAL_DAMPING_LOSS_SCALE * meta_loss, groups["damping"], retain_graph=True),
+            torch.autograd.grad(hessian_loss, groups["precond"]))))
+        for name, params in groups.items():
+            for p, gr in zip(params, grads[name]):
+                p.grad = gr + OFFICIAL_L2 * p.detach()
+        phi_norm = torch.sqrt(sum((p.detach() ** 2).sum() for p in nets.parameters())).item()
+        torch.nn.utils.clip_grad_norm_(nets.parameters(), phi_norm)
+        opt.step()
+        meta_losses.append(meta_loss.item()), hessian_losses.append(hessian_loss.item())
+        current = (theta_end, state_end)
+        if torch.rand((), generator=rng).item() >= m.keep_prob:          # reset to a replayed state
+            resets += 1
+            if len(replay) < m.replay_size:
+                replay.append(current)
+            elif m.replay_size > 0:
+                replay[int(torch.randint(len(replay), (), generator=rng))] = current
+            current = replay[int(torch.randint(len(replay), (), generator=rng))]
+    ages = [st.age for _, st in replay]
+    return {"meta_losses": meta_losses, "hessian_losses": hessian_losses, "resets": resets,
+            "replay_age_mean": sum(ages) / len(ages), "replay_age_max": max(ages)}
+
+
+class OfficialMLHF(Method):
+    """MLHF as its official code does it (arm "mlhf_official", keys hf.official_*): prepare()
+    meta-trains the heads on the held-out (meta) split, which no arm trains on; each step is
+    theta - lr x at the constant lr hf.official_lr (the loop's schedule is unused)."""
+
+    name = "mlhf_official"
+    one_off_units = ("hf.official_meta_steps", 1)
+
+    def __init__(self, cfg: dict):
+        self.c = c = section(cfg, HF)
+        self.s = HFSettings(c.official_cg_iters, 0.0, c.fisher_chunk, c.gn_batch_size, 1.0, cfg["weight_decay"])
+
+    def setup(self, ctx: Context) -> None:
+        super().setup(ctx)
+        c, like = self.c, flatten(model_params(self.model)).detach()
+        self.segments = param_kinds(self.model)
+        self.meta = OfficialMetaConfig(c.official_meta_steps, c.official_unroll, c.official_meta_lr,
+                                       c.official_keep_prob, c.official_replay_size, c.official_meta_train_lr,
+                                       seed=int(torch.randint(2 ** 31 - 1, ())))             # global RNG
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(self.meta.seed)
+            self.nets = OfficialNets({k for k, _ in self.segments}).to(like)
+        self.state = OfficialState.fresh(len(like), like)
+        self.meta_stats = {"meta_losses": [], "hessian_losses": [], "resets": 0, "replay_age_mean": 0.0,
+                           "replay_age_max": 0}
+
+    def prepare(self) -> None:
+        """Meta-train on the stream 'mlhf_official_episodes' of the meta split."""
+        if self.meta.steps > 0:
+            def batch_at(i):
+                b = self.ctx.streams.batch("mlhf_official_episodes", i, split="meta")
+                return b.x, b.y
+            self.meta_stats = official_meta_train(self.nets, self.segments, self.model, batch_at, self.s, self.meta)
+
+    def step(self, batch: Batch, meta_batch, lr: float) -> dict:
+        params, loss, logits, g, f0 = hf_gradient(self.model, batch, self.s.weight_decay)
+        with torch.no_grad():
+            step, self.state, _, P, lam, _ = official_step(self.nets, self.segments, self.state, self.model, params,
+                                                           batch.x, batch.y, g, f0, self.s)
+        hf_apply(params, step, g, f0, search=False, scale=self.c.official_lr)
+        return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean(),
+                "damping": lam.mean(), "precond_mean": P.mean(), "step_norm": self.c.official_lr * step.d.norm()}
+
+    def state_dict(self) -> dict:
+        return {"nets": self.nets.state_dict(), "opt_state": self.state.to_dict(), "meta_stats": self.meta_stats}
+
+    def load_state_dict(self, state: dict) -> None:
+        self.nets.load_state_dict(state["nets"])
+        self.state = OfficialState(**{k: v.clone() if torch.is_tensor(v) else v for k, v in state["opt_state"].items()})
+        self.meta_stats = dict(state["meta_stats"])
+
+    def extras(self, streams) -> dict:
+        ms = self.meta_stats
+        mean = lambda xs: sum(xs) / len(xs) if xs else None
+        k = max(1, len(ms["meta_losses"]) // 5)
+        return {"meta_episodes": len(ms["meta_losses"]),
+                "meta_loss_first": mean(ms["meta_losses"][:k]), "meta_loss_last": mean(ms["meta_losses"][-k:]),
+                "hessian_loss_first": mean(ms["hessian_losses"][:k]), "hessian_loss_last": mean(ms["hessian_losses"][-k:]),
+                "resets": ms["resets"], "replay_age_mean": ms["replay_age_mean"], "replay_age_max": ms["replay_age_max"],
+                "meta_params": sum(p.numel() for p in self.nets.parameters())}
+
 # ----------------------------------------------------------------------------- chapter config and run
+
+ARMS = {"baseline": Arm(Baseline), "adam": Arm(AdamArm), "hf": Arm(HessianFree), "hf_same_cg": Arm(HFSameCG),
+        "mlhf_untrained": Arm(MLHFUntrained), "mlhf": Arm(MLHF), "mlhf_official": Arm(OfficialMLHF)}
+REQUIRED_ARMS = ("baseline", "mlhf")
+
 
 @dataclass
 class HF:
-    """Hessian-free (the `hf` arm) and MLHF (the `mlhf` arm, keys hf.mlhf_*; hf.damping is its initial
-    damping, hf.precond_exponent its base xi, hf.fisher_chunk / gn_batch_size / warm_start as for hf)."""
+    """Hessian-free (the `hf` and `hf_same_cg` arms), MLHF (the `mlhf` and `mlhf_untrained` arms, keys
+    hf.mlhf_*; hf.damping is its initial damping, hf.precond_exponent its base xi, hf.fisher_chunk /
+    gn_batch_size / warm_start as for hf) and the official code's MLHF (`mlhf_official`, keys
+    hf.official_*; hf.gn_batch_size as for hf)."""
     prefix: ClassVar[str] = "hf"
     damping: float = knob(1.0, "initial Tikhonov damping lambda", "> 0")
     damping_rule: str = knob("lm", "how lambda moves: lm (Levenberg-Marquardt) or fixed", choices=("lm", "fixed"))
@@ -675,6 +1022,18 @@ class HF:
                                  ">= 0 (0 = every episode from a fresh initialisation)")
     mlhf_fresh_prob: float = knob(0.2, "probability that an episode starts from a fresh initialisation", "in [0, 1]")
     mlhf_line_search: bool = knob(True, "Armijo line search on MLHF's learned step at deployment")
+    arms: list[str] = knob(list(ARMS), "arms to run (baseline and mlhf are required)", choices=tuple(ARMS))
+    official_cg_iters: int = knob(4, "CG iterations per step of the official MLHF (its code: 2 or 4)", ">= 1")
+    official_unroll: int = knob(10, "steps per meta-training episode of the official MLHF (its code: 10)", ">= 2")
+    official_meta_steps: int = knob(20, "meta-training episodes of the official MLHF (its code: 250 epochs)",
+                                    ">= 0 (0 = heads at initialisation)")
+    official_meta_lr: float = knob(1e-3, "Adam step size on the official MLHF's heads (its code, convnet)", ">= 0")
+    official_keep_prob: float = knob(0.3, "probability that an episode continues the last one (its code, convnet)",
+                                     "in [0, 1]")
+    official_replay_size: int = knob(200, "replay of the official MLHF's meta-training states (its code: 200)", ">= 0")
+    official_lr: float = knob(2.0, "constant lr of the official MLHF's step theta - lr x (its code: 2.0 at batch 128)",
+                              "> 0")
+    official_meta_train_lr: float = knob(1.0, "the official MLHF's lr inside meta-training (its code: 1.0)", "> 0")
 
 
 @dataclass
@@ -689,38 +1048,48 @@ DEFAULTS: dict = {}
 # The paper trains "CUDA-convnet" on CIFAR-10; `cuda_convnet` is Krizhevsky's layers-18pct-sized net
 # (conv5x5 32/32/64, three pools, linear; 89,578 parameters at width 32), see metabook.models.
 PRESETS: dict = {
-    # CI, about a minute on one core for all five arms (30 steps each; mlhf meta-trains for 6
-    # episodes of 3 steps first, about 5 s of one core at width 8).
+    # CI: all seven arms, 30 steps each (mlhf meta-trains for 6 episodes of 3 steps first,
+    # mlhf_official for 2 of 4 steps; `python -m metabook plan meta_hf --preset smoke` costs it).
     "smoke": {"train_size": 2000, "meta_size": 200, "test_size": 1000, "epochs": 2.0, "model": "cuda_convnet",
               "width": 8, "eval_every": 0.5, "lr": 0.03, "hf.cg_iters": 10, "hf.gn_batch_size": 16, "checkpoint_every": 20,
-              "hf.mlhf_cg_iters": 5, "hf.mlhf_meta_steps": 6, "hf.mlhf_unroll": 3},
+              "hf.mlhf_cg_iters": 5, "hf.mlhf_meta_steps": 6, "hf.mlhf_unroll": 3, "hf.official_meta_steps": 2,
+              "hf.official_unroll": 4},
     # 2 CPU cores: 156 steps per arm. Measured on one core at width 32, batch 128: an SGD step
     # ~0.2 s, an HF step ~2 s, an MLHF step ~1.4 s, one meta-training episode (T = 3) ~7 s.
     # Plain SGD needs lr 0.03 on this BatchNorm-free net: at the global 0.1 it stayed at chance (10.3%,
     # measured); 0.03 beat 0.01 on validation accuracy (37.9% vs 29.9% after 2 epochs).
-    "cpu": {"train_size": 10000, "epochs": 2.0, "model": "cuda_convnet", "width": 32, "eval_every": 0.5, "lr": 0.03,
-            "checkpoint_every": 20, "hf.mlhf_meta_steps": 20, "hf.mlhf_unroll": 3},
+    # The six arms planned 20.8 min of one CPU thread with 10,000 held-out images and an evaluation
+    # every half epoch; 5,000 and every epoch: 17.8 min. Adam (about 0.5 min) is left out
+    # (--set hf.arms=... adds it). mlhf_official's 3 meta-training episodes of 10 steps: 32 s of one
+    # thread and 4.1 GiB (the unrolled graph of 10 steps of 4 CG iterations).
+    "cpu": {"train_size": 10000, "epochs": 2.0, "model": "cuda_convnet", "width": 32, "eval_every": 1.0, "lr": 0.03,
+            "heldout_size": 5000,
+            "checkpoint_every": 20, "hf.mlhf_meta_steps": 20, "hf.mlhf_unroll": 3, "hf.official_meta_steps": 3,
+            "hf.arms": ["baseline", "hf", "hf_same_cg", "mlhf_untrained", "mlhf", "mlhf_official"]},
     # A T4 in half an hour, 12 GiB: MLHF's meta-training memory grows with the curvature batch,
     # the width and the unroll (1.1 GiB at cpu: width 32, gn 32, T = 3); gn 128 and T = 5 at
     # width 64 ran this machine (24 GiB) out of memory while being planned, so gn 64 and T = 4.
     "gpu": {"train_size": 20000, "epochs": 10.0, "model": "cuda_convnet", "width": 64, "lr": 0.03,
             "batch_size": 512, "hf.gn_batch_size": 64, "hf.cg_iters": 20, "hf.mlhf_meta_steps": 40,
-            "hf.mlhf_unroll": 4},
+            "hf.mlhf_unroll": 4, "hf.official_meta_steps": 40, "hf.official_lr": 8.0},
     "paper": {"epochs": 100.0, "model": "resnet18", "width": 64, "batch_size": 1000, "hf.gn_batch_size": 250,
               "hf.cg_iters": 250},
 }
 
-ARMS = {"baseline": Arm(Baseline), "adam": Arm(AdamArm), "hf": Arm(HessianFree), "mlhf": Arm(MLHF)}
 
 
 def experiments(cfg: dict) -> list[Experiment]:
-    return [Experiment("meta_hf", "mlhf", ARMS, cfg, same_time_for="mlhf")]
+    names = cfg["hf.arms"]
+    if not set(REQUIRED_ARMS) <= set(names):
+        raise ConfigError(f"hf.arms={','.join(names)}: {' and '.join(REQUIRED_ARMS)} are required")
+    return [Experiment("meta_hf", "mlhf", {n: ARMS[n] for n in ARMS if n in names}, cfg, same_time_for="mlhf")]
 
 
 def run(cfg: dict, seeds: list[int], out_dir=None, progress: bool = True, dataset=None) -> dict:
-    """Arms at equal epochs: baseline (SGD with Nesterov momentum), adam, hf, mlhf (the chapter's
-    method: its metrics are the record's); and the baseline at mlhf's wall-clock, which includes
-    mlhf's meta-training (its one-off stage, also recorded as cost.meta_train_seconds)."""
+    """The arms of cfg['hf.arms'] at equal epochs: baseline (SGD with Nesterov momentum), adam, hf,
+    hf_same_cg, mlhf_untrained, mlhf (the chapter's method: its metrics are the record's) and
+    mlhf_official; and the baseline at mlhf's wall-clock, which includes mlhf's meta-training (its
+    one-off stage, also recorded as cost.meta_train_seconds)."""
     record = run_experiment(experiments(cfg)[0], seeds, out_dir=out_dir, progress=progress, dataset=dataset)
     record["cost"]["meta_train_seconds"] = record["arms"]["mlhf"]["one_off_seconds"]["mean"]
     return record
