@@ -109,8 +109,8 @@ def test_every_key_of_every_chapter_has_a_type_a_meaning_and_a_range_or_choices(
         rows = describe(mod.SECTIONS, chapter_config(name, "smoke"))
         assert len({r["key"] for r in rows}) == len(rows), name
         for r in rows:
-            assert r["meaning"] and r["type"] in ("bool", "int", "float", "str", "list[int]", "list[str]"), (name, r)
-            if r["type"] in ("int", "float", "list[int]") and r["valid"] == "any finite value":
+            assert r["meaning"] and r["type"] in ("bool", "int", "float", "str", "list[int]", "list[float]", "list[str]"), (name, r)
+            if r["type"] in ("int", "float", "list[int]", "list[float]") and r["valid"] == "any finite value":
                 assert r["key"] in ("ilr.sigma_min", "ilr.sigma_max"), f"{name}: {r['key']} has no range"
 
 
