@@ -35,13 +35,9 @@ def test_instance_lr_meta_gradient_matches_finite_differences_in_float64(mode, r
     assert losses.requires_grad
 
 
-def test_corrupted_examples_end_with_lower_learning_rates():
-    """Behaviour: train a small net on separable data with 25% flipped labels; the rates of the
-    flipped examples must fall below those of the clean ones (AUC well above chance)."""
-    from metabook import chapter_config
-    from metabook.data import Batch
-    from metabook.methods.instance_lr import InstanceLR
-    from metabook.train import Context, Streams
+def flipped_toy():
+    """Separable 3-class data (240 examples, 5 features) with 25% of the labels flipped to the
+    next class, a clean meta set of 60 and a small net: (x, y_noisy, flipped, x_meta, y_meta, model)."""
     torch.manual_seed(0)
     centers = torch.randn(3, 5) * 2
     y = torch.arange(240) % 3
@@ -51,6 +47,17 @@ def test_corrupted_examples_end_with_lower_learning_rates():
     ym = torch.arange(60) % 3
     xm = centers[ym] + 0.5 * torch.randn(60, 5)
     model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    return x, y_noisy, flipped, xm, ym, model
+
+
+def test_corrupted_examples_end_with_lower_learning_rates():
+    """Behaviour: train a small net on separable data with 25% flipped labels; the rates of the
+    flipped examples must fall below those of the clean ones (AUC well above chance)."""
+    from metabook import chapter_config
+    from metabook.data import Batch
+    from metabook.methods.instance_lr import InstanceLR
+    from metabook.train import Context, Streams
+    x, y_noisy, flipped, xm, ym, model = flipped_toy()
     cfg = chapter_config("instance_lr", "smoke", {"lr": 0.1, "weight_decay": 0.0, "ilr.meta_lr": 300.0})
     method = InstanceLR(cfg)
     streams = Streams(None, None, corrupted=flipped)        # a toy without images: only the noise mask
@@ -242,15 +249,7 @@ def test_mwn_gives_flipped_labels_lower_weights_on_the_toy():
     from metabook.data import Batch
     from metabook.methods.instance_lr import MetaWeightNet
     from metabook.train import Context, Streams
-    torch.manual_seed(0)
-    centers = torch.randn(3, 5) * 2
-    y = torch.arange(240) % 3
-    x = centers[y] + 0.5 * torch.randn(240, 5)
-    flipped = torch.rand(240) < 0.25
-    y_noisy = torch.where(flipped, (y + 1) % 3, y)
-    ym = torch.arange(60) % 3
-    xm = centers[ym] + 0.5 * torch.randn(60, 5)
-    model = nn.Sequential(nn.Linear(5, 16), nn.BatchNorm1d(16), nn.ReLU(), nn.Linear(16, 3))
+    x, y_noisy, flipped, xm, ym, model = flipped_toy()
     cfg = chapter_config("instance_lr", "smoke", {"lr": 0.1, "weight_decay": 0.0, "ilr.mwn_lr": 1e-2})
     method = MetaWeightNet(cfg)
     method.setup(Context(model, Streams(None, None, corrupted=flipped), total_steps=90, steps_per_epoch=6,
