@@ -86,13 +86,16 @@ class Run:
                                       "steps_per_seed) instead of measuring the other arm's wall-clock", ">= 1")
 
 
+NOISE_KINDS = ("none", "symmetric", "uniform", "pairflip")      # data.corrupt_labels makes each
+
+
 @dataclass
 class Noise:
     """Label noise on the training split."""
     prefix: ClassVar[str] = "noise"
     kind: str = knob("none", "symmetric: a uniformly drawn other class; uniform: a label drawn from all "
                      "classes (MW-Net's convention); pairflip: the next class",
-                     choices=("none", "symmetric", "uniform", "pairflip"))
+                     choices=NOISE_KINDS)
     rate: float = knob(0.0, "fraction of training labels corrupted", "in [0, 1)")
 
 

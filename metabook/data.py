@@ -22,14 +22,13 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from .config import ConfigError
+from .config import NOISE_KINDS, ConfigError
 
 DATASETS = ("cifar10", "cifar100", "cifar100_coarse", "synthetic")
 CIFAR_MEAN = (0.4914, 0.4822, 0.4465)
 CIFAR_STD = (0.2470, 0.2435, 0.2616)
 NUM_CLASSES = {"cifar10": 10, "cifar100": 100, "cifar100_coarse": 20}
 NPZ_KEYS = ("x_train", "y_train", "x_test", "y_test")
-NOISE_KINDS = ("none", "symmetric", "uniform", "pairflip")
 
 
 class DataError(ValueError):

@@ -26,7 +26,7 @@ from pathlib import Path
 from dataclasses import dataclass
 from typing import ClassVar
 
-from ..config import ConfigError, knob
+from ..config import NOISE_KINDS, ConfigError, knob
 
 # Row name -> (chapter, the method arm, the control arm that isolates the paper's claim, the claim).
 # The control is what the method is credited against beside plain SGD: MLHF against Hessian-free
@@ -56,7 +56,7 @@ class Compare:
     methods: list[str] = knob(list(METHODS), "the methods in the table", choices=tuple(METHODS))
     noise_kind: str = knob("uniform", "label noise for the noise-targeting methods and their baseline "
                            "(uniform: MW-Net's convention, as chapter 4)",
-                           choices=("none", "symmetric", "uniform", "pairflip"))
+                           choices=NOISE_KINDS)
     noise_rate: float = knob(0.4, "its rate", "in [0, 1)")
 
 
