@@ -26,7 +26,10 @@ from typing import ClassVar
 
 import torch
 
-PRESET_NAMES = ("smoke", "cpu", "gpu", "paper")
+PRESET_NAMES = ("smoke", "cpu", "converged", "gpu", "paper")
+# `converged`: the budget the verdicts rest on (issue 19): at least 20,000 training images, enough
+# epochs that the baseline has converged (the record checks it: arm <reference>_double_epochs),
+# run with 3-5 seeds on CPU cores in the background (hours); only the method chapters have it.
 
 
 class ConfigError(ValueError):
@@ -82,6 +85,9 @@ class Run:
     eval_every: float = knob(1.0, "epochs between evaluations", "> 0")
     checkpoint_every: int = knob(200, "steps between checkpoints", ">= 0 (0 = never)")
     time_budget_s: float = knob(0.0, "stop training after this many seconds of steps", ">= 0 (0 = no limit)")
+    check_convergence: bool = knob(False, "also train the reference arm for twice the epochs (arm "
+                                   "<reference>_double_epochs): results.convergence says whether this budget has "
+                                   "converged (the baseline reaches >= 97% of its accuracy at twice the epochs)")
     same_time_steps: list[int] = knob([], "replay baseline_same_time with these steps per seed (a record's "
                                       "steps_per_seed) instead of measuring the other arm's wall-clock", ">= 1")
 
@@ -232,7 +238,8 @@ def parse_overrides(pairs: list[str] | None) -> dict:
     return out
 
 
-SHARED_PRESETS = {"smoke": {"heldout_size": 2000}}      # every chapter's preset, before its own
+SHARED_PRESETS = {"smoke": {"heldout_size": 2000},     # every chapter's preset, before its own
+                  "converged": {"check_convergence": True}}
 
 
 def make_config(sections, defaults: dict, presets: dict, preset: str, overrides: dict | None = None) -> dict:

@@ -32,7 +32,7 @@ import torch
 from torch.utils._python_dispatch import TorchDispatchMode
 from torch.utils.flop_counter import flop_registry
 
-from .config import pick_device
+from .config import PRESET_NAMES, pick_device
 from .data import load_dataset
 from .train import Method, eval_row, fresh_method, per_example, prepare_data, probe_step, step_peak_bytes
 
@@ -327,7 +327,7 @@ def summary_markdown(rows: list[dict]) -> str:
     lines = ["| chapter | preset | steps | TFLOP | peak memory | " + " | ".join(devices) + " |",
              "|---|---|---:|---:|---:|" + "---:|" * len(devices)]
     keys = dict.fromkeys((r["chapter"], r["preset"]) for r in rows)
-    for chapter, preset in sorted(keys, key=lambda k: (list(PRESET_ORDER).index(k[1]), k[0])):
+    for chapter, preset in sorted(keys, key=lambda k: (PRESET_NAMES.index(k[1]), k[0])):
         mine = [r for r in rows if r["chapter"] == chapter and r["preset"] == preset]
         cells = []
         for d in devices:
@@ -339,7 +339,6 @@ def summary_markdown(rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
-PRESET_ORDER = ("smoke", "cpu", "gpu", "paper")
 # The book's chapters and the experiments (methods.CHAPTERS) each one runs at its preset.
 BOOK_CHAPTERS = {"02_baseline": ("baseline", "depth"), "03_local_losses": ("local_losses",),
                  "04_instance_lr": ("instance_lr",), "05_online_loss": ("online_loss",),

@@ -101,6 +101,27 @@ def paired_difference(record: dict, arm: str, reference: str, metric: str = "hel
             "n_images": int(n_images) if bits else None, "method": how, "metric": metric, "verdict": verdict}
 
 
+def convergence(record: dict, metric: str = "heldout_acc", threshold: float = 0.97) -> dict:
+    """Whether a record's budget has converged: the reference arm at its epochs against the same
+    arm at twice the epochs (`<reference>_double_epochs`, which cfg check_convergence adds), seed
+    by seed. Converged when the mean accuracy at the budget is at least `threshold` of the mean at
+    twice the epochs (issue 19's rule). Returns {arm, epochs, double_epochs, acc, double_acc,
+    ratio, per_seed_ratio, threshold, converged}."""
+    ref = record.get("reference_arm", "baseline")
+    double = f"{ref}_double_epochs"
+    if double not in record["arms"]:
+        raise RecordError(f"this record has no {double} arm (it was run without check_convergence); "
+                          f"run it at the converged preset or with --set check_convergence=true")
+    a, b = record["arms"][ref], record["arms"][double]
+    if metric not in a or metric not in b:
+        raise RecordError(f"{metric} is not in arms {ref!r} and {double!r} of this record")
+    acc, acc2 = np.asarray(a[metric]["per_seed"]), np.asarray(b[metric]["per_seed"])
+    ratio = float(acc.mean() / acc2.mean())
+    return {"arm": ref, "epochs": a["epochs"], "double_epochs": b["epochs"], "acc": float(acc.mean()),
+            "double_acc": float(acc2.mean()), "ratio": ratio, "per_seed_ratio": [float(r) for r in acc / acc2],
+            "threshold": threshold, "converged": ratio >= threshold, "metric": metric}
+
+
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz      # numpy 2 renamed it
 
 

@@ -175,6 +175,15 @@ class Experiment:
     reference: str = "baseline"           # the arm every cost is a ratio to
     label: str = ""                       # which experiment of the chapter (compare: the method)
 
+    def __post_init__(self):
+        """With cfg['check_convergence'], the reference arm is also trained for twice the epochs
+        (arm `<reference>_double_epochs`), so the record can show whether its budget converged."""
+        if self.cfg.get("check_convergence"):
+            ref = self.arms[self.reference]
+            base = {**self.cfg, **ref.changes}
+            self.arms = {**self.arms, f"{self.reference}_double_epochs": Arm(
+                ref.factory, {**ref.changes, "epochs": 2 * base["epochs"], "steps": 2 * base["steps"]})}
+
 
 def run_experiment(exp: Experiment, seeds: list[int], **kwargs) -> dict:
     """run_arms on an Experiment (kwargs: out_dir, progress, dataset)."""

@@ -24,6 +24,10 @@ def chapter_module(name: str):
 def chapter_config(chapter: str, preset: str = "auto", overrides: dict | None = None) -> dict:
     """The resolved, validated config of a chapter at a preset, with --set style overrides."""
     mod = chapter_module(chapter)
+    if preset == "converged" and "converged" not in mod.PRESETS:
+        have = [c for c, m in CHAPTERS.items() if "converged" in m.PRESETS]
+        raise ConfigError(f"chapter {chapter!r} has no converged preset (the verdicts' record budget); "
+                          f"chapters that have one: {', '.join(have)}")
     return make_config(mod.SECTIONS, mod.DEFAULTS, mod.PRESETS, preset, overrides)
 
 

@@ -245,6 +245,8 @@ PRESETS: dict = {
     # 13-14 ms, Grad-Instructor step 13-31 ms, ENN episode 0.4-0.75 s. Estimate per seed: its ENN 1-2 min +
     # ~3.5 min for the five arms + baseline_same_time's share of the ENN's time -> about 18-20 min (not re-measured).
     "cpu": {"train_size": 20000, "epochs": 15.0, "gi.episodes": 160},
+    # The verdict's record (issue 19): the cpu budget with 5 seeds and the baseline at 30 epochs beside it.
+    "converged": {"train_size": 20000, "epochs": 15.0, "gi.episodes": 160},
     "gpu": {"width": 1024, "depth": 3, "epochs": 30.0, "gi.episodes": 400, "gi.episode_steps": 100,
             "gi.snapshot_every": 10, "gi.enn_iters": 2000},
     "paper": {"width": 1024, "depth": 3, "epochs": 100.0, "gi.episodes": 2000, "gi.episode_steps": 200,
