@@ -318,6 +318,10 @@ PRESETS: dict = {
     # 16 min of one CPU thread; L2RW and the baseline at the method's wall-clock would add about
     # 8 min, so they run at gpu only.
     "cpu": {"train_size": 4000, "epochs": 10.0, "ilr.arms": _CONTROLS, "ilr.same_time": False},
+    # The verdict's record (issue 19): 20,000 images with 40% uniform noise, 20 epochs, where the
+    # baseline has time to memorise the noise; the method, the clean-data control, the baseline at
+    # the method's wall-clock and at twice the epochs (the convergence check). 3-5 seeds, hours.
+    "converged": {"train_size": 20000, "epochs": 20.0, "ilr.arms": ["baseline", "instance_lr", "baseline_clean"]},
     # The controls and the baseline at instance_lr's wall-clock; L2RW left out to keep 30 min on a T4.
     "gpu": {"train_size": 20000, "epochs": 20.0, "model": "resnet18", "width": 32, "ilr.arms": _CONTROLS},
     "paper": {"epochs": 40.0, "model": "resnet18", "width": 64, "batch_size": 100},

@@ -434,6 +434,11 @@ PRESETS: dict = {
     # others (equal, free, meta_sigmoid, meta_nodrop, meta_nocv, the detached routing).
     "cpu": {"train_size": 10000, "epochs": 5.0, "channels_last": True, "ll.mode": "fd",
             "ll.arms": ["baseline", "skips", "equal_dropout_cv", "meta", "meta_outputs"]},
+    # The verdict's record (issue 19): the depth-16 plain net on 20,000 images for 20 epochs; the meta
+    # arm, its same-data control, the skip net, the baseline at the meta arm's wall-clock and at
+    # twice the epochs. 3 seeds, hours.
+    "converged": {"train_size": 20000, "epochs": 20.0, "channels_last": True, "ll.mode": "fd",
+                  "ll.arms": ["baseline", "skips", "equal_dropout_cv", "meta"]},
     # a T4 in 30 minutes (the planner's t4 column): the free, meta_nodrop and meta_nocv arms by --set
     "gpu": {"train_size": 20000, "epochs": 20.0, "depth": 32, "width": 16,
             "ll.arms": ["baseline", "skips", "equal", "equal_dropout_cv", "meta", "meta_outputs", "meta_sigmoid",
