@@ -84,6 +84,10 @@ class Run:
                     choices=("auto", "bf16", "fp16", "off"))
     eval_every: float = knob(1.0, "epochs between evaluations", "> 0")
     checkpoint_every: int = knob(200, "steps between checkpoints", ">= 0 (0 = never)")
+    on_diverge: str = knob("stop", "when a loss or meta-gradient turns NaN/inf: stop (an error naming the step) "
+                           "or record (that arm and seed ends there, is evaluated as it stands and the "
+                           "record marks it diverged: a collapse is a result; the converged preset)",
+                           choices=("stop", "record"))
     time_budget_s: float = knob(0.0, "stop training after this many seconds of steps", ">= 0 (0 = no limit)")
     check_convergence: bool = knob(False, "also train the reference arm for twice the epochs (arm "
                                    "<reference>_double_epochs): results.convergence says whether this budget has "
@@ -239,7 +243,7 @@ def parse_overrides(pairs: list[str] | None) -> dict:
 
 
 SHARED_PRESETS = {"smoke": {"heldout_size": 2000},     # every chapter's preset, before its own
-                  "converged": {"check_convergence": True}}
+                  "converged": {"check_convergence": True, "on_diverge": "record"}}
 
 
 def make_config(sections, defaults: dict, presets: dict, preset: str, overrides: dict | None = None) -> dict:

@@ -122,6 +122,30 @@ def convergence(record: dict, metric: str = "heldout_acc", threshold: float = 0.
             "threshold": threshold, "converged": ratio >= threshold, "metric": metric}
 
 
+def stability(record: dict, metric: str = "heldout_acc", margin: float = 0.05) -> dict:
+    """How often each arm's seeds failed, as issue 19 asks the chapters to report it: `diverged`
+    (seed -> the NaN/inf error that ended it; recorded with on_diverge=record) and `collapsed` (the
+    seeds that ended within `margin` of chance, 1 / num_classes: training failed without a NaN).
+    Returns arm -> {seeds, diverged, collapsed, failed, text}; text reads e.g. "1 of 5 seeds
+    diverged (seed 3: step 812: ...)" or "all 5 seeds trained"."""
+    chance = 1.0 / (record.get("dataset") or {}).get("num_classes", 10)
+    seeds = [str(s) for s in record["seeds"]]
+    out = {}
+    for name, arm in record["arms"].items():
+        values = arm.get(metric, arm["test_acc"])["per_seed"]
+        diverged = dict(arm.get("diverged", {}))
+        collapsed = [s for s, v in zip(seeds, values) if v < chance + margin and s not in diverged]
+        parts = [f"{len(diverged)} of {len(seeds)} seeds diverged ("
+                 + "; ".join(f"seed {s}: {msg}" for s, msg in diverged.items()) + ")"] if diverged else []
+        if collapsed:
+            parts.append(f"{len(collapsed)} of {len(seeds)} seeds collapsed to chance (seed "
+                         + ", ".join(collapsed) + ")")
+        out[name] = {"seeds": len(seeds), "diverged": diverged, "collapsed": collapsed,
+                     "failed": len(diverged) + len(collapsed),
+                     "text": "; ".join(parts) or f"all {len(seeds)} seeds trained"}
+    return out
+
+
 _trapezoid = getattr(np, "trapezoid", None) or np.trapz      # numpy 2 renamed it
 
 

@@ -373,6 +373,7 @@ class ArmRun:
     history: list                      # one row per evaluation
     cost: Cost
     stopped_early: str | None = None   # why, when a time budget stopped it
+    diverged: str | None = None        # with on_diverge=record: the NonFiniteError that ended it
     seed: int = 0
     config: dict = field(default_factory=dict)
     extras: dict = field(default_factory=dict)
@@ -395,6 +396,7 @@ class ArmSummary:
     peak_memory_kind: str
     history: dict                      # seed -> rows
     stopped_early: str | None
+    diverged: dict = field(default_factory=dict)      # seed -> the error that ended it (on_diverge=record)
 
 
 # ----------------------------------------------------------------------------- timing, checks, files
@@ -598,45 +600,54 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
         bar = tqdm(total=total, initial=step, desc=desc or method.name, disable=not progress,
                    mininterval=2.0, leave=True)
     model.train()
+    diverged = None
     with _StopRequest() as stop_request:
-        while step < total:
-            batch = streams.batch("train", step)
-            meta_batch = streams.batch("meta", step) if method.uses_meta else None
-            lr = lr_at(step, total, cfg)
-            timer.start()
-            metrics = method.step(batch, meta_batch, lr)
-            timer.stop()
-            step += 1
-            window.append((step, metrics))
-            bar.update(1)
-            budget_hit = False
-            if cfg["time_budget_s"]:          # the baseline given another arm's wall-clock
-                flush()
-                budget_hit = elapsed >= cfg["time_budget_s"] and step < total
-            if step % eval_steps == 0 or step == total or budget_hit:
-                flush()
-                history.append(eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last))
-                running = {"n": 0}
-                bar.set_postfix(test_acc=f"{history[-1]['test_acc']:.3f}")
-            if on_step:
-                on_step(step, metrics)
-            due = ckpt_path and cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0 and step < total
-            if due or (stop_request.flag and ckpt_path):
-                flush()
-                save(step)
-            if stop_request.flag:
-                bar.close()
-                raise KeyboardInterrupt(f"stopped at step {step}" + (f"; {ckpt_path} resumes it" if ckpt_path else ""))
-            if budget_hit:
-                stopped = f"time budget of {cfg['time_budget_s']} s reached at step {step} of {total}"
-                break
+        try:
+            while step < total:
+                batch = streams.batch("train", step)
+                meta_batch = streams.batch("meta", step) if method.uses_meta else None
+                lr = lr_at(step, total, cfg)
+                timer.start()
+                metrics = method.step(batch, meta_batch, lr)
+                timer.stop()
+                step += 1
+                window.append((step, metrics))
+                bar.update(1)
+                budget_hit = False
+                if cfg["time_budget_s"]:          # the baseline given another arm's wall-clock
+                    flush()
+                    budget_hit = elapsed >= cfg["time_budget_s"] and step < total
+                if step % eval_steps == 0 or step == total or budget_hit:
+                    flush()
+                    history.append(eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last))
+                    running = {"n": 0}
+                    bar.set_postfix(test_acc=f"{history[-1]['test_acc']:.3f}")
+                if on_step:
+                    on_step(step, metrics)
+                due = ckpt_path and cfg["checkpoint_every"] and step % cfg["checkpoint_every"] == 0 and step < total
+                if due or (stop_request.flag and ckpt_path):
+                    flush()
+                    save(step)
+                if stop_request.flag:
+                    bar.close()
+                    raise KeyboardInterrupt(f"stopped at step {step}" + (f"; {ckpt_path} resumes it" if ckpt_path else ""))
+                if budget_hit:
+                    stopped = f"time budget of {cfg['time_budget_s']} s reached at step {step} of {total}"
+                    break
+        except NonFiniteError as err:
+            if cfg["on_diverge"] != "record":
+                raise
+            diverged, window[:] = str(err), []      # the net as it stands is this seed's result
+            history.append(eval_row(method, model, data, streams, step, spe, lr, running, elapsed, last))
     bar.close()
 
     final = history[-1]
     for key in ("test_loss", "train_loss"):
-        if final[key] is None or not math.isfinite(final[key]):
-            raise NonFiniteError(f"step {step}: the final {key} is {final[key]}: the run diverged at its "
-                                 f"end (try a lower lr); no result is recorded")
+        if not diverged and (final[key] is None or not math.isfinite(final[key])):
+            msg = f"step {step}: the final {key} is {final[key]}: the run diverged at its end (try a lower lr)"
+            if cfg["on_diverge"] != "record":
+                raise NonFiniteError(msg + "; no result is recorded")
+            diverged = msg
     if ckpt_path and ckpt_path.exists():
         ckpt_path.unlink()
         if not any(ckpt_path.parent.iterdir()):
@@ -650,7 +661,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     cost = Cost(steps=step, epochs=step / spe, train_seconds=elapsed, one_off_seconds=one_off,
                 seconds_per_step=float(np.median(warm)), seconds_per_step_mean=float(np.mean(warm)),
                 timer=timer.kind)
-    return asdict(ArmRun(metrics=metrics, history=history, cost=cost, stopped_early=stopped,
+    return asdict(ArmRun(metrics=metrics, history=history, cost=cost, stopped_early=stopped, diverged=diverged,
                          heldout_correct=pack_bits(correct) if len(correct) else ""))
 
 
@@ -866,7 +877,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
             peak_memory_bytes=max(r["cost"]["peak_memory_bytes"] for r in runs),
             peak_memory_kind=runs[0]["cost"]["peak_memory_kind"],
             history={str(r["seed"]): r["history"] for r in runs},
-            stopped_early=runs[0]["stopped_early"]))
+            stopped_early=runs[0]["stopped_early"],
+            diverged={str(r["seed"]): r["diverged"] for r in runs if r.get("diverged")}))
         for key in ("heldout_acc", "heldout_loss", "target_acc", "target_acc_prior"):
             if all(key in r["metrics"] for r in runs):
                 arms_out[name][key] = seed_stats([r["metrics"][key] for r in runs])

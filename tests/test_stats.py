@@ -54,3 +54,47 @@ def test_a_metric_the_record_lacks_is_named():
     del rec["arms"]["m"]["heldout_acc"]
     with pytest.raises(RecordError, match="heldout_acc is not in arms 'm' and 'b'"):
         paired_difference(rec, "m", "b")
+
+
+def test_convergence_applies_the_97_percent_rule_to_the_doubled_budget():
+    from metabook.results import convergence
+
+    def rec(acc, acc2):
+        return {"reference_arm": "baseline", "arms": {
+            "baseline": {"epochs": 20.0, "heldout_acc": {"per_seed": acc}},
+            "baseline_double_epochs": {"epochs": 40.0, "heldout_acc": {"per_seed": acc2}}}}
+    check = convergence(rec([0.80, 0.82], [0.82, 0.84]))
+    assert check["converged"] and check["ratio"] == pytest.approx(0.81 / 0.83)
+    assert check["double_epochs"] == 40.0 and len(check["per_seed_ratio"]) == 2
+    assert not convergence(rec([0.70, 0.72], [0.80, 0.80]))["converged"]          # 0.89 < 0.97
+    with pytest.raises(RecordError, match="no baseline_double_epochs arm.*check_convergence"):
+        convergence({"reference_arm": "baseline", "arms": {"baseline": {}}})
+
+
+def test_check_convergence_adds_the_reference_arm_at_twice_the_epochs():
+    from metabook import chapter_config
+    from metabook.methods import chapter_module
+
+    cfg = chapter_config("instance_lr", "converged")
+    exp, = chapter_module("instance_lr").experiments(cfg)
+    double = exp.arms["baseline_double_epochs"]
+    assert double.factory is exp.arms["baseline"].factory and double.changes["epochs"] == 2 * cfg["epochs"]
+    assert "baseline_double_epochs" not in chapter_module("instance_lr").experiments(
+        chapter_config("instance_lr", "cpu"))[0].arms
+
+
+def test_converged_presets_meet_the_issues_minimums():
+    """Issue 19: at least 20,000 training images, the 10,000 held-out images, the convergence
+    check, diverged seeds kept; a chapter without one says so in one line."""
+    from metabook import chapter_config
+    from metabook.config import ConfigError
+    from metabook.methods import CHAPTERS
+
+    have = [c for c, m in CHAPTERS.items() if "converged" in m.PRESETS]
+    assert {"instance_lr", "meta_hf", "local_losses", "grad_instructor"} <= set(have)
+    for chapter in have:
+        cfg = chapter_config(chapter, "converged")
+        assert cfg["train_size"] >= 20000 and cfg["heldout_size"] == 10000, chapter
+        assert cfg["check_convergence"] and cfg["on_diverge"] == "record", chapter
+    with pytest.raises(ConfigError, match="'depth' has no converged preset.*chapters that have one: .*instance_lr"):
+        chapter_config("depth", "converged")

@@ -272,6 +272,31 @@ def test_a_run_whose_final_evaluation_is_nan_is_not_recorded(synthetic):
         train(method, make_model(cfg, 10, torch.device("cpu")), data, cfg, progress=False)
 
 
+def test_on_diverge_record_keeps_the_diverged_seed_and_stability_counts_it(synthetic):
+    from metabook.results import stability
+
+    cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 2.0, "on_diverge": "record"})
+    rec = run_arms("baseline", "baseline", {"baseline": Arm(Baseline), "nan": Arm(NanAt)}, cfg, [0, 1],
+                   progress=False, dataset=synthetic)
+    nan = rec["arms"]["nan"]
+    assert set(nan["diverged"]) == {"0", "1"} and nan["diverged"]["0"].startswith("step 7: loss is nan")
+    total = rec["arms"]["baseline"]["steps"]
+    assert all(7 <= s < total for s in nan["steps_per_seed"])        # ended at the window that saw it
+    assert len(nan["heldout_acc"]["per_seed"]) == 2                   # and evaluated as it stood
+    assert rec["arms"]["baseline"]["diverged"] == {}
+    report = stability(rec)
+    assert report["nan"]["failed"] == 2 and report["nan"]["text"].startswith("2 of 2 seeds diverged (seed 0: step 7")
+    assert report["baseline"]["text"] == "all 2 seeds trained"
+
+
+def test_a_seed_at_chance_is_reported_collapsed():
+    from metabook.results import stability
+
+    arm = {"test_acc": {"per_seed": [0.6, 0.11, 0.62]}, "heldout_acc": {"per_seed": [0.61, 0.12, 0.6]}}
+    report = stability({"seeds": [0, 1, 2], "dataset": {"num_classes": 10}, "arms": {"m": arm}})
+    assert report["m"]["collapsed"] == ["1"] and report["m"]["text"] == "1 of 3 seeds collapsed to chance (seed 1)"
+
+
 def test_peak_memory_is_measured_per_arm_not_inherited_from_a_heavier_one(synthetic):
     cfg = chapter_config("baseline", "smoke", {**TINY, "epochs": 0.2})
     arms = {"wide": Arm(Baseline, {"width": 64}), "baseline": Arm(Baseline, {"width": 4})}
