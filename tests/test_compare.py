@@ -144,3 +144,28 @@ def test_the_landing_page_shows_the_verdicts_the_records_give():
     shown = page.split("<!-- verdicts start -->\n")[1].split("<!-- verdicts end -->")[0]
     assert shown == verdicts_markdown(latest_recorded("compare", "cpu"))
     assert shown.count("| {doc}`") == 5 and "not resolved" in shown
+
+
+def test_a_chapters_converged_report_shows_the_check_the_intervals_and_the_failed_seeds():
+    from metabook.methods import run_chapter
+    from metabook.methods.compare import converged_report
+    from metabook.results import convergence, stability
+
+    small = {"dataset": "synthetic", "train_size": 320, "meta_size": 64, "val_size": 64, "heldout_size": 100,
+             "test_size": 100, "batch_size": 32, "width": 8, "epochs": 0.5, "eval_every": 0.5}
+    rec = run_chapter("instance_lr", "converged", [0, 1], None, small, progress=False,
+                      dataset=make_synthetic(1200, 300, seed=0))
+    text = converged_report("instance_lr", rec)
+    check = convergence(rec)
+    assert f"a ratio of {check['ratio']:.3f}: **{'converged' if check['converged'] else 'not converged'}**" in text
+    assert "| control | baseline_clean |" in text and "| same time | baseline_same_time |" in text
+    for arm, s in stability(rec).items():
+        assert f"- `{arm}`: {s['text']}" in text
+
+
+def test_a_chapter_without_a_converged_record_says_so_with_the_command(tmp_path):
+    from metabook.methods.compare import converged_report
+
+    text = converged_report("meta_hf", results_dir=tmp_path)          # a folder with no records
+    assert text.startswith("No converged record of this chapter yet")
+    assert "`python -m metabook run meta_hf --preset converged --seeds 3`" in text

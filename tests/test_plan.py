@@ -186,3 +186,11 @@ def test_writing_a_plan_replaces_only_the_chapters_and_presets_it_covers(tmp_pat
     assert sorted((r["chapter"], r["preset"], r["steps"]) for r in written["rows"]) == \
         [("baseline", "cpu", 4), ("baseline", "smoke", 3), ("depth", "smoke", 2)]
     assert [s["covers"] for s in written["sources"]] == [["depth@smoke"], ["baseline@cpu", "baseline@smoke"]]
+
+
+def test_a_plan_rows_hash_ignores_which_arms_run_but_not_what_an_arm_costs():
+    cfg = chapter_config("online_loss", "cpu")
+    assert config_sha(cfg) == config_sha({**cfg, "lfl.arms": ["baseline", "online_authors"],
+                                           "check_convergence": True, "on_diverge": "record"})
+    assert config_sha(cfg) != config_sha({**cfg, "lr": 0.05})
+    assert config_sha(cfg) != config_sha({**cfg, "lfl.meta_lr": 0.01})

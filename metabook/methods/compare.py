@@ -27,6 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import NOISE_KINDS, ConfigError, knob
+from ..results import RecordError
 
 # Row name -> (chapter, the method arm, the control arm that isolates the paper's claim, the claim).
 # The control is what the method is credited against beside plain SGD: MLHF against Hessian-free
@@ -233,6 +234,47 @@ def verdicts_markdown(record: dict) -> str:
         effect = f"{100 * d['mean']:+.1f}" + (f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else "")
         lines.append(f"| {{doc}}`{r['method']} <{BOOK_PAGES[r['method']]}>` | {METHODS[r['method']][3]} | "
                      f"{against} | {effect} | {d['verdict']} |")
+    return "\n".join(lines) + "\n"
+
+
+def converged_report(name: str, record: dict | None = None, results_dir=None) -> str:
+    """What a method chapter shows of its converged record (issue 19), as Markdown: the budget and
+    provenance, the convergence check (results.convergence), the method's paired differences with
+    its baseline, its control and the baseline at its wall-clock, and each arm's seeds that
+    diverged or collapsed (results.stability). Without a record (by default the chapter's newest
+    at the converged preset): says so, with the planned cost and the command that makes it."""
+    from ..plan import chapter_seconds, read_plan
+    from ..results import RESULTS_DIR, convergence, latest_recorded, stability
+
+    chapter = METHODS[name][0]
+    record = record or latest_recorded(chapter, "converged", results_dir or RESULTS_DIR)
+    if record is None:
+        planned = chapter_seconds(read_plan(), chapter, "converged")
+        cost = f" (planned: {3 * planned / 3600:.1f} h of one CPU thread for 3 seeds)" if planned else ""
+        return (f"No converged record of this chapter yet{cost}. `python -m metabook run {chapter} --preset "
+                f"converged --seeds 3` makes it; until one is recorded, this chapter's verdicts rest on the "
+                f"short records above, which show the start of training.\n")
+    row = summarise(name, record)
+    cfg, ds, prov = record["config"], record["dataset"], record.get("provenance", {})
+    lines = [f"Converged record: {ds['train_size']:,} training images, {cfg['epochs']:g} epochs, seeds "
+             f"{', '.join(map(str, record['seeds']))}, {ds.get('heldout_size', 0):,} held-out images "
+             f"({prov.get('device', '')}, commit {prov.get('git_commit')}, {str(prov.get('date', ''))[:10]}).", ""]
+    try:
+        c = convergence(record, row["metric"])
+        lines.append(f"Convergence check: the baseline reaches {100 * c['acc']:.1f}% at {c['epochs']:g} epochs and "
+                     f"{100 * c['double_acc']:.1f}% at {c['double_epochs']:g}, a ratio of {c['ratio']:.3f}: "
+                     + ("**converged** (at least 0.97)." if c["converged"] else
+                        "**not converged** (below 0.97): this budget is still the start of training."))
+    except RecordError as err:
+        lines.append(f"Convergence check: not in this record ({err}).")
+    lines += ["", "| against | arm | difference (points, 95% interval) | verdict | how |", "|---|---|---|---|---|"]
+    for key, ref in (("baseline", "baseline"), ("control", row["control"]), ("same_time", "baseline_same_time")):
+        d = row["versus"].get(key)
+        if d:
+            span = f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else " (no interval)"
+            lines.append(f"| {key.replace('_', ' ')} | {ref} | {100 * d['mean']:+.1f}{span} | {d['verdict']} | {d['method']} |")
+    lines.append("")
+    lines += [f"- `{arm}`: {s['text']}" for arm, s in stability(record, row["metric"]).items()]
     return "\n".join(lines) + "\n"
 
 
