@@ -146,21 +146,43 @@ def test_the_landing_page_shows_the_verdicts_the_records_give():
     assert shown.count("| {doc}`") == 5 and "not resolved" in shown
 
 
-def test_a_chapters_converged_report_shows_the_check_the_intervals_and_the_failed_seeds():
+@pytest.fixture(scope="module")
+def small_converged():
+    """instance_lr at the converged preset, shrunk to seconds: 2 seeds on 320 synthetic images."""
     from metabook.methods import run_chapter
-    from metabook.methods.compare import converged_report
-    from metabook.results import convergence, stability
 
     small = {"dataset": "synthetic", "train_size": 320, "meta_size": 64, "val_size": 64, "heldout_size": 100,
              "test_size": 100, "batch_size": 32, "width": 8, "epochs": 0.5, "eval_every": 0.5}
-    rec = run_chapter("instance_lr", "converged", [0, 1], None, small, progress=False,
-                      dataset=make_synthetic(1200, 300, seed=0))
-    text = converged_report("instance_lr", rec)
-    check = convergence(rec)
+    return run_chapter("instance_lr", "converged", [0, 1], None, small, progress=False,
+                       dataset=make_synthetic(1200, 300, seed=0))
+
+
+def test_a_chapters_converged_report_shows_the_check_the_intervals_and_the_failed_seeds(small_converged):
+    from metabook.methods.compare import converged_report
+    from metabook.results import convergence, stability
+
+    text = converged_report("instance_lr", small_converged)
+    check = convergence(small_converged)
     assert f"a ratio of {check['ratio']:.3f}: **{'converged' if check['converged'] else 'not converged'}**" in text
     assert "| control | baseline_clean |" in text and "| same time | baseline_same_time |" in text
-    for arm, s in stability(rec).items():
+    for arm, s in stability(small_converged).items():
         assert f"- `{arm}`: {s['text']}" in text
+
+
+def test_a_converged_record_takes_its_methods_row_of_the_landing_table(small_converged, tmp_path):
+    from metabook.methods.compare import summarise, verdicts_markdown
+    from metabook.results import latest_recorded, write_result
+
+    bench = latest_recorded("compare", "cpu")
+    before = verdicts_markdown(bench, results_dir=tmp_path)
+    write_result(small_converged, tmp_path / "instance_lr-converged")
+    after = verdicts_markdown(bench, results_dir=tmp_path)
+    row = next(line for line in after.splitlines() if "instance_lr <" in line)
+    d = summarise("instance_lr", small_converged)["versus"]["control"]
+    assert f"| baseline_clean | {100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] | {d['verdict']} |" in row
+    assert "converged record: 320 images, 0.5 epochs, 2 seeds, 100 held-out images" in row
+    others = lambda text: [line for line in text.splitlines() if "instance_lr <" not in line]
+    assert others(after) == others(before) and before != after
 
 
 def test_a_chapter_without_a_converged_record_says_so_with_the_command(tmp_path):
