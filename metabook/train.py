@@ -95,6 +95,12 @@ class Streams:
         stop = self.size(split) if stop is None else min(stop, self.size(split))
         return self.take(split, torch.arange(start, stop))
 
+    def in_order(self, split: str, stop: int | None = None, chunk: int = 500):
+        """The examples 0..stop of a split in stored order, not augmented, as batches of `chunk`
+        (for train.per_example)."""
+        stop = self.size(split) if stop is None else min(stop, self.size(split))
+        return (self.examples(split, s, min(s + chunk, stop)) for s in range(0, stop, chunk))
+
     def size(self, split: str) -> int:
         return len(self.loaders[split].y)
 
@@ -294,13 +300,14 @@ def lr_at(step: int, total: int, cfg: dict) -> float:
 
 
 @torch.no_grad()
-def per_example(model: torch.nn.Module, loader: DeviceLoader) -> tuple[torch.Tensor, torch.Tensor]:
-    """(correct (N,) bool, cross-entropy (N,) float) of every example of a split, in stored
-    order, in eval mode."""
+def per_example(model: torch.nn.Module, batches) -> tuple[torch.Tensor, torch.Tensor]:
+    """(correct (N,) bool, cross-entropy (N,) float), on the CPU, of every example of `batches`:
+    a DeviceLoader of an evaluation split (its stored order) or any iterable of Batch, e.g.
+    Streams.in_order('train'). Eval mode; the chunked evaluation every diagnostic uses."""
     was_training = model.training
     model.eval()
     correct, losses = [], []
-    for batch in loader.epoch(0):
+    for batch in (batches.epoch(0) if isinstance(batches, DeviceLoader) else batches):
         logits = model(batch.x)
         losses.append(F.cross_entropy(logits, batch.y, reduction="none"))
         correct.append(logits.argmax(1) == batch.y)

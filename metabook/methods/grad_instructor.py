@@ -22,7 +22,7 @@ import torch.nn.functional as F
 
 from ..config import knob, section
 from ..data import Batch
-from ..train import Arm, Experiment, run_experiment
+from ..train import Arm, Experiment, per_example, run_experiment
 from .baseline import Baseline, set_lr
 from .enn import (ENN, enn_config_key, episodes_per_round, he_init_, load_or_train_enn, render_model,
                   reward_examples, weight_matrices)
@@ -44,15 +44,9 @@ def weight_schedule(kind: str, t: float) -> float:
 @torch.no_grad()
 def train_test_gap(model: nn.Module, streams, n: int = 5000) -> dict:
     """Accuracy (eval mode, no augmentation) on the first n training images and on the test split."""
-    was = model.training
-    model.eval()
-    acc = {}
-    for split, m in (("train", min(n, streams.size("train"))), ("test", streams.size("test"))):
-        hits = sum(int((model(b.x).argmax(1) == b.y).sum())
-                   for b in (streams.examples(split, s, min(s + 500, m)) for s in range(0, m, 500)))
-        acc[split] = hits / max(m, 1)
-    model.train(was)
-    return {"train_acc_eval": acc["train"], "test_acc": acc["test"], "gap": acc["train"] - acc["test"]}
+    train = per_example(model, streams.in_order("train", n))[0].double().mean().item()
+    test = per_example(model, streams.in_order("test"))[0].double().mean().item()
+    return {"train_acc_eval": train, "test_acc": test, "gap": train - test}
 
 
 class PlainBP(Baseline):

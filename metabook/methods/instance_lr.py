@@ -26,7 +26,7 @@ from ..data import Batch
 from ..meta import (example_weight_meta_gradient, forward, lookahead_params, model_params,
                     reweighting_step)
 from ..results import roc_auc
-from ..train import Arm, Experiment, run_experiment
+from ..train import Arm, Experiment, per_example, run_experiment
 from .baseline import Baseline, set_lr
 
 
@@ -67,21 +67,6 @@ def instance_lr_meta_gradient(model, params, x, y, x_meta, y_meta, sigma, lr: fl
     return jv * r / len(y), losses, meta.detach()
 
 
-@torch.no_grad()
-def per_example_losses(model, streams, split: str = "train") -> torch.Tensor:
-    """(N,) cross-entropy of every example of a split (its stored labels, after any corruption),
-    eval mode, no augmentation, in the split's order."""
-    was = model.training
-    model.eval()
-    n = streams.size(split)
-    out = torch.empty(n, device=next(model.parameters()).device)
-    for s in range(0, n, 500):
-        b = streams.examples(split, s, s + 500)
-        out[s:s + len(b.y)] = F.cross_entropy(model(b.x), b.y, reduction="none")
-    model.train(was)
-    return out
-
-
 class NoisyBaseline(Baseline):
     """Plain SGD (the `baseline` arm), reporting the free noise detector at the end: the ROC-AUC
     of its own per-example training loss for telling corrupted labels from clean ones."""
@@ -90,7 +75,7 @@ class NoisyBaseline(Baseline):
         corrupted = streams.corrupted
         if not corrupted.any() or corrupted.all():
             return {}
-        return {"loss_auc": roc_auc(per_example_losses(self.model, streams).cpu(), corrupted.cpu())}
+        return {"loss_auc": roc_auc(per_example(self.model, streams.in_order("train"))[1], corrupted.cpu())}
 
 
 class InstanceLR(NoisyBaseline):
@@ -268,9 +253,9 @@ class MetaWeightNet(NoisyBaseline):
         out = {"weight_curve": {"loss": grid.tolist(), "weight": self.weights(grid).tolist()}}
         corrupted = streams.corrupted
         if corrupted.any() and not corrupted.all():
-            losses = per_example_losses(self.model, streams)
-            out["weight_auc"] = roc_auc(-self.weights(losses).cpu(), corrupted.cpu())
-            out["loss_auc"] = roc_auc(losses.cpu(), corrupted.cpu())
+            losses = per_example(self.model, streams.in_order("train"))[1]
+            out["weight_auc"] = roc_auc(-self.weights(losses.to(self.device)).cpu(), corrupted.cpu())
+            out["loss_auc"] = roc_auc(losses, corrupted.cpu())
         return out
 
     def state_dict(self) -> dict:
