@@ -790,6 +790,60 @@ def _finished_run(path: Path, config: dict) -> dict | None:
     return finished
 
 
+def arm_seed_config(name: str, arm_cfgs: dict[str, dict], cfg: dict, seed: int, seeds: list[int],
+                    steps_per_epoch: int, reference: str = "baseline", same_time_for: str | None = None,
+                    costs: dict | None = None) -> dict:
+    """The config arm `name` trains with at `seed` (arm_cfgs: each arm's cfg with its changes).
+    `baseline_same_time` is the reference arm at a budget: replayed steps (cfg['same_time_steps']),
+    or the wall-clock of its target arm at this seed, from `costs` (arm -> that arm's cost at this
+    seed; it needs the target's and the reference's)."""
+    arm_cfg = dict(arm_cfgs.get(name, arm_cfgs[reference]))
+    if name == "baseline_same_time" and cfg["same_time_steps"]:    # a replay: fixed steps
+        replay = cfg["same_time_steps"]
+        arm_cfg["steps"] = replay[seeds.index(seed)] if len(replay) > 1 else replay[0]
+    elif name == "baseline_same_time":         # measured: the other arm's wall-clock
+        target = costs[same_time_for]
+        budget = target["train_seconds"] + target.get("one_off_seconds", 0.0)
+        ref = costs[reference]                 # its mean step time, as the budget counts it
+        sps = ref["train_seconds"] / max(ref["steps"], 1)
+        arm_cfg["epochs"] = max(budget / sps / steps_per_epoch, 1 / steps_per_epoch)
+        arm_cfg["time_budget_s"] = budget
+    return arm_cfg
+
+
+def run_arm_seed(name: str, arm: Arm, arm_cfg: dict, data: RunData, seed: int, out: Path | None,
+                 progress: bool = True) -> dict:
+    """One (arm, seed): trained with `arm_cfg` on `data` (resumed from out/runs/<name>-seed<S>/
+    checkpoint.pt if there), or read back if out/runs/<name>-seed<S>.json holds it finished with
+    the same config. A new run is saved there (and its per-example arrays beside it). Returns the run."""
+    from .results import write_json
+
+    config = {**_comparable(arm_cfg), "data": data.info.get("fingerprint")}
+    done = out / "runs" / f"{name}-seed{seed}.json" if out else None
+    finished = _finished_run(done, config) if done else None
+    if finished is not None:
+        return finished
+    peak, peak_kind = step_peak_bytes(arm, arm_cfg, data, seed)
+    seed_everything(seed)                      # the same initial weights for every arm
+    model = make_model(arm_cfg, data.dataset.num_classes, data.train.y.device)
+    method = arm.factory(arm_cfg)
+    res = train(method, model, data, arm_cfg, seed=seed, progress=progress,
+                out_dir=out / "runs" / f"{name}-seed{seed}" if out else None,
+                desc=f"{name} seed {seed}", cache_dir=out / "cache" if out else None)
+    res["cost"].update(peak_memory_bytes=peak, peak_memory_kind=peak_kind)
+    res["seed"], res["config"] = seed, config      # a resumed run must have the same config
+    with torch.no_grad():
+        res["extras"] = method.extras(data.streams())
+        arrays = method.artifacts()
+    if out and arrays:     # per-example arrays, with the examples they belong to
+        np.savez_compressed(out / f"{name}-seed{seed}.npz", **arrays,
+                            train_index=data.train_idx.cpu().numpy(), label=data.train.y.cpu().numpy(),
+                            corrupted=data.corrupted.cpu().numpy())
+    if done:
+        write_json(res, done)
+    return res
+
+
 def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, seeds: list[int], *,
              out_dir=None, progress: bool = True, dataset: Dataset | None = None,
              same_time_for: str | None = None, reference: str = "baseline") -> dict:
@@ -803,7 +857,7 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
     out_dir/runs/, so a killed run skips what it already did and resumes the rest from its
     checkpoint; out_dir is locked while the run lasts.
     """
-    from .results import provenance, seed_stats, write_json
+    from .results import provenance, seed_stats
 
     if reference not in arms:
         raise ConfigError(f"run_arms needs a {reference!r} arm: every cost is a ratio to it")
@@ -832,42 +886,9 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
             data_info = data.info
             for name in order:
                 arm = arms.get(name, arms[reference])
-                arm_cfg = dict(arm_cfgs.get(name, arm_cfgs[reference]))
-                if name == "baseline_same_time" and cfg["same_time_steps"]:    # a replay: fixed steps
-                    replay = cfg["same_time_steps"]
-                    arm_cfg["steps"] = replay[seeds.index(seed)] if len(replay) > 1 else replay[0]
-                elif name == "baseline_same_time":         # measured: the other arm's wall-clock
-                    target = per_arm[same_time_for][-1]["cost"]
-                    budget = target["train_seconds"] + target.get("one_off_seconds", 0.0)
-                    ref = per_arm[reference][-1]["cost"]            # its mean step time, as the budget counts it
-                    sps = ref["train_seconds"] / max(ref["steps"], 1)
-                    arm_cfg["epochs"] = max(budget / sps / len(data.train), 1 / len(data.train))
-                    arm_cfg["time_budget_s"] = budget
-                config = {**_comparable(arm_cfg), "data": data.info.get("fingerprint")}
-                done = out / "runs" / f"{name}-seed{seed}.json" if out else None
-                finished = _finished_run(done, config) if done else None
-                if finished is not None:
-                    per_arm[name].append(finished)
-                    continue
-                peak, peak_kind = step_peak_bytes(arm, arm_cfg, data, seed)
-                seed_everything(seed)                      # the same initial weights for every arm
-                model = make_model(arm_cfg, dataset.num_classes, device)
-                method = arm.factory(arm_cfg)
-                res = train(method, model, data, arm_cfg, seed=seed, progress=progress,
-                            out_dir=out / "runs" / f"{name}-seed{seed}" if out else None,
-                            desc=f"{name} seed {seed}", cache_dir=out / "cache" if out else None)
-                res["cost"].update(peak_memory_bytes=peak, peak_memory_kind=peak_kind)
-                res["seed"], res["config"] = seed, config      # a resumed run must have the same config
-                with torch.no_grad():
-                    res["extras"] = method.extras(data.streams())
-                    arrays = method.artifacts()
-                if out and arrays:     # per-example arrays, with the examples they belong to
-                    np.savez_compressed(out / f"{name}-seed{seed}.npz", **arrays,
-                                        train_index=data.train_idx.cpu().numpy(), label=data.train.y.cpu().numpy(),
-                                        corrupted=data.corrupted.cpu().numpy())
-                per_arm[name].append(res)
-                if done:
-                    write_json(res, done)
+                arm_cfg = arm_seed_config(name, arm_cfgs, cfg, seed, seeds, len(data.train), reference, same_time_for,
+                                          {a: runs[-1]["cost"] for a, runs in per_arm.items() if runs})
+                per_arm[name].append(run_arm_seed(name, arm, arm_cfg, data, seed, out, progress))
 
     base_sps = float(np.mean([r["cost"]["seconds_per_step"] for r in per_arm[reference]]))
     arms_out = {}
