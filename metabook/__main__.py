@@ -7,6 +7,8 @@
     python -m metabook config CHAPTER --preset cpu [--set key=value ...] [--json]  # every key explained
     python -m metabook plan [CHAPTER ...] --preset P [--seeds K] [--json] [--write FILE]
                                    # steps, FLOPs, peak memory and time on a few devices, before running
+    python -m metabook sweep CHAPTER [CHAPTER ...] --preset P [--seeds K] [--set k=v ...] [--grid k=v1,v2 ...]
+                             --out DIR [--engine local|ray|slurm]   # arms x seeds as units on an engine
     python -m metabook build [--preset smoke|cpu|gpu|auto]                  # execute chapters, render the book
     python -m metabook student OUT_DIR                                      # notebooks without solutions
 
@@ -68,6 +70,25 @@ def _parser() -> argparse.ArgumentParser:
                       help="FLOPs and memory only, no timing here (quicker for the gpu and paper presets)")
     plan.add_argument("--write", metavar="FILE", help="also merge the rows into FILE (JSON), replacing that "
                                                       "chapter and preset's rows (the book's plan: metabook/plans.json)")
+    sw = sub.add_parser("sweep", help="run chapters' arms x seeds (x grid points) as independent units on a "
+                                      "process pool, Ray or Slurm; writes the records `run` writes")
+    sw.add_argument("chapters", nargs="+", metavar="CHAPTER")
+    sw.add_argument("--preset", default="auto")
+    sw.add_argument("--seed", type=int, default=0, help="first seed (default 0)")
+    sw.add_argument("--seeds", type=int, default=1, help="number of seeds (default 1)")
+    sw.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
+    sw.add_argument("--grid", action="append", default=[], metavar="KEY=V1,V2",
+                    help="one record per value (several --grid: their product), in OUT/CHAPTER/KEY=V/")
+    sw.add_argument("--out", required=True, help="sweep folder: OUT/CHAPTER[/KEY=V,...]/result.json")
+    sw.add_argument("--engine", default="local", help="local (a process pool), ray or slurm (submitit)")
+    sw.add_argument("--workers", type=int, default=None, help="local: processes (default: CPU count)")
+    sw.add_argument("--address", default=None, help="ray: a running cluster's address (default: start one here)")
+    sw.add_argument("--retries", type=int, default=2, help="re-runs of a unit whose worker died (default 2)")
+    sw.add_argument("--cpus-per-unit", type=int, default=1)
+    sw.add_argument("--gpus-per-unit", type=int, default=None,
+                    help="default: 1 at the gpu and paper presets (device auto) or device=cuda, else 0")
+    sw.add_argument("--timeout-min", type=int, default=240, help="slurm: each job's time limit")
+    sw.add_argument("--partition", default=None, help="slurm: the partition")
     build = sub.add_parser("build", help="execute every chapter with papermill and render the book")
     build.add_argument("--preset", default="auto")
     build.add_argument("--build-dir", default="_build")
@@ -151,6 +172,20 @@ def _main(args) -> int:
             if args.write:
                 write_plan(rows, args.write)
                 print(f"wrote {args.write}", file=sys.stderr)
+        elif args.command == "sweep":
+            from .sweep import overhead_line, sweep
+
+            preset = resolve_preset(args.preset)
+            res = sweep(args.chapters, preset, check_seeds(args.seed, args.seeds), args.out,
+                        parse_overrides(args.set), args.grid, args.engine, args.workers, args.address,
+                        args.retries, args.cpus_per_unit, args.gpus_per_unit, args.timeout_min, args.partition)
+            print(overhead_line(res))
+            if res["failed"]:
+                first, error = next(iter(res["failed"].items()))
+                more = f" and {len(res['failed']) - 1} more (listed above)" if len(res["failed"]) > 1 else ""
+                print(f"error: unit {first} failed ({error}){more}; the other units finished; fix it and run "
+                      f"the same command to go on", file=sys.stderr)
+                return 1
         elif args.command == "build":
             from .build import build_book
 

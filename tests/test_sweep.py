@@ -1,0 +1,200 @@
+"""metabook sweep: units, their dependencies, the records they make, and faults on a local Ray instance.
+
+Tiny synthetic configs (a unit trains for a second or two); one Ray instance for the module.
+"""
+import json
+import os
+import signal
+import threading
+import time
+from pathlib import Path
+
+import pytest
+
+from metabook.__main__ import main
+from metabook.methods import run_chapter
+from metabook.sweep import (Unit, parse_grid, plan_units, run_unit, slurm_parameters, sweep, unit_resources)
+from metabook.train import unpack_bits
+
+TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "batch_size": 64, "width": 4,
+        "test_size": 100, "heldout_size": 100, "epochs": 1.0, "eval_every": 1.0}
+ILR = {**TINY, "ilr.arms": "baseline,instance_lr", "ilr.same_time": "true"}
+# baseline on an MLP: a few milliseconds a step; lr=1e12 makes it diverge at once
+MLP = {**TINY, "model": "mlp", "batchnorm": "false", "momentum": "0", "epochs": 12.0, "checkpoint_every": 4}
+
+
+def sets(overrides: dict) -> list[str]:
+    return [a for k, v in overrides.items() for a in ("--set", f"{k}={v}")]
+
+
+def accuracies(record: dict) -> dict:
+    """Per arm, the per-seed test accuracies and held-out correctness: what must not change."""
+    return {name: (arm["test_acc"]["per_seed"], arm.get("heldout_correct"))
+            for name, arm in record["arms"].items() if name != "baseline_same_time"}
+
+
+# ----------------------------------------------------------------------------- units (no training)
+
+def test_grid_and_units_of_two_chapters_with_dependencies(tmp_path):
+    assert parse_grid(["lr=0.1,0.05", "noise.rate=0.2"]) == [{"lr": "0.1", "noise.rate": "0.2"},
+                                                              {"lr": "0.05", "noise.rate": "0.2"}]
+    assert parse_grid([]) == [{}]
+    records = plan_units(["baseline", "grad_instructor"], "smoke", [0, 1], {}, parse_grid(["lr=0.1,0.05"]), tmp_path)
+    assert [(r.chapter, r.out) for r in records] == [
+        ("baseline", tmp_path / "baseline" / "lr=0.1"), ("baseline", tmp_path / "baseline" / "lr=0.05"),
+        ("grad_instructor", tmp_path / "grad_instructor" / "lr=0.1"),
+        ("grad_instructor", tmp_path / "grad_instructor" / "lr=0.05")]
+    assert [u.name for u in records[0].units] == ["baseline/lr=0.1/baseline-seed0", "baseline/lr=0.1/baseline-seed1"]
+    gi = {u.name.split("/")[-1]: u for u in records[2].units}
+    stages = sorted(n for n in gi if n.startswith("stage-"))
+    assert len(stages) == 4              # one ENN per seed for each of the two ENN configs (gi.starts differs)
+    for seed in (0, 1):
+        arm, control = gi[f"grad_instructor-seed{seed}"], gi[f"gi_init_critic-seed{seed}"]
+        assert len(arm.after) == 1 and arm.after[0].endswith(f"-seed{seed}") and "stage-enn-" in arm.after[0]
+        assert control.after != arm.after and gi[arm.after[0].split("/")[-1]].stage_arm == "grad_instructor"
+        assert gi[f"baseline-seed{seed}"].after == ()
+        same = gi[f"baseline_same_time-seed{seed}"]
+        assert {a.split("/")[-1] for a in same.after} == {f"grad_instructor-seed{seed}", f"baseline-seed{seed}"}
+    order = [u.name for u in records[2].units]          # a unit comes after what it waits for
+    assert all(order.index(a) < order.index(u.name) for u in records[2].units for a in u.after)
+
+
+def test_resources_from_the_written_plan_and_the_slurm_job_it_would_submit(tmp_path):
+    submitit = pytest.importorskip("submitit", reason="submitit is an optional dependency (pip install metabook[sweep])")
+    from metabook.plan import config_sha
+    from metabook.methods import chapter_config
+
+    unit = plan_units(["baseline"], "smoke", [0], {}, [{}], tmp_path)[0].units[0]
+    sha = config_sha(chapter_config("baseline", "smoke"))
+    rows = [{"chapter": "baseline", "preset": "smoke", "arm": "baseline", "experiment": "", "config_sha": sha,
+             "peak_bytes": 3 << 30}]
+    res = unit_resources(unit, cpus=2, plan_rows=rows)
+    assert res == {"cpus": 2, "gpus": 0, "memory": (2 << 30) + (3 << 30)}
+    assert unit_resources(unit, plan_rows=[{**rows[0], "config_sha": "stale"}])["memory"] is None
+    gpu = plan_units(["baseline"], "gpu", [0], {}, [{}], tmp_path)[0].units[0]
+    assert unit_resources(gpu, plan_rows=[])["gpus"] == 1
+    spec = slurm_parameters(unit, res, timeout_min=30, partition="gpu")
+    assert spec == {"name": "baseline.baseline-seed0", "timeout_min": 30, "nodes": 1, "tasks_per_node": 1,
+                    "cpus_per_task": 2, "gpus_per_node": 0, "slurm_signal_delay_s": 120, "mem_gb": 5,
+                    "slurm_partition": "gpu"}
+    ex = submitit.AutoExecutor(folder=tmp_path / "slurm", cluster="debug")
+    ex.update_parameters(**spec)              # submitit checks every name against its Slurm executor's
+    with pytest.raises(NameError):
+        ex.update_parameters(slurm_gpus_per_unit=1)
+
+
+@pytest.mark.parametrize("argv, words", [
+    (["sweep", "baseline", "--out", "o", "--engine", "mpi"], "unknown engine 'mpi'; choose one of: local, ray, slurm"),
+    (["sweep", "nochapter", "--out", "o"], "unknown chapter 'nochapter'; choose from: baseline"),
+    (["sweep", "baseline", "--out", "o", "--grid", "lr"], "--grid expects key=value1,value2"),
+    (["sweep", "baseline", "--out", "o", "--grid", "nokey=1,2"], "nokey"),
+])
+def test_bad_input_is_one_line_and_exit_2(argv, words, capsys, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    assert main(argv + ["--preset", "smoke"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and err.startswith("error: ") and words in err
+    assert not (tmp_path / "o").exists()
+
+
+# ----------------------------------------------------------------------------- the records
+
+def test_local_sweep_of_two_chapters_writes_the_records_run_writes(tmp_path):
+    """baseline and instance_lr (with the baseline at instance_lr's wall-clock) x 2 seeds on a
+    process pool: the same accuracies, bit for bit, as `run`; the same-time arm got its budget
+    from its target's finished unit."""
+    res = sweep(["baseline", "instance_lr"], "smoke", [0, 1], tmp_path / "sw", ILR, engine="local", workers=2,
+                log=lambda *_: None)
+    assert not res["failed"] and len(res["done"]) == 2 + 6
+    for chapter, overrides in (("baseline", TINY), ("instance_lr", ILR)):     # ilr.* keys: instance_lr only
+        ran = json.loads((tmp_path / "sw" / chapter / "result.json").read_text())
+        ref = run_chapter(chapter, "smoke", [0, 1], tmp_path / f"ref-{chapter}", overrides, progress=False)
+        assert accuracies(ran) == accuracies(ref)
+        assert ran["arms"].keys() == ref["arms"].keys()
+    runs = tmp_path / "sw" / "instance_lr" / "runs"
+    for seed in (0, 1):
+        target = json.loads((runs / f"instance_lr-seed{seed}.json").read_text())["cost"]
+        same = json.loads((runs / f"baseline_same_time-seed{seed}.json").read_text())
+        assert same["config"]["time_budget_s"] == target["train_seconds"] + target["one_off_seconds"]
+
+
+def test_a_shared_stage_unit_makes_the_enn_its_arm_loads(tmp_path):
+    gi = {"dataset": "synthetic", "train_size": 320, "meta_size": 100, "batch_size": 32, "width": 8,
+          "test_size": 100, "heldout_size": 100, "epochs": 1.0, "gi.weight": 1.0, "gi.episodes": 4,
+          "gi.rounds": 1, "gi.episode_steps": 4, "gi.snapshot_every": 2, "gi.enn_iters": 5, "gi.eval_size": 50}
+    units = {u.name.split("/")[-1]: u for u in plan_units(["grad_instructor"], "smoke", [0], gi, [{}], tmp_path)[0].units}
+    arm = units["grad_instructor-seed0"]
+    stage = units[arm.after[0].split("/")[-1]]
+    assert "error" not in run_unit(stage)
+    assert [p.name.startswith("enn-seed0-") for p in (tmp_path / "grad_instructor" / "cache").iterdir()] == [True]
+    assert "error" not in run_unit(arm)
+    run = json.loads((tmp_path / "grad_instructor" / "runs" / "grad_instructor-seed0.json").read_text())
+    assert "cache" in run["extras"]["enn"]["loaded_from"]          # trained once, by the stage
+
+
+# ----------------------------------------------------------------------------- faults, on Ray
+
+@pytest.fixture(scope="module")
+def ray():
+    ray = pytest.importorskip("ray", reason="Ray is an optional dependency (pip install metabook[sweep])")
+    for attempt in range(2):       # Ray gives its node 30 s to start: a loaded machine may need a second go
+        try:
+            ray.init(num_cpus=2, include_dashboard=False, log_to_driver=False)
+            break
+        except Exception as err:
+            ray.shutdown()
+            if attempt or "timed out during startup" not in str(err):
+                raise
+    yield ray
+    ray.shutdown()
+
+
+def kill_when_checkpointed(run_dir: Path, arm: str, seed: int, stop: threading.Event) -> list:
+    """Watch run_dir until (arm, seed) has a checkpoint, then SIGKILL the worker that trains it
+    (the pid in its unit lock). Returns [pid] once killed."""
+    killed = []
+    ckpt = run_dir / "runs" / f"{arm}-seed{seed}" / "checkpoint.pt"
+    lock = run_dir / ".units" / f"{arm}-seed{seed}" / ".lock"
+
+    def watch():
+        while not stop.is_set() and not killed:
+            if ckpt.exists() and lock.exists():
+                pid = int(lock.read_text().split()[0])
+                os.kill(pid, signal.SIGKILL)
+                killed.append(pid)
+            time.sleep(0.02)
+    threading.Thread(target=watch, daemon=True).start()
+    return killed
+
+
+def test_ray_faults_killed_worker_unfixable_unit_and_a_stopped_sweep(ray, tmp_path, capsys):
+    """A worker killed mid-unit is retried from its checkpoint (same accuracies as `run`); the
+    diverging grid point fails with its error, does not stop the others, and the sweep exits 1
+    naming it in one line; the same command again runs only what is not finished."""
+    out = tmp_path / "sw"
+    argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", "ray",
+            "--grid", "lr=0.05,1e12", *sets(MLP)]
+    good = out / "baseline" / "lr=0.05"
+    stop = threading.Event()
+    killed = kill_when_checkpointed(good, "baseline", 0, stop)
+    assert main(argv) == 1
+    stop.set()
+    captured = capsys.readouterr()
+    err = [line for line in captured.err.splitlines() if line.strip()]
+    assert len(err) == 1 and err[0].startswith("error: unit baseline/lr=1e12/baseline-seed") and \
+        "NonFiniteError" in err[0] and "and 1 more" in err[0]
+    assert killed, "the unit finished before its worker could be killed"
+    assert "done baseline/lr=0.05/baseline-seed0" in captured.out and "resumed from step" in captured.out
+    assert not (out / "baseline" / "lr=1e12" / "result.json").exists()
+    ran = json.loads((good / "result.json").read_text())
+    ref = run_chapter("baseline", "smoke", [0, 1], tmp_path / "ref", {**MLP, "lr": "0.05"}, progress=False)
+    assert accuracies(ran) == accuracies(ref)
+
+    (good / "runs" / "baseline-seed1.json").unlink()          # a sweep stopped before this unit finished
+    kept = (good / "runs" / "baseline-seed0.json").stat().st_mtime_ns
+    assert main(argv) == 1                                     # the diverging point fails again, alone
+    captured = capsys.readouterr()
+    assert "done baseline/lr=0.05/baseline-seed1" in captured.out
+    assert "lr=0.05/baseline-seed0" not in captured.out        # finished: never submitted again
+    assert (good / "runs" / "baseline-seed0.json").stat().st_mtime_ns == kept
+    assert accuracies(json.loads((good / "result.json").read_text())) == accuracies(ref)
