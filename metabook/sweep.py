@@ -33,7 +33,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import sys
+import socket
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -175,19 +175,24 @@ def experiment_units(exp, rec: Record, preset: str, seeds: list[int]) -> list[Un
 # ----------------------------------------------------------------------------- one unit (in a worker)
 
 def run_unit(unit: Unit) -> dict:
-    """Run one unit in this process. Returns {"unit", "seconds", "resumed_from", "pid"} or, for
+    """Run one unit in this process. Returns {"unit", "seconds", "resumed_from", "pid", "host",
+    "start", "end"} (wall-clock times) or, for
     a failure a retry cannot fix, {"unit", "error"}. Anything else raises (a bug, shown whole)."""
     from .data import DataError
     from .train import NonFiniteError, OutLock, RunError
 
-    t0 = time.perf_counter()
+    t0, start = time.perf_counter(), time.time()
     lock = Path(unit.out) / ".units" / f"{unit.arm}-seed{unit.seed}"
     try:
         with OutLock(lock):
             resumed = _run_unit(unit)
     except (ConfigError, DataError, NonFiniteError, RunError) as err:
         return {"unit": unit.name, "error": f"{type(err).__name__}: {' '.join(str(err).split())}"}
-    return {"unit": unit.name, "seconds": time.perf_counter() - t0, "resumed_from": resumed, "pid": os.getpid()}
+    return {"unit": unit.name, "seconds": time.perf_counter() - t0, "resumed_from": resumed, "pid": os.getpid(),
+            "host": socket.gethostname(), "start": start, "end": time.time()}
+
+
+_DATASETS: dict = {}
 
 
 def _run_unit(unit: Unit) -> int | None:
@@ -205,7 +210,10 @@ def _run_unit(unit: Unit) -> int | None:
     device = pick_device(exp.cfg["device"])
     if device.type == "cuda":
         torch.backends.cudnn.benchmark = True
-    data = prepare_data(exp.cfg, unit.seed, device, load_dataset(exp.cfg["dataset"]))
+    if exp.cfg["dataset"] not in _DATASETS:    # a worker that runs several units loads the data once
+        _DATASETS.clear()
+        _DATASETS[exp.cfg["dataset"]] = load_dataset(exp.cfg["dataset"])
+    data = prepare_data(exp.cfg, unit.seed, device, _DATASETS[exp.cfg["dataset"]])
     out = Path(unit.out)
     if unit.stage_arm:           # the shared one-off stage: the arm's prepare() fills RUN/cache
         arm = exp.arms[unit.stage_arm]
@@ -316,9 +324,20 @@ class RayEngine:
     def __init__(self, address: str | None, retries: int, workers: int | None = None):
         import ray
 
-        if not ray.is_initialized():
-            kwargs = {} if address else {"num_cpus": workers}
-            ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
+        from .train import RunError
+
+        kwargs = {} if address else {"num_cpus": workers}
+        for attempt in range(3):       # Ray gives a new node 30 s to start: a loaded machine may need more goes
+            if ray.is_initialized():
+                break
+            try:
+                ray.init(address=address, include_dashboard=False, log_to_driver=False, **kwargs)
+            except Exception as err:
+                ray.shutdown()
+                if attempt == 2 or "timed out during startup" not in str(err):
+                    where = f"the cluster at {address}" if address else "a local Ray instance"
+                    raise RunError(f"could not start {where} ({' '.join(str(err).split())[:200]}); check "
+                                   f"--address, or use --engine local") from None
         self.ray, self.retries = ray, retries
         self.task = ray.remote(run_unit)
 
@@ -385,7 +404,11 @@ class SlurmEngine:
 
 # ----------------------------------------------------------------------------- the sweep
 
-def schedule(units: list[Unit], engine, resources: dict, retries: int = 2, log=print) -> dict:
+def _log(line: str) -> None:
+    print(line, flush=True)
+
+
+def schedule(units: list[Unit], engine, resources: dict, retries: int = 2, log=_log) -> dict:
     """Run the units on `engine`, each once what it waits for is done; finished units are
     skipped (a stage is skipped when every arm that uses it is finished). Returns
     {"done": {name: result}, "failed": {name: error}, "skipped": [names]}."""
@@ -430,11 +453,12 @@ def schedule(units: list[Unit], engine, resources: dict, retries: int = 2, log=p
 def sweep(chapters: list[str], preset: str, seeds: list[int], out, overrides: dict | None = None,
           grid: list[str] | None = None, engine: str = "local", workers: int | None = None,
           address: str | None = None, retries: int = 2, cpus: int = 1, gpus: int | None = None,
-          timeout_min: int = 240, partition: str | None = None, cluster: str | None = None, log=print) -> dict:
+          timeout_min: int = 240, partition: str | None = None, cluster: str | None = None, log=_log) -> dict:
     """Plan the units, run them on `engine`, then write every record whose units all finished
     (run_chapter on its folder, which trains nothing). Returns schedule()'s dict plus `records`
     (result.json paths), `wall_s` (the units on the engine, from its start), `assembly_s` (the
-    records), `unit_s` (the units' own seconds, summed) and `slots` (workers)."""
+    records), `unit_s` (the units' own seconds, summed) and `slots` (workers); all of it also goes
+    to OUT/sweep.json (each unit's worker, start and end: the sweep's timeline)."""
     from .methods import run_chapter
 
     if engine not in ENGINES:
@@ -444,7 +468,7 @@ def sweep(chapters: list[str], preset: str, seeds: list[int], out, overrides: di
     units = [u for r in records for u in r.units]
     resources = {u.name: unit_resources(u, cpus, gpus) for u in units}
     workers = workers or os.cpu_count() or 1
-    t0 = time.time()
+    t0, load0 = time.time(), os.getloadavg()
     if engine == "local":
         eng = LocalEngine(workers)
     elif engine == "ray":
@@ -466,6 +490,10 @@ def sweep(chapters: list[str], preset: str, seeds: list[int], out, overrides: di
         log(f"wrote {rec.out / 'result.json'}")
     result.update(records=written, wall_s=wall, assembly_s=time.time() - t0 - wall, slots=workers,
                   unit_s=sum(r["seconds"] for r in result["done"].values()))
+    from .results import provenance, write_json
+    write_json({"chapters": chapters, "preset": preset, "seeds": seeds, "overrides": overrides or {},
+                "grid": grid or [], "engine": engine, "started": t0, **result,
+                "records": [str(p) for p in written], "load_avg": {"start": load0, "end": os.getloadavg()}, "provenance": provenance("cpu")}, out / "sweep.json")
     return result
 
 
