@@ -15,7 +15,6 @@ from metabook.__main__ import main
 from metabook.methods import run_chapter
 from metabook.sweep import (Unit, WorkerDied, parse_grid, plan_units, run_unit, schedule, slurm_parameters, sweep,
                             unit_resources)
-from metabook.train import unpack_bits
 
 TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "batch_size": 64, "width": 4,
         "test_size": 100, "heldout_size": 100, "epochs": 1.0, "eval_every": 1.0}
@@ -58,6 +57,10 @@ def test_grid_and_units_of_two_chapters_with_dependencies(tmp_path):
         assert {a.split("/")[-1] for a in same.after} == {f"grad_instructor-seed{seed}", f"baseline-seed{seed}"}
     order = [u.name for u in records[2].units]          # a unit comes after what it waits for
     assert all(order.index(a) < order.index(u.name) for u in records[2].units for a in u.after)
+    compare = plan_units(["compare"], "smoke", [0], {}, [{}], tmp_path)[0]     # its own run folder per method
+    assert compare.out == tmp_path / "compare" and {Path(u.out).parent for u in compare.units} == {compare.out}
+    assert {u.label for u in compare.units} == {Path(u.out).name for u in compare.units} and len(
+        {u.label for u in compare.units}) > 1
 
 
 def test_resources_from_the_written_plan_and_the_slurm_job_it_would_submit(tmp_path):
