@@ -13,15 +13,18 @@ nothing, and writes the result.json that `python -m metabook run` writes.
 Dependencies. `baseline_same_time` waits for its target arm and the reference arm of the same
 seed (it trains for the target's measured wall-clock). A one-off stage that arms share through
 RUN/cache (Grad-Instructor's critic, the ENN) is its own unit per seed (`stage-enn-<key>`), and
-the arms that use it wait for it. A stage that belongs to one arm (AdaLFL's offline loss, MLHF's
+the arms that use it wait for it; each such arm is charged the stage's seconds as its one-off
+cost, as if it had trained the stage itself (so the baseline at its wall-clock gets the same budget). A stage that belongs to one arm (AdaLFL's offline loss, MLHF's
 meta-training) runs inside that arm's unit, which checkpoints right after it.
 
 Faults. A unit whose worker dies is run again (at most --retries times) and resumes from its
 checkpoint; a finished unit (its runs/*.json exists) is never submitted again, so the same
 command with the same --out continues a stopped sweep; a unit that fails for a reason a retry
 cannot fix (ConfigError, NonFiniteError, RunError) is reported with its error, the others go on,
-and the sweep ends with one line naming it (exit code 1). A per-unit lock (RUN/.units/) keeps two
-workers from training the same unit.
+and the sweep ends with one line naming it (exit code 1). A per-unit lock (RUN/.units/, train.OutLock)
+keeps two workers of one machine from training the same unit; across machines the engine runs a
+unit once at a time (Ray and Slurm re-run one only after its worker died). On a cluster OUT must be
+a folder every node sees (a shared file system), and every node needs metabook installed.
 
 Engines: `local` (a process pool, --workers), `ray` (Ray tasks with their resources: CPUs, GPUs,
 memory from the written plan's estimate where it has a row for that arm and config; --address
@@ -176,8 +179,8 @@ def experiment_units(exp, rec: Record, preset: str, seeds: list[int]) -> list[Un
 
 def run_unit(unit: Unit) -> dict:
     """Run one unit in this process. Returns {"unit", "seconds", "resumed_from", "pid", "host",
-    "start", "end"} (wall-clock times) or, for
-    a failure a retry cannot fix, {"unit", "error"}. Anything else raises (a bug, shown whole)."""
+    "start", "end"} (start and end: wall-clock times) or, for a failure a retry cannot fix,
+    {"unit", "error"}. Anything else raises (a bug, shown whole)."""
     from .data import DataError
     from .train import NonFiniteError, OutLock, RunError
 
@@ -202,6 +205,7 @@ def _run_unit(unit: Unit) -> int | None:
     from .config import pick_device
     from .data import load_dataset
     from .methods import chapter_config, chapter_module
+    from .results import write_json
     from .train import arm_seed_config, fresh_method, prepare_data, run_arm_seed, seed_everything
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
@@ -219,12 +223,20 @@ def _run_unit(unit: Unit) -> int | None:
         arm = exp.arms[unit.stage_arm]
         method = fresh_method(arm, {**exp.cfg, **arm.changes}, data, unit.seed)
         method.ctx.cache_dir = out / "cache"
-        seed_everything(unit.seed)                     # as train() does before prepare()
+        seed_everything(unit.seed)                     # as train() does before prepare(), timed as it does
+        t0 = time.perf_counter()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             method.prepare()
-        (out / "runs").mkdir(parents=True, exist_ok=True)
-        (out / "runs" / f"{unit.arm}-seed{unit.seed}.json").write_text(json.dumps({"stage": unit.stage_arm}))
+        if device.type == "cuda":
+            torch.cuda.synchronize(device)
+        write_json({"stage": unit.stage_arm, "one_off_seconds": time.perf_counter() - t0},
+                   out / "runs" / f"{unit.arm}-seed{unit.seed}.json")
         return None
+    one_off = None            # an arm whose stage another unit ran is charged that stage's time
+    for name in unit.after:
+        if "/stage-" in name or name.startswith("stage-"):
+            stage = json.loads((out / "runs" / f"{name.split('/')[-1]}.json").read_text())
+            one_off = stage["one_off_seconds"]
     costs = {}
     if unit.arm == "baseline_same_time" and not exp.cfg["same_time_steps"]:
         for name in (exp.same_time_for, exp.reference):
@@ -235,7 +247,7 @@ def _run_unit(unit: Unit) -> int | None:
     ckpt = out / "runs" / f"{unit.arm}-seed{unit.seed}" / "checkpoint.pt"
     resumed = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None
     run_arm_seed(unit.arm, exp.arms.get(unit.arm, exp.arms[exp.reference]), arm_cfg, data, unit.seed, out,
-                 progress=False)
+                 progress=False, one_off_seconds=one_off)
     return resumed
 
 
