@@ -362,6 +362,36 @@ BOOK_CHAPTERS = {"02_baseline": ("baseline", "depth"), "03_local_losses": ("loca
                  "06_grad_instructor": ("grad_instructor",), "07_meta_hf": ("meta_hf",), "08_compare": ("compare",)}
 
 
+def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
+    """The planner checked against a recorded run of the same config on the CPU: per arm, the
+    planned seconds of its training steps (one CPU thread, evaluations left out) and of its
+    one-off stage against the run's measured ones (seed means), and measured / planned. Rows whose
+    config hash differs from the run's arm are skipped (the plan is of another config)."""
+    out = []
+    from .methods import chapter_module
+
+    arm_cfgs = {n: {**exp.cfg, **a.changes} for exp in chapter_module(record["chapter"]).experiments(record["config"])
+                for n, a in exp.arms.items()}
+    for name, arm in record["arms"].items():
+        mine = [r for r in rows if r["chapter"] == record["chapter"] and r["preset"] == record["preset"]
+                and r["arm"] == name]
+        train = next((r for r in mine if r["stage"] == "train"), None)
+        if train is None or "cpu" not in train["seconds"]:
+            continue
+        own = arm_cfgs.get(name, arm_cfgs.get(record.get("reference_arm", "baseline")))    # same-time: the reference's
+        if train["config_sha"] != config_sha(own):
+            continue
+        planned = train["seconds"]["cpu"] - train["eval_seconds"].get("cpu", 0.0)
+        measured = arm["train_seconds"]["mean"]
+        row = {"arm": name, "steps": arm["steps"], "planned_s": planned, "measured_s": measured,
+               "ratio": measured / planned if planned else float("nan")}
+        stage = next((r for r in mine if r["stage"] == "one_off"), None)
+        if stage is not None:
+            row.update(one_off_planned_s=stage["seconds"]["cpu"], one_off_measured_s=arm["one_off_seconds"]["mean"])
+        out.append(row)
+    return out
+
+
 def read_plan(path=PLAN_FILE) -> list[dict]:
     """The rows of a written plan ([] if there is none)."""
     path = Path(path)

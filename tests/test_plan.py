@@ -225,3 +225,20 @@ def test_a_plan_rows_hash_ignores_which_arms_run_but_not_what_an_arm_costs():
                                            "check_convergence": True, "on_diverge": "record"})
     assert config_sha(cfg) != config_sha({**cfg, "lr": 0.05})
     assert config_sha(cfg) != config_sha({**cfg, "lfl.meta_lr": 0.01})
+
+
+def test_plan_against_run_pairs_each_arm_with_its_planned_steps(synthetic):
+    from metabook.plan import as_json, plan_against_run
+    from metabook.train import run_experiment
+
+    cfg = chapter_config("baseline", "smoke", TINY)
+    exp, = chapter_module("baseline").experiments(cfg)
+    rows = as_json(plan_experiment(exp, "smoke", 0, synthetic))
+    rec = run_experiment(exp, [0], progress=False, dataset=synthetic)
+    check, = plan_against_run(rec, rows)
+    train = rows[0]
+    assert check["arm"] == "baseline" and check["steps"] == train["steps"]
+    assert check["planned_s"] == pytest.approx(train["seconds"]["cpu"] - train["eval_seconds"]["cpu"])
+    assert check["ratio"] == pytest.approx(rec["arms"]["baseline"]["train_seconds"]["mean"] / check["planned_s"])
+    stale = [{**r, "config_sha": "another"} for r in rows]
+    assert plan_against_run(rec, stale) == []                # a plan of another config is not compared
