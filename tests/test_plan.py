@@ -130,9 +130,9 @@ def test_plan_rejects_an_unknown_chapter_in_one_line():
 
 # ------------------------------------------------------------------ the written plan's promises
 
-# converged: the verdicts' records run in the background, 3 seeds of a chapter within 6 hours of one
-# CPU thread (2 hours a seed), so the two cores record the five chapters in a few working days.
-PROMISE = {"smoke": ("cpu", 90.0), "cpu": ("cpu", 20 * 60.0), "gpu": ("t4", 30 * 60.0), "converged": ("cpu", 2 * 3600.0)}
+# converged: the verdicts' records run in the background, a seed of a chapter within 2.5 hours of one
+# CPU thread, so that two cores record 3 seeds of the five chapters in a few working days.
+PROMISE = {"smoke": ("cpu", 90.0), "cpu": ("cpu", 20 * 60.0), "gpu": ("t4", 30 * 60.0), "converged": ("cpu", 2.5 * 3600.0)}
 GPU_MEMORY = 12 * 2 ** 30
 # Experiments the written plan does not hold yet at a preset, and why. Writing one (plan --write)
 # makes the coverage test fail until it is taken off this list, so the list cannot go stale.
@@ -178,7 +178,7 @@ def test_every_experiment_belongs_to_one_book_chapter():
 def test_each_preset_keeps_its_promise(preset):
     """Per book chapter, every experiment it runs summed (one seed, as the notebooks run):
     smoke <= 90 s and cpu <= 20 min of one CPU thread here; gpu <= 30 min and 12 GiB on a T4;
-    converged (a record, 3 seeds in the background) <= 2 h of one CPU thread per seed."""
+    converged (a record, 3 or more seeds in the background) <= 2.5 h of one CPU thread per seed."""
     device, limit = PROMISE[preset]
     rows = _written(preset)
     assert rows
