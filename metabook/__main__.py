@@ -10,7 +10,9 @@
     python -m metabook sweep CHAPTER [CHAPTER ...] --preset P [--seeds K] [--set k=v ...] [--grid k=v1,v2 ...]
                              --out DIR [--engine local|ray|slurm]   # arms x seeds as units on an engine
     python -m metabook build [--preset smoke|cpu|gpu|auto]                  # execute chapters, render the book
-    python -m metabook student OUT_DIR                                      # notebooks without solutions
+    python -m metabook build [--no-solutions]                               # the public book without solutions
+    python -m metabook student OUT_DIR [--src book] [--solutions DIR]       # notebooks without solutions,
+                                   # checks kept; the solutions set in DIR (default OUT_DIR-solutions)
 
 An expected failure (bad input, a bad data file, no download, a diverged or interrupted run, a
 broken book source) ends in one line on stderr, `error: <cause>; <fix>`, and a non-zero exit
@@ -92,8 +94,15 @@ def _parser() -> argparse.ArgumentParser:
     build = sub.add_parser("build", help="execute every chapter with papermill and render the book")
     build.add_argument("--preset", default="auto")
     build.add_argument("--build-dir", default="_build")
-    student = sub.add_parser("student", help="write student versions of the notebooks (no solutions)")
+    build.add_argument("--no-solutions", action="store_true",
+                       help="render the book without the solution cells (they still run, so the checks are tested)")
+    student = sub.add_parser("student", help="write student versions of the notebooks (no solutions, the "
+                                             "exercise checks kept) and, separately, the solutions set")
     student.add_argument("out_dir")
+    student.add_argument("--src", default=None, help="the chapters' folder (default: ./book, else the book/ "
+                                                     "beside the installed package)")
+    student.add_argument("--solutions", default=None, metavar="DIR",
+                         help="where the solutions set goes (default: OUT_DIR-solutions, beside OUT_DIR)")
     return p
 
 
@@ -189,13 +198,16 @@ def _main(args) -> int:
         elif args.command == "build":
             from .build import build_book
 
-            index = build_book(preset=args.preset, build_dir=args.build_dir)
+            index = build_book(preset=args.preset, build_dir=args.build_dir, solutions=not args.no_solutions)
             print(f"book: {index}")
         elif args.command == "student":
-            from .build import write_student_versions
+            from .build import default_book_dir, write_student_versions
 
-            for path in write_student_versions("book", args.out_dir):
+            out = Path(args.out_dir)
+            solutions = Path(args.solutions) if args.solutions else out.parent / f"{out.name}-solutions"
+            for path in write_student_versions(args.src or default_book_dir(), out, solutions):
                 print(path)
+            print(f"solutions set (keep it apart from the student copies): {solutions}")
     except (ConfigError, DataError, FileNotFoundError) as err:          # bad input
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

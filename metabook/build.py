@@ -19,7 +19,14 @@ its final line. Jupyter Book never executes anything itself: `execute_notebooks`
 `_config.yml`.
 
 `write_student_versions` writes the exercise copies of the notebooks, with the solution cells
-removed and the outputs cleared.
+removed and the outputs cleared, and (separately) the solutions set a teacher keeps.
+`build_book(solutions=False)` renders the book without the solution cells.
+
+Exercises with a check (chapters' Exercises sections): a code cell tagged `scaffold` that the
+student completes (it runs, and leaves a `NotImplementedError` or `None` for the check to trip on),
+the solution cell (tagged `solution`), then a code cell tagged `check` that asserts the answer.
+All three carry the exercise's number in `metadata.exercise` ("4.2"); tests/test_book.py runs
+every check after its scaffold (it must fail) and after its solution (it must pass).
 """
 
 from __future__ import annotations
@@ -41,6 +48,8 @@ import yaml
 
 PRESETS = ("smoke", "cpu", "gpu", "paper", "auto")
 SOLUTION_TAG = "solution"
+SCAFFOLD_TAG = "scaffold"       # the exercise cell a student completes
+CHECK_TAG = "check"             # the assert cell that passes only with a correct answer
 PARAMETERS_TAG = "parameters"
 INJECTED_TAG = "injected-parameters"
 # What the build copies from the repository root into _build/src/ (when present).
@@ -167,8 +176,11 @@ def _tidy_streams(cell) -> None:
     cell["outputs"] = merged
 
 
-def tag_for_rendering(nb) -> None:
+def tag_for_rendering(nb, solutions: bool = True) -> None:
     """Prepare an executed notebook for Jupyter Book (in place).
+
+    solutions=False drops the cells tagged `solution` (a public book without them); the checks
+    keep the outputs they had when the chapter was executed with its solutions.
 
     - A code cell tagged `solution` gets `hide-cell`: its source and outputs sit behind a
       "Show solution" toggle.
@@ -178,6 +190,8 @@ def tag_for_rendering(nb) -> None:
       be opened, so a reader can see which preset produced the page.
     - Progress bars show their final line, not one line per update.
     """
+    if not solutions:
+        nb.cells = [c for c in nb.cells if SOLUTION_TAG not in _tags(c)]
     for cell in nb.cells:
         if cell.cell_type == "code":
             _tidy_streams(cell)
@@ -195,10 +209,9 @@ def tag_for_rendering(nb) -> None:
                 "code_prompt_hide": "Hide the parameters"}
 
 
-def student_version(nb):
-    """A copy of the notebook without the cells tagged `solution` and without any outputs."""
-    nb = nbformat.from_dict(json.loads(json.dumps(nb)))  # deep copy
-    nb.cells = [c for c in nb.cells if SOLUTION_TAG not in _tags(c)]
+def _cleared(nb):
+    """A deep copy of the notebook without outputs or execution counts."""
+    nb = nbformat.from_dict(json.loads(json.dumps(nb)))
     for cell in nb.cells:
         if cell.cell_type == "code":
             cell.outputs = []
@@ -207,19 +220,54 @@ def student_version(nb):
     return nb
 
 
-def write_student_versions(src_dir: str | Path, out_dir: str | Path) -> list[Path]:
-    """Write the exercise version of every notebook in `src_dir` into `out_dir`.
+def student_version(nb):
+    """A copy of the notebook without the cells tagged `solution` and without any outputs.
+
+    The check cells stay, tagged `raises-exception`: until the student completes the scaffold
+    above a check, the check fails, and a run of the whole notebook (nbclient, papermill) goes on
+    past it."""
+    nb = _cleared(nb)
+    nb.cells = [c for c in nb.cells if SOLUTION_TAG not in _tags(c)]
+    for cell in nb.cells:
+        if CHECK_TAG in _tags(cell):
+            _add_tag(cell, "raises-exception")
+    return nb
+
+
+def solutions_version(nb):
+    """The teacher's copy: every cell, the solutions included, without outputs."""
+    return _cleared(nb)
+
+
+def default_book_dir() -> Path:
+    """The chapters' folder: ./book if it exists, else the book/ beside the installed package
+    (a checkout with an editable install)."""
+    here = Path("book")
+    if here.is_dir():
+        return here
+    return Path(__file__).resolve().parent.parent / "book"
+
+
+def write_student_versions(src_dir: str | Path, out_dir: str | Path,
+                           solutions_dir: str | Path | None = None) -> list[Path]:
+    """Write the exercise version of every notebook in `src_dir` into `out_dir`, and, if
+    `solutions_dir` is given, the solutions set there (every notebook with its solutions, no
+    outputs). The two folders must differ, so that the student folder can be handed out.
 
     Cells tagged `solution` are dropped and outputs are cleared (the recorded runs that chapters
-    display ship with the package, metabook/records/). Returns the paths of the notebooks written.
+    display ship with the package, metabook/records/). Returns the paths of the student notebooks.
     """
     src_dir, out_dir = Path(src_dir), Path(out_dir)
     notebooks = sorted(src_dir.glob("*.ipynb"))
     if not notebooks:
-        raise BuildError(f"no notebooks in {src_dir}; run this from the repository root (it holds book/)")
+        raise BuildError(f"no notebooks in {src_dir}; pass the book's folder with --src (the repository's book/)")
+    if solutions_dir is not None and Path(solutions_dir).resolve() == out_dir.resolve():
+        raise BuildError(f"the solutions folder is the student folder ({out_dir}); choose another --solutions")
     written = []
     try:
         out_dir.mkdir(parents=True, exist_ok=True)
+        if solutions_dir is not None:
+            Path(solutions_dir).mkdir(parents=True, exist_ok=True)
         for path in notebooks:
             try:
                 nb = nbformat.read(path, as_version=4)
@@ -228,6 +276,8 @@ def write_student_versions(src_dir: str | Path, out_dir: str | Path) -> list[Pat
             target = out_dir / path.name
             nbformat.write(student_version(nb), target)
             written.append(target)
+            if solutions_dir is not None:
+                nbformat.write(solutions_version(nb), Path(solutions_dir) / path.name)
     except (OSError, shutil.Error) as err:
         raise BuildError(f"cannot write the student notebooks to {out_dir} ({type(err).__name__}: "
                          f"{_one_line(getattr(err, 'strerror', None) or err)}); choose a folder "
@@ -441,12 +491,70 @@ def next_steps_message(plans: str | Path | None = None) -> str:
     return "\n".join(lines)
 
 
+STATS_PAGE = "book/execution_statistics.md"     # a placeholder in the repository; the build writes it
+# The device whose seconds the statistics page shows for a preset (the plan's `seconds` keys).
+STATS_DEVICE = {"smoke": "cpu", "cpu": "cpu", "converged": "t4", "gpu": "t4", "paper": "t4"}
+_DEVICE_WORDS = {"cpu": "one CPU thread, measured", "t4": "T4, estimated"}
+
+
+def execution_statistics_markdown(report: dict, rows: list[dict]) -> str:
+    """The execution-statistics page (Markdown) from a build report (build_report.json: the preset,
+    the seconds and status per chapter) and the written plan's rows (plan.read_plan): one table,
+    a row per chapter, with the seconds this build took and the planner's seconds per seed at
+    each preset it has rows for (on one CPU thread for smoke and cpu, on a T4 for the others)."""
+    from .teach import _fmt, run_seconds
+
+    chapters = report.get("chapters", [])
+    planned = {c["chapter"]: run_seconds(rows, c["chapter"]) for c in chapters}
+    presets = [p for p in STATS_DEVICE if any(p in per for per in planned.values())]
+    preset = report.get("preset", "?")
+    head = ["chapter", f"this build (`{preset}`)"] + [
+        f"plan: `{p}` ({_DEVICE_WORDS[STATS_DEVICE[p]]})" for p in presets]
+    lines = ["# Execution statistics", "",
+             f"This build executed the chapters at the `{preset}` preset on {report.get('started', '?')} "
+             f"(Python {report.get('python', '?')}, {report.get('platform', '?')}). The first column is each "
+             f"whole chapter's wall-clock time in this build; a chapter marked *reused* kept its outputs from "
+             f"an earlier build. The other columns are the planner's seconds for one seed of the chapter's "
+             f"training runs (every arm and one-off stage; not its toys and figures), from the written plan "
+             f"`metabook/plans.json` (`python -m metabook plan --summary`). `-`: the plan has no such "
+             f"estimate.", "",
+             "| " + " | ".join(head) + " |", "|---|" + "---:|" * (len(head) - 1)]
+    total = 0.0
+    for c in chapters:
+        if c.get("status") == "executed" and isinstance(c.get("seconds"), (int, float)):
+            built = _fmt(c["seconds"])
+            total += c["seconds"]
+        else:
+            built = f"*{c.get('status', '?')}*"
+        cells = [f"{{doc}}`{c['chapter']}`", built]
+        for p in presets:
+            sec = planned[c["chapter"]].get(p, {}).get(STATS_DEVICE[p])
+            cells.append(_fmt(sec) if sec is not None else "-")
+        lines.append("| " + " | ".join(cells) + " |")
+    lines += ["", f"The chapters executed in this build took {_fmt(total)} in all."]
+    return "\n".join(lines) + "\n"
+
+
+def write_execution_statistics(src: Path, report: dict, rows: list[dict] | None = None) -> Path | None:
+    """Write the statistics page into the build's copy of the sources (src/STATS_PAGE), if the
+    book has that page (_toc.yml lists it; the repository holds a placeholder). Returns its path."""
+    from .plan import read_plan
+
+    page = Path(src) / STATS_PAGE
+    if not page.exists():
+        return None
+    page.write_text(execution_statistics_markdown(report, read_plan() if rows is None else rows),
+                    encoding="utf-8")
+    return page
+
+
 def _write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
 
 def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Path = "_build",
-               chapters=None, kernel_name: str = "python3", parameters: dict | None = None) -> Path:
+               chapters=None, kernel_name: str = "python3", parameters: dict | None = None,
+               solutions: bool = True) -> Path:
     """Execute the chapters at `preset` and render the book. Returns the path of index.html.
 
     `build_dir` is taken relative to `root` unless it is absolute. Layout:
@@ -457,6 +565,8 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
     notebook from the last build in `executed/` if there is one, else they render without
     outputs. `parameters` are injected next to PRESET (e.g. {"DATASET": "synthetic"}).
     `auto` is resolved here (gpu with CUDA, else cpu), so the report names the real preset.
+    solutions=False renders the book without the solution cells (they are still executed, so the
+    exercise checks run against them).
     """
     if preset not in PRESETS:
         raise BuildError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -531,8 +641,10 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
             pin = pin or (repository_url(root), *book_version(root))
             pin_install_cells(nb, *pin)
             report["install"] = {"url": pin[0], "ref": pin[1]}
-        tag_for_rendering(nb)
+        tag_for_rendering(nb, solutions=solutions)
         nbformat.write(nb, nb_path)
+    report["solutions"] = solutions
+    write_execution_statistics(src, report)
 
     print("[book] jupyter-book build -W -n --keep-going ...", end=" ", flush=True)
     t0 = time.perf_counter()

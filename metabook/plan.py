@@ -14,7 +14,7 @@ one-off stage, at a preset:
                 kernel launches x latency, at the throughput and latency DEVICES assumes.
 
 A one-off stage (Method.prepare) is measured at a small number of its units and at twice that
-(Method.one_off_units) and extrapolated linearly to the configured number. Estimates are per
+(Method.one_off_units: one or more config keys) and extrapolated linearly to the configured numbers. Estimates are per
 seed; a chapter's total multiplies by its seeds. `benchmarks/gpu_check.py` compares the GPU rows
 with measured steps when a GPU is at hand.
 """
@@ -201,19 +201,22 @@ def _step_and_eval(method: Method, cfg: dict, data, timed_steps: int) -> tuple[C
 
 def _one_off(arm, cfg: dict, data, seed: int, time_it: bool = True) -> tuple[Cost, int, str, int, str, str] | None:
     """(cost, units, unit key, peak bytes, peak kind, how it was measured) of the arm's prepare(),
-    or None if it has none."""
+    or None if it has none. Method.one_off_units names the config keys its cost is about linear
+    in, each with a small value: prepare() is measured with every key at its small value and once
+    more per key at twice it, and extrapolated linearly in each key to the configured values (a
+    key configured at most twice its small value is measured as configured)."""
     from .bench import peak_step_bytes
 
     method = arm.factory(cfg)
     if type(method).prepare is Method.prepare:
         return None
     device = data.train.y.device
-    key, small = method.one_off_units or ("", 0)
-    full = cfg[key] if key else 1
-    points = [full] if not key or full <= 2 * small else [small, 2 * small]
+    spec = method.one_off_units or ()
+    pairs = [spec] if spec and isinstance(spec[0], str) else list(spec)
+    scaled = [(k, small) for k, small in pairs if cfg[k] > 2 * small]
+    base = {**cfg, **dict(scaled)}
     costs, peaks = [], []
-    for n in points:
-        c = {**cfg, key: n} if key else cfg
+    for c in [base] + [{**base, k: 2 * small} for k, small in scaled]:
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             method, box = fresh_method(arm, c, data, seed), {}
             peak, kind = peak_step_bytes(lambda: box.setdefault("cost", counted(method.prepare)), device)
@@ -221,12 +224,16 @@ def _one_off(arm, cfg: dict, data, seed: int, time_it: bool = True) -> tuple[Cos
             cost.cpu_s = timed(fresh_method(arm, c, data, seed).prepare, device) if time_it else float("nan")
         costs.append(cost)
         peaks.append(peak)
-    if len(points) == 1:
-        return costs[0], full, key, peaks[0], kind, "measured"
-    a, b = costs
-    per_unit = Cost(max(b.flops - a.flops, 0.0), max(b.launches - a.launches, 0), max(b.cpu_s - a.cpu_s, 0.0)) * (1 / small)
-    return (a + per_unit * (full - small), full, key, max(peaks), kind,
-            f"measured at {key}={small} and {2 * small}, extrapolated linearly to {full}")
+    key = pairs[0][0] if pairs else ""
+    units = cfg[key] if key else 1
+    if not scaled:
+        return costs[0], units, key, peaks[0], kind, "measured"
+    total, a = costs[0], costs[0]
+    for (k, small), b in zip(scaled, costs[1:]):
+        per_unit = Cost(max(b.flops - a.flops, 0.0), max(b.launches - a.launches, 0), max(b.cpu_s - a.cpu_s, 0.0)) * (1 / small)
+        total = total + per_unit * (cfg[k] - small)
+    how = "; ".join(f"{k}: measured at {small:g} and {2 * small:g}, extrapolated linearly to {cfg[k]:g}" for k, small in scaled)
+    return total, units, key, max(peaks), kind, how
 
 
 def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: int = 3) -> list[PlanRow]:
@@ -353,6 +360,36 @@ def summary_markdown(rows: list[dict]) -> str:
 BOOK_CHAPTERS = {"02_baseline": ("baseline", "depth"), "03_local_losses": ("local_losses",),
                  "04_instance_lr": ("instance_lr",), "05_online_loss": ("online_loss",),
                  "06_grad_instructor": ("grad_instructor",), "07_meta_hf": ("meta_hf",), "08_compare": ("compare",)}
+
+
+def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
+    """The planner checked against a recorded run of the same config on the CPU: per arm, the
+    planned seconds of its training steps (one CPU thread, evaluations left out) and of its
+    one-off stage against the run's measured ones (seed means), and measured / planned. Rows whose
+    config hash differs from the run's arm are skipped (the plan is of another config)."""
+    out = []
+    from .methods import chapter_module
+
+    arm_cfgs = {n: {**exp.cfg, **a.changes} for exp in chapter_module(record["chapter"]).experiments(record["config"])
+                for n, a in exp.arms.items()}
+    for name, arm in record["arms"].items():
+        mine = [r for r in rows if r["chapter"] == record["chapter"] and r["preset"] == record["preset"]
+                and r["arm"] == name]
+        train = next((r for r in mine if r["stage"] == "train"), None)
+        if train is None or "cpu" not in train["seconds"]:
+            continue
+        own = arm_cfgs.get(name, arm_cfgs.get(record.get("reference_arm", "baseline")))    # same-time: the reference's
+        if train["config_sha"] != config_sha(own):
+            continue
+        planned = train["seconds"]["cpu"] - train["eval_seconds"].get("cpu", 0.0)
+        measured = arm["train_seconds"]["mean"]
+        row = {"arm": name, "steps": arm["steps"], "planned_s": planned, "measured_s": measured,
+               "ratio": measured / planned if planned else float("nan")}
+        stage = next((r for r in mine if r["stage"] == "one_off"), None)
+        if stage is not None:
+            row.update(one_off_planned_s=stage["seconds"]["cpu"], one_off_measured_s=arm["one_off_seconds"]["mean"])
+        out.append(row)
+    return out
 
 
 def read_plan(path=PLAN_FILE) -> list[dict]:

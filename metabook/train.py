@@ -127,8 +127,9 @@ class Method:
     name = "method"
     uses_meta = False             # does step() need the loop's meta batch?
     # The config key that counts the repeated units of prepare() (its cost is about linear in it),
-    # and a small value of it: the planner measures prepare() at that value and at twice it.
-    one_off_units: tuple[str, int] | None = None
+    # and a small value of it: the planner measures prepare() at that value and at twice it. Or
+    # several such (key, small) pairs, when the cost is linear in each (plan._one_off).
+    one_off_units: tuple | None = None
 
     def setup(self, ctx: Context) -> None:
         self.ctx, self.model = ctx, ctx.model

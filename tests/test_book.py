@@ -21,9 +21,11 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from metabook.build import (PRESETS, BuildError, build_book, chapters_from_toc, kernel_environment,
+from metabook.build import (PRESETS, STATS_PAGE, BuildError, build_book, chapters_from_toc,
+                            execution_statistics_markdown, kernel_environment, solutions_version,
                             student_version, tag_for_rendering, temporary_environ,
-                            write_student_versions)
+                            write_execution_statistics, write_student_versions)
+from metabook.teach import chapter_times_markdown, chapter_words, reading_minutes, run_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
 SANITIZE = ROOT / "tests" / "nbval_sanitize.cfg"
@@ -120,6 +122,194 @@ def test_render_tags_hide_solutions_and_injected_parameters_and_tidy_progress_ba
     assert "hide-cell" not in _tags(nb.cells[3])
     assert [o.text for o in nb.cells[3].outputs] == ["train 100%|##|\n", "done\n"]
     assert [c.source for c in student_version(nb).cells] == ["PRESET = 'smoke'", "y = 2"]
+
+
+# --------------------------------------------------------------------------------------------
+# The teaching kit: objectives and times, numbered exercises, checks, student and solutions sets
+# --------------------------------------------------------------------------------------------
+
+
+def _chapter_number(path: Path) -> str:
+    return path.stem[:2].lstrip("0")
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_chapter_opens_with_objectives_prerequisites_and_a_generated_time_table(path):
+    nb = nbformat.read(path, as_version=4)
+    top = nb.cells[1]
+    assert top.cell_type == "markdown" and "After this chapter you can" in top.source, (
+        f"{path.name}: the cell after the title must state the learning objectives")
+    objectives = [line for line in top.source.splitlines() if line.startswith("- ")]
+    assert 3 <= len(objectives) <= 5, f"{path.name}: {len(objectives)} objectives, want 3 to 5"
+    assert "**Prerequisites.**" in top.source, f"{path.name}: no prerequisites"
+    code = _code_cells(nb)
+    assert f'chapter_times("{path.stem}")' in code[1].source, (
+        f"{path.name}: the code cell after the install cell must call chapter_times({path.stem!r})")
+
+
+def test_chapter_times_sum_the_plan_over_a_chapters_experiments():
+    def row(chapter, preset, cpu, t4=None):
+        return {"chapter": chapter, "preset": preset, "seconds": {"cpu": cpu, **({"t4": t4} if t4 else {})}}
+
+    rows = [row("baseline", "smoke", 10, 0.5), row("depth", "smoke", 20, 1.5), row("baseline", "cpu", 600, 30),
+            row("depth", "gpu", 5, 100), row("instance_lr", "cpu", 7200, 60)]
+    assert run_seconds(rows, "02_baseline") == {"smoke": {"cpu": 30, "t4": 2.0}}   # cpu lacks depth, gpu baseline
+    assert run_seconds(rows, "01_meta_gradients") == {}
+    text = chapter_times_markdown("02_baseline", rows, nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_markdown_cell("word " * 160), nbformat.v4.new_code_cell("x = 1"),
+        nbformat.v4.new_code_cell("many words " * 500, metadata={"tags": ["solution"]})]))
+    assert "| `smoke` | 30 s | 2 s |" in text and "`cpu`" not in text
+    assert "about 5 min (163 words" in text
+    assert "| `cpu` | 2.0 h |" in chapter_times_markdown("04_instance_lr", rows)
+    assert "no CIFAR-10 experiment" in chapter_times_markdown("01_meta_gradients", rows)
+    assert reading_minutes(0) == 5 and reading_minutes(751) == 10 and reading_minutes(1500) == 10
+
+
+def test_chapter_times_of_the_real_plan_cover_every_experiment_chapter():
+    from metabook.plan import BOOK_CHAPTERS, read_plan
+
+    rows = read_plan()
+    for chapter in BOOK_CHAPTERS:
+        assert "cpu" in run_seconds(rows, chapter), f"{chapter}: no cpu time in metabook/plans.json"
+    nb = nbformat.read(CHAPTERS[0], as_version=4)
+    assert 1000 < chapter_words(nb) < 20000
+
+
+def _exercise_cells(nb) -> dict[str, dict[str, object]]:
+    """{exercise number: {"heading"|"scaffold"|"solution"|"check": cell}} from metadata.exercise."""
+    found: dict[str, dict[str, object]] = {}
+    for cell in nb.cells:
+        number = cell.get("metadata", {}).get("exercise")
+        if number is None:
+            continue
+        kind = "heading" if cell.cell_type == "markdown" else next(
+            (t for t in ("scaffold", "solution", "check") if t in _tags(cell)), None)
+        assert kind is not None, f"exercise {number}: a code cell with no scaffold/solution/check tag"
+        assert kind not in found.setdefault(number, {}), f"exercise {number}: two {kind} cells"
+        found[number][kind] = cell
+    return found
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_exercises_are_numbered_and_linkable(path):
+    nb = nbformat.read(path, as_version=4)
+    exercises = _exercise_cells(nb)
+    n = _chapter_number(path)
+    assert list(exercises) == [f"{n}.{k}" for k in range(1, len(exercises) + 1)], list(exercises)
+    for number, cells in exercises.items():
+        label = f"(ex-{number.replace('.', '-')})="
+        lines = cells["heading"].source.splitlines()
+        assert lines[0] == label and lines[1].startswith(f"### Exercise {number}: "), lines[:2]
+        if "scaffold" in cells:
+            order = [nb.cells.index(cells[k]) for k in ("heading", "scaffold", "solution", "check")]
+            assert order == sorted(order), f"exercise {number}: want heading, scaffold, solution, check"
+            assert "with a check" in lines[1]
+    assert any("scaffold" in cells for cells in exercises.values()), f"{path.name}: no exercise with a check"
+
+
+class _Wrong:
+    """An answer a little off: 5% off for numbers and tensors, one more for whole numbers."""
+
+    def __init__(self, fn):
+        self.fn = fn
+
+    def __call__(self, *args, **kwargs):
+        out = self.fn(*args, **kwargs)
+        return out + 1 if isinstance(out, int) else out * 1.05
+
+
+@pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
+def test_exercise_checks_pass_with_the_solution_only(path):
+    """Every check fails after its scaffold (unfilled) and after a slightly wrong answer, and
+    passes after its solution. The chapters' setup cells import torch; the checks import the rest."""
+    import torch
+
+    nb = nbformat.read(path, as_version=4)
+    for number, cells in _exercise_cells(nb).items():
+        if "scaffold" not in cells:
+            continue
+        name = next(node.name for node in ast.parse(cells["scaffold"].source).body
+                    if isinstance(node, ast.FunctionDef))
+        for answer in ("scaffold", "wrong"):
+            ns = {"torch": torch}
+            exec(cells["scaffold"].source, ns)
+            if answer == "wrong":
+                exec(cells["solution"].source, ns)
+                ns[name] = _Wrong(ns[name])
+            with pytest.raises((AssertionError, NotImplementedError, TypeError)):
+                exec(cells["check"].source, ns)
+        ns = {"torch": torch}
+        exec(cells["scaffold"].source, ns)
+        exec(cells["solution"].source, ns)
+        exec(cells["check"].source, ns)          # raises if the solution does not pass
+
+
+def test_student_cli_works_from_any_folder_and_writes_the_solutions_apart(tmp_path, monkeypatch, capsys):
+    from metabook.__main__ import main
+
+    monkeypatch.chdir(tmp_path)
+    assert main(["student", "class", "--src", str(ROOT / "book")]) == 0
+    written = sorted((tmp_path / "class").glob("*.ipynb"))
+    assert [p.name for p in written] == sorted(p.name for p in (ROOT / "book").glob("*.ipynb"))
+    for path in written:
+        original = nbformat.read(ROOT / "book" / path.name, as_version=4)
+        student = nbformat.read(path, as_version=4)
+        checks = [c for c in student.cells if "check" in _tags(c)]
+        assert len(checks) == sum("check" in _tags(c) for c in original.cells)
+        assert all("raises-exception" in _tags(c) for c in checks)
+        key = nbformat.read(tmp_path / "class-solutions" / path.name, as_version=4)
+        assert [c.source for c in key.cells] == [c.source for c in original.cells]
+        assert all(not c.outputs for c in _code_cells(key))
+    assert "class-solutions" in capsys.readouterr().out
+    assert main(["student", "elsewhere", "--src", str(tmp_path / "nothing")]) == 1
+    assert "--src" in capsys.readouterr().err
+    assert main(["student", "a", "--src", str(ROOT / "book"), "--solutions", "a"]) == 1
+    from metabook.__main__ import _parser
+    assert _parser().parse_args(["build", "--no-solutions"]).no_solutions
+
+
+def test_a_book_without_solutions_drops_them_and_keeps_the_checks():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("def f(): return None", metadata={"tags": ["scaffold"]}),
+        nbformat.v4.new_code_cell("def f(): return 1", metadata={"tags": ["solution"]}),
+        nbformat.v4.new_markdown_cell("Why", metadata={"tags": ["solution"]}),
+        nbformat.v4.new_code_cell("assert f() == 1", metadata={"tags": ["check"]}),
+    ])
+    key = solutions_version(nb)
+    tag_for_rendering(nb, solutions=False)
+    assert [c.source for c in nb.cells] == ["def f(): return None", "assert f() == 1"]
+    assert len(key.cells) == 4
+
+
+def test_execution_statistics_page_from_the_build_report_and_the_plan(tmp_path):
+    report = {"preset": "smoke", "started": "2026-12-03T18:00:00", "python": "3.11.7", "platform": "Linux",
+              "chapters": [{"chapter": "01_meta_gradients", "status": "executed", "seconds": 42.04},
+                           {"chapter": "02_baseline", "status": "reused", "seconds": None},
+                           {"chapter": "04_instance_lr", "status": "executed", "seconds": 80.0}]}
+    rows = [{"chapter": c, "preset": p, "seconds": {"cpu": s, "t4": s / 50}}
+            for c, p, s in (("baseline", "cpu", 600), ("depth", "cpu", 300), ("instance_lr", "cpu", 1200),
+                            ("instance_lr", "gpu", 9000))]
+    page = execution_statistics_markdown(report, rows)
+    assert page.startswith("# Execution statistics\n") and "`smoke` preset" in page
+    table = [line for line in page.splitlines() if line.startswith("| {doc}")]
+    assert table == ["| {doc}`01_meta_gradients` | 42 s | - | - |",
+                     "| {doc}`02_baseline` | *reused* | 15 min | - |",
+                     "| {doc}`04_instance_lr` | 80 s | 20 min | 3 min |"], table
+    assert "plan: `cpu` (one CPU thread, measured)" in page and "plan: `gpu` (T4, estimated)" in page
+    assert "took 2 min in all" in page                      # 42 + 80 s: the reused chapter is not counted
+    assert write_execution_statistics(tmp_path, report, rows) is None          # a book without the page
+    (tmp_path / STATS_PAGE).parent.mkdir(parents=True)
+    (tmp_path / STATS_PAGE).write_text("placeholder")
+    assert write_execution_statistics(tmp_path, report, rows).read_text() == page
+
+
+def test_toc_lists_the_execution_statistics_page():
+    import yaml
+
+    toc = yaml.safe_load((ROOT / "_toc.yml").read_text())
+    files = [ch["file"] for part in toc["parts"] for ch in part["chapters"]]
+    assert files[-1] == STATS_PAGE.removesuffix(".md") and (ROOT / STATS_PAGE).exists()
+    assert "placeholder" in (ROOT / STATS_PAGE).read_text()
 
 
 # --------------------------------------------------------------------------------------------
@@ -332,13 +522,25 @@ def test_pages_render_math_and_figures_in_headless_chromium(built, tmp_path):
 
 @pytest.mark.book
 def test_student_version_of_cheapest_chapter_executes(built, tmp_path):
+    """The student copy runs to its end; only its checks fail (their scaffolds are not filled in,
+    and they are tagged raises-exception, so the run goes on; papermill then reports the first)."""
     import papermill
 
     report = json.loads((built / "build_report.json").read_text())
     cheapest = min(report["chapters"], key=lambda c: c["seconds"])["chapter"]
     written = write_student_versions(ROOT / "book", tmp_path / "student")
     student = next(p for p in written if p.stem == cheapest)
+    out = tmp_path / f"{cheapest}.out.ipynb"
     with temporary_environ(kernel_environment(ROOT)):
-        papermill.execute_notebook(str(student), str(tmp_path / f"{cheapest}.out.ipynb"),
-                                   parameters={"PRESET": "smoke", **({} if os.environ.get("METABOOK_DATA") else {"DATASET": "synthetic"})}, cwd=str(student.parent),
-                                   progress_bar=False, log_output=False)
+        try:
+            papermill.execute_notebook(str(student), str(out),
+                                       parameters={"PRESET": "smoke", **({} if os.environ.get("METABOOK_DATA") else {"DATASET": "synthetic"})}, cwd=str(student.parent),
+                                       progress_bar=False, log_output=False)
+        except papermill.PapermillExecutionError:
+            pass
+    code = _code_cells(nbformat.read(out, as_version=4))
+    assert all(c.execution_count for c in code), f"{cheapest}: the student copy did not run to its end"
+    failed = [c for c in code if any(o.output_type == "error" for o in c.outputs)]
+    checks = [c for c in code if "check" in _tags(c)]
+    assert checks and failed == checks, (
+        f"{cheapest}: want exactly the checks to fail, got {[c.source.splitlines()[0] for c in failed]}")

@@ -148,12 +148,12 @@ def test_the_landing_page_shows_the_verdicts_the_records_give():
 
 @pytest.fixture(scope="module")
 def small_converged():
-    """instance_lr at the converged preset, shrunk to seconds: 2 seeds on 320 synthetic images."""
+    """instance_lr at the converged preset, shrunk to seconds: 3 seeds on 320 synthetic images."""
     from metabook.methods import run_chapter
 
     small = {"dataset": "synthetic", "train_size": 320, "meta_size": 64, "val_size": 64, "heldout_size": 100,
              "test_size": 100, "batch_size": 32, "width": 8, "epochs": 0.5, "eval_every": 0.5}
-    return run_chapter("instance_lr", "converged", [0, 1], None, small, progress=False,
+    return run_chapter("instance_lr", "converged", [0, 1, 2], None, small, progress=False,
                        dataset=make_synthetic(1200, 300, seed=0))
 
 
@@ -180,9 +180,22 @@ def test_a_converged_record_takes_its_methods_row_of_the_landing_table(small_con
     row = next(line for line in after.splitlines() if "instance_lr <" in line)
     d = summarise("instance_lr", small_converged)["versus"]["control"]
     assert f"| baseline_clean | {100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] | {d['verdict']} |" in row
-    assert "converged record: 320 images, 0.5 epochs, 2 seeds, 100 held-out images" in row
+    assert "converged record: 320 images, 0.5 epochs, 3 seeds, 100 held-out images" in row
     others = lambda text: [line for line in text.splitlines() if "instance_lr <" not in line]
     assert others(after) == others(before) and before != after
+
+
+def test_a_converged_record_with_too_few_seeds_is_shown_but_decides_nothing(small_converged, tmp_path):
+    from metabook.methods.compare import MIN_SEEDS, converged_report, verdicts_markdown
+    from metabook.results import latest_recorded, write_result
+
+    one = {**small_converged, "seeds": [0]}                      # as if only seed 0 had landed
+    assert MIN_SEEDS > 1
+    bench = latest_recorded("compare", "cpu")
+    write_result(one, tmp_path / "instance_lr-converged")
+    row = next(line for line in verdicts_markdown(bench, results_dir=tmp_path).splitlines() if "instance_lr <" in line)
+    assert "cpu bench" in row and f"its converged record has 1 of {MIN_SEEDS} seeds so far" in row
+    assert f"**In progress: 1 of at least {MIN_SEEDS} seeds.**" in converged_report("instance_lr", one)
 
 
 def test_a_chapter_without_a_converged_record_says_so_with_the_command(tmp_path):

@@ -91,7 +91,8 @@ class GradInstructor(PlainBP):
     prepare() on this run's split, or the `enn` given (e.g. a recorded one)."""
 
     name = "grad_instructor"
-    one_off_units = ("gi.episodes", 8)
+    # the critic's episodes, and the replays of the target's run (gi.starts=trajectory), as long as the run
+    one_off_units = (("gi.episodes", 8), ("epochs", 1.0))
 
     def __init__(self, cfg: dict, enn: ENN | None = None):
         super().__init__(cfg)
