@@ -291,7 +291,9 @@ def slurm_parameters(unit: Unit, res: dict, timeout_min: int = 240, partition: s
 # ----------------------------------------------------------------------------- engines
 
 class LocalEngine:
-    """A process pool on this machine (spawned workers, one thread each unless OMP_NUM_THREADS says)."""
+    """A process pool on this machine (spawned workers, one thread each unless OMP_NUM_THREADS says).
+    A worker that dies breaks the pool: every unit in flight then counts as died, and each resumes
+    from its checkpoint in a new pool."""
 
     def __init__(self, workers: int):
         self.workers, self.pool = workers, None

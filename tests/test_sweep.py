@@ -20,7 +20,7 @@ TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "batch_size"
         "test_size": 100, "heldout_size": 100, "epochs": 1.0, "eval_every": 1.0}
 ILR = {**TINY, "ilr.arms": "baseline,instance_lr", "ilr.same_time": "true"}
 # baseline on an MLP: a few milliseconds a step; lr=1e12 makes it diverge at once
-MLP = {**TINY, "model": "mlp", "batchnorm": "false", "momentum": "0", "epochs": 12.0, "checkpoint_every": 4}
+MLP = {**TINY, "model": "mlp", "batchnorm": "false", "momentum": "0", "epochs": 30.0, "checkpoint_every": 4}
 
 
 def sets(overrides: dict) -> list[str]:
