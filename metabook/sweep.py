@@ -477,6 +477,13 @@ def sweep(chapters: list[str], preset: str, seeds: list[int], out, overrides: di
 
     if engine not in ENGINES:
         raise ConfigError(f"unknown engine {engine!r}; choose one of: {', '.join(ENGINES)}")
+    package = {"ray": "ray", "slurm": "submitit"}.get(engine)
+    if package:
+        try:
+            __import__(package)
+        except ImportError:
+            raise ConfigError(f"--engine {engine} needs {package}, which is not installed: pip install "
+                              f"'metabook[sweep]' (or use --engine local)") from None
     out = Path(out)
     records = plan_units(chapters, preset, seeds, overrides or {}, parse_grid(grid), out)
     units = [u for r in records for u in r.units]

@@ -141,6 +141,16 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys, tmp_path, monkeyp
     assert not (tmp_path / "o").exists()
 
 
+def test_an_engine_whose_package_is_missing_is_one_line_naming_the_extra(capsys, tmp_path, monkeypatch):
+    import sys
+
+    monkeypatch.setitem(sys.modules, "submitit", None)          # as if not installed: import fails
+    assert main(["sweep", "baseline", "--preset", "smoke", "--out", str(tmp_path / "o"), "--engine", "slurm"]) == 2
+    err = capsys.readouterr().err.strip()
+    assert err == ("error: --engine slurm needs submitit, which is not installed: pip install 'metabook[sweep]' "
+                   "(or use --engine local)")
+
+
 # ----------------------------------------------------------------------------- the records
 
 def test_local_sweep_of_two_chapters_writes_the_records_run_writes(tmp_path):
