@@ -372,6 +372,8 @@ class Cost:
     timer: str                         # "cuda events" | "perf_counter"
     peak_memory_bytes: int = 0
     peak_memory_kind: str = ""
+    train_cpu_seconds: float | None = None     # the process's CPU seconds in the steps (CPU runs only)
+    one_off_cpu_seconds: float | None = None
 
 
 @dataclass
@@ -411,19 +413,21 @@ class ArmSummary:
 
 class StepTimer:
     """Seconds of each timed region. On CUDA: a pair of events per region, read once per window
-    (no synchronisation per step); elsewhere perf_counter."""
+    (no synchronisation per step); elsewhere perf_counter, and the process's CPU seconds in the
+    regions (`cpu`: what the planner's cpu column estimates, robust to other jobs on the machine)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
         self.kind = "cuda events" if self.cuda else "perf_counter"
         self.pending: list = []
+        self.cpu = 0.0
 
     def start(self):
         if self.cuda:
             self._t0 = torch.cuda.Event(enable_timing=True)
             self._t0.record()
         else:
-            self._t0 = time.perf_counter()
+            self._t0, self._c0 = time.perf_counter(), time.process_time()
 
     def stop(self):
         if self.cuda:
@@ -432,6 +436,7 @@ class StepTimer:
             self.pending.append((self._t0, t1))
         else:
             self.pending.append(time.perf_counter() - self._t0)
+            self.cpu += time.process_time() - self._c0
 
     def collect(self) -> list[float]:
         """The seconds of the regions timed since the last collect (synchronises once on CUDA)."""
@@ -546,6 +551,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     method.setup(ctx)
 
     step, history, elapsed, step_times, one_off = 0, [], 0.0, [], 0.0
+    cpu = {"train": 0.0, "one_off": 0.0}          # process CPU seconds of the steps and the stage (CPU runs)
     running: dict[str, float] = {"n": 0}
     identity = {"config": _comparable(cfg), "seed": seed, "method": method.name, "data": data.info.get("fingerprint")}
     ckpt_path = Path(out_dir) / "checkpoint.pt" if out_dir else None
@@ -553,7 +559,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
     def save(step_done: int):
         ckpt_path.parent.mkdir(parents=True, exist_ok=True)
         save_atomic({**identity, "step": step_done, "model": model.state_dict(),
-                      "method_state": method.state_dict(), "history": history, "elapsed": elapsed,
+                      "method_state": method.state_dict(), "history": history, "elapsed": elapsed, "cpu": cpu,
                       "one_off": one_off, "step_times": step_times, "running": running,
                       "rng": torch.get_rng_state(),
                       "cuda_rng": torch.cuda.get_rng_state(device) if device.type == "cuda" else None},
@@ -568,18 +574,19 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
         model.load_state_dict(ck["model"])
         method.load_state_dict(ck["method_state"])
         step, history, elapsed, step_times = ck["step"], ck["history"], ck["elapsed"], ck["step_times"]
+        cpu = ck.get("cpu", {"train": float("nan"), "one_off": float("nan")})    # older checkpoints: unknown
         one_off, running = ck["one_off"], ck["running"]
         torch.set_rng_state(ck["rng"])
         if device.type == "cuda" and ck.get("cuda_rng") is not None:
             torch.cuda.set_rng_state(ck["cuda_rng"].cpu(), device)
     else:
         seed_everything(seed)
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             method.prepare()                 # the one-off stage: its own RNG, its own clock
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        one_off = time.perf_counter() - t0
+        one_off, cpu["one_off"] = time.perf_counter() - t0, time.process_time() - c0
         if ckpt_path and type(method).prepare is not Method.prepare:     # never redo a one-off stage
             save(0)
 
@@ -595,6 +602,8 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
         times = timer.collect()
         step_times.extend(times)
         elapsed += sum(times)
+        cpu["train"] += timer.cpu
+        timer.cpu = 0.0
         for key, values in check_window(window).items():
             for v in values:                  # in step order, as a running Python sum
                 running[key] = running.get(key, 0.0) + v
@@ -668,7 +677,8 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
         metrics.update(heldout_acc=correct.double().mean().item(), heldout_loss=losses.double().mean().item())
     cost = Cost(steps=step, epochs=step / spe, train_seconds=elapsed, one_off_seconds=one_off,
                 seconds_per_step=float(np.median(warm)), seconds_per_step_mean=float(np.mean(warm)),
-                timer=timer.kind)
+                timer=timer.kind, **({} if timer.cuda else {"train_cpu_seconds": cpu["train"],
+                                                             "one_off_cpu_seconds": cpu["one_off"]}))
     return asdict(ArmRun(metrics=metrics, history=history, cost=cost, stopped_early=stopped, diverged=diverged,
                          heldout_correct=pack_bits(correct) if len(correct) else ""))
 

@@ -180,7 +180,8 @@ CASES = [
     ("toc-no-root", "build --preset smoke", toc("- file: a\n- file: b\n"), ["_toc.yml", "no `root:` entry"]),
     ("toc-missing-page", "build --preset smoke", toc("root: intro\n"), ["_toc.yml lists 'intro'"]),
     ("student-into-a-file", "student {tmp}/file", notebooks_and_file, ["cannot write the student notebooks to {tmp}/file"]),
-    ("student-without-book", "student {tmp}/out", None, ["no notebooks in book"]),
+    ("student-src-without-notebooks", "student {tmp}/out --src {tmp}/empty", lambda tmp: (tmp / "empty").mkdir(),
+     ["no notebooks in {tmp}/empty", "--src"]),
 ]
 
 

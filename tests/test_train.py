@@ -186,6 +186,9 @@ class FakeClock:
     def perf_counter(self):
         return self.now
 
+    def process_time(self):                 # the fake sleeps are busy: CPU time is the clock's
+        return self.now
+
     def sleep(self, seconds):
         self.now += seconds
 
@@ -224,6 +227,8 @@ def test_one_off_stage_and_diagnostics_stay_outside_the_step_time(synthetic, clo
     assert res["cost"]["one_off_seconds"] == pytest.approx(0.3)
     assert res["cost"]["train_seconds"] == pytest.approx(20 * 0.01)     # 4 evaluations x 0.2 s are not in it
     assert res["cost"]["seconds_per_step"] == pytest.approx(0.01)
+    assert res["cost"]["train_cpu_seconds"] == pytest.approx(20 * 0.01)     # the CPU meter: the same steps
+    assert res["cost"]["one_off_cpu_seconds"] == pytest.approx(0.3)
     assert [row["slow_diagnostic"] for row in res["history"]] == [1.0] * 4
     assert clock.now == pytest.approx(0.3 + 0.2 + 4 * 0.2)
 
@@ -486,3 +491,13 @@ def test_the_record_holds_heldout_accuracy_and_which_images_were_right(synthetic
     model, res = run_tiny(synthetic, {"heldout_size": 300})
     data = prepare_data(chapter_config("baseline", "smoke", {**TINY, "heldout_size": 300}), 0, torch.device("cpu"), synthetic)
     assert res["metrics"]["heldout_acc"] == per_example(model, data.heldout)[0].double().mean().item()
+
+
+def test_a_cpu_run_records_the_cpu_seconds_of_its_steps(synthetic):
+    """The planner's cpu column is CPU time; the record keeps the CPU seconds of the same steps
+    (so the two compare on a loaded machine). One thread: they cannot exceed the wall-clock by
+    more than the timer's resolution."""
+    rec, res = run_tiny(synthetic, {"epochs": 1.0})
+    cost = res["cost"]
+    assert 0 < cost["train_cpu_seconds"] <= cost["train_seconds"] * torch.get_num_threads() + 0.05
+    assert cost["one_off_cpu_seconds"] is not None

@@ -294,6 +294,10 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
                      f"{100 * c['double_acc']:.1f}% at {c['double_epochs']:g}, a ratio of {c['ratio']:.3f}: "
                      + ("**converged** (at least 0.97)." if c["converged"] else
                         "**not converged** (below 0.97): this budget is still the start of training."))
+        if c["double_acc"] < c["acc"]:
+            lines.append("Twice the epochs *lowers* the baseline's accuracy here (it over-trains), so the baseline "
+                         "given the method's wall-clock, which trains for more epochs still, is a weaker reference "
+                         "than the baseline at equal epochs.")
     except RecordError as err:
         lines.append(f"Convergence check: not in this record ({err}).")
     lines += ["", "| against | arm | difference (points, 95% interval) | verdict | how |", "|---|---|---|---|---|"]
