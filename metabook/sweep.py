@@ -224,19 +224,20 @@ def _run_unit(unit: Unit) -> int | None:
         method = fresh_method(arm, {**exp.cfg, **arm.changes}, data, unit.seed)
         method.ctx.cache_dir = out / "cache"
         seed_everything(unit.seed)                     # as train() does before prepare(), timed as it does
-        t0 = time.perf_counter()
+        t0, c0 = time.perf_counter(), time.process_time()
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             method.prepare()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
-        write_json({"stage": unit.stage_arm, "one_off_seconds": time.perf_counter() - t0},
+        write_json({"stage": unit.stage_arm, "one_off_seconds": time.perf_counter() - t0,
+                    "one_off_cpu_seconds": time.process_time() - c0 if device.type != "cuda" else None},
                    out / "runs" / f"{unit.arm}-seed{unit.seed}.json")
         return None
     one_off = None            # an arm whose stage another unit ran is charged that stage's time
     for name in unit.after:
         if "/stage-" in name or name.startswith("stage-"):
             stage = json.loads((out / "runs" / f"{name.split('/')[-1]}.json").read_text())
-            one_off = stage["one_off_seconds"]
+            one_off = {k: stage[k] for k in ("one_off_seconds", "one_off_cpu_seconds") if stage.get(k) is not None}
     costs = {}
     if unit.arm == "baseline_same_time" and not exp.cfg["same_time_steps"]:
         for name in (exp.same_time_for, exp.reference):
@@ -247,7 +248,7 @@ def _run_unit(unit: Unit) -> int | None:
     ckpt = out / "runs" / f"{unit.arm}-seed{unit.seed}" / "checkpoint.pt"
     resumed = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None
     run_arm_seed(unit.arm, exp.arms.get(unit.arm, exp.arms[exp.reference]), arm_cfg, data, unit.seed, out,
-                 progress=False, one_off_seconds=one_off)
+                 progress=False, one_off=one_off)
     return resumed
 
 

@@ -823,12 +823,13 @@ def arm_seed_config(name: str, arm_cfgs: dict[str, dict], cfg: dict, seed: int, 
 
 
 def run_arm_seed(name: str, arm: Arm, arm_cfg: dict, data: RunData, seed: int, out: Path | None,
-                 progress: bool = True, one_off_seconds: float | None = None) -> dict:
+                 progress: bool = True, one_off: dict | None = None) -> dict:
     """One (arm, seed): trained with `arm_cfg` on `data` (resumed from out/runs/<name>-seed<S>/
     checkpoint.pt if there), or read back if out/runs/<name>-seed<S>.json holds it finished with
     the same config. A new run is saved there (and its per-example arrays beside it). Returns the run.
-    `one_off_seconds`: what its one-off stage cost where another process ran it and left it in
-    out/cache (a sweep's shared stage), recorded in place of the time prepare() took to load it."""
+    `one_off` ({"one_off_seconds", "one_off_cpu_seconds"}): what its one-off stage cost where
+    another process ran it and left it in out/cache (a sweep's shared stage), recorded in place of
+    the time prepare() took to load it."""
     from .results import write_json
 
     config = {**_comparable(arm_cfg), "data": data.info.get("fingerprint")}
@@ -844,8 +845,8 @@ def run_arm_seed(name: str, arm: Arm, arm_cfg: dict, data: RunData, seed: int, o
                 out_dir=out / "runs" / f"{name}-seed{seed}" if out else None,
                 desc=f"{name} seed {seed}", cache_dir=out / "cache" if out else None)
     res["cost"].update(peak_memory_bytes=peak, peak_memory_kind=peak_kind)
-    if one_off_seconds is not None:
-        res["cost"]["one_off_seconds"] = one_off_seconds
+    if one_off is not None:
+        res["cost"].update({k: v for k, v in one_off.items() if k in res["cost"]})
     res["seed"], res["config"] = seed, config      # a resumed run must have the same config
     with torch.no_grad():
         res["extras"] = method.extras(data.streams())

@@ -185,6 +185,7 @@ def test_a_shared_stage_unit_makes_the_enn_its_arm_loads(tmp_path):
     assert "cache" in run["extras"]["enn"]["loaded_from"]          # trained once, by the stage
     stage_run = json.loads((tmp_path / "grad_instructor" / "runs" / f"{stage.arm}-seed0.json").read_text())
     assert run["cost"]["one_off_seconds"] == stage_run["one_off_seconds"] > 0    # ... and charged to the arm
+    assert run["cost"]["one_off_cpu_seconds"] == stage_run["one_off_cpu_seconds"] > 0
 
 
 # ----------------------------------------------------------------------------- faults, on Ray
