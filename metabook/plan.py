@@ -365,7 +365,8 @@ BOOK_CHAPTERS = {"02_baseline": ("baseline", "depth"), "03_local_losses": ("loca
 def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
     """The planner checked against a recorded run of the same config on the CPU: per arm, the
     planned seconds of its training steps (one CPU thread, evaluations left out) and of its
-    one-off stage against the run's measured ones (seed means), and measured / planned. Rows whose
+    one-off stage against the run's measured ones (seed means: CPU seconds where the record kept
+    them, robust to other jobs; else wall-clock, `measured_as`), and measured / planned. Rows whose
     config hash differs from the run's arm are skipped (the plan is of another config)."""
     out = []
     from .methods import chapter_module
@@ -382,12 +383,15 @@ def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
         if train["config_sha"] != config_sha(own):
             continue
         planned = train["seconds"]["cpu"] - train["eval_seconds"].get("cpu", 0.0)
-        measured = arm["train_seconds"]["mean"]
+        cpu = "train_cpu_seconds" in arm            # CPU seconds where the run kept them, else wall-clock
+        measured = arm["train_cpu_seconds" if cpu else "train_seconds"]["mean"]
         row = {"arm": name, "steps": arm["steps"], "planned_s": planned, "measured_s": measured,
+               "measured_as": "cpu time" if cpu else "wall-clock",
                "ratio": measured / planned if planned else float("nan")}
         stage = next((r for r in mine if r["stage"] == "one_off"), None)
         if stage is not None:
-            row.update(one_off_planned_s=stage["seconds"]["cpu"], one_off_measured_s=arm["one_off_seconds"]["mean"])
+            key = "one_off_cpu_seconds" if "one_off_cpu_seconds" in arm else "one_off_seconds"
+            row.update(one_off_planned_s=stage["seconds"]["cpu"], one_off_measured_s=arm[key]["mean"])
         out.append(row)
     return out
 

@@ -926,6 +926,9 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
         for key in ("heldout_acc", "heldout_loss", "target_acc", "target_acc_prior"):
             if all(key in r["metrics"] for r in runs):
                 arms_out[name][key] = seed_stats([r["metrics"][key] for r in runs])
+        for key in ("train_cpu_seconds", "one_off_cpu_seconds"):     # CPU runs: what the planner's cpu column estimates
+            if all(r["cost"].get(key) is not None for r in runs):
+                arms_out[name][key] = seed_stats([r["cost"][key] for r in runs])
         if all(r.get("heldout_correct") for r in runs):
             arms_out[name]["heldout_correct"] = {str(r["seed"]): r["heldout_correct"] for r in runs}
         if any(r.get("extras") for r in runs):

@@ -239,6 +239,7 @@ def test_plan_against_run_pairs_each_arm_with_its_planned_steps(synthetic):
     train = rows[0]
     assert check["arm"] == "baseline" and check["steps"] == train["steps"]
     assert check["planned_s"] == pytest.approx(train["seconds"]["cpu"] - train["eval_seconds"]["cpu"])
-    assert check["ratio"] == pytest.approx(rec["arms"]["baseline"]["train_seconds"]["mean"] / check["planned_s"])
+    assert check["measured_as"] == "cpu time"
+    assert check["ratio"] == pytest.approx(rec["arms"]["baseline"]["train_cpu_seconds"]["mean"] / check["planned_s"])
     stale = [{**r, "config_sha": "another"} for r in rows]
     assert plan_against_run(rec, stale) == []                # a plan of another config is not compared
