@@ -396,6 +396,19 @@ def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
     return out
 
 
+def plan_check_markdown(records: list[dict], rows: list[dict]) -> str:
+    """A Markdown table of plan_against_run for recorded runs: per chapter and arm, planned and
+    measured seconds of the steps, their ratio, and whether it is within 1.5x either way."""
+    lines = ["| chapter @ preset | arm | steps | planned (one thread) | measured | measured / planned | within 1.5x |",
+             "|---|---|---:|---:|---:|---:|---|"]
+    for rec in records:
+        for c in plan_against_run(rec, rows):
+            lines.append(f"| {rec['chapter']} @ {rec['preset']} | {c['arm']} | {c['steps']:,} | {_fmt_s(c['planned_s'])} | "
+                         f"{_fmt_s(c['measured_s'])} ({c['measured_as']}) | {c['ratio']:.2f} | "
+                         f"{'yes' if 1 / 1.5 <= c['ratio'] <= 1.5 else 'no'} |")
+    return "\n".join(lines)
+
+
 def read_plan(path=PLAN_FILE) -> list[dict]:
     """The rows of a written plan ([] if there is none)."""
     path = Path(path)

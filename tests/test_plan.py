@@ -243,3 +243,16 @@ def test_plan_against_run_pairs_each_arm_with_its_planned_steps(synthetic):
     assert check["ratio"] == pytest.approx(rec["arms"]["baseline"]["train_cpu_seconds"]["mean"] / check["planned_s"])
     stale = [{**r, "config_sha": "another"} for r in rows]
     assert plan_against_run(rec, stale) == []                # a plan of another config is not compared
+
+
+def test_readme_shows_the_plan_checked_against_the_converged_records():
+    from pathlib import Path
+
+    from metabook.plan import plan_check_markdown
+    from metabook.results import latest_recorded
+
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("<!-- plan-check start -->\n")[1].split("\n<!-- plan-check end -->")[0]
+    records = [r for c in ("local_losses", "instance_lr", "online_loss", "grad_instructor", "meta_hf")
+               if (r := latest_recorded(c, "converged")) is not None]
+    assert records and table == plan_check_markdown(records, read_plan())
