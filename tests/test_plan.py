@@ -137,11 +137,7 @@ GPU_MEMORY = 12 * 2 ** 30
 # Experiments the written plan does not hold yet at a preset, and why. Writing one (plan --write)
 # makes the coverage test fail until it is taken off this list, so the list cannot go stale.
 NOT_YET_PLANNED = {"gpu": {"compare": "its five one-off stages at gpu size take over an hour of one CPU thread "
-                                      "to plan; not finished on 2026-12-03",
-                           "grad_instructor": "its critic's one-off stage now replays three full-length runs of the "
-                                              "1024-wide MLP, which the planner executes in full: hours of one CPU "
-                                              "thread (stopped after 27 min on 2026-12-03); pricing the replays as "
-                                              "measured steps would make it plannable"}}
+                                      "to plan; not finished on 2026-12-03"}}
 
 
 def _written(preset):
