@@ -37,7 +37,7 @@ def test_bad_values_raise_config_error_naming_the_choices(overrides, needle):
 
 
 def test_unknown_preset_and_chapter_list_the_choices():
-    with pytest.raises(ConfigError, match="choose one of: auto, smoke, cpu, gpu, paper"):
+    with pytest.raises(ConfigError, match="choose one of: auto, smoke, cpu, converged, gpu, paper"):
         chapter_config("baseline", "fast")
     with pytest.raises(ConfigError, match="choose one of: baseline"):
         chapter_config("nope", "smoke")
