@@ -1,6 +1,6 @@
 """The command line. The notebooks call the same functions, so both give the same numbers.
 
-    python -m metabook run CHAPTER --preset {smoke,cpu,gpu,paper,auto} [--seed N] [--seeds K]
+    python -m metabook run CHAPTER --preset {smoke,cpu,converged,gpu,paper,auto} [--seed N] [--seeds K]
                                    [--out DIR] [--set key=value ...]
     python -m metabook bench [--preset cpu] [--seeds N] [--out DIR] [--set key=value ...]
                                    # every method against its baseline, same budget: one table
