@@ -185,13 +185,21 @@ def summarise(name: str, rec: dict) -> dict:
     }
 
 
+def effect(d: dict, no_interval: str = "") -> str:
+    """A paired difference in points with its 95% interval: '+1.2 [-0.3, +2.7]'; where there is no
+    interval (NaN: one seed without per-image records), the mean and `no_interval`."""
+    if d["lo"] != d["lo"]:
+        return f"{100 * d['mean']:+.1f}{no_interval}"
+    return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
+
+
 def interval(d: dict | None) -> str:
     """A paired difference as text: '+1.2 [-0.3, +2.7] not resolved' (points)."""
     if d is None:
         return "-"
     if d["lo"] != d["lo"]:                              # NaN: one seed, no interval
-        return f"{100 * d['mean']:+.1f} (one seed: not resolved)"
-    return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] {d['verdict']}"
+        return effect(d, " (one seed: not resolved)")
+    return f"{effect(d)} {d['verdict']}"
 
 
 def table(record: dict) -> list[dict]:
@@ -223,7 +231,7 @@ def verdicts_markdown(record: dict, results_dir=None) -> str:
     against the claim's control (else the baseline) with its 95% interval, the verdict, and what it
     rests on: the chapter's newest converged record where there is one (issue 19's budget), else
     the row of the bench `record` (a short budget: the start of training)."""
-    from ..results import RESULTS_DIR, RecordError, convergence, latest_recorded
+    from ..results import RESULTS_DIR, convergence, latest_recorded
 
     cfg, ds = record["config"], record["dataset"]
     bench = (f"{record['preset']} bench: {ds['train_size']:,} images, {cfg['epochs']:g} epochs, "
@@ -257,8 +265,7 @@ def verdicts_markdown(record: dict, results_dir=None) -> str:
         r, basis = rows[name]
         against = r["control"] or "baseline"
         d = r["versus"]["control"] if r["control"] else r["versus"]["baseline"]
-        effect = f"{100 * d['mean']:+.1f}" + (f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else "")
-        lines.append(f"| {{doc}}`{name} <{BOOK_PAGES[name]}>` | {METHODS[name][3]} | {against} | {effect} | "
+        lines.append(f"| {{doc}}`{name} <{BOOK_PAGES[name]}>` | {METHODS[name][3]} | {against} | {effect(d)} | "
                      f"{d['verdict']} | {basis} |")
     return "\n".join(lines) + "\n"
 
@@ -304,8 +311,7 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
     for key, ref in (("baseline", "baseline"), ("control", row["control"]), ("same_time", "baseline_same_time")):
         d = row["versus"].get(key)
         if d:
-            span = f" [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else " (no interval)"
-            lines.append(f"| {key.replace('_', ' ')} | {ref} | {100 * d['mean']:+.1f}{span} | {d['verdict']} | {d['method']} |")
+            lines.append(f"| {key.replace('_', ' ')} | {ref} | {effect(d, ' (no interval)')} | {d['verdict']} | {d['method']} |")
     lines.append("")
     lines += [f"- `{arm}`: {s['text']}" for arm, s in stability(record, row["metric"]).items()]
     return "\n".join(lines) + "\n"
