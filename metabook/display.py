@@ -18,6 +18,7 @@ from __future__ import annotations
 import html
 import inspect
 import math
+import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -172,12 +173,14 @@ def listing(*objs):
 def glue(name: str, value) -> None:
     """Make `value` available to the page's prose as {glue:text}`name:.1f` (or {glue}`name`),
     without showing it here. A number is glued as a float; None becomes nan (the prose then
-    reads "nan": a missing record is visible, and the build does not stop)."""
+    reads "nan": a missing record is visible, and the build does not stop). Numpy scalars are
+    glued as plain floats (myst-nb formats the repr, and np.float32(0.5) would not parse)."""
     from IPython.display import display
 
     if value is None:
         value = float("nan")
-    text = repr(float(value)) if isinstance(value, (int, float)) and not isinstance(value, bool) else repr(value)
+    number = isinstance(value, numbers.Real) and not isinstance(value, bool)      # numpy scalars too
+    text = repr(float(value)) if number else repr(value)
     display({GLUE_PREFIX + "text/plain": text}, raw=True,
             metadata={"scrapbook": {"name": name, "mime_prefix": GLUE_PREFIX}})
 

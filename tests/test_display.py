@@ -4,6 +4,7 @@ from __future__ import annotations
 import inspect
 import math
 
+import numpy as np
 import pytest
 
 from metabook import display
@@ -57,8 +58,11 @@ def test_glue_of_a_missing_value_is_nan_and_formats(monkeypatch):
     monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append(a[0]))
     glue("gone", None)
     glue("three", 3)
-    assert format_plain_text(shown[0][GLUE_PREFIX + "text/plain"], ".1f") == "nan"
-    assert format_plain_text(shown[1][GLUE_PREFIX + "text/plain"], ".1f") == "3.0"
+    glue("numpy", np.float32(0.5))
+    glue("count", np.int64(7))
+    texts = [bundle[GLUE_PREFIX + "text/plain"] for bundle in shown]
+    assert format_plain_text(texts[0], ".1f") == "nan" and format_plain_text(texts[1], ".1f") == "3.0"
+    assert format_plain_text(texts[2], ".2f") == "0.50" and format_plain_text(texts[3], "d") == "7"
 
 
 def test_percent_reads_mean_std_and_one_seed_and_is_nan_when_missing():
