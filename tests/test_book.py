@@ -322,8 +322,8 @@ def test_toc_lists_the_execution_statistics_page():
 # no one-cell start and no captioned figures yet; LISTINGS_PENDING: Markdown copies of package
 # code; GLUE_PENDING: result numbers typed into the prose.
 NOT_LITERATE = {"01_meta_gradients", "02_baseline",
-                "06_grad_instructor", "08_compare", "09_sweeps"}
-LISTINGS_PENDING = {"06_grad_instructor"}
+                "08_compare", "09_sweeps"}
+LISTINGS_PENDING = set()
 GLUE_PENDING = {"02_baseline", "05_online_loss", "06_grad_instructor",
                 "07_meta_hf", "08_compare"}
 
