@@ -96,6 +96,8 @@ def _parser() -> argparse.ArgumentParser:
     build.add_argument("--build-dir", default="_build")
     build.add_argument("--no-solutions", action="store_true",
                        help="render the book without the solution cells (they still run, so the checks are tested)")
+    build.add_argument("--jobs", type=int, default=None,
+                       help="chapters executed at once (default: one per core, at most 4, at smoke; else 1)")
     student = sub.add_parser("student", help="write student versions of the notebooks (no solutions, the "
                                              "exercise checks kept) and, separately, the solutions set")
     student.add_argument("out_dir")
@@ -198,7 +200,8 @@ def _main(args) -> int:
         elif args.command == "build":
             from .build import build_book
 
-            index = build_book(preset=args.preset, build_dir=args.build_dir, solutions=not args.no_solutions)
+            index = build_book(preset=args.preset, build_dir=args.build_dir, solutions=not args.no_solutions,
+                               jobs=args.jobs)
             print(f"book: {index}")
         elif args.command == "student":
             from .build import default_book_dir, write_student_versions

@@ -31,9 +31,11 @@ every check after its scaffold (it must fail) and after its solution (it must pa
 
 from __future__ import annotations
 
+import concurrent.futures
 import contextlib
 import datetime
 import json
+import multiprocessing
 import os
 import platform
 import re
@@ -379,6 +381,20 @@ def _select(chapters: list[Path], wanted) -> list[Path]:
     return [p for p in chapters if p in selected]
 
 
+def default_jobs(preset: str) -> int:
+    """Chapters executed at once: at `smoke`, one per core (at most 4), each kernel with its share
+    of the cores; at a real budget one, so that the costs a chapter measures share the machine
+    with nothing else."""
+    return min(os.cpu_count() or 1, 4) if preset == "smoke" else 1
+
+
+def _execute_timed(nb_path: Path, parameters: dict, kernel_name: str, name: str, failed_dir: Path) -> float:
+    """_execute in a worker process of the build's pool; returns its wall-clock seconds."""
+    t0 = time.perf_counter()
+    _execute(nb_path, parameters, kernel_name, name, failed_dir)
+    return time.perf_counter() - t0
+
+
 def _execute(nb_path: Path, parameters: dict, kernel_name: str, name: str, failed_dir: Path) -> None:
     """Execute one notebook in place with papermill, or raise BuildError naming the cell."""
     import papermill  # imported here: `import metabook.build` stays cheap
@@ -531,7 +547,11 @@ def execution_statistics_markdown(report: dict, rows: list[dict]) -> str:
             sec = planned[c["chapter"]].get(p, {}).get(STATS_DEVICE[p])
             cells.append(_fmt(sec) if sec is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
-    lines += ["", f"The chapters executed in this build took {_fmt(total)} in all."]
+    jobs = report.get("jobs", 1)
+    together = (f" They executed {jobs} at a time, each kernel with its share of the cores, so a chapter's "
+                f"time includes the machine's sharing, and the build took {_fmt(report['execution_seconds'])} "
+                f"of wall-clock." if jobs > 1 and "execution_seconds" in report else "")
+    lines += ["", f"The chapters executed in this build took {_fmt(total)} in all.{together}"]
     return "\n".join(lines) + "\n"
 
 
@@ -554,7 +574,7 @@ def _write_report(path: Path, report: dict) -> None:
 
 def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Path = "_build",
                chapters=None, kernel_name: str = "python3", parameters: dict | None = None,
-               solutions: bool = True) -> Path:
+               solutions: bool = True, jobs: int | None = None) -> Path:
     """Execute the chapters at `preset` and render the book. Returns the path of index.html.
 
     `build_dir` is taken relative to `root` unless it is absolute. Layout:
@@ -566,7 +586,8 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
     outputs. `parameters` are injected next to PRESET (e.g. {"DATASET": "synthetic"}).
     `auto` is resolved here (gpu with CUDA, else cpu), so the report names the real preset.
     solutions=False renders the book without the solution cells (they are still executed, so the
-    exercise checks run against them).
+    exercise checks run against them). `jobs` chapters execute at once (default: `default_jobs`);
+    a chapter that fails stops the ones not started yet and the build.
     """
     if preset not in PRESETS:
         raise BuildError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -602,35 +623,57 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
               "chapters": []}
     report_path = build_dir / "build_report.json"
 
+    todo = []
+    for i, path in enumerate(all_chapters, start=1):
+        entry = {"chapter": path.stem, "notebook": str(path.relative_to(root))}
+        report["chapters"].append(entry)
+        if path in selected:
+            todo.append((i, path, entry))
+        else:
+            if (executed / path.name).exists():
+                shutil.copy2(executed / path.name, src / path.relative_to(root))
+                entry.update(status="reused", seconds=None)
+            else:
+                entry.update(status="not executed", seconds=None)
+            print(f"[{i}/{len(all_chapters)}] {path.stem} ... {entry['status']}", flush=True)
+
+    if jobs is not None and jobs < 1:
+        raise BuildError(f"jobs must be 1 or more (got {jobs}); leave it out for the default ({default_jobs(preset)})")
+    jobs = max(1, min(jobs or default_jobs(preset), len(todo) or 1))
+    env = kernel_environment(root)
+    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:      # the cores shared out among the kernels
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    report["jobs"] = jobs
     t_all = time.perf_counter()
-    with temporary_environ(kernel_environment(root)):
-        for i, path in enumerate(all_chapters, start=1):
-            name = path.stem
-            nb_path = src / path.relative_to(root)
-            entry = {"chapter": name, "notebook": str(path.relative_to(root))}
-            report["chapters"].append(entry)
-            if path not in selected:
-                if (executed / path.name).exists():
-                    shutil.copy2(executed / path.name, nb_path)
-                    entry.update(status="reused", seconds=None)
-                else:
-                    entry.update(status="not executed", seconds=None)
-                print(f"[{i}/{len(all_chapters)}] {name} ... {entry['status']}", flush=True)
-                continue
-            print(f"[{i}/{len(all_chapters)}] {name} ...", end=" ", flush=True)
-            t0 = time.perf_counter()
-            try:
-                _execute(nb_path, parameters, kernel_name, name, build_dir / "failed")
-            except BuildError as err:
-                print("FAILED", flush=True)
-                entry.update(status="failed", seconds=round(time.perf_counter() - t0, 1),
-                             error=str(err))
-                _write_report(report_path, report)
-                raise
-            seconds = time.perf_counter() - t0
-            entry.update(status="executed", seconds=round(seconds, 1))
-            print(f"{seconds:.1f} s", flush=True)
-            shutil.copy2(nb_path, executed / path.name)
+    failure = None
+    with temporary_environ(env), concurrent.futures.ProcessPoolExecutor(
+            jobs, mp_context=multiprocessing.get_context("spawn")) as pool:
+        running = {}
+        while todo or running:
+            while todo and len(running) < jobs and failure is None:     # a failure starts nothing new
+                i, path, entry = todo.pop(0)
+                running[pool.submit(_execute_timed, src / path.relative_to(root), parameters, kernel_name,
+                                    path.stem, build_dir / "failed")] = (i, path, entry)
+            if not running:
+                break
+            done, _ = concurrent.futures.wait(running, return_when=concurrent.futures.FIRST_COMPLETED)
+            for future in done:
+                i, path, entry = running.pop(future)
+                try:
+                    seconds = future.result()
+                except BuildError as err:
+                    print(f"[{i}/{len(all_chapters)}] {path.stem} ... FAILED", flush=True)
+                    entry.update(status="failed", error=str(err))
+                    failure = failure or err
+                    continue
+                entry.update(status="executed", seconds=round(seconds, 1))
+                print(f"[{i}/{len(all_chapters)}] {path.stem} ... {seconds:.1f} s", flush=True)
+                shutil.copy2(src / path.relative_to(root), executed / path.name)
+    for _, _, entry in todo:
+        entry.update(status="not executed", seconds=None)
+    if failure is not None:
+        _write_report(report_path, report)
+        raise failure
     report["execution_seconds"] = round(time.perf_counter() - t_all, 1)
 
     pin = None            # (url, ref, note), read once the first marked install cell needs it

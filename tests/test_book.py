@@ -21,7 +21,7 @@ from pathlib import Path
 import nbformat
 import pytest
 
-from metabook.build import (PRESETS, STATS_PAGE, BuildError, build_book, chapters_from_toc,
+from metabook.build import (PRESETS, STATS_PAGE, BuildError, build_book, chapters_from_toc, default_jobs,
                             execution_statistics_markdown, kernel_environment, solutions_version,
                             student_version, tag_for_rendering, temporary_environ,
                             write_execution_statistics, write_student_versions)
@@ -573,6 +573,48 @@ def test_failing_chapter_stops_build_naming_chapter_and_cell(tmp_path):
     report = json.loads((tmp_path / "_build" / "build_report.json").read_text())
     assert report["chapters"][0]["status"] == "failed"
     assert not (tmp_path / "_build" / "html").exists()
+
+
+def _add_chapters(root: Path, chapters: dict) -> Path:
+    """More chapters (stem -> code cells) after the tiny book's first, in the toc's order."""
+    toc = (root / "_toc.yml").read_text()
+    for stem, cells in chapters.items():
+        nb = nbformat.read(root / "book" / "01_tiny.ipynb", as_version=4)
+        nb.cells = nb.cells[:2] + [nbformat.v4.new_code_cell(c) for c in cells]
+        nbformat.write(nb, root / "book" / f"{stem}.ipynb")
+        toc += f"  - file: book/{stem}\n"
+    (root / "_toc.yml").write_text(toc)
+    return root
+
+
+STAMP = "import os, time\nt0 = time.time(); time.sleep(3)\nopen(os.environ['STAMPS'] + '/' + str(os.getpid()), 'w').write(f'{t0} {time.time()}')"
+
+
+def test_smoke_build_executes_chapters_side_by_side_and_reports_them_in_toc_order(tmp_path, monkeypatch):
+    stamps = tmp_path / "stamps"
+    stamps.mkdir()
+    monkeypatch.setenv("STAMPS", str(stamps))
+    root = _add_chapters(_tiny_book(tmp_path / "src", [STAMP]), {"02_tiny": [STAMP]})
+    build_book(preset="smoke", root=root, build_dir=tmp_path / "_build", jobs=2)
+    report = json.loads((tmp_path / "_build" / "build_report.json").read_text())
+    assert report["jobs"] == 2
+    assert [(c["chapter"], c["status"]) for c in report["chapters"]] == [("01_tiny", "executed"), ("02_tiny", "executed")]
+    (a0, a1), (b0, b1) = [map(float, p.read_text().split()) for p in stamps.iterdir()]
+    assert a0 < b1 and b0 < a1, "the two chapters did not run at the same time"
+    assert default_jobs("smoke") == min(os.cpu_count() or 1, 4) and default_jobs("cpu") == 1
+    assert "executed 2 at a time" in execution_statistics_markdown(report, [])
+    with pytest.raises(BuildError, match="jobs must be 1 or more"):
+        build_book(preset="smoke", root=root, build_dir=tmp_path / "_build", jobs=0)
+
+
+def test_a_failing_chapter_stops_the_chapters_not_started_yet(tmp_path):
+    root = _add_chapters(_tiny_book(tmp_path, ["raise ValueError('broken on purpose')"]),
+                         {"02_tiny": ["x = 2"], "03_tiny": ["x = 3"]})
+    with pytest.raises(BuildError, match="chapter 01_tiny failed"):
+        build_book(preset="smoke", root=root, build_dir=tmp_path / "_build", jobs=1)
+    report = json.loads((tmp_path / "_build" / "build_report.json").read_text())
+    assert [c["status"] for c in report["chapters"]] == ["failed", "not executed", "not executed"]
+    assert not (tmp_path / "_build" / "executed" / "02_tiny.ipynb").exists()
 
 
 def test_sphinx_warning_fails_the_build(tmp_path):

@@ -254,3 +254,53 @@ def test_ray_faults_killed_worker_unfixable_unit_and_a_stopped_sweep(ray, tmp_pa
     assert "lr=0.05/baseline-seed0" not in captured.out        # finished: never submitted again
     assert (good / "runs" / "baseline-seed0.json").stat().st_mtime_ns == kept
     assert accuracies(json.loads((good / "result.json").read_text())) == accuracies(ref)
+
+
+# ----------------------------------------------------------------------------- faults, on the local engine
+
+def test_local_engine_retries_a_worker_killed_mid_unit(tmp_path, capsys):
+    """SIGKILL the pool's worker once the unit has a checkpoint: the pool breaks, the unit is
+    submitted again to a new pool and resumes from its checkpoint, with the accuracies of `run`."""
+    out = tmp_path / "sw"
+    argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "1", "--out", str(out), "--engine", "local",
+            "--workers", "1", *sets(MLP)]
+    stop = threading.Event()
+    killed = kill_when_checkpointed(out / "baseline", "baseline", 0, stop)
+    assert main(argv) == 0
+    stop.set()
+    printed = capsys.readouterr().out
+    assert killed, "the unit finished before its worker could be killed"
+    assert "retry baseline/baseline-seed0" in printed and "resumed from step" in printed
+    ref = run_chapter("baseline", "smoke", [0], tmp_path / "ref", MLP, progress=False)
+    assert accuracies(json.loads((out / "baseline" / "result.json").read_text())) == accuracies(ref)
+
+
+def test_a_sweep_whose_driver_is_killed_continues_where_it_stopped(tmp_path, capsys):
+    """Kill the whole sweep (driver and workers, SIGKILL) after seed 0 finished and while seed 1
+    trains; the same command again skips seed 0 and resumes seed 1 from its checkpoint."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sw"
+    argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", "local",
+            "--workers", "1", *sets(MLP)]
+    runs = out / "baseline" / "runs"
+    proc = subprocess.Popen([sys.executable, "-m", "metabook", *argv], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    deadline = time.time() + 300
+    while proc.poll() is None and time.time() < deadline:
+        if (runs / "baseline-seed0.json").exists() and (runs / "baseline-seed1" / "checkpoint.pt").exists():
+            os.killpg(proc.pid, signal.SIGKILL)
+            break
+        time.sleep(0.02)
+    assert proc.wait(timeout=60) == -signal.SIGKILL, "the sweep finished before it could be killed"
+    assert not (out / "baseline" / "result.json").exists()
+    kept = (runs / "baseline-seed0.json").stat().st_mtime_ns
+
+    assert main(argv) == 0
+    printed = capsys.readouterr().out
+    assert "baseline/baseline-seed0" not in printed                # finished: never submitted again
+    assert "done baseline/baseline-seed1" in printed and "resumed from step" in printed
+    assert (runs / "baseline-seed0.json").stat().st_mtime_ns == kept
+    ref = run_chapter("baseline", "smoke", [0, 1], tmp_path / "ref", MLP, progress=False)
+    assert accuracies(json.loads((out / "baseline" / "result.json").read_text())) == accuracies(ref)
