@@ -41,12 +41,14 @@ class Start:
     out_dir: Path
 
 
-def chapter_start(name: str, chapter: str, preset: str, seed: int = 0, dataset: str | None = None,
+def chapter_start(name: str, chapter: str | None, preset: str, seed: int = 0, dataset: str | None = None,
                   out_dir=None, *, show: bool = True) -> Start:
     """Resolve the preset (auto: gpu with CUDA, else cpu), the chapter's config and its runs'
     folder, seed torch, and print one provenance line (and the runs' folder) when `show`.
 
-    name: the notebook's stem ("04_instance_lr"); chapter: the method's name ("instance_lr")."""
+    name: the notebook's stem ("04_instance_lr"); chapter: the method's name ("instance_lr"), or
+    None for a chapter without an experiment of its own (chapter 1: cfg is {}, no runs' folder
+    is printed)."""
     import torch
 
     from . import __version__
@@ -56,13 +58,14 @@ def chapter_start(name: str, chapter: str, preset: str, seed: int = 0, dataset: 
 
     preset = resolve_preset(preset)
     overrides = {"dataset": dataset} if dataset else {}
-    start = Start(preset=preset, cfg=chapter_config(chapter, preset, overrides), overrides=overrides,
+    start = Start(preset=preset, cfg=chapter_config(chapter, preset, overrides) if chapter else {}, overrides=overrides,
                   out_dir=notebook_out_dir(name, preset, out_dir))
     torch.manual_seed(seed)
     if show:
         print(f"metabook {__version__}, torch {torch.__version__}, preset {preset}, "
               f"{torch.get_num_threads()} CPU threads, CUDA: {torch.cuda.is_available()}")
-        print(f"runs kept in {start.out_dir} (run the chapter again to resume)")
+        if chapter:
+            print(f"runs kept in {start.out_dir} (run the chapter again to resume)")
     return start
 
 

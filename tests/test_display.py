@@ -81,3 +81,10 @@ def test_chapter_start_resolves_preset_config_and_runs_folder(tmp_path, capsys):
     assert "preset smoke" in out and str(tmp_path / "runs") in out
     with pytest.raises(Exception, match="smoke"):
         chapter_start("04_instance_lr", "instance_lr", "fast", show=False)
+
+
+def test_chapter_start_without_an_experiment_has_no_config_and_prints_no_runs_folder(tmp_path, capsys):
+    start = chapter_start("01_meta_gradients", None, "smoke", 0, out_dir=tmp_path)
+    assert start.preset == "smoke" and start.cfg == {} and start.overrides == {}
+    out = capsys.readouterr().out
+    assert "preset smoke" in out and "runs kept" not in out
