@@ -313,6 +313,227 @@ def test_toc_lists_the_execution_statistics_page():
 
 
 # --------------------------------------------------------------------------------------------
+# Literate chapters (issue 21): one-cell start, live listings, glued numbers, captioned figures
+# --------------------------------------------------------------------------------------------
+
+# The chapters converted so far (issue 21, items 1 and 2). For each test below, the chapters that
+# do not pass it yet are listed by name and marked xfail(strict=True): the gap shows in every run,
+# and a chapter that starts passing fails (strict) until it is taken off its list. NOT_LITERATE:
+# no one-cell start and no captioned figures yet; LISTINGS_PENDING: Markdown copies of package
+# code; GLUE_PENDING: result numbers typed into the prose.
+NOT_LITERATE = {"09_sweeps"}
+LISTINGS_PENDING = set()
+GLUE_PENDING = {"05_online_loss", "06_grad_instructor", "07_meta_hf"}
+
+
+def _literate(pending=NOT_LITERATE):
+    """CHAPTERS as parameters, with those in `pending` as strict, visible xfails."""
+    return [pytest.param(p, id=p.stem, marks=pytest.mark.xfail(
+                strict=True, reason=f"chapter {_chapter_number(p)}: not converted yet (issue 21)"))
+            if p.stem in pending else pytest.param(p, id=p.stem) for p in CHAPTERS]
+
+
+def _prose_cells(nb):
+    """The chapter's own Markdown: every Markdown cell except the exercises' (metadata.exercise)
+    and solutions' (tag solution), which the literate conversion leaves as they are."""
+    return [c for c in nb.cells if c.cell_type == "markdown" and "exercise" not in c.get("metadata", {})
+            and "solution" not in _tags(c)]
+
+
+def _package_names() -> set[str]:
+    """Every public function and class name defined in the metabook package's modules."""
+    import importlib
+    import inspect
+    import pkgutil
+
+    import metabook
+
+    names = set()
+    for info in pkgutil.walk_packages(metabook.__path__, "metabook."):
+        if info.name.endswith("__main__"):
+            continue
+        mod = importlib.import_module(info.name)
+        names |= {n for n, obj in vars(mod).items() if not n.startswith("_")
+                  and (inspect.isfunction(obj) or inspect.isclass(obj))
+                  and getattr(obj, "__module__", "").startswith("metabook")}
+    return names
+
+
+FENCE = re.compile(r"^(```|~~~)\s*\{?(?:python|py|python3|ipython3?)\}?[^\n]*\n(.*?)^\1", re.S | re.M)
+
+
+@pytest.mark.parametrize("path", _literate(LISTINGS_PENDING))
+def test_no_markdown_listing_copies_package_code(path):
+    """A listing is a fenced ```python block in the chapter's Markdown whose code defines (`def
+    NAME`, `class NAME`) or calls (`NAME(`, `.NAME(`) a public function or class of the metabook
+    package. Such a copy is not executed and drifts from the code: the chapter shows the live
+    source instead (metabook.display.listing, a code cell)."""
+    names = _package_names()
+    nb = nbformat.read(path, as_version=4)
+    listings = []
+    for cell in _prose_cells(nb):
+        for _, code in FENCE.findall(cell.source):
+            used = set(re.findall(r"(?:\bdef\s+|\bclass\s+|\.|\b)(\w+)\s*\(", code)) & names
+            if used:
+                listings.append(f"cell {cell.get('id')}: {sorted(used)}")
+    assert not listings, f"{path.name}: Markdown copies of package code (show the live source): {listings}"
+
+
+# What the prose may keep typed: configuration and definitions, not results. Each entry is a
+# regex of the text around the number, with why it is no result.
+CONFIG_NUMBERS = {
+    r"\b40%\s+(?:of\s+(?:their|its|the)\s+labels|label\s+noise|noise|symmetric|uniform|pair-flip|\*uniform\*)":
+        "the noise rate of the recorded configs (noise.rate 0.4)",
+    r"\(40%\s+of\s+labels\s+wrong": "the noise rate of the recorded configs (noise.rate 0.4)",
+    r"probability\s+0\.4\b": "noise.rate, the definition of the noise conventions",
+    r"\|\s*(?:40|36)%\s*\|": "the two noise conventions' definitions (0.4, and 0.4 x 9/10 wrong)",
+    r"\b36%\s+wrong": "uniform noise at rate 0.4 leaves 36% wrong labels (0.4 x 9/10), a definition",
+    r"at\s+least\s+97%\s+of\s+the\s+accuracy": "the convergence rule's threshold (results.convergence)",
+    r"\(25%\s+each,\s+6\.25%\s+for\s+each": "the target distribution's definition (target.ratio 4)",
+    r"\b0\.24M\s+parameters": "the small CNN's size (a property of the model, not of a run)",
+    r"learning\s+rate\s+0\.1\b": "the published recipe's learning rate (a setting)",
+    r"momentum\s+0\.9\b": "the published optimiser's momentum (a setting)",
+    r"\b95%\s+(?:confidence\s+)?interval": "the confidence level of results.paired_difference",
+}
+RESULT_NUMBER = re.compile(
+    r"(?<![\w.§$])\d[\d,]*(?:\.\d+)?\s*(?:%|pts\b|×|x\b)"          # 58.9%, 12 pts, 4×, 3x
+    r"|(?<![\w.§$])[+\-−]\d[\d,]*(?:\.\d+)?\s*(?:points?\b)?"      # +2.9 points, -0.4
+    r"|(?<![\w.§$\-–])\d+\.\d+(?![\w.])")                          # any decimal: 0.68, 2.07 (not §3.1–3.3)
+
+
+def _strip_non_prose(text: str) -> str:
+    """The Markdown without math, code, roles ({glue:text}`...`, {numref}`...`, {cite:p}`...`),
+    link targets, headings and labels: what is left is the prose a number could be typed into."""
+    text = FENCE.sub("", text)
+    text = re.sub(r"```.*?```", "", text, flags=re.S)
+    text = re.sub(r"\$\$.*?\$\$", "", text, flags=re.S)
+    text = re.sub(r"\$[^$\n]+\$", "", text)
+    text = re.sub(r"\{[\w:-]+\}`[^`]*`", "ROLE", text)          # a word: "{glue}`a`%" is no "8, %"
+    text = re.sub(r"`[^`]*`", "", text)
+    text = re.sub(r"\]\([^)]*\)", "]", text)
+    return "\n".join(line for line in text.splitlines()
+                     if not line.lstrip().startswith("#") and not re.fullmatch(r"\([\w-]+\)=", line.strip()))
+
+
+def typed_result_numbers(markdown: str) -> list[str]:
+    """The result numbers typed into `markdown`: a number followed by %, "pts", × or x (a ratio),
+    a signed number (a difference: +2.9 points), or any number with a decimal point, outside math, code spans and blocks, roles
+    (glue, numref, cite), link targets, headings and labels, and section references (§4.3);
+    minus the configuration values CONFIG_NUMBERS allows, each with its reason."""
+    text = _strip_non_prose(markdown)
+    for pattern in CONFIG_NUMBERS:
+        text = re.sub(pattern, "", text)
+    return [m.group(0).strip() for m in RESULT_NUMBER.finditer(text)]
+
+
+def test_typed_result_numbers_rule_catches_results_and_spares_glue_and_config():
+    assert typed_result_numbers("reaches 58.9 ± 1.8% against +2.9 points, 4× the steps, AUC 0.68") == [
+        "58.9", "1.8%", "+2.9 points", "4×", "0.68"]
+    assert typed_result_numbers("reaches {glue:text}`a:.1f`% ($e^2 \\approx 7.4$), `x=0.5`, §4.3, "
+                                "40% label noise, 10 epochs, 1,000 images, §3.1–3.3") == []
+    assert typed_result_numbers("{glue:text}`a:.1f`% at depth 8, {glue:text}`b:.1f`% at depth 16") == []
+    assert typed_result_numbers("## 4.2 A toy\n(ex-4-1)=\n| a | 12.5% |\n240 points, 40% noise") == ["12.5%"]
+
+
+@pytest.mark.parametrize("path", _literate(GLUE_PENDING))
+def test_prose_numbers_from_runs_are_glued(path):
+    """Every result number in the chapter's prose is filled from a record at build time
+    ({glue:text}`name:format`), never typed (rule: typed_result_numbers)."""
+    nb = nbformat.read(path, as_version=4)
+    typed = {c.get("id"): found for c in _prose_cells(nb) if (found := typed_result_numbers(c.source))}
+    assert not typed, f"{path.name}: result numbers typed into the prose (glue them from a record): {typed}"
+    if any("{glue" in c.source for c in _prose_cells(nb)):
+        glued = set(re.findall(r"\{glue(?::text)?\}`([\w-]+)", "".join(c.source for c in _prose_cells(nb))))
+        code = "".join(c.source for c in _code_cells(nb))
+        missing = [k for k in glued if not re.search(rf"glue\(\s*f?[\"']{re.escape(k)}[\"']", code)
+                   and not re.search(r"glue\(\s*f[\"']", code)]
+        assert not missing, f"{path.name}: the prose pastes {missing}, which no code cell glues"
+
+
+def _calls(node) -> set[str]:
+    """Names called in `node` outside function definitions: f(...) as "f", plt.show() as "plt.show"."""
+    names = set()
+    for child in ast.iter_child_nodes(node):
+        if isinstance(child, (ast.FunctionDef, ast.AsyncFunctionDef, ast.Lambda, ast.ClassDef)):
+            continue
+        if isinstance(child, ast.Call):
+            f = child.func
+            names.add(f.id if isinstance(f, ast.Name) else
+                      f"{f.value.id}.{f.attr}" if isinstance(f, ast.Attribute) and isinstance(f.value, ast.Name)
+                      else getattr(f, "attr", ""))
+        names |= _calls(child)
+    return names
+
+
+def _parse(source: str):
+    """The cell's code as Python: an IPython magic or shell line (%pip, !ls) becomes `pass`."""
+    return ast.parse("\n".join(line[:len(line) - len(line.lstrip())] + "pass" if line.lstrip().startswith(("%", "!"))
+                               else line for line in source.splitlines()))
+
+
+def figure_cells(nb) -> list:
+    """The code cells that draw a figure (exercise cells aside): their top-level code (outside
+    function definitions) calls plt.show, plt.subplots or plt.figure, a plot_* function
+    (metabook.plots), or a function the notebook defines whose body calls one of those."""
+    drawing = lambda names: any(n in ("plt.show", "plt.subplots", "plt.figure") or n.startswith("plot_")
+                                for n in names)
+    code = [c for c in _code_cells(nb) if "exercise" not in c.metadata]
+    defined = {f.name for c in code for f in ast.walk(_parse(c.source))
+               if isinstance(f, ast.FunctionDef) and drawing({n for b in f.body for n in _calls(b)} |
+                                                             {n for b in f.body if isinstance(b, ast.Expr) and isinstance(b.value, ast.Call)
+                                                              for n in _calls(ast.Module(body=[b], type_ignores=[]))})}
+    return [c for c in code if drawing(_calls(_parse(c.source))) or _calls(_parse(c.source)) & defined]
+
+
+@pytest.mark.parametrize("path", _literate())
+def test_figures_have_caption_name_alt_and_are_referenced(path):
+    """Every cell that draws a figure (figure_cells) carries myst-nb metadata
+    mystnb.figure.caption, mystnb.figure.name and mystnb.image.alt (alt text of at least 40
+    characters that is not a file path), and the prose refers to the figure by its name
+    ({numref}`name`). The cell's top-level code displays nothing else (no display(), table() or
+    arms() call): myst-nb wraps every display output of the cell in the figure, so a table there
+    would become a second figure of the same name."""
+    nb = nbformat.read(path, as_version=4)
+    prose = "".join(c.source for c in _prose_cells(nb))
+    problems = []
+    for cell in figure_cells(nb):
+        meta = cell.metadata.get("mystnb", {})
+        caption = meta.get("figure", {}).get("caption", "")
+        name = meta.get("figure", {}).get("name", "")
+        alt = meta.get("image", {}).get("alt", "")
+        if not (caption and name and len(alt) >= 40 and not re.search(r"[/\\]\S+\.(?:png|svg)", alt)):
+            problems.append(f"cell {cell.get('id')}: caption {bool(caption)}, name {name!r}, alt {alt[:30]!r}")
+        elif _calls(_parse(cell.source)) & {"display", "table", "arms"}:
+            problems.append(f"cell {cell.get('id')}: figure {name!r} also displays a table; move it to its own cell")
+        elif f"{{numref}}`{name}`" not in prose:
+            problems.append(f"cell {cell.get('id')}: figure {name!r} is never referred to ({{numref}}`{name}`)")
+    assert not problems, f"{path.name}: {problems}"
+
+
+def test_figure_cells_rule():
+    nb = nbformat.v4.new_notebook(cells=[
+        nbformat.v4.new_code_cell("def heat(r):\n    fig, ax = plt.subplots()\n    plt.show()\n\nx = 1"),
+        nbformat.v4.new_code_cell("heat(rec)"),
+        nbformat.v4.new_code_cell("def table_of(r):\n    return table(r)\nplot_arms(ax, rec)"),
+        nbformat.v4.new_code_cell("print(1)\nif x:\n    %pip install -q metabook")])
+    assert [c.source.splitlines()[0] for c in figure_cells(nb)] == ["heat(rec)", "def table_of(r):"]
+
+
+@pytest.mark.parametrize("path", _literate())
+def test_chapter_starts_with_one_short_cell(path):
+    """After the parameters cell, ONE code cell of at most 12 lines sets the chapter up through
+    metabook.display.chapter_start (preset, config, runs' folder, provenance line)."""
+    nb = nbformat.read(path, as_version=4)
+    code = _code_cells(nb)
+    i = next(i for i, c in enumerate(code) if "parameters" in _tags(c))
+    first = code[i + 1].source
+    assert "chapter_start(" in first, f"{path.name}: the cell after the parameters does not call chapter_start"
+    lines = [line for line in first.splitlines() if line.strip()]
+    assert len(lines) <= 12, f"{path.name}: the start cell has {len(lines)} lines, want at most 12"
+
+
+
+# --------------------------------------------------------------------------------------------
 # Failure handling, on a tiny throwaway book (a few seconds each)
 # --------------------------------------------------------------------------------------------
 
@@ -590,3 +811,50 @@ def test_student_version_of_cheapest_chapter_executes(built, tmp_path):
     checks = [c for c in code if "check" in _tags(c)]
     assert checks and failed == checks, (
         f"{cheapest}: want exactly the checks to fail, got {[c.source.splitlines()[0] for c in failed]}")
+
+
+def literate_page_checks(landing_dom: str, chapter_dom: str, chapter: str) -> list[str]:
+    """What a reader must see (issue 21, item 5), from the DOM Chromium rendered: the landing
+    page's verdict table as an HTML table; on a converted chapter's page, glued numbers (pasted
+    text that is a number, none left as a role), a captioned, numbered figure with alt text that
+    is not a file path and a reference to it, an HTML table of a record (a display.Table), and a
+    numbered, linkable exercise. Returns the problems (empty: all there)."""
+    problems = []
+    tables = re.findall(r"<table\b.*?</table>", landing_dom, flags=re.S)
+    if not any(re.search(r"<th[^>]*>\s*(?:<p>)?\s*verdict\s*(?:</p>)?\s*</th>", t) and t.count("<tr") >= 6
+               for t in tables):
+        problems.append("landing page: no HTML table with a verdict column and five methods")
+    pasted = re.findall(r'<span class="pasted-text">([^<]*)</span>', chapter_dom)
+    if not pasted or not all(re.fullmatch(r"[+\-−]?\d+(?:\.\d+)?", p.strip()) for p in pasted):
+        problems.append(f"{chapter}: glued numbers missing or not numbers: {pasted[:8]}")
+    if "{glue" in chapter_dom:
+        problems.append(f"{chapter}: a glue role left unrendered")
+    figures = re.findall(r"<figure\b.*?</figure>", chapter_dom, flags=re.S)
+    numbered = [f for f in figures if re.search(r'class="caption-number">Fig\. \d+', f)
+                and re.search(r'<img[^>]*alt="[^"/]{40,}"', f)]
+    if not numbered:
+        problems.append(f"{chapter}: no figure with a number, a caption and alt text that says what it shows")
+    elif not re.search(r'<a class="reference internal" href="#fig-[^"]+"><span class="std std-numref">Fig\. \d+',
+                       chapter_dom):
+        problems.append(f"{chapter}: the prose refers to no figure by its number")
+    if not re.search(r'<table class="table metabook-table">.*?<th>.*?<td>', chapter_dom, flags=re.S):
+        problems.append(f"{chapter}: no recorded table rendered as an HTML table")
+    number = chapter[:2].lstrip("0")
+    if not re.search(rf'id="ex-{number}-1"', chapter_dom) or f"Exercise {number}.1" not in chapter_dom:
+        problems.append(f"{chapter}: exercise {number}.1 is not numbered and linkable (#ex-{number}-1)")
+    return problems
+
+
+@pytest.mark.book
+def test_literate_pages_in_headless_chromium(built, tmp_path):
+    """The landing table, a glued number, a captioned numbered figure, an HTML table and a
+    numbered exercise, on the pages as Chromium renders them (the first converted chapter whose
+    prose pastes glued numbers)."""
+    browser = _chromium()
+    chapter = next(p.stem for p in CHAPTERS if p.stem not in NOT_LITERATE | GLUE_PENDING     # with glued numbers
+                   and any("{glue" in c.source for c in _prose_cells(nbformat.read(p, as_version=4))))
+    dom = {page: _chromium_run(browser, tmp_path / "profile", "--dump-dom",
+                               (built / "html" / "book" / f"{page}.html").as_uri()).stdout
+           for page in ("intro", chapter)}
+    assert not literate_page_checks(dom["intro"], dom[chapter], chapter), literate_page_checks(
+        dom["intro"], dom[chapter], chapter)

@@ -75,7 +75,9 @@ def test_every_run_of_a_chapter_keeps_its_own_folder_under_out_dir(path):
         return
     params = next(c for c in _code(nb) if "parameters" in c.metadata.get("tags", []))
     assert re.search(r"^OUT_DIR = None\b", params.source, re.M), f"{path.name}: no OUT_DIR = None parameter"
-    assert f'notebook_out_dir("{path.stem}", preset, OUT_DIR)' in sources, path.name
+    # directly, or through metabook.display.chapter_start (the one-cell start), which calls it
+    assert (f'notebook_out_dir("{path.stem}", preset, OUT_DIR)' in sources
+            or re.search(rf'chapter_start\("{path.stem}", "\w+", PRESET, SEED, DATASET, OUT_DIR\)', sources)), path.name
     folders = []
     for call in calls:
         out = [k.value for k in call.keywords if k.arg == "out_dir"]

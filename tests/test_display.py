@@ -1,0 +1,90 @@
+"""Tests of metabook.display: HTML tables, live listings, glued numbers, the chapters' start."""
+from __future__ import annotations
+
+import inspect
+import math
+
+import numpy as np
+import pytest
+
+from metabook import display
+from metabook.display import GLUE_PREFIX, Listing, Table, chapter_start, glue, percent, table
+from metabook.results import arms_table, format_table
+
+RECORD = {"seeds": [0, 1], "arms": {
+    "baseline": {"test_acc": {"mean": 0.566, "std": 0.025, "per_seed": [0.584, 0.548]},
+                 "seconds_per_step": 0.1, "step_cost_ratio": 1.0},
+    "method": {"test_acc": {"mean": 0.5895, "std": 0.018, "per_seed": [0.602, 0.577]},
+               "seconds_per_step": 0.4, "step_cost_ratio": 4.0}}}
+
+
+def test_table_is_real_html_with_escaped_cells_and_text_fallback():
+    t = table([{"arm": "a<b", "acc": "58.9 ± 1.8"}, {"arm": "c", "acc": 1}], "cap & tion")
+    html = t._repr_html_()
+    assert html.startswith("<table") and html.count("<tr>") == 3 and "<th>arm</th>" in html
+    assert "a&lt;b" in html and "<caption>cap &amp; tion</caption>" in html and "a<b" not in html
+    assert repr(t) == "cap & tion\n" + format_table(t.rows)
+    assert "(no rows)" in Table([])._repr_html_()
+
+
+def test_arms_shows_the_records_arms_table():
+    assert display.arms(RECORD).rows == arms_table(RECORD)
+    assert display.arms(None).rows == []
+
+
+def test_listing_is_the_live_source_highlighted():
+    shown = Listing(display.percent)
+    assert repr(shown) == inspect.getsource(display.percent)
+    html = shown._repr_html_()
+    assert "percent" in html and "<span" in html            # highlighted, not a plain <pre> copy
+
+
+def test_glue_writes_what_myst_nb_reads(monkeypatch):
+    """The output of glue(name, value) is the one myst-nb's own glue(..., display=False) writes."""
+    myst_nb = pytest.importorskip("myst_nb")
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append((a, k)))
+    glue("acc", 58.95)
+    myst_nb.glue("acc", 58.95, display=False)
+    assert shown[0] == shown[1]
+    bundle, kwargs = shown[0]
+    assert bundle[0] == {GLUE_PREFIX + "text/plain": "58.95"} and kwargs["metadata"]["scrapbook"]["name"] == "acc"
+
+
+def test_glue_of_a_missing_value_is_nan_and_formats(monkeypatch):
+    from myst_nb.core.variables import format_plain_text
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append(a[0]))
+    glue("gone", None)
+    glue("three", 3)
+    glue("numpy", np.float32(0.5))
+    glue("count", np.int64(7))
+    texts = [bundle[GLUE_PREFIX + "text/plain"] for bundle in shown]
+    assert format_plain_text(texts[0], ".1f") == "nan" and format_plain_text(texts[1], ".1f") == "3.0"
+    assert format_plain_text(texts[2], ".2f") == "0.50" and format_plain_text(texts[3], "d") == "7"
+
+
+def test_percent_reads_mean_std_and_one_seed_and_is_nan_when_missing():
+    assert percent(RECORD, "method") == pytest.approx(58.95)
+    assert percent(RECORD, "baseline", stat="std") == pytest.approx(2.5)
+    assert percent(RECORD, "baseline", seed=1) == pytest.approx(54.8)
+    assert math.isnan(percent(RECORD, "absent")) and math.isnan(percent(None, "method"))
+    assert math.isnan(percent(RECORD, "method", seed=7))
+
+
+def test_chapter_start_resolves_preset_config_and_runs_folder(tmp_path, capsys):
+    start = chapter_start("04_instance_lr", "instance_lr", "smoke", 0, "synthetic", tmp_path / "runs")
+    assert start.preset == "smoke" and start.out_dir == tmp_path / "runs"
+    assert start.overrides == {"dataset": "synthetic"} and start.cfg["dataset"] == "synthetic"
+    out = capsys.readouterr().out
+    assert "preset smoke" in out and str(tmp_path / "runs") in out
+    with pytest.raises(Exception, match="smoke"):
+        chapter_start("04_instance_lr", "instance_lr", "fast", show=False)
+
+
+def test_chapter_start_without_an_experiment_has_no_config_and_prints_no_runs_folder(tmp_path, capsys):
+    start = chapter_start("01_meta_gradients", None, "smoke", 0, out_dir=tmp_path)
+    assert start.preset == "smoke" and start.cfg == {} and start.overrides == {}
+    out = capsys.readouterr().out
+    assert "preset smoke" in out and "runs kept" not in out
