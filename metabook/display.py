@@ -104,6 +104,17 @@ def arms(record: dict | None, caption: str = "") -> Table:
     return Table(arms_table(record) if record else [], caption)
 
 
+def _paired(record: dict, arm: str, other: str, metric: str | None) -> tuple[str, dict]:
+    """(metric, results.paired_difference): the held-out split where the record has it, else test."""
+    key = metric or ("heldout_acc" if "heldout_acc" in record["arms"][arm] else "test_acc")
+    return key, paired_difference(record, arm, other, metric=key)
+
+
+def _interval(d: dict) -> str:
+    """'[-0.3, +2.7]' (points), or 'no interval' (NaN: one seed without per-image records)."""
+    return f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else "no interval"
+
+
 def comparisons(record: dict, arm: str, metric: str | None = None) -> list[dict]:
     """One row per other arm of `record`: the paired difference arm - other on `metric` (default:
     the held-out split where the record has it, else the test split), with its 95% interval and
@@ -112,11 +123,10 @@ def comparisons(record: dict, arm: str, metric: str | None = None) -> list[dict]
     for other in record["arms"]:
         if other == arm:
             continue
-        key = metric or ("heldout_acc" if "heldout_acc" in record["arms"][arm] else "test_acc")
-        d = paired_difference(record, arm, other, metric=key)
+        key, d = _paired(record, arm, other, metric)
         rows.append({"comparison": f"{arm} - {other}", "metric": key, "seeds": len(d["diffs"]),
                      "difference (points)": f"{100 * d['mean']:+.1f}",
-                     "95% interval": f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]", "verdict": d["verdict"]})
+                     "95% interval": _interval(d), "verdict": d["verdict"]})
     return rows
 
 
@@ -128,15 +138,13 @@ def claim(claim: str, test: str, record: dict | None, arm: str, other: str, rela
     if record is None or arm not in record["arms"] or other not in record["arms"]:
         return {"claim": claim, "test": test, "measured": "not run", "related number": related,
                 "verdict": "not tested"}
-    key = metric or ("heldout_acc" if "heldout_acc" in record["arms"][arm] else "test_acc")
-    d = paired_difference(record, arm, other, metric=key)
+    key, d = _paired(record, arm, other, metric)
     c = record["config"]
     where = (f"target classes {c['target.classes']}" if c.get("target.classes") else
              f"{c['noise.kind']} {c['noise.rate']:.0%} noise" if c.get("noise.kind", "none") != "none"
              else "clean labels")
-    interval = f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else "no interval"
     return {"claim": claim, "test": test,
-            "measured": f"{100 * d['mean']:+.1f} points {interval} ({d['method']}), {key}, {where}",
+            "measured": f"{100 * d['mean']:+.1f} points {_interval(d)} ({d['method']}), {key}, {where}",
             "related number": related, "verdict": f"{arm} against {other}: {d['verdict']}"}
 
 

@@ -67,7 +67,8 @@ def paired_difference(record: dict, arm: str, reference: str, metric: str = "hel
     a bootstrap over seeds and images (both resampled; the images are shared by the seeds, so one
     draw serves every seed) when the record has per-image correctness, else a t-interval over
     the seeds (very wide for 2-3 seeds: an honest "not resolved"). `verdict` follows from the
-    interval: "ahead" above zero, "behind" below, else "not resolved".
+    interval: "ahead" above zero, "behind" below, else "not resolved"; with one seed it is always
+    "not resolved" (the images' interval says nothing of another training run).
     Returns {diffs, mean, lo, hi, n_seeds, n_images, method, metric, verdict}."""
     from .train import unpack_bits
 
@@ -97,6 +98,8 @@ def paired_difference(record: dict, arm: str, reference: str, metric: str = "hel
     else:
         lo, hi, how = float("nan"), float("nan"), "one seed, no per-image record: no interval"
     verdict = "ahead" if lo > 0 else "behind" if hi < 0 else "not resolved"
+    if n == 1 and lo == lo:      # one seed: the interval covers the images, not a second training run
+        verdict, how = "not resolved", how + "; one seed: no verdict"
     return {"diffs": [float(x) for x in diffs], "mean": mean, "lo": float(lo), "hi": float(hi), "n_seeds": n,
             "n_images": int(n_images) if bits else None, "method": how, "metric": metric, "verdict": verdict}
 

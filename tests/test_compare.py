@@ -63,7 +63,7 @@ def test_bench_pairs_each_method_with_its_baseline_under_one_budget(bench_record
         for d in row["versus"].values():
             if d:
                 assert d["lo"] <= d["mean"] <= d["hi"] and d["method"].startswith("bootstrap over 1 seeds")
-                assert d["verdict"] == ("ahead" if d["lo"] > 0 else "behind" if d["hi"] < 0 else "not resolved")
+                assert d["verdict"] == "not resolved"                        # one seed: no verdict, whatever the images say
         assert row["total_time_ratio"] == pytest.approx(
             (row["train_seconds"] + row["one_off_seconds"]) / row["baseline_train_seconds"])
         assert (out / name / "arms.json").exists() and not (out / name / "result.json").exists()

@@ -49,6 +49,15 @@ def test_two_seeds_with_images_use_the_paired_bootstrap():
     assert res["lo"] <= 0 <= res["hi"] and res["verdict"] == "not resolved"
 
 
+def test_one_seed_gets_the_images_interval_and_no_verdict():
+    rng = np.random.default_rng(0)
+    base = [rng.random(4000) < 0.5]
+    better = [base[0] | (rng.random(4000) < 0.2)]                   # +10 points on the images
+    res = paired_difference(record([float(better[0].mean())], [float(base[0].mean())], better, base), "m", "b")
+    assert res["lo"] > 0.05 and res["method"].endswith("one seed: no verdict")
+    assert res["verdict"] == "not resolved"
+
+
 def test_a_metric_the_record_lacks_is_named():
     rec = record([0.5], [0.4])
     del rec["arms"]["m"]["heldout_acc"]
