@@ -323,7 +323,7 @@ def test_toc_lists_the_execution_statistics_page():
 # code; GLUE_PENDING: result numbers typed into the prose.
 NOT_LITERATE = {"09_sweeps"}
 LISTINGS_PENDING = set()
-GLUE_PENDING = {"05_online_loss", "06_grad_instructor", "07_meta_hf"}
+GLUE_PENDING = set()
 
 
 def _literate(pending=NOT_LITERATE):
