@@ -136,10 +136,7 @@ PROMISE = {"smoke": ("cpu", 90.0), "cpu": ("cpu", 20 * 60.0), "gpu": ("t4", 30 *
 GPU_MEMORY = 12 * 2 ** 30
 # Experiments the written plan does not hold yet at a preset, and why. Writing one (plan --write)
 # makes the coverage test fail until it is taken off this list, so the list cannot go stale.
-NOT_YET_PLANNED = {"gpu": {"compare": "its five methods' arms and one-off stages at gpu size, counted on the "
-                                      "CPU: stopped unfinished after 20 min of a loaded machine on 2026-12-03 "
-                                      "(after Grad-Instructor's critic became extrapolated, which made that "
-                                      "chapter plannable in minutes)"}}
+NOT_YET_PLANNED: dict = {}
 
 
 def _written(preset):
