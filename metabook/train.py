@@ -722,7 +722,7 @@ class OutLock:
         except FileExistsError:
             owner = self.path.read_text().split()
             pid, host = (int(owner[0]), owner[1]) if len(owner) == 2 and owner[0].isdigit() else (0, "")
-            if host == socket.gethostname() and pid and _alive(pid):
+            if host == socket.gethostname() and pid and process_alive(pid):
                 raise RunError(f"{out} is in use by another run (pid {pid}); wait for it or choose another "
                                f"--out") from None
             self.path.unlink(missing_ok=True)        # a stale lock: its process is gone
@@ -738,14 +738,20 @@ class OutLock:
             self.path.unlink(missing_ok=True)
 
 
-def _alive(pid: int) -> bool:
+def process_alive(pid: int) -> bool:
+    """Whether process `pid` still runs. A zombie (killed, not yet reaped: where a container's init
+    does not reap, it stays one) holds no lock."""
     try:
         os.kill(pid, 0)
     except ProcessLookupError:
         return False
     except PermissionError:
         return True
-    return pid != os.getpid()
+    try:
+        state = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0]
+    except (OSError, IndexError):
+        state = ""
+    return pid != os.getpid() and state != "Z"
 
 
 def fresh_method(arm: Arm, cfg: dict, data: RunData, seed: int, total: int | None = None) -> Method:

@@ -15,6 +15,7 @@ from metabook.__main__ import main
 from metabook.methods import run_chapter
 from metabook.sweep import (Unit, WorkerDied, parse_grid, plan_units, run_unit, schedule, slurm_parameters, sweep,
                             unit_resources)
+from metabook.train import process_alive
 
 TINY = {"dataset": "synthetic", "train_size": 256, "meta_size": 64, "batch_size": 64, "width": 4,
         "test_size": 100, "heldout_size": 100, "epochs": 1.0, "eval_every": 1.0}
@@ -294,6 +295,10 @@ def test_a_sweep_whose_driver_is_killed_continues_where_it_stopped(tmp_path, cap
             break
         time.sleep(0.02)
     assert proc.wait(timeout=60) == -signal.SIGKILL, "the sweep finished before it could be killed"
+    worker = int((out / "baseline" / ".units" / "baseline-seed1" / ".lock").read_text().split()[0])
+    deadline = time.time() + 30                # SIGKILL is delivered, not awaited: let the worker go
+    while process_alive(worker) and time.time() < deadline:
+        time.sleep(0.05)
     assert not (out / "baseline" / "result.json").exists()
     kept = (runs / "baseline-seed0.json").stat().st_mtime_ns
 

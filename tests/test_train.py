@@ -1,7 +1,10 @@
 """The training loop: learning, resume after a kill, NaN detection, schedules, the result record."""
 import json
+import os
 import subprocess
 import sys
+import time
+from pathlib import Path
 
 import pytest
 import torch
@@ -394,6 +397,27 @@ def test_two_runs_never_share_an_output_folder(synthetic, tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(RunError, match="is a file, not a folder"):
         run_baseline(cfg, synthetic, out_dir=tmp_path / "file")
+
+
+def test_a_lock_whose_process_was_killed_but_not_reaped_is_taken_over(tmp_path):
+    """A killed worker whose parent is gone stays a zombie where init does not reap (containers):
+    its pid still answers kill(pid, 0), yet it holds no lock."""
+    import socket
+    import subprocess as sp
+
+    from metabook.train import OutLock, process_alive
+
+    zombie = sp.Popen([sys.executable, "-c", "pass"])
+    deadline = time.time() + 30
+    while Path(f"/proc/{zombie.pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z" and time.time() < deadline:
+        time.sleep(0.02)                                             # ended, not yet waited for: a zombie
+    try:
+        assert not process_alive(zombie.pid) and process_alive(1)
+        (tmp_path / ".lock").write_text(f"{zombie.pid} {socket.gethostname()}")
+        with OutLock(tmp_path):
+            assert (tmp_path / ".lock").read_text().split()[0] == str(os.getpid())
+    finally:
+        zombie.wait()
 
 
 def test_impossible_budgets_fail_before_anything_trains(synthetic):
