@@ -367,11 +367,13 @@ def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
     planned seconds of its training steps (one CPU thread, evaluations left out) and of its
     one-off stage against the run's measured ones (seed means: CPU seconds where the record kept
     them, robust to other jobs; else wall-clock, `measured_as`), and measured / planned. Rows whose
-    config hash differs from the run's arm are skipped (the plan is of another config)."""
+    config hash differs from the run's arm are skipped (the plan is of another config). Knobs added
+    after the run was recorded take the preset's values (the run did what their defaults do)."""
     out = []
-    from .methods import chapter_module
+    from .methods import chapter_config, chapter_module
 
-    arm_cfgs = {n: {**exp.cfg, **a.changes} for exp in chapter_module(record["chapter"]).experiments(record["config"])
+    cfg = {**chapter_config(record["chapter"], record["preset"]), **record["config"]}
+    arm_cfgs = {n: {**exp.cfg, **a.changes} for exp in chapter_module(record["chapter"]).experiments(cfg)
                 for n, a in exp.arms.items()}
     for name, arm in record["arms"].items():
         mine = [r for r in rows if r["chapter"] == record["chapter"] and r["preset"] == record["preset"]

@@ -850,24 +850,43 @@ def test_official_meta_training_draws_the_meta_split_only(monkeypatch):
     assert torch.isfinite(out["loss"]) and not torch.equal(before, flatten(model_params(method.model)))
 
 
-@pytest.mark.parametrize("keep_prob, resets", [(1.0, 0), (0.0, 4)])
-def test_official_replay_continues_with_keep_prob_and_resets_otherwise(keep_prob, resets):
-    """keep_prob 1: one trajectory, 4 episodes of 2 steps (age 8 at the end, nothing stored);
-    keep_prob 0: every episode ends in a reset to a replayed state."""
+@pytest.mark.parametrize("keep_prob, replay, resets, oldest_start", [(1.0, "initial", 0, 6), (0.0, "initial", 4, 0),
+                                                                   (0.0, "visited", 4, 2)])
+def test_official_replay_continues_with_keep_prob_and_resets_to_what_it_stored(keep_prob, replay, resets,
+                                                                               oldest_start):
+    """keep_prob 1: one trajectory of 4 episodes of 2 steps (they start 0, 2, 4, 6 steps in);
+    keep_prob 0: every episode ends in a reset, which with replay "initial" (the released code)
+    always returns to the initial weights, and with "visited" to states reached before."""
     model = tiny_mlp()
     segments, nets = official_nets(model)
     gen = torch.Generator().manual_seed(5)
     batches = [separable_problem(gen, 16) for _ in range(8)]
     m = meta_hf.OfficialMetaConfig(steps=4, unroll=2, lr=1e-3, keep_prob=keep_prob, replay_size=3, train_lr=1.0,
-                                   seed=0)
+                                   seed=0, replay=replay)
     before = flatten([p.detach().clone() for p in nets.parameters()])
     stats = meta_hf.official_meta_train(nets, segments, model, lambda i: batches[i], OFFICIAL_S, m)
     assert stats["resets"] == resets and len(stats["meta_losses"]) == 4
     assert not torch.equal(before, flatten([p.detach() for p in nets.parameters()]))       # Adam moved phi
-    if keep_prob == 1.0:
-        assert stats["replay_age_max"] == 0                   # only the initial fresh state is stored
-    else:
-        assert stats["replay_age_max"] >= 2
+    assert stats["start_age_max"] == oldest_start
+    assert stats["replay_states"] == (1 if replay == "initial" or keep_prob == 1.0 else 3)     # full at replay_size
+
+
+def test_official_meta_training_uses_batches_of_its_meta_batch(monkeypatch):
+    """hf.official_meta_batch images per meta-training batch (the code's 64), cut from the
+    stream's batches; a run whose batches are smaller uses them whole."""
+    sizes = []
+    real = meta_hf.official_unroll
+    monkeypatch.setattr(meta_hf, "official_unroll",
+                        lambda *a, **k: sizes.extend(len(y) for _, y in a[6]) or real(*a, **k))
+    for meta_batch, expected in ((8, 8), (64, 32)):        # TINY's batch_size is 32
+        sizes.clear()
+        cfg = chapter_config("meta_hf", "smoke", official_cfg(**{"hf.official_meta_batch": meta_batch}))
+        data = prepare_data(cfg, 0, torch.device("cpu"), make_synthetic(400, 100, seed=0))
+        seed_everything(0)
+        method = meta_hf.OfficialMLHF(cfg)
+        method.setup(Context(make_model(cfg, 10, torch.device("cpu")), data.streams(), 12, 6, 10, len(data.train.y), seed=0))
+        method.prepare()
+        assert sizes == [expected] * 6 and method.extras(None)["meta_batch"] == expected
 
 
 def test_killed_official_mlhf_run_resumes_bitwise(tmp_path):

@@ -238,6 +238,10 @@ def test_plan_against_run_pairs_each_arm_with_its_planned_steps(synthetic):
     assert check["ratio"] == pytest.approx(rec["arms"]["baseline"]["train_cpu_seconds"]["mean"] / check["planned_s"])
     stale = [{**r, "config_sha": "another"} for r in rows]
     assert plan_against_run(rec, stale) == []                # a plan of another config is not compared
+    older = {**rec, "config": {k: v for k, v in rec["config"].items() if k != "label_smoothing"}}
+    assert plan_against_run(older, rows) == [check]          # a knob added since takes the preset's value
+    changed = {**rec, "config": {**rec["config"], "label_smoothing": 0.1}}
+    assert plan_against_run(changed, rows) == []             # a value the run had is never overridden
 
 
 def test_readme_shows_the_plan_checked_against_the_converged_records():

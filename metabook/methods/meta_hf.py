@@ -710,7 +710,9 @@ class MLHFUntrained(MLHF):
 # to ||theta|| 0.25 / lr and multiplies it by U[0.98, 1.02]; the preconditioner heads minimise
 # the "Hessian loss" -<g, x> / sqrt(x^T A x), the damping heads 10 x a softmax-weighted mean of
 # (f(theta_{t+1}; B_t) + f(theta_{t+1}; B_{t+1})) / 2 - f(theta_t; B_t); Adam 1e-3, L2 2e-7, the
-# meta-gradient clipped to the norm of phi; states are replayed (keep-prob 0.3). The step itself
+# meta-gradient clipped to the norm of phi; after each episode the trajectory goes on with
+# probability 0.3, else it is reset to a state of its replay (in effect, the initial weights:
+# see official_meta_train); batches of 64 images. The step itself
 # is `hf_direction`, the same one HF and MLHF use, here in the official code's signs (x = -d,
 # r_official = -r). What differs from that code is listed in chapter 7.
 
@@ -878,15 +880,23 @@ class OfficialMetaConfig:
     replay_size: int
     train_lr: float                # the target net's lr inside meta-training
     seed: int
+    replay: str = "initial"        # what a reset returns to: "initial" (the released code) or "visited"
+    batch: int = 0                 # images per meta-training batch (0: the stream's batch as it comes)
 
 
 def official_meta_train(nets: OfficialNets, segments, model, batch_at: Callable[[int], tuple], s: HFSettings,
                         m: OfficialMetaConfig) -> dict:
     """Meta-train `nets` in place as the official code does (see the section's comment); episode e
     uses batch_at(e * unroll + j), j < unroll. After each episode the trajectory goes on with
-    probability keep_prob; otherwise its state joins the replay (a random one is replaced once it
-    holds replay_size) and the next episode starts from a replayed state drawn uniformly. The
-    replay starts with one fresh initialisation. Returns the meta-losses and replay statistics."""
+    probability keep_prob; otherwise it resets to a state drawn uniformly from the replay, which
+    starts with one fresh initialisation (its weights, zero head states, x_1 = r_1 = 0). With
+    m.replay = "initial" (the released code) nothing else is stored, so every reset returns to
+    those initial weights: the code stores a state at a reset only if its loss is at most the
+    lowest stored so far, a record that starts at 0, which a cross-entropy never reaches, and
+    its sampler draws ranks uniformly, so the priorities it keeps never change the draw. With
+    "visited" the state at each reset joins the replay (a random one is replaced once it holds
+    replay_size), so trajectories chain further. Returns the meta-losses, the resets and the ages
+    (steps since the initialisation) of the states the episodes started from."""
     like = {k: p.detach() for k, p in model_params(model).items()}
     ref = next(iter(like.values()))
     P = sum(p.numel() for p in like.values())
@@ -896,9 +906,12 @@ def official_meta_train(nets: OfficialNets, segments, model, batch_at: Callable[
     rng = torch.Generator().manual_seed(m.seed)
     current = (fresh_theta(model, m.seed * 7919).to(ref), OfficialState.fresh(P, ref))
     replay = [current]
-    meta_losses, hessian_losses, resets = [], [], 0
+    meta_losses, hessian_losses, resets, start_ages = [], [], 0, []
     for it in range(m.steps):
         batches = [batch_at(it * m.unroll + j) for j in range(m.unroll)]
+        if m.batch:
+            batches = [(x[:m.batch], y[:m.batch]) for x, y in batches]
+        start_ages.append(current[1].age)
         meta_loss, hessian_loss, theta_end, state_end, _ = official_unroll(
             nets, segments, model, like, current[0], current[1], batches, s, m.train_lr, noise_seed=m.seed + it)
         if not (torch.isfinite(meta_loss) and torch.isfinite(hessian_loss)):
@@ -917,14 +930,14 @@ def official_meta_train(nets: OfficialNets, segments, model, batch_at: Callable[
         current = (theta_end, state_end)
         if torch.rand((), generator=rng).item() >= m.keep_prob:          # reset to a replayed state
             resets += 1
-            if len(replay) < m.replay_size:
+            if m.replay == "visited" and len(replay) < m.replay_size:
                 replay.append(current)
-            elif m.replay_size > 0:
+            elif m.replay == "visited" and m.replay_size > 0:
                 replay[int(torch.randint(len(replay), (), generator=rng))] = current
             current = replay[int(torch.randint(len(replay), (), generator=rng))]
-    ages = [st.age for _, st in replay]
     return {"meta_losses": meta_losses, "hessian_losses": hessian_losses, "resets": resets,
-            "replay_age_mean": sum(ages) / len(ages), "replay_age_max": max(ages)}
+            "start_age_mean": sum(start_ages) / max(1, len(start_ages)), "start_age_max": max(start_ages, default=0),
+            "replay_states": len(replay)}
 
 
 class OfficialMLHF(Method):
@@ -945,13 +958,15 @@ class OfficialMLHF(Method):
         self.segments = param_kinds(self.model)
         self.meta = OfficialMetaConfig(c.official_meta_steps, c.official_unroll, c.official_meta_lr,
                                        c.official_keep_prob, c.official_replay_size, c.official_meta_train_lr,
-                                       seed=int(torch.randint(2 ** 31 - 1, ())))             # global RNG
+                                       seed=int(torch.randint(2 ** 31 - 1, ())),             # global RNG
+                                       replay=c.official_replay,
+                                       batch=min(c.official_meta_batch, ctx.streams.batch_size("meta")))
         with torch.random.fork_rng(devices=[]):
             torch.manual_seed(self.meta.seed)
             self.nets = OfficialNets({k for k, _ in self.segments}).to(like)
         self.state = OfficialState.fresh(len(like), like)
-        self.meta_stats = {"meta_losses": [], "hessian_losses": [], "resets": 0, "replay_age_mean": 0.0,
-                           "replay_age_max": 0}
+        self.meta_stats = {"meta_losses": [], "hessian_losses": [], "resets": 0, "start_age_mean": 0.0,
+                           "start_age_max": 0, "replay_states": 1}
 
     def prepare(self) -> None:
         """Meta-train on the stream 'mlhf_official_episodes' of the meta split."""
@@ -985,7 +1000,8 @@ class OfficialMLHF(Method):
         return {"meta_episodes": len(ms["meta_losses"]),
                 "meta_loss_first": mean(ms["meta_losses"][:k]), "meta_loss_last": mean(ms["meta_losses"][-k:]),
                 "hessian_loss_first": mean(ms["hessian_losses"][:k]), "hessian_loss_last": mean(ms["hessian_losses"][-k:]),
-                "resets": ms["resets"], "replay_age_mean": ms["replay_age_mean"], "replay_age_max": ms["replay_age_max"],
+                "resets": ms["resets"], "start_age_mean": ms["start_age_mean"], "start_age_max": ms["start_age_max"],
+                "replay_states": ms["replay_states"], "meta_batch": self.meta.batch,
                 "meta_params": sum(p.numel() for p in self.nets.parameters())}
 
 # ----------------------------------------------------------------------------- chapter config and run
@@ -1030,7 +1046,13 @@ class HF:
     official_meta_lr: float = knob(1e-3, "Adam step size on the official MLHF's heads (its code, convnet)", ">= 0")
     official_keep_prob: float = knob(0.3, "probability that an episode continues the last one (its code, convnet)",
                                      "in [0, 1]")
-    official_replay_size: int = knob(200, "replay of the official MLHF's meta-training states (its code: 200)", ">= 0")
+    official_replay: str = knob("initial", "what a reset of the official MLHF's meta-training returns to: initial = "
+                                "its initial weights, as the released code does in effect; visited = a state drawn "
+                                "from those the trajectory reached at earlier resets", choices=("initial", "visited"))
+    official_replay_size: int = knob(200, "replay of visited states (official_replay=visited; its code's buffer: 200)",
+                                     ">= 0")
+    official_meta_batch: int = knob(64, "images per batch of the official MLHF's meta-training (its code: 64 for the "
+                                    "convnet); a run whose batch_size is smaller uses its whole batches", ">= 1")
     official_lr: float = knob(2.0, "constant lr of the official MLHF's step theta - lr x (its code: 2.0 at batch 128)",
                               "> 0")
     official_meta_train_lr: float = knob(1.0, "the official MLHF's lr inside meta-training (its code: 1.0)", "> 0")
