@@ -651,16 +651,38 @@ def test_nbval_compares_checked_cells_and_uses_the_sanitizer(tmp_path):
     assert results["good.ipynb"] == {"passed": 3}, results
 
 
-def _run_nbval(notebooks, workdir: Path, junit: Path) -> subprocess.CompletedProcess:
+def _nbval_command(notebooks, workdir: Path, junit: Path) -> list[str]:
     """pytest --nbval-lax on the notebooks, isolated from the project's pytest configuration."""
     ini = workdir / "nbval-pytest.ini"
     ini.write_text("[pytest]\n")
-    cmd = [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env",
-           "--nbval-sanitize-with", str(SANITIZE), "-p", "no:cacheprovider",
-           "-c", str(ini), "--rootdir", str(workdir), "--confcutdir", str(workdir),
-           "-o", "addopts=", "-q", f"--junitxml={junit}", *map(str, notebooks)]
-    return subprocess.run(cmd, capture_output=True, text=True, cwd=workdir,
+    return [sys.executable, "-m", "pytest", "--nbval-lax", "--nbval-current-env",
+            "--nbval-sanitize-with", str(SANITIZE), "-p", "no:cacheprovider",
+            "-c", str(ini), "--rootdir", str(workdir), "--confcutdir", str(workdir),
+            "-o", "addopts=", "-q", f"--junitxml={junit}", *map(str, notebooks)]
+
+
+def _run_nbval(notebooks, workdir: Path, junit: Path) -> subprocess.CompletedProcess:
+    return subprocess.run(_nbval_command(notebooks, workdir, junit), capture_output=True, text=True, cwd=workdir,
                           env=kernel_environment(ROOT))
+
+
+def _balanced_groups(seconds: dict[str, float], k: int) -> list[list[str]]:
+    """Split names into k groups of about equal total seconds (longest first, each to the lightest
+    group), each group in the names' order; empty groups dropped."""
+    groups: list[list[str]] = [[] for _ in range(k)]
+    for name in sorted(seconds, key=seconds.get, reverse=True):
+        min(groups, key=lambda g: sum(seconds[n] for n in g)).append(name)
+    order = list(seconds)
+    return [sorted(g, key=order.index) for g in groups if g]
+
+
+def test_balanced_groups_split_the_work_evenly_and_keep_every_name_once():
+    seconds = {"a": 10.0, "b": 1.0, "c": 6.0, "d": 5.0, "e": 1.0}
+    groups = _balanced_groups(seconds, 2)
+    assert sorted(n for g in groups for n in g) == sorted(seconds)
+    assert sorted(sum(seconds[n] for n in g) for g in groups) == [11.0, 12.0]
+    assert groups == [["a", "b", "e"], ["c", "d"]]          # each in the given order
+    assert _balanced_groups(seconds, 9) == [["a"], ["c"], ["d"], ["b"], ["e"]]
 
 
 def _junit_results(junit: Path) -> dict[str, dict[str, int]]:
@@ -739,13 +761,29 @@ def test_solutions_render_hidden_behind_a_toggle(built):
 
 @pytest.mark.book
 def test_executed_chapters_pass_nbval(built, tmp_path):
+    """nbval re-executes every executed chapter, as many side by side as the build ran (its
+    report's `jobs`), grouped by the build's seconds per chapter, each kernel with its share of
+    the cores."""
     notebooks = sorted((built / "executed").glob("*.ipynb"))
     assert [p.stem for p in notebooks] == sorted(p.stem for p in CHAPTERS)
-    junit = tmp_path / "junit.xml"
-    proc = _run_nbval(notebooks, built / "executed", junit)
-    assert proc.returncode == 0, proc.stdout[-6000:] + proc.stderr[-3000:]
-    assert re.search(r"\b\d+ passed\b", proc.stdout), proc.stdout[-2000:]
-    results = _junit_results(junit)
+    report = json.loads((built / "build_report.json").read_text())
+    seconds = {c["chapter"]: c.get("seconds") or 1.0 for c in report["chapters"]}
+    groups = _balanced_groups({p.stem: seconds.get(p.stem, 1.0) for p in notebooks}, report.get("jobs", 1))
+    env = kernel_environment(ROOT)
+    if len(groups) > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(groups)))
+    workdir, procs = built / "executed", []
+    for i, group in enumerate(groups):
+        junit = tmp_path / f"junit-{i}.xml"
+        cmd = _nbval_command([workdir / f"{stem}.ipynb" for stem in group], workdir, junit)
+        procs.append((junit, subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+                                              cwd=workdir, env=env)))
+    results = {}
+    for junit, proc in procs:
+        out = proc.communicate()[0]
+        assert proc.returncode == 0, out[-6000:]
+        assert re.search(r"\b\d+ passed\b", out), out[-2000:]
+        results.update(_junit_results(junit))
     for path in notebooks:
         assert results.get(path.name, {}).get("passed", 0) > 0, results
 
