@@ -22,7 +22,7 @@ import numbers
 from dataclasses import dataclass
 from pathlib import Path
 
-from .results import arms_table, format_table, paired_difference
+from .results import arms_table, format_difference, format_table, paired_difference
 
 GLUE_PREFIX = "application/papermill.record/"    # myst-nb's (and scrapbook's) glue mime prefix
 
@@ -110,11 +110,6 @@ def _paired(record: dict, arm: str, other: str, metric: str | None) -> tuple[str
     return key, paired_difference(record, arm, other, metric=key)
 
 
-def _interval(d: dict) -> str:
-    """'[-0.3, +2.7]' (points), or 'no interval' (NaN: one seed without per-image records)."""
-    return f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else "no interval"
-
-
 def comparisons(record: dict, arm: str, metric: str | None = None) -> list[dict]:
     """One row per other arm of `record`: the paired difference arm - other on `metric` (default:
     the held-out split where the record has it, else the test split), with its 95% interval and
@@ -126,7 +121,8 @@ def comparisons(record: dict, arm: str, metric: str | None = None) -> list[dict]
         key, d = _paired(record, arm, other, metric)
         rows.append({"comparison": f"{arm} - {other}", "metric": key, "seeds": len(d["diffs"]),
                      "difference (points)": f"{100 * d['mean']:+.1f}",
-                     "95% interval": _interval(d), "verdict": d["verdict"]})
+                     "95% interval": format_difference(d, no_interval="no interval", mean=False),
+                     "verdict": d["verdict"]})
     return rows
 
 
@@ -134,8 +130,9 @@ def claim(claim: str, test: str, record: dict | None, arm: str, other: str, rela
           metric: str | None = None) -> dict:
     """One row of a claims table: what was measured (the paired difference arm - other, with its
     interval, metric and setting) and the verdict word of results.paired_difference; "not run" /
-    "not tested" when the record or an arm is missing."""
-    if record is None or arm not in record["arms"] or other not in record["arms"]:
+    "not tested" when the record, an arm or the metric is missing."""
+    arms = record["arms"] if record is not None else {}
+    if arm not in arms or other not in arms or any(metric and metric not in arms[a] for a in (arm, other)):
         return {"claim": claim, "test": test, "measured": "not run", "related number": related,
                 "verdict": "not tested"}
     key, d = _paired(record, arm, other, metric)
@@ -144,7 +141,7 @@ def claim(claim: str, test: str, record: dict | None, arm: str, other: str, rela
              f"{c['noise.kind']} {c['noise.rate']:.0%} noise" if c.get("noise.kind", "none") != "none"
              else "clean labels")
     return {"claim": claim, "test": test,
-            "measured": f"{100 * d['mean']:+.1f} points {_interval(d)} ({d['method']}), {key}, {where}",
+            "measured": f"{format_difference(d, ' points', 'no interval')} ({d['method']}), {key}, {where}",
             "related number": related, "verdict": f"{arm} against {other}: {d['verdict']}"}
 
 
@@ -181,13 +178,23 @@ def listing(*objs):
 # ----------------------------------------------------------------------------- glued numbers
 
 
+MISSING = (TypeError, KeyError, ValueError, IndexError, ZeroDivisionError, AttributeError)
+
+
 def glue(name: str, value) -> None:
     """Make `value` available to the page's prose as {glue:text}`name:.1f` (or {glue}`name`),
     without showing it here. A number is glued as a float; None becomes nan (the prose then
     reads "nan": a missing record is visible, and the build does not stop). Numpy scalars are
-    glued as plain floats (myst-nb formats the repr, and np.float32(0.5) would not parse)."""
+    glued as plain floats (myst-nb formats the repr, and np.float32(0.5) would not parse).
+    `value` may be a function of no arguments that reads a record, glue("x", lambda: rec["a"]["b"]):
+    its result is glued, or nan where it raises one of MISSING (the record lacks what it reads)."""
     from IPython.display import display
 
+    if callable(value):
+        try:
+            value = value()
+        except MISSING:
+            value = None
     if value is None:
         value = float("nan")
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)      # numpy scalars too

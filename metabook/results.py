@@ -104,6 +104,15 @@ def paired_difference(record: dict, arm: str, reference: str, metric: str = "hel
             "n_images": int(n_images) if bits else None, "method": how, "metric": metric, "verdict": verdict}
 
 
+def format_difference(d: dict, unit: str = "", no_interval: str = "", mean: bool = True) -> str:
+    """A paired_difference `d` as text, in points: '+1.2 [-0.3, +2.7]' (the mean, then `unit`, then
+    the 95% interval), or only '[-0.3, +2.7]' without the `mean`. Where there is no interval (NaN:
+    one seed without per-image records), `no_interval` stands in the interval's place
+    ('+1.2 no interval'; '' leaves the mean alone). The one place a paired interval becomes text."""
+    text = f"[{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]" if d["lo"] == d["lo"] else no_interval
+    return f"{100 * d['mean']:+.1f}{unit} {text}".rstrip() if mean else text
+
+
 def convergence(record: dict, metric: str = "heldout_acc", threshold: float = 0.97) -> dict:
     """Whether a record's budget has converged: the reference arm at its epochs against the same
     arm at twice the epochs (`<reference>_double_epochs`, which cfg check_convergence adds), seed

@@ -204,3 +204,12 @@ def test_a_chapter_without_a_converged_record_says_so_with_the_command(tmp_path)
     text = converged_report("meta_hf", results_dir=tmp_path)          # a folder with no records
     assert text.startswith("No converged record of this chapter yet")
     assert "`python -m metabook run meta_hf --preset converged --seeds 3`" in text
+
+
+def test_a_bench_cell_is_the_difference_its_interval_and_verdict_or_says_one_seed():
+    from metabook.methods.compare import interval
+
+    assert interval({"mean": 0.012, "lo": 0.003, "hi": 0.027, "verdict": "ahead"}) == "+1.2 [+0.3, +2.7] ahead"
+    one_seed = {"mean": -0.004, "lo": float("nan"), "hi": float("nan"), "verdict": "not resolved"}
+    assert interval(one_seed) == "-0.4 (one seed: not resolved)"
+    assert interval(None) == "-"

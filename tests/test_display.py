@@ -88,3 +88,67 @@ def test_chapter_start_without_an_experiment_has_no_config_and_prints_no_runs_fo
     assert start.preset == "smoke" and start.cfg == {} and start.overrides == {}
     out = capsys.readouterr().out
     assert "preset smoke" in out and "runs kept" not in out
+
+
+# ----------------------------------------------------------------------------- paired differences as text
+
+def _accuracies(per_seed):
+    """An arm of a record: its held-out accuracy per seed."""
+    return {"heldout_acc": {"mean": float(np.mean(per_seed)), "per_seed": list(per_seed)}}
+
+
+PAIRED = {"seeds": [0, 1, 2], "dataset": {}, "config": {"noise.kind": "uniform", "noise.rate": 0.4},
+          "arms": {"baseline": _accuracies([0.50, 0.52, 0.51]), "method": _accuracies([0.53, 0.56, 0.54]),
+                   "flat": _accuracies([0.52, 0.51, 0.52])}}
+
+
+def test_format_difference_shows_the_mean_and_the_interval_in_points_or_what_stands_for_it():
+    from metabook.results import format_difference
+
+    d = {"mean": 0.012, "lo": -0.003, "hi": 0.027}
+    assert format_difference(d) == "+1.2 [-0.3, +2.7]"
+    assert format_difference(d, " points") == "+1.2 points [-0.3, +2.7]"
+    assert format_difference(d, mean=False) == "[-0.3, +2.7]"
+    one_seed = {"mean": -0.004, "lo": math.nan, "hi": math.nan}
+    assert format_difference(one_seed) == "-0.4"
+    assert format_difference(one_seed, no_interval="(no interval)") == "-0.4 (no interval)"
+    assert format_difference(one_seed, " points", "no interval") == "-0.4 points no interval"
+    assert format_difference(one_seed, no_interval="no interval", mean=False) == "no interval"
+
+
+def test_claims_and_comparisons_show_the_paired_difference_and_its_verdict():
+    from metabook.display import claim, comparisons
+    from metabook.results import format_difference, paired_difference
+
+    d = paired_difference(PAIRED, "method", "baseline")
+    assert d["verdict"] == "ahead"                                  # three seeds, each +2 to +4 points
+    row = claim("beats SGD", "equal epochs", PAIRED, "method", "baseline")
+    assert row["measured"] == (f"{format_difference(d, ' points')} ({d['method']}), heldout_acc, uniform 40% noise")
+    assert row["verdict"] == "method against baseline: ahead"
+    rows = {r["comparison"]: r for r in comparisons(PAIRED, "method")}
+    assert rows["method - baseline"]["95% interval"] == format_difference(d, mean=False)
+    assert rows["method - flat"]["verdict"] == paired_difference(PAIRED, "method", "flat")["verdict"]
+
+
+def test_a_claim_without_its_record_arm_or_metric_is_not_tested():
+    from metabook.display import claim
+
+    for row in (claim("c", "t", None, "method", "baseline"), claim("c", "t", PAIRED, "method", "absent"),
+                claim("c", "t", PAIRED, "method", "baseline", metric="gap")):
+        assert row["measured"] == "not run" and row["verdict"] == "not tested"
+    measured = claim("c", "t", PAIRED, "method", "baseline", metric="heldout_acc")["measured"]
+    assert ", heldout_acc, " in measured
+
+
+def test_glue_of_a_function_glues_its_value_or_nan_where_the_record_lacks_it(monkeypatch):
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append(a[0]))
+    rec = {"arms": {"a": {"x": 0.25}}}
+    glue("there", lambda: 100 * rec["arms"]["a"]["x"])
+    glue("absent", lambda: rec["arms"]["b"]["x"])
+    missing = None
+    glue("no record", lambda: missing["arms"])
+    glue("empty", lambda: min([]))
+    assert [bundle[GLUE_PREFIX + "text/plain"] for bundle in shown] == ["25.0", "nan", "nan", "nan"]
+    with pytest.raises(NameError):                                   # a bug in the chapter still stops it
+        glue("typo", lambda: undefined_name)                         # noqa: F821

@@ -27,7 +27,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import NOISE_KINDS, ConfigError, knob
-from ..results import RecordError
+from ..results import RecordError, format_difference
 
 MIN_SEEDS = 3          # a converged record's verdict counts from this many seeds on (issue 19)
 # Row name -> (chapter, the method arm, the control arm that isolates the paper's claim, the claim).
@@ -187,21 +187,13 @@ def summarise(name: str, rec: dict) -> dict:
     }
 
 
-def effect(d: dict, no_interval: str = "") -> str:
-    """A paired difference in points with its 95% interval: '+1.2 [-0.3, +2.7]'; where there is no
-    interval (NaN: one seed without per-image records), the mean and `no_interval`."""
-    if d["lo"] != d["lo"]:
-        return f"{100 * d['mean']:+.1f}{no_interval}"
-    return f"{100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}]"
-
-
 def interval(d: dict | None) -> str:
-    """A paired difference as text: '+1.2 [-0.3, +2.7] not resolved' (points)."""
+    """A paired difference as text: '+1.2 [-0.3, +2.7] not resolved' (points; results.format_difference)."""
     if d is None:
         return "-"
     if d["lo"] != d["lo"]:                              # NaN: one seed, no interval
-        return effect(d, " (one seed: not resolved)")
-    return f"{effect(d)} {d['verdict']}"
+        return format_difference(d, no_interval="(one seed: not resolved)")
+    return f"{format_difference(d)} {d['verdict']}"
 
 
 def table(record: dict) -> list[dict]:
@@ -267,8 +259,8 @@ def verdicts_markdown(record: dict, results_dir=None) -> str:
         r, basis = rows[name]
         against = r["control"] or "baseline"
         d = r["versus"]["control"] if r["control"] else r["versus"]["baseline"]
-        lines.append(f"| {{doc}}`{name} <{BOOK_PAGES[name]}>` | {METHODS[name][3]} | {against} | {effect(d)} | "
-                     f"{d['verdict']} | {basis} |")
+        lines.append(f"| {{doc}}`{name} <{BOOK_PAGES[name]}>` | {METHODS[name][3]} | {against} | "
+                     f"{format_difference(d)} | {d['verdict']} | {basis} |")
     return "\n".join(lines) + "\n"
 
 
@@ -313,7 +305,8 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
     for key, ref in (("baseline", "baseline"), ("control", row["control"]), ("same_time", "baseline_same_time")):
         d = row["versus"].get(key)
         if d:
-            lines.append(f"| {key.replace('_', ' ')} | {ref} | {effect(d, ' (no interval)')} | {d['verdict']} | {d['method']} |")
+            lines.append(f"| {key.replace('_', ' ')} | {ref} | {format_difference(d, no_interval='(no interval)')} | "
+                         f"{d['verdict']} | {d['method']} |")
     lines.append("")
     lines += [f"- `{arm}`: {s['text']}" for arm, s in stability(record, row["metric"]).items()]
     return "\n".join(lines) + "\n"
