@@ -1081,9 +1081,10 @@ PRESETS: dict = {
     # Plain SGD needs lr 0.03 on this BatchNorm-free net: at the global 0.1 it stayed at chance (10.3%,
     # measured); 0.03 beat 0.01 on validation accuracy (37.9% vs 29.9% after 2 epochs).
     # The six arms planned 20.8 min of one CPU thread with 10,000 held-out images and an evaluation
-    # every half epoch; 5,000 and every epoch: 17.8 min. Adam (about 0.5 min) is left out
-    # (--set hf.arms=... adds it). mlhf_official's 3 meta-training episodes of 10 steps: 32 s of one
-    # thread and 4.1 GiB (the unrolled graph of 10 steps of 4 CG iterations).
+    # every half epoch; 5,000 and every epoch: 17.8 min (17.9 with mlhf_official's meta-batch of 64).
+    # Adam (about 0.5 min) is left out (--set hf.arms=... adds it). mlhf_official's 3 meta-training
+    # episodes of 10 steps on batches of 64: 27 s of one thread and 3.1 GiB (the unrolled graph of 10
+    # steps of 4 CG iterations; 4.1 GiB on batches of 128).
     "cpu": {"train_size": 10000, "epochs": 2.0, "model": "cuda_convnet", "width": 32, "eval_every": 1.0, "lr": 0.03,
             "heldout_size": 5000,
             "checkpoint_every": 20, "hf.mlhf_meta_steps": 20, "hf.mlhf_unroll": 3, "hf.official_meta_steps": 3,
