@@ -1100,10 +1100,9 @@ PRESETS: dict = {
     # width 64 ran this machine (24 GiB) out of memory while being planned, so gn 64 and T = 4.
     "gpu": {"train_size": 20000, "epochs": 10.0, "model": "cuda_convnet", "width": 64, "lr": 0.03,
             "batch_size": 512, "hf.gn_batch_size": 64, "hf.cg_iters": 20, "hf.mlhf_meta_steps": 40,
-            "hf.mlhf_unroll": 4, "hf.official_meta_steps": 40, "hf.official_lr": 8.0,
-            # the official arm's meta-training peaked at 4.1 GiB at cpu; its 12 GiB fit on a T4 at this
-            # size is not checked (planning it was killed), so gpu leaves it out: --set hf.arms=... adds it
-            "hf.arms": [a for a in ARMS if a != "mlhf_official"]},
+            # every arm; the official arm's meta-training (batches of 64 as its code's) peaks at 10.1 GiB
+            # by the tensor meter on the CPU (one episode; 172 TFLOP for its 40)
+            "hf.mlhf_unroll": 4, "hf.official_meta_steps": 40, "hf.official_lr": 8.0},
     "paper": {"epochs": 100.0, "model": "resnet18", "width": 64, "batch_size": 1000, "hf.gn_batch_size": 250,
               "hf.cg_iters": 250},
 }
