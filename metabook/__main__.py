@@ -221,4 +221,11 @@ def _main(args) -> int:
 
 
 if __name__ == "__main__":
+    # Ctrl-C (SIGINT) stops every command cleanly, exit 130, whatever the shell started us with: a
+    # job started with `&` by a non-interactive shell inherits SIGINT ignored, and Python then
+    # installs no KeyboardInterrupt, so a download or a build could not be interrupted, although
+    # the training loop (which installs its own handler) could. `kill -INT` pauses any run.
+    import signal
+
+    signal.signal(signal.SIGINT, signal.default_int_handler)
     sys.exit(main())

@@ -220,8 +220,11 @@ def test_fault_ends_in_one_line(argv, setup, words, tmp_path, dead_mirror):
     assert_one_clear_line(proc, tmp_path, words)
 
 
-def test_ctrl_c_during_a_download_ends_in_one_line_with_exit_130(tmp_path):
-    """SIGINT while the download waits for a mirror's answer: exit 130, one line, no .part left."""
+@pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["foreground", "started-with-sigint-ignored"])
+def test_ctrl_c_during_a_download_ends_in_one_line_with_exit_130(tmp_path, inherited):
+    """SIGINT while the download waits for a mirror's answer: exit 130, one line, no .part left;
+    also for a process started with SIGINT ignored (a job that a non-interactive shell put in the
+    background with `&`), which Python alone would leave uninterruptible."""
     with socket.socket() as mirror:
         mirror.bind(("127.0.0.1", 0))
         mirror.listen(1)
@@ -229,7 +232,8 @@ def test_ctrl_c_during_a_download_ends_in_one_line_with_exit_130(tmp_path):
         url = f"http://127.0.0.1:{mirror.getsockname()[1]}/"
         proc = subprocess.Popen([sys.executable, "-m", "metabook", *shlex.split(RUN.format(tmp=tmp_path))],
                                 cwd=tmp_path, env=base_env(tmp_path, url), text=True,
-                                stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+                                stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                                preexec_fn=lambda: signal.signal(signal.SIGINT, inherited))
         try:
             conn, _ = mirror.accept()                 # the client connected ...
             with conn:
