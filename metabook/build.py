@@ -429,18 +429,21 @@ def _jupyter_book(src: Path, out: Path) -> subprocess.CompletedProcess:
     return subprocess.run(cmd, capture_output=True, text=True)
 
 
-def kernel_environment(root: str | Path) -> dict[str, str]:
+def kernel_environment(root: str | Path, kernels: int = 1) -> dict[str, str]:
     """os.environ as the chapter kernels need it, whatever their working directory.
 
     `root` goes first on PYTHONPATH (so `import metabook` works from a checkout that is not
     pip-installed), and a relative METABOOK_DATA is made absolute (against the current
-    directory) because kernels run in the notebook's folder.
+    directory) because kernels run in the notebook's folder. With `kernels` > 1 running side by
+    side, each gets its share of the cores (OMP_NUM_THREADS), unless the caller set it.
     """
     env = dict(os.environ)
     env["PYTHONPATH"] = os.pathsep.join(filter(None, [str(Path(root).resolve()),
                                                       env.get("PYTHONPATH")]))
     if env.get("METABOOK_DATA"):
         env["METABOOK_DATA"] = os.path.abspath(env["METABOOK_DATA"])
+    if kernels > 1 and "OMP_NUM_THREADS" not in os.environ:
+        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // kernels))
     return env
 
 
@@ -640,9 +643,7 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
     if jobs is not None and jobs < 1:
         raise BuildError(f"jobs must be 1 or more (got {jobs}); leave it out for the default ({default_jobs(preset)})")
     jobs = max(1, min(jobs or default_jobs(preset), len(todo) or 1))
-    env = kernel_environment(root)
-    if jobs > 1 and "OMP_NUM_THREADS" not in os.environ:      # the cores shared out among the kernels
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // jobs))
+    env = kernel_environment(root, kernels=jobs)
     report["jobs"] = jobs
     t_all = time.perf_counter()
     failure = None

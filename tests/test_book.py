@@ -676,6 +676,17 @@ def _balanced_groups(seconds: dict[str, float], k: int) -> list[list[str]]:
     return [sorted(g, key=order.index) for g in groups if g]
 
 
+def test_kernels_side_by_side_share_the_cores_unless_the_caller_chose(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert "OMP_NUM_THREADS" not in kernel_environment(ROOT)
+    assert kernel_environment(ROOT, kernels=2)["OMP_NUM_THREADS"] == "4"
+    assert kernel_environment(ROOT, kernels=16)["OMP_NUM_THREADS"] == "1"
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")
+    assert kernel_environment(ROOT, kernels=2)["OMP_NUM_THREADS"] == "3"
+    assert kernel_environment(ROOT)["PYTHONPATH"].split(os.pathsep)[0] == str(ROOT.resolve())
+
+
 def test_balanced_groups_split_the_work_evenly_and_keep_every_name_once():
     seconds = {"a": 10.0, "b": 1.0, "c": 6.0, "d": 5.0, "e": 1.0}
     groups = _balanced_groups(seconds, 2)
@@ -769,9 +780,7 @@ def test_executed_chapters_pass_nbval(built, tmp_path):
     report = json.loads((built / "build_report.json").read_text())
     seconds = {c["chapter"]: c.get("seconds") or 1.0 for c in report["chapters"]}
     groups = _balanced_groups({p.stem: seconds.get(p.stem, 1.0) for p in notebooks}, report.get("jobs", 1))
-    env = kernel_environment(ROOT)
-    if len(groups) > 1 and "OMP_NUM_THREADS" not in os.environ:
-        env["OMP_NUM_THREADS"] = str(max(1, (os.cpu_count() or 1) // len(groups)))
+    env = kernel_environment(ROOT, kernels=len(groups))
     workdir, procs = built / "executed", []
     for i, group in enumerate(groups):
         junit = tmp_path / f"junit-{i}.xml"

@@ -930,10 +930,11 @@ def official_meta_train(nets: OfficialNets, segments, model, batch_at: Callable[
         current = (theta_end, state_end)
         if torch.rand((), generator=rng).item() >= m.keep_prob:          # reset to a replayed state
             resets += 1
-            if m.replay == "visited" and len(replay) < m.replay_size:
-                replay.append(current)
-            elif m.replay == "visited" and m.replay_size > 0:
-                replay[int(torch.randint(len(replay), (), generator=rng))] = current
+            if m.replay == "visited":
+                if len(replay) < m.replay_size:
+                    replay.append(current)
+                elif m.replay_size > 0:
+                    replay[int(torch.randint(len(replay), (), generator=rng))] = current
             current = replay[int(torch.randint(len(replay), (), generator=rng))]
     return {"meta_losses": meta_losses, "hessian_losses": hessian_losses, "resets": resets,
             "start_age_mean": sum(start_ages) / max(1, len(start_ages)), "start_age_max": max(start_ages, default=0),
