@@ -79,7 +79,8 @@ class Run:
     augment: bool = knob(True, "random crop (pad 4) + horizontal flip")
     channels_last: bool = knob(False, "NHWC memory format (faster convolutions on some CPUs)")
     device: str = knob("auto", "where to train", choices=("auto", "cpu", "cuda"))
-    amp: str = knob("auto", "mixed precision of the plain steps (the baseline family; meta steps stay fp32): "
+    amp: str = knob("auto", "mixed precision of the arms whose step has no meta-gradient (baselines, Adam, "
+                    "equal-weight local losses, a frozen learned loss, Grad-Instructor; meta steps stay fp32): "
                     "auto = bf16 on a GPU that has it, else fp16 with a grad scaler, off on the CPU",
                     choices=("auto", "bf16", "fp16", "off"))
     eval_every: float = knob(1.0, "epochs between evaluations", "> 0")

@@ -486,6 +486,33 @@ def test_baseline_steps_in_bf16_when_asked_and_in_full_precision_otherwise(synth
     assert Baseline(cfg).uses_amp() and not InstanceLR(cfg).uses_amp()
 
 
+def test_an_update_through_the_grad_scaler_is_the_plain_update(synthetic):
+    """fp16's path (a GPU's): descend() scales the loss by 2^10, unscales the gradients before the
+    step and keeps the scale when they are finite; the update equals the unscaled one, also when
+    the backward is restricted to some inputs (OfflineLoss's frozen loss network)."""
+    from metabook.train import fresh_method, probe_step
+
+    cfg = chapter_config("baseline", "smoke", {**TINY, "amp": "off"})
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    updates = []
+    for scaled in (False, True):
+        method = fresh_method(Arm(Baseline), cfg, data, 0)
+        if scaled:
+            method.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10)
+        before = [p.detach().clone() for p in method.model.parameters()]
+        for i in range(2):
+            probe_step(method, i, cfg)
+        updates.append(torch.cat([(p.detach() - b).flatten() for p, b in zip(method.model.parameters(), before)]))
+    assert method.scaler.get_scale() == 2.0 ** 10 and updates[0].norm() > 0
+    torch.testing.assert_close(updates[1], updates[0], rtol=1e-4, atol=1e-7)
+    only_head = list(method.model.parameters())[-2:]
+    frozen = [p.detach().clone() for p in method.model.parameters()]
+    batch = method.ctx.streams.batch("train", 2)
+    method.descend(torch.nn.functional.cross_entropy(method.model(batch.x), batch.y), inputs=only_head)
+    moved = [not torch.equal(p, f) for p, f in zip(method.model.parameters(), frozen)]
+    assert moved[-2:] == [True, True] and not any(moved[:-2])
+
+
 def test_fp16_on_the_cpu_is_refused_in_one_line(synthetic):
     with pytest.raises(ConfigError, match="amp=fp16 needs a CUDA device"):
         run_tiny(synthetic, {"amp": "fp16"})

@@ -47,10 +47,13 @@ def set_lr(opt: torch.optim.Optimizer, lr: float) -> None:
 
 class Baseline(Method):
     """Plain training: one forward, one backward, one optimiser step per batch; the forward in
-    mixed precision when cfg['amp'] asks (fp16 with a grad scaler). Subclasses that write their
-    own step() run it in full precision."""
+    mixed precision when cfg['amp'] asks (fp16 with a grad scaler). A subclass that writes its own
+    step() keeps mixed precision by running its forward under self.autocast() and its update
+    through self.descend(); one whose update reuses a full-precision meta computation sets
+    `autocasts = False` (a test checks every arm's forward dtype against uses_amp())."""
 
     name = "baseline"
+    autocasts = True              # step()'s forward runs under autocast() when cfg['amp'] asks
 
     def __init__(self, cfg: dict):
         self.label_smoothing = cfg["label_smoothing"]
@@ -67,22 +70,30 @@ class Baseline(Method):
         self.scaler = torch.amp.GradScaler(self.device.type) if self.dtype == torch.float16 else None
 
     def uses_amp(self) -> bool:
-        return self.amp != "off" and type(self).step is Baseline.step
+        return self.amp != "off" and self.autocasts
 
-    def step(self, batch: Batch, meta_batch, lr: float) -> dict:
-        set_lr(self.opt, lr)
-        with torch.autocast(self.device.type, self.dtype or torch.float32, enabled=self.dtype is not None):
-            logits = self.model(batch.x)
-            loss = F.cross_entropy(logits.float() if self.dtype else logits, batch.y,
-                                   label_smoothing=self.label_smoothing)
+    def autocast(self):
+        """The forward's context: autocast to this arm's low precision, or a no-op in full precision."""
+        return torch.autocast(self.device.type, self.dtype or torch.float32, enabled=self.dtype is not None)
+
+    def descend(self, loss: torch.Tensor, inputs: list | None = None) -> None:
+        """One update from a scalar loss: zero the gradients, backward (scaled under fp16; only into
+        `inputs` when given), the optimiser's step (skipped by the scaler on an inf/NaN gradient)."""
         self.opt.zero_grad(set_to_none=True)
         if self.scaler:
-            self.scaler.scale(loss).backward()
+            self.scaler.scale(loss).backward(inputs=inputs)
             self.scaler.step(self.opt)
             self.scaler.update()
         else:
-            loss.backward()
+            loss.backward(inputs=inputs)
             self.opt.step()
+
+    def step(self, batch: Batch, meta_batch, lr: float) -> dict:
+        set_lr(self.opt, lr)
+        with self.autocast():
+            logits = self.model(batch.x)
+        loss = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
+        self.descend(loss)
         return {"loss": loss.detach(), "acc": (logits.argmax(1) == batch.y).float().mean()}
 
     def state_dict(self) -> dict:

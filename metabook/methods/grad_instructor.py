@@ -77,12 +77,11 @@ class L1Reg(PlainBP):
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
         set_lr(self.opt, lr)
-        logits = self.model(batch.x)
-        ce = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
+        with self.autocast():
+            logits = self.model(batch.x)
+        ce = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
         penalty = sum(w.abs().sum() for w in weight_matrices(self.model))
-        self.opt.zero_grad(set_to_none=True)
-        (ce + self.c.l1 * penalty).backward()
-        self.opt.step()
+        self.descend(ce + self.c.l1 * penalty)
         return {"loss": ce.detach(), "l1_norm": penalty.detach(), "acc": (logits.argmax(1) == batch.y).float().mean()}
 
 
@@ -127,17 +126,16 @@ class GradInstructor(PlainBP):
             return self.enn(render_model(self.model, self.c)[None])[0].item()
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
+        """One descent on CE - w(t) E(render(W)): the ENN is frozen and reads the weight matrices
+        only, so the weights get grad CE - w grad E and the biases grad CE. The network's forward
+        runs in mixed precision when cfg['amp'] asks; the rendering and the ENN in fp32."""
         set_lr(self.opt, lr)
-        params, weights = list(self.model.parameters()), weight_matrices(self.model)
-        logits = self.model(batch.x)
-        ce = F.cross_entropy(logits, batch.y, label_smoothing=self.label_smoothing)
-        g_ce = torch.autograd.grad(ce, params)
+        with self.autocast():
+            logits = self.model(batch.x)
+        ce = F.cross_entropy(logits.float(), batch.y, label_smoothing=self.label_smoothing)
         value = self.enn(render_model(self.model, self.c)[None])[0]
-        g_enn = dict(zip(map(id, weights), torch.autograd.grad(value, weights)))
         w = self.w()
-        for p, g in zip(params, g_ce):
-            p.grad = g - w * g_enn[id(p)] if id(p) in g_enn else g
-        self.opt.step()
+        self.descend(ce - w * value)
         self.steps += 1
         return {"loss": ce.detach(), "acc": (logits.argmax(1) == batch.y).float().mean(),
                 "enn_value": value.detach(), "gi_weight": w}

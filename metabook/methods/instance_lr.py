@@ -83,6 +83,7 @@ class InstanceLR(NoisyBaseline):
 
     name = "instance_lr"
     uses_meta = True
+    autocasts = False      # the real step backpropagates the fp32 forward of the meta-gradient
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)
@@ -147,6 +148,7 @@ class ReweightL2RW(Baseline):
 
     name = "l2rw"
     uses_meta = True
+    autocasts = False      # the real step backpropagates the fp32 forward of the meta-gradient
 
     def step(self, batch: Batch, meta_batch: Batch, lr: float) -> dict:
         set_lr(self.opt, lr)
@@ -181,9 +183,6 @@ class BaselineClean(NoisyBaseline):
         x, y = torch.cat([batch.x, meta_batch.x]), torch.cat([batch.y, meta_batch.y])
         return super().step(Batch(x, y, batch.idx), None, lr)
 
-    def uses_amp(self) -> bool:
-        return self.amp != "off"
-
 
 def weight_net(hidden: int) -> nn.Module:
     """MW-Net's weighting function: per-example loss (B, 1) -> weight in (0, 1), an MLP
@@ -210,6 +209,7 @@ class MetaWeightNet(NoisyBaseline):
 
     name = "mwn"
     uses_meta = True
+    autocasts = False      # the real step backpropagates the fp32 forward of the meta-gradient
 
     def __init__(self, cfg: dict):
         super().__init__(cfg)

@@ -232,6 +232,9 @@ class LocalLosses(Baseline):
         self.c = c = section(cfg, LL)
         self.cv = c.cv_folds if c.cv_folds > 1 else 0      # folds in use (0: no CV loop; equal weights too)
         self.uses_meta = c.weights != "equal" and not self.cv      # the loop's meta split feeds meta batches
+        # Mixed precision (cfg['amp']) for equal weights only: the meta arms' real step reuses the
+        # gradient of their fp32 virtual step (and L2RW's meta-gradient reads the real forward's graph).
+        self.autocasts = c.weights == "equal"
         if c.detach and c.mode == "fd" and c.weights != "equal":
             raise ConfigError(FD_DETACHED)
 
@@ -283,7 +286,9 @@ class LocalLosses(Baseline):
             meta_batch = self.fold_meta_batch(self.t) if self.c.weights != "equal" else None
         self.last_meta_idx = meta_batch.idx if meta_batch is not None else None
         mask = self.draw_mask().to(device=x.device, dtype=x.dtype)
-        outs = self.net(x, detach=self.c.detach)      # the one real forward (BatchNorm stats update here)
+        with self.autocast():                          # the one real forward (BatchNorm stats update here)
+            outs = self.net(x, detach=self.c.detach)
+        outs = [o.float() for o in outs]
         losses = self.loss_fn(outs, y)                 # (L,): L_1..L_K, L_G
         local = losses[:-1].detach()
         kw = dict(detach=self.c.detach, mode=self.c.mode, loss_fn=self.loss_fn)
@@ -297,6 +302,7 @@ class LocalLosses(Baseline):
             for p, gp in zip([*net_params(self.net), *self.balancer.parameters()], [*grads, *phi_grads]):
                 p.grad = gp                            # the real step reuses the virtual step's gradient
             self.meta_opt.step()                       # phi_t -> phi_{t+1}, used from the next step
+            self.opt.step()
             extra["meta_grad_norm"] = g.norm()
         else:
             lam = torch.ones_like(mask)
@@ -305,9 +311,7 @@ class LocalLosses(Baseline):
                                                         torch.zeros_like(mask), lam, lr, retain_graph=True, **kw)
                 lam = free_weights(g)
                 extra["meta_grad_norm"] = g.norm()
-            self.opt.zero_grad(set_to_none=True)
-            (losses[-1] + (mask * lam * losses[:-1]).sum()).backward()
-        self.opt.step()
+            self.descend(losses[-1] + (mask * lam * losses[:-1]).sum())
         self.ema = self.c.ema * (local if self.ema is None else self.ema) + (1 - self.c.ema) * local
         self.prev = local.clone()
         self.sums += torch.cat([lam.detach(), mask.mean()[None], info["meta_acc"][None], info["meta_loss"][None]])

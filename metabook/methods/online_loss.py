@@ -292,12 +292,13 @@ class OfflineLoss(Baseline):
         return self.update(batch, meta_batch, lr)
 
     def update(self, batch, meta_batch, lr) -> dict:
-        """A plain step on the frozen M_phi; `loss` is cross-entropy (comparable across arms)."""
-        logits = self.model(batch.x)
+        """A plain step on the frozen M_phi (the network's forward in mixed precision when cfg['amp']
+        asks, the loss network in fp32); `loss` is cross-entropy (comparable across arms)."""
+        with self.autocast():
+            logits = self.model(batch.x)
+        logits = logits.float()
         learned = loss_value(self.loss_net, logits, batch.y)
-        self.opt.zero_grad(set_to_none=True)
-        learned.backward(inputs=list(self.model.parameters()))
-        self.opt.step()
+        self.descend(learned, inputs=list(self.model.parameters()))
         with torch.no_grad():
             return {"loss": F.cross_entropy(logits, batch.y), "learned_loss": learned.detach(),
                     "acc": (logits.argmax(1) == batch.y).float().mean()}
@@ -332,6 +333,7 @@ class OnlineLoss(OfflineLoss):
     """AdaLFL: the same offline stage, then phi is updated after every base step."""
 
     name = "online_loss"
+    autocasts = False      # its real step uses the fp32 gradient of the meta step's unroll
 
     def update(self, batch, meta_batch, lr) -> dict:
         g_theta, g_phi, info = online_meta_step(self.model, self.loss_net, batch.x, batch.y,
