@@ -163,7 +163,7 @@ def _sum_seconds(*costs: Cost) -> dict[str, float]:
 # that every arm that runs has its row). The older ilr.arms, ll.arms and hf.arms are of this kind
 # too but are still hashed: taking them out would make every written row stale at once, so they
 # join at the next full re-plan.
-ARM_SET_KEYS = ("check_convergence", "on_diverge", "lfl.arms")
+ARM_SET_KEYS = ("check_convergence", "on_diverge", "lfl.arms", "gi.arms")
 
 
 def config_sha(cfg: dict) -> str:

@@ -117,6 +117,15 @@ def test_the_enn_term_reaches_the_mlp_weights_in_the_update():
     assert metrics["enn_value"].item() == enn(en.render_model(mlp, c)[None])[0].item()   # at the weights before
 
 
+def test_gi_arms_choose_the_arms_and_require_the_baseline_and_the_method():
+    cfg = chapter_config("grad_instructor", "smoke", {"gi.arms": "baseline,grad_instructor"})
+    exp, = gi.experiments(cfg)
+    assert list(exp.arms) == ["baseline", "grad_instructor"] and exp.same_time_for == "grad_instructor"
+    assert list(gi.experiments(chapter_config("grad_instructor", "smoke"))[0].arms) == list(gi.ARMS)
+    with pytest.raises(ConfigError, match="baseline and grad_instructor are required"):
+        gi.experiments(chapter_config("grad_instructor", "smoke", {"gi.arms": "baseline,l1"}))
+
+
 def test_weight_schedules():
     assert gi.weight_schedule("constant", 0.7) == 1.0
     assert gi.weight_schedule("linear_decay", 0.25) == 0.75

@@ -20,7 +20,7 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 
-from ..config import knob, section
+from ..config import ConfigError, knob, section
 from ..data import Batch
 from ..train import Arm, Experiment, per_example, run_experiment
 from .baseline import Baseline, set_lr
@@ -220,6 +220,9 @@ class GI:
     refresh: int = knob(25, "iterations between TD(lambda) target refreshes", ">= 1")
     enn_seed: int = knob(0, "added to the run's seed: the ENN's episodes and init (one ENN per seed)", ">= 0")
     same_time: bool = knob(True, "also run the baseline for grad_instructor's wall-clock")
+    arms: list[str] = knob(["baseline", "l1", "he_init", "grad_instructor", "gi_init_critic"],
+                           "arms to run: baseline and grad_instructor are required",
+                           choices=("baseline", "l1", "he_init", "grad_instructor", "gi_init_critic"))
 
 
 SECTIONS = (GI,)
@@ -265,7 +268,10 @@ def calibration(history: list[dict]) -> dict:
 
 
 def experiments(cfg: dict) -> list[Experiment]:
-    return [Experiment("grad_instructor", "grad_instructor", ARMS, cfg,
+    names = cfg["gi.arms"]
+    if "baseline" not in names or "grad_instructor" not in names:
+        raise ConfigError(f"gi.arms={','.join(names)}: baseline and grad_instructor are required")
+    return [Experiment("grad_instructor", "grad_instructor", {n: ARMS[n] for n in ARMS if n in names}, cfg,
                        same_time_for="grad_instructor" if cfg["gi.same_time"] else None)]
 
 
