@@ -411,6 +411,18 @@ def plan_check_markdown(records: list[dict], rows: list[dict]) -> str:
     return "\n".join(lines)
 
 
+def cpu_check_markdown(check: dict) -> str:
+    """A Markdown table of benchmarks/plan_check.py's file: per chapter, the written plan's seconds
+    of one CPU thread against the CPU time of a run of the chapter (seed 0), their ratio, and
+    whether it is within 1.5x either way."""
+    lines = ["| chapter @ preset | planned (one thread) | measured (CPU time) | measured / planned | within 1.5x |",
+             "|---|---:|---:|---:|---|"]
+    for chapter, c in check["chapters"].items():
+        lines.append(f"| {chapter} @ {check['preset']} | {_fmt_s(c['planned_s'])} | {_fmt_s(c['cpu_s'])} | "
+                     f"{c['ratio']:.2f} | {'yes' if 1 / 1.5 <= c['ratio'] <= 1.5 else 'no'} |")
+    return "\n".join(lines)
+
+
 def read_plan(path=PLAN_FILE) -> list[dict]:
     """The rows of a written plan ([] if there is none)."""
     path = Path(path)
