@@ -263,9 +263,11 @@ def _field(record: dict, key: str) -> dict:
 def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS_DIR,
                     where: dict | None = None) -> dict | None:
     """The newest recorded run of a chapter at a preset whose config has the `where` values
-    (e.g. {"noise.kind": "pairflip"}), or None."""
+    (e.g. {"noise.kind": "pairflip"}), or None. Without a `where`, only runs of the preset as it
+    is: a probe (a run whose record keeps --set overrides) is found only by a `where`."""
     runs = [r for r in recorded_runs(chapter, results_dir) if r.get("preset") == preset
-            and all(_as_text(_field(r, "config").get(k)) == _as_text(v) for k, v in (where or {}).items())]
+            and all(_as_text(_field(r, "config").get(k)) == _as_text(v) for k, v in (where or {}).items())
+            and (where or not r.get("overrides"))]
     return runs[0] if runs else None
 
 

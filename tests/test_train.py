@@ -179,6 +179,22 @@ def test_latest_recorded_picks_the_newest_record_whose_config_matches(tmp_path):
     assert latest_recorded("instance_lr", "gpu", tmp_path) is None
 
 
+def test_a_probe_record_is_found_only_when_asked_for(tmp_path, synthetic):
+    """A run with --set overrides keeps them in its record; without a `where` the chapter's record
+    at the preset stays the newest run of the preset as it is."""
+    from metabook import run_chapter
+    from metabook.results import latest_recorded, write_result
+
+    probe = run_chapter("baseline", "smoke", seeds=[0], overrides={**TINY, "lr": "0.02"}, progress=False,
+                        dataset=synthetic)
+    assert probe["overrides"]["lr"] == 0.02 and probe["overrides"]["dataset"] == "synthetic"
+    write_result({"chapter": "baseline", "preset": "smoke", "name": "main", "config": {"lr": 0.1},
+                  "provenance": {"date": "2026-11-01"}}, tmp_path / "main")
+    write_result({**probe, "name": "probe", "provenance": {"date": "2026-11-02"}}, tmp_path / "probe")
+    assert latest_recorded("baseline", "smoke", tmp_path)["name"] == "main"
+    assert latest_recorded("baseline", "smoke", tmp_path, where={"lr": 0.02})["name"] == "probe"
+
+
 # ----------------------------------------------------------------------------- the runner's contract and meters
 
 class FakeClock:
