@@ -129,3 +129,31 @@ def test_an_arm_computes_in_bf16_exactly_when_it_says_it_autocasts(synthetic, ch
         assert F.cosine_similarity(updates["bf16"], updates["off"], 0) > 0.98     # rounding, not another update
     else:
         assert torch.equal(updates["bf16"], updates["off"])
+
+
+def _autocasts(chapter, arm):
+    spec = CHAPTERS[chapter].ARMS[arm]
+    return spec.factory({**chapter_config(chapter, "smoke", {**TINY, "amp": "bf16"}), **spec.changes}).uses_amp()
+
+
+AMP_ARMS = [(c, a) for c, a in ALL_ARMS if _autocasts(c, a)]
+
+
+@pytest.mark.parametrize("chapter, arm", AMP_ARMS, ids=[f"{c}-{a}" for c, a in AMP_ARMS])
+def test_an_autocasting_arm_checkpoints_its_grad_scaler(synthetic, chapter, arm):
+    """fp16 on a GPU keeps a loss scale that grows and shrinks along the run: an arm that autocasts
+    saves it with its checkpoint and a resumed run starts from it (not from the initial scale)."""
+    from metabook.train import fresh_method, probe_step
+
+    spec = CHAPTERS[chapter].ARMS[arm]
+    cfg = {**chapter_config(chapter, "smoke", {**TINY, "amp": "bf16"}), **spec.changes}
+    data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+    saved, resumed = fresh_method(spec, cfg, data, 0), fresh_method(spec, cfg, data, 0)
+    for m in (saved, resumed):            # the scale doubles after every step with finite gradients
+        m.scaler = torch.amp.GradScaler("cpu", init_scale=2.0 ** 10, growth_interval=1)
+    for i in range(2):
+        probe_step(saved, i, cfg)
+    assert saved.scaler.get_scale() == 2.0 ** 12
+    resumed.load_state_dict(saved.state_dict())
+    probe_step(resumed, 2, cfg)
+    assert resumed.scaler.get_scale() == 2.0 ** 13

@@ -345,13 +345,13 @@ class LocalLosses(Baseline):
         return {"w_mean_min": min(w[-1]), "w_mean_max": max(w[-1]), "kept": kept[-1]} if w else {}
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "heads": self.net.heads.state_dict(),
+        return {**super().state_dict(), "heads": self.net.heads.state_dict(),     # opt (and grad scaler)
                 "balancer": self.balancer.state_dict(), "meta_opt": self.meta_opt.state_dict(), "t": self.t,
                 "ema": self.ema, "prev": self.prev, "sums": self.sums.clone(), "n": self.n,
                 "rows": list(self.rows), "trace": {k: list(v) for k, v in self.trace.items()}}
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
+        super().load_state_dict(state)
         self.net.heads.load_state_dict(state["heads"])
         self.balancer.load_state_dict(state["balancer"])
         self.meta_opt.load_state_dict(state["meta_opt"])

@@ -308,13 +308,13 @@ class OfflineLoss(Baseline):
         return {}
 
     def state_dict(self) -> dict:
-        return {"opt": self.opt.state_dict(), "loss_net": self.loss_net.state_dict(),
+        return {**super().state_dict(), "loss_net": self.loss_net.state_dict(),      # opt (and grad scaler)
                 "meta_opt": self.meta_opt.state_dict(), "steps": self.steps,
                 "offline_trace": list(self.offline_trace), "offline_seconds": self.offline_seconds,
                 "snapshots": list(self.snapshots)}
 
     def load_state_dict(self, state: dict) -> None:
-        self.opt.load_state_dict(state["opt"])
+        super().load_state_dict(state)
         self.loss_net.load_state_dict(state["loss_net"])
         self.meta_opt.load_state_dict(state["meta_opt"])
         self.steps, self.snapshots = state["steps"], list(state["snapshots"])
