@@ -255,3 +255,23 @@ def test_readme_shows_the_plan_checked_against_the_converged_records():
     records = [r for c in ("local_losses", "instance_lr", "online_loss", "grad_instructor", "meta_hf")
                if (r := latest_recorded(c, "converged")) is not None]
     assert records and table == plan_check_markdown(records, read_plan())
+
+
+def test_readme_shows_the_planner_against_a_cpu_run_of_every_chapter():
+    """benchmarks/plan_check.py's file: the README's table is what it says, every chapter in it ran
+    at cpu within 1.5x of the written plan either way, and the plan it checked is still today's
+    (the planned total is the written plan's)."""
+    from pathlib import Path
+
+    from metabook.plan import cpu_check_markdown
+    from metabook.results import RESULTS_DIR
+
+    check = json.loads((Path(RESULTS_DIR) / "plan_check-cpu" / "plan_check.json").read_text())
+    text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
+    table = text.split("<!-- cpu-check start -->\n")[1].split("\n<!-- cpu-check end -->")[0]
+    assert check["preset"] == "cpu" and table == cpu_check_markdown(check)
+    rows = read_plan()
+    for chapter, c in check["chapters"].items():
+        assert 1 / 1.5 <= c["cpu_s"] / c["planned_s"] <= 1.5, chapter
+        written = sum(r["seconds"]["cpu"] for r in rows if r["chapter"] == chapter and r["preset"] == "cpu")
+        assert math.isclose(written, c["planned_s"], rel_tol=1e-9), chapter
