@@ -5,7 +5,16 @@
 """
 __version__ = "0.1.0"
 
-from .config import ConfigError, make_config  # noqa: E402
-from .methods import CHAPTERS, chapter_config, run_chapter  # noqa: E402
-
 __all__ = ["CHAPTERS", "ConfigError", "chapter_config", "make_config", "run_chapter", "__version__"]
+_HOME = {"ConfigError": "config", "make_config": "config", "CHAPTERS": "methods", "chapter_config": "methods",
+         "run_chapter": "methods"}
+
+
+def __getattr__(name: str):
+    """The public names, imported on first use (PEP 562): `python -m metabook` imports this file
+    first, and torch only when the command needs it, after its Ctrl-C handler is in place."""
+    if name in _HOME:
+        import importlib
+
+        return getattr(importlib.import_module(f".{_HOME[name]}", __name__), name)
+    raise AttributeError(f"module 'metabook' has no attribute {name!r}")

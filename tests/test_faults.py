@@ -423,3 +423,26 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_exits_130_in_one_line(tmp
     lines = stderr_lines(err)
     assert len(lines) == 1 and re.search(r"stopped at step \d+; .*checkpoint.pt resumes it", lines[0]), lines
     assert "Traceback" not in err and (run_dir / "checkpoint.pt").exists()
+
+
+def test_ctrl_c_is_live_before_torch_loads_also_when_started_with_sigint_ignored():
+    """`python -m metabook` installs its Ctrl-C handler before it imports torch (seconds of a
+    start), so a background job (SIGINT ignored) interrupted while it starts still stops: the
+    handler in force when torch is first imported must be Python's KeyboardInterrupt."""
+    import textwrap
+
+    code = textwrap.dedent("""
+        import runpy, signal, sys
+        signal.signal(signal.SIGINT, signal.SIG_IGN)
+        class Spy:
+            def find_spec(self, name, path=None, target=None):
+                if name == "torch":
+                    print("torch sees the handler:", signal.getsignal(signal.SIGINT) is signal.default_int_handler)
+                    sys.meta_path.remove(self)
+                return None
+        sys.meta_path.insert(0, Spy())
+        sys.argv = ["metabook", "config", "baseline", "--preset", "smoke"]
+        runpy.run_module("metabook", run_name="__main__", alter_sys=True)
+    """)
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    assert "torch sees the handler: True" in proc.stdout, proc.stdout[-500:] + proc.stderr[-500:]
