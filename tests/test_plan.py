@@ -271,6 +271,7 @@ def test_readme_shows_the_planner_against_a_cpu_run_of_every_chapter():
     table = text.split("<!-- cpu-check start -->\n")[1].split("\n<!-- cpu-check end -->")[0]
     assert check["preset"] == "cpu" and table == cpu_check_markdown(check)
     rows = read_plan()
+    assert set(check["chapters"]) == {r["chapter"] for r in rows if r["preset"] == "cpu"}      # every chapter
     for chapter, c in check["chapters"].items():
         assert 1 / 1.5 <= c["cpu_s"] / c["planned_s"] <= 1.5, chapter
         written = sum(r["seconds"]["cpu"] for r in rows if r["chapter"] == chapter and r["preset"] == "cpu")
