@@ -398,6 +398,11 @@ def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
     return out
 
 
+def within_plan(ratio: float, factor: float = 1.5) -> bool:
+    """Is measured / planned within `factor` either way (issue 17's check of the planner)?"""
+    return 1 / factor <= ratio <= factor
+
+
 def plan_check_markdown(records: list[dict], rows: list[dict]) -> str:
     """A Markdown table of plan_against_run for recorded runs: per chapter and arm, planned and
     measured seconds of the steps, their ratio, and whether it is within 1.5x either way."""
@@ -407,7 +412,7 @@ def plan_check_markdown(records: list[dict], rows: list[dict]) -> str:
         for c in plan_against_run(rec, rows):
             lines.append(f"| {rec['chapter']} @ {rec['preset']} | {c['arm']} | {c['steps']:,} | {_fmt_s(c['planned_s'])} | "
                          f"{_fmt_s(c['measured_s'])} ({c['measured_as']}) | {c['ratio']:.2f} | "
-                         f"{'yes' if 1 / 1.5 <= c['ratio'] <= 1.5 else 'no'} |")
+                         f"{'yes' if within_plan(c['ratio']) else 'no'} |")
     return "\n".join(lines)
 
 
@@ -419,7 +424,7 @@ def cpu_check_markdown(check: dict) -> str:
              "|---|---:|---:|---:|---|"]
     for chapter, c in check["chapters"].items():
         lines.append(f"| {chapter} @ {check['preset']} | {_fmt_s(c['planned_s'])} | {_fmt_s(c['cpu_s'])} | "
-                     f"{c['ratio']:.2f} | {'yes' if 1 / 1.5 <= c['ratio'] <= 1.5 else 'no'} |")
+                     f"{c['ratio']:.2f} | {'yes' if within_plan(c['ratio']) else 'no'} |")
     return "\n".join(lines)
 
 
