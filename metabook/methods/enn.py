@@ -159,10 +159,15 @@ def spearman(a, b) -> float:
 
 def fit_enn(enn: ENN, states: torch.Tensor, accs: torch.Tensor, *, objective: str = "rl",
             gamma: float = 1.0, lam: float = 0.8, iters: int = 300, lr: float = 3e-3,
-            batch: int = 64, refresh: int = 25, seed: int = 0, init_bias: bool = True) -> list[float]:
+            batch: int = 64, refresh: int = 25, seed: int = 0, init_bias: bool = True,
+            conservative: float = 0.0, conservative_step: float = 0.1) -> list[float]:
     """Fit the ENN on states (E, K+1, C, s, s) with accuracies (E, K+1) by Adam on the MSE over random
     minibatches; targets: "rl" TD(lambda) returns (recomputed by the current ENN every `refresh`
-    iterations; lam = 1 is Monte-Carlo), "regression" the snapshot's accuracy. Returns the losses."""
+    iterations; lam = 1 is Monte-Carlo), "regression" the snapshot's accuracy. Returns the losses.
+    conservative = alpha > 0 adds alpha (mean E(x') - mean E(x)) to each minibatch's loss, where x' is
+    the state x moved one step along the ENN's own gradient, of conservative_step times |x|: a
+    conservative critic in the manner of COMs (Trabucco et al. 2021) [R], which gets no credit for
+    states off its data in the direction a target climbing it would go."""
     e, k1 = accs.shape
     flat = states.flatten(0, 1)                                          # (E (K+1), C, s, s)
     g = torch.Generator().manual_seed(seed)
@@ -183,12 +188,26 @@ def fit_enn(enn: ENN, states: torch.Tensor, accs: torch.Tensor, *, objective: st
                 v = enn(flat).view(e, k1)
             targets = lambda_returns(rewards, v[:, 1:], terminal, gamma, lam)
         pick = torch.randint(len(flat), (min(batch, len(flat)),), generator=g).to(flat.device)
-        loss = F.mse_loss(enn(flat[pick]), targets.flatten()[pick])
+        x = flat[pick]
+        pred = enn(x)
+        loss = F.mse_loss(pred, targets.flatten()[pick])
+        if conservative > 0:
+            loss = loss + conservative * (enn(ascent_step(enn, x, conservative_step)).mean() - pred.mean())
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
         trace.append(loss.item())
     return trace
+
+
+def ascent_step(enn: ENN, x: torch.Tensor, step: float) -> torch.Tensor:
+    """States x (B, C, s, s) moved along the ENN's gradient, each by step * |x| (the norm over one
+    state), detached: where a target climbing this ENN would go next."""
+    with torch.enable_grad():
+        x = x.detach().requires_grad_(True)
+        (grad,) = torch.autograd.grad(enn(x).sum(), x)
+    norm = lambda t: t.flatten(1).norm(dim=1).view(-1, *[1] * (t.dim() - 1))
+    return (x + step * norm(x) * grad / norm(grad).clamp_min(1e-12)).detach()
 
 
 # ----------------------------------------------------------------------------- episodes
@@ -407,7 +426,8 @@ def train_enn(c, streams, num_classes: int, seed: int = 0, *, width: int, depth:
             enn.requires_grad_(True).train()
             trace += fit_enn(enn, fit.states, fit.accs, objective=c.enn_objective, gamma=c.gamma, lam=c.lam,
                              iters=c.enn_iters, lr=c.enn_lr, batch=c.enn_batch, refresh=c.refresh,
-                             seed=enn_seed + r, init_bias=r == 0)
+                             seed=enn_seed + r, init_bias=r == 0, conservative=c.conservative,
+                             conservative_step=c.conservative_step)
             enn.requires_grad_(False).eval()
     held = Episodes.cat(held_parts)
     every = Episodes.cat([fit, held])

@@ -218,6 +218,9 @@ class GI:
     enn_lr: float = knob(3e-3, "Adam learning rate of the ENN's fit", "> 0")
     enn_batch: int = knob(64, "states per minibatch of the ENN's fit", ">= 1")
     refresh: int = knob(25, "iterations between TD(lambda) target refreshes", ">= 1")
+    conservative: float = knob(0.0, "alpha of a conservative ENN fit: + alpha (E(x') - E(x)), x' = x one step up the "
+                               "ENN's gradient (COMs, Trabucco et al. 2021) [R]; 0 = the plain fit", ">= 0")
+    conservative_step: float = knob(0.1, "that step's length, as a fraction of the state's norm", "> 0")
     enn_seed: int = knob(0, "added to the run's seed: the ENN's episodes and init (one ENN per seed)", ">= 0")
     same_time: bool = knob(True, "also run the baseline for grad_instructor's wall-clock")
     arms: list[str] = knob(["baseline", "l1", "he_init", "grad_instructor", "gi_init_critic"],
