@@ -200,11 +200,12 @@ def test_exercises_are_numbered_and_linkable(path):
         label = f"(ex-{number.replace('.', '-')})="
         lines = cells["heading"].source.splitlines()
         assert lines[0] == label and lines[1].startswith(f"### Exercise {number}: "), lines[:2]
-        if "scaffold" in cells:
-            order = [nb.cells.index(cells[k]) for k in ("heading", "scaffold", "solution", "check")]
-            assert order == sorted(order), f"exercise {number}: want heading, scaffold, solution, check"
-            assert "with a check" in lines[1]
-    assert any("scaffold" in cells for cells in exercises.values()), f"{path.name}: no exercise with a check"
+        assert set(cells) == {"heading", "scaffold", "solution", "check"}, (
+            f"exercise {number}: has {sorted(cells)}; every exercise needs a scaffold, a solution and a check")
+        order = [nb.cells.index(cells[k]) for k in ("heading", "scaffold", "solution", "check")]
+        assert order == sorted(order), f"exercise {number}: want heading, scaffold, solution, check"
+        assert "with a check" in lines[1]
+    assert exercises, f"{path.name}: no exercises"
 
 
 class _Wrong:
@@ -226,8 +227,6 @@ def test_exercise_checks_pass_with_the_solution_only(path):
 
     nb = nbformat.read(path, as_version=4)
     for number, cells in _exercise_cells(nb).items():
-        if "scaffold" not in cells:
-            continue
         name = next(node.name for node in ast.parse(cells["scaffold"].source).body
                     if isinstance(node, ast.FunctionDef))
         for answer in ("scaffold", "wrong"):
