@@ -773,14 +773,24 @@ def test_solutions_render_hidden_behind_a_toggle(built):
 def test_executed_chapters_pass_nbval(built, tmp_path):
     """nbval re-executes every executed chapter, as many side by side as the build ran (its
     report's `jobs`), grouped by the build's seconds per chapter, each kernel with its share of
-    the cores."""
+    the cores. The copies run beside the build's sources (src/nbval/), so that each chapter finds
+    the runs its build trained (src/runs/) and reads them back, as a reader's second run of a
+    chapter does: the book's training runs once per CI run, and nbval checks that every cell runs
+    again through every chapter's resume path, which must leave each finished run file as it was."""
     notebooks = sorted((built / "executed").glob("*.ipynb"))
     assert [p.stem for p in notebooks] == sorted(p.stem for p in CHAPTERS)
     report = json.loads((built / "build_report.json").read_text())
     seconds = {c["chapter"]: c.get("seconds") or 1.0 for c in report["chapters"]}
     groups = _balanced_groups({p.stem: seconds.get(p.stem, 1.0) for p in notebooks}, report.get("jobs", 1))
     env = kernel_environment(ROOT, kernels=len(groups))
-    workdir, procs = built / "executed", []
+    workdir, procs = built / "src" / "nbval", []
+    shutil.rmtree(workdir, ignore_errors=True)
+    workdir.mkdir()
+    for path in notebooks:
+        shutil.copy2(path, workdir / path.name)
+    runs = built / "src" / "runs"
+    finished = {p: p.stat().st_mtime_ns for p in runs.rglob("*.json") if p.parent.name == "runs"}
+    assert len({p.parents[2].name for p in finished}) >= 6, sorted(runs.iterdir())  # the chapters' runs
     for i, group in enumerate(groups):
         junit = tmp_path / f"junit-{i}.xml"
         cmd = _nbval_command([workdir / f"{stem}.ipynb" for stem in group], workdir, junit)
@@ -794,6 +804,9 @@ def test_executed_chapters_pass_nbval(built, tmp_path):
         results.update(_junit_results(junit))
     for path in notebooks:
         assert results.get(path.name, {}).get("passed", 0) > 0, results
+    assert {p: p.stat().st_mtime_ns for p in finished} == finished, "nbval retrained a run the build had finished"
+    assert not [p for p in runs.rglob("*.json") if p.parent.name == "runs" and p not in finished], \
+        "nbval trained a run the build had not"
 
 
 def _chromium() -> str:
