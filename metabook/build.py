@@ -388,6 +388,22 @@ def default_jobs(preset: str) -> int:
     return min(os.cpu_count() or 1, 4) if preset == "smoke" else 1
 
 
+def expected_seconds(stems: list[str], preset: str, last_report: dict | None = None) -> dict[str, float]:
+    """Each chapter's expected execution seconds, to start the longest first: what the last build
+    at this preset measured (`last_report`), else the written plan's training time of one CPU
+    thread at the preset (0 for a chapter without rows: chapters 1 and 9 train nothing)."""
+    if last_report and last_report.get("preset") == preset:
+        measured = {c["chapter"]: c["seconds"] for c in last_report.get("chapters", [])
+                    if isinstance(c.get("seconds"), (int, float))}
+        if set(stems) <= set(measured):
+            return {s: float(measured[s]) for s in stems}
+    from .plan import read_plan
+    from .teach import run_seconds
+
+    rows = read_plan()
+    return {s: float(run_seconds(rows, s).get(preset, {}).get("cpu", 0.0)) for s in stems}
+
+
 def _execute_timed(nb_path: Path, parameters: dict, kernel_name: str, name: str, failed_dir: Path) -> float:
     """_execute in a worker process of the build's pool; returns its wall-clock seconds."""
     t0 = time.perf_counter()
@@ -571,6 +587,14 @@ def write_execution_statistics(src: Path, report: dict, rows: list[dict] | None 
     return page
 
 
+def _read_report(path: Path) -> dict | None:
+    """The last build's report, or None where there is none (or it cannot be read)."""
+    try:
+        return json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return None
+
+
 def _write_report(path: Path, report: dict) -> None:
     path.write_text(json.dumps(report, indent=2) + "\n", encoding="utf-8")
 
@@ -589,8 +613,9 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
     outputs. `parameters` are injected next to PRESET (e.g. {"DATASET": "synthetic"}).
     `auto` is resolved here (gpu with CUDA, else cpu), so the report names the real preset.
     solutions=False renders the book without the solution cells (they are still executed, so the
-    exercise checks run against them). `jobs` chapters execute at once (default: `default_jobs`);
-    a chapter that fails stops the ones not started yet and the build.
+    exercise checks run against them). `jobs` chapters execute at once (default: `default_jobs`),
+    the longest first (`expected_seconds`); a chapter that fails stops the ones not started yet
+    and the build.
     """
     if preset not in PRESETS:
         raise BuildError(f"unknown preset {preset!r}; choose one of {', '.join(PRESETS)}")
@@ -626,6 +651,7 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
               "chapters": []}
     report_path = build_dir / "build_report.json"
 
+    last_report = _read_report(report_path)
     todo = []
     for i, path in enumerate(all_chapters, start=1):
         entry = {"chapter": path.stem, "notebook": str(path.relative_to(root))}
@@ -643,6 +669,9 @@ def build_book(preset: str = "auto", root: str | Path = ".", build_dir: str | Pa
     if jobs is not None and jobs < 1:
         raise BuildError(f"jobs must be 1 or more (got {jobs}); leave it out for the default ({default_jobs(preset)})")
     jobs = max(1, min(jobs or default_jobs(preset), len(todo) or 1))
+    if jobs > 1:      # the longest first, so that no long chapter starts last (the report keeps TOC order)
+        expected = expected_seconds([path.stem for _, path, _ in todo], preset, last_report)
+        todo.sort(key=lambda t: -expected[t[1].stem])
     env = kernel_environment(root, kernels=jobs)
     report["jobs"] = jobs
     t_all = time.perf_counter()

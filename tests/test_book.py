@@ -22,7 +22,7 @@ import nbformat
 import pytest
 
 from metabook.build import (PRESETS, STATS_PAGE, BuildError, build_book, chapters_from_toc, default_jobs,
-                            execution_statistics_markdown, kernel_environment, solutions_version,
+                            execution_statistics_markdown, expected_seconds, kernel_environment, solutions_version,
                             student_version, tag_for_rendering, temporary_environ,
                             write_execution_statistics, write_student_versions)
 from metabook.teach import chapter_times_markdown, chapter_words, reading_minutes, run_seconds
@@ -590,21 +590,47 @@ def _add_chapters(root: Path, chapters: dict) -> Path:
 STAMP = "import os, time\nt0 = time.time(); time.sleep(3)\nopen(os.environ['STAMPS'] + '/' + str(os.getpid()), 'w').write(f'{t0} {time.time()}')"
 
 
-def test_smoke_build_executes_chapters_side_by_side_and_reports_them_in_toc_order(tmp_path, monkeypatch):
+def _named_stamp(name: str) -> str:
+    return ("import os, time\nt0 = time.time(); time.sleep(2)\n"
+            f"open(os.environ['STAMPS'] + '/{name}', 'w').write(f'{{t0}} {{time.time()}}')")
+
+
+def test_smoke_build_executes_chapters_side_by_side_longest_first_and_reports_them_in_toc_order(tmp_path, monkeypatch):
     stamps = tmp_path / "stamps"
     stamps.mkdir()
     monkeypatch.setenv("STAMPS", str(stamps))
-    root = _add_chapters(_tiny_book(tmp_path / "src", [STAMP]), {"02_tiny": [STAMP]})
-    build_book(preset="smoke", root=root, build_dir=tmp_path / "_build", jobs=2)
-    report = json.loads((tmp_path / "_build" / "build_report.json").read_text())
+    root = _add_chapters(_tiny_book(tmp_path / "src", [_named_stamp("01_tiny")]),
+                         {"02_tiny": [_named_stamp("02_tiny")], "03_tiny": [_named_stamp("03_tiny")]})
+    build_dir = tmp_path / "_build"
+    build_dir.mkdir()
+    last = {"preset": "smoke", "chapters": [{"chapter": "01_tiny", "seconds": 1.0},
+                                            {"chapter": "02_tiny", "seconds": 20.0},
+                                            {"chapter": "03_tiny", "seconds": 30.0}]}
+    (build_dir / "build_report.json").write_text(json.dumps(last))
+    build_book(preset="smoke", root=root, build_dir=build_dir, jobs=2)
+    report = json.loads((build_dir / "build_report.json").read_text())
     assert report["jobs"] == 2
-    assert [(c["chapter"], c["status"]) for c in report["chapters"]] == [("01_tiny", "executed"), ("02_tiny", "executed")]
-    (a0, a1), (b0, b1) = [map(float, p.read_text().split()) for p in stamps.iterdir()]
-    assert a0 < b1 and b0 < a1, "the two chapters did not run at the same time"
+    assert [(c["chapter"], c["status"]) for c in report["chapters"]] == [
+        ("01_tiny", "executed"), ("02_tiny", "executed"), ("03_tiny", "executed")]
+    (a0, a1), (b0, b1), (c0, c1) = [map(float, (stamps / f"0{i}_tiny").read_text().split()) for i in (1, 2, 3)]
+    assert b0 < c1 and c0 < b1, "the two longest chapters did not run at the same time"
+    assert a0 > min(b1, c1) - 0.5, "the shortest chapter (by the last build) did not start last"
     assert default_jobs("smoke") == min(os.cpu_count() or 1, 4) and default_jobs("cpu") == 1
     assert "executed 2 at a time" in execution_statistics_markdown(report, [])
     with pytest.raises(BuildError, match="jobs must be 1 or more"):
-        build_book(preset="smoke", root=root, build_dir=tmp_path / "_build", jobs=0)
+        build_book(preset="smoke", root=root, build_dir=build_dir, jobs=0)
+
+
+def test_without_a_last_build_the_plan_says_which_chapters_are_longest():
+    stems = ["01_meta_gradients", "04_instance_lr", "05_online_loss", "09_sweeps"]
+    plan = expected_seconds(stems, "smoke")
+    assert plan["01_meta_gradients"] == plan["09_sweeps"] == 0.0       # they train nothing
+    assert plan["04_instance_lr"] > 10 and plan["05_online_loss"] > 10
+    measured = {"preset": "smoke", "chapters": [{"chapter": s, "seconds": 5.0 + i} for i, s in enumerate(stems)]}
+    assert expected_seconds(stems, "smoke", measured) == {s: 5.0 + i for i, s in enumerate(stems)}
+    assert expected_seconds(stems, "cpu", measured) != expected_seconds(stems, "smoke", measured)  # another preset's
+    partial = {"preset": "smoke", "chapters": measured["chapters"][:2]}
+    assert expected_seconds(stems, "smoke", partial) == plan
 
 
 def test_a_failing_chapter_stops_the_chapters_not_started_yet(tmp_path):

@@ -399,7 +399,7 @@ def test_chapter_run_records_all_arms_the_cost_ratio_and_one_enn_per_seed(synthe
     assert set(rec["arms"]) == {"baseline", "l1", "he_init", "grad_instructor", "gi_init_critic", "baseline_same_time"}
     arm = rec["arms"]["grad_instructor"]
     assert rec["cost"]["enn_seconds"] == arm["one_off_seconds"]["mean"] == rec["metrics"]["enn_seconds"]
-    assert rec["arms"]["baseline"]["one_off_seconds"]["mean"] < 0.01 * arm["one_off_seconds"]["mean"]
+    assert rec["arms"]["baseline"]["one_off_seconds"]["mean"] < 0.1 * arm["one_off_seconds"]["mean"]  # no ENN
     assert set(rec["enn"]) == {"0", "1"} and rec["enn"]["0"]["final_accs"] != rec["enn"]["1"]["final_accs"]
     for seed, enn in rec["enn"].items():
         total = arm["steps"]                                     # the baseline trajectory: one full-length run
