@@ -12,8 +12,11 @@ port where nothing listens (never the network), one thread, and whatever the cas
 
 Adding a case is one line in CASES: (id, argv, setup, words). `argv` and `words` may use {tmp}
 (the case's folder); `setup(tmp)` prepares files there and returns extra environment variables
-(or None). Data files are tiny (64 training images), so every case takes a few seconds.
+(or None). Data files are tiny (64 training images), so every case takes a few seconds, most of
+them Python and torch starting up: the selected cases run side by side, a few at a time, before
+the first of them is checked (`fault_runs`).
 """
+import concurrent.futures
 import os
 import re
 import shlex
@@ -211,13 +214,37 @@ def assert_one_clear_line(proc, tmp, words):
     assert not list(tmp.rglob("result.json")), "a result.json was written"
 
 
-@pytest.mark.parametrize("argv, setup, words", [c[1:] for c in CASES], ids=[c[0] for c in CASES])
-def test_fault_ends_in_one_line(argv, setup, words, tmp_path, dead_mirror):
-    extra = (setup(tmp_path) if setup else None) or {}
-    proc = subprocess.run([sys.executable, "-m", "metabook", *shlex.split(argv.format(tmp=tmp_path))],
-                          cwd=tmp_path, env={**base_env(tmp_path, dead_mirror), **extra},
-                          capture_output=True, text=True, timeout=120)
-    assert_one_clear_line(proc, tmp_path, words)
+def run_case(argv, setup, tmp, mirror):
+    """`python -m metabook ARGV` in tmp after the case's setup: the CompletedProcess."""
+    extra = (setup(tmp) if setup else None) or {}
+    return subprocess.run([sys.executable, "-m", "metabook", *shlex.split(argv.format(tmp=tmp))],
+                          cwd=tmp, env={**base_env(tmp, mirror), **extra},
+                          capture_output=True, text=True, timeout=300)
+
+
+@pytest.fixture(scope="module")
+def fault_runs(request, tmp_path_factory):
+    """The cases this session selected, run side by side (one more than the cores, at most 4):
+    case id -> (its tmp folder, its CompletedProcess)."""
+    selected = {item.callspec.params["case"] for item in request.session.items
+                if getattr(item, "originalname", None) == "test_fault_ends_in_one_line"}
+    with socket.socket() as s:             # a mirror that refuses at once (conftest's dead_mirror)
+        s.bind(("127.0.0.1", 0))
+        mirror = f"http://127.0.0.1:{s.getsockname()[1]}/"
+
+    def one(case):
+        name, argv, setup, _ = case
+        tmp = tmp_path_factory.mktemp(name)
+        return name, (tmp, run_case(argv, setup, tmp, mirror))
+
+    with concurrent.futures.ThreadPoolExecutor(min(4, (os.cpu_count() or 1) + 1)) as pool:
+        return dict(pool.map(one, [c for c in CASES if c[0] in selected]))
+
+
+@pytest.mark.parametrize("case", [c[0] for c in CASES])
+def test_fault_ends_in_one_line(case, fault_runs):
+    tmp, proc = fault_runs[case]
+    assert_one_clear_line(proc, tmp, next(c[3] for c in CASES if c[0] == case))
 
 
 @pytest.mark.parametrize("inherited", [signal.SIG_DFL, signal.SIG_IGN], ids=["foreground", "started-with-sigint-ignored"])
