@@ -56,11 +56,14 @@ def test_toc_lists_chapter_notebooks():
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
-def test_committed_notebook_has_no_outputs_or_execution_counts(path):
+def test_committed_notebook_has_no_outputs_or_execution_counts_and_every_cell_an_id(path):
     nb = nbformat.read(path, as_version=4)
     dirty = [i for i, c in enumerate(nb.cells) if c.cell_type == "code"
              and (c.get("outputs") or c.get("execution_count") is not None)]
     assert not dirty, f"{path.name}: cells {dirty} carry outputs or execution counts; clear them"
+    ids = [c.get("id") for c in json.loads(path.read_text(encoding="utf-8"))["cells"]]   # as committed
+    assert None not in ids and len(set(ids)) == len(ids), \
+        f"{path.name}: cells {[i for i, x in enumerate(ids) if x is None or ids.count(x) > 1]} lack a unique id"
 
 
 @pytest.mark.parametrize("path", CHAPTERS, ids=lambda p: p.stem)
