@@ -459,7 +459,7 @@ def enn_config_key(cfg: dict) -> dict:
             "noise.kind", "noise.rate", "target.classes", "target.ratio")
     training = ("epochs", "steps", "lr", "schedule", "warmup", "momentum", "nesterov", "weight_decay",
                 "label_smoothing")
-    arm_keys = ("gi.schedule", "gi.l1", "gi.same_time")
+    arm_keys = ("gi.schedule", "gi.l1", "gi.same_time", "gi.refit_every", "gi.refit_episodes", "gi.refit_iters")
     return {k: v for k, v in cfg.items()
             if k in data or k in training or (k.startswith("gi.") and k not in arm_keys)}
 

@@ -7,11 +7,15 @@ Arms (same epochs and seeds): `baseline`, `l1` (L1 on the weight matrices), `he_
 `grad_instructor` (its ENN's episodes start along full-length runs: the baseline's, then those the
 critic guides) and the control
 `gi_init_critic` (episodes from initialisation only, the critic of issue 18); each reports its final
-train-test gap (the abstract's second claim) and the GI arms their critic's calibration.
+train-test gap (the abstract's second claim) and the GI arms their critic's calibration. With
+gi.refit_every > 0 the critic is not frozen: every that many steps it is refitted on short episodes
+from the target's current weights (GradInstructor.refit [R], a remedy for the exploited critic).
 """
 from __future__ import annotations
 
+import dataclasses
 import math
+import time
 from dataclasses import dataclass
 from typing import ClassVar
 
@@ -24,8 +28,8 @@ from ..config import ConfigError, knob, section
 from ..data import Batch
 from ..train import Arm, Experiment, per_example, run_experiment
 from .baseline import Baseline, set_lr
-from .enn import (ENN, enn_config_key, episodes_per_round, he_init_, load_or_train_enn, render_model,
-                  reward_examples, weight_matrices)
+from .enn import (ENN, Trajectory, collect_episodes, enn_config_key, episodes_per_round, fit_enn, he_init_,
+                  load_or_train_enn, render_model, reward_examples, weight_matrices)
 
 SCHEDULES = ("constant", "linear_decay", "cosine_decay")
 
@@ -106,7 +110,7 @@ class GradInstructor(PlainBP):
         p = next(ctx.model.parameters())
         enn = self.enn if self.given else ENN(len(weight_matrices(ctx.model)), self.c.enn_channels)
         self.enn = enn.to(device=p.device, dtype=p.dtype).requires_grad_(False).eval()
-        self.enn_info, self.value0, self.steps = {}, float("nan"), 0
+        self.enn_info, self.value0, self.steps, self.refits = {}, float("nan"), 0, []
 
     def prepare(self) -> None:
         """Train this seed's ENN (or load it from the run's cache); note its initial prediction."""
@@ -129,6 +133,8 @@ class GradInstructor(PlainBP):
         """One descent on CE - w(t) E(render(W)): the ENN is frozen and reads the weight matrices
         only, so the weights get grad CE - w grad E and the biases grad CE. The network's forward
         runs in mixed precision when cfg['amp'] asks; the rendering and the ENN in fp32."""
+        if self.c.refit_every and self.steps and self.steps % self.c.refit_every == 0:
+            self.refit()
         set_lr(self.opt, lr)
         with self.autocast():
             logits = self.model(batch.x)
@@ -139,6 +145,34 @@ class GradInstructor(PlainBP):
         self.steps += 1
         return {"loss": ce.detach(), "acc": (logits.argmax(1) == batch.y).float().mean(),
                 "enn_value": value.detach(), "gi_weight": w}
+
+    def refit(self) -> None:
+        """The online refit [R]: gi.refit_episodes episodes of gi.episode_steps steps, all starting from
+        the target's current weights and guided by the current ENN (as in the later rounds of its
+        training), then gi.refit_iters Adam iterations of the ENN's fit on those episodes alone, so the
+        critic learns what its guidance does where the target is now. Its own streams
+        ("episode-{round}-{e}", rounds after the training's) and RNG: a resumed run repeats it bit for bit.
+        Logs the critic's prediction for the current weights before and after, and their reward accuracy."""
+        c, ctx, t0 = self.c, self.ctx, time.perf_counter()
+        round_ = c.rounds - 1 + self.steps // c.refit_every         # after the rounds of train_enn
+        reward = reward_examples(c, ctx.streams)
+        here = Trajectory([self.steps], [{n: v.detach().clone() for n, v in self.model.state_dict().items()}],
+                          [], ctx.total_steps)
+        before = self.value()
+        device = reward.y.device
+        with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
+            eps = collect_episodes(dataclasses.replace(c, init_share=0.0), self.target["width"], self.target["depth"],
+                                   ctx.streams, reward.x, reward.y, ctx.num_classes, c.refit_episodes,
+                                   ctx.seed + c.enn_seed, enn=self.enn, round_=round_, trajectory=here)
+            self.enn.requires_grad_(True).train()
+            fit_enn(self.enn, eps.states, eps.accs, objective=c.enn_objective, gamma=c.gamma, lam=c.lam,
+                    iters=c.refit_iters, lr=c.enn_lr, batch=c.enn_batch, refresh=c.refresh,
+                    seed=ctx.seed + c.enn_seed + round_, init_bias=False, conservative=c.conservative,
+                    conservative_step=c.conservative_step)
+            self.enn.requires_grad_(False).eval()
+        self.refits.append({"step": self.steps, "pred_before": before, "pred_after": self.value(),
+                            "real": eps.accs[0, 0].item(), "diverged": eps.diverged,
+                            "seconds": time.perf_counter() - t0})
 
     def diagnostics(self, streams) -> dict:
         """||w(t) grad E|| / ||grad CE|| over the weight matrices, on the first training batch (eval mode),
@@ -166,17 +200,19 @@ class GradInstructor(PlainBP):
     def extras(self, streams) -> dict:
         quality = {f"enn_{k}": v for k, v in self.enn_info.items()
                    if k in ("seconds", "episodes", "sgd_steps", "spearman_initial", "spearman_all", "final_mae")}
+        refits = {"enn_refits": self.refits} if self.refits else {}
         return {**super().extras(streams), "enn_value_initial": self.value0, "enn_value_final": self.value(),
-                **quality, "enn": self.enn_info}
+                **quality, **refits, "enn": self.enn_info}
 
     def state_dict(self) -> dict:
         return {**super().state_dict(), "enn": self.enn.state_dict(), "enn_info": self.enn_info,
-                "value0": self.value0, "steps": self.steps}
+                "value0": self.value0, "steps": self.steps, "refits": self.refits}
 
     def load_state_dict(self, state: dict) -> None:
         super().load_state_dict(state)
         self.enn.load_state_dict(state["enn"])
         self.enn_info, self.value0, self.steps = state["enn_info"], state["value0"], state["steps"]
+        self.refits = state.get("refits", [])
 
 
 # ----------------------------------------------------------------------------- config and the chapter
@@ -221,6 +257,11 @@ class GI:
     conservative: float = knob(0.0, "alpha of a conservative ENN fit: + alpha (E(x') - E(x)), x' = x one step up the "
                                "ENN's gradient (COMs, Trabucco et al. 2021) [R]; 0 = the plain fit", ">= 0")
     conservative_step: float = knob(0.1, "that step's length, as a fraction of the state's norm", "> 0")
+    refit_every: int = knob(0, "steps of the target between online refits of its critic on episodes from its "
+                            "current weights (GradInstructor.refit) [R]; 0 = a frozen critic", ">= 0")
+    refit_episodes: int = knob(8, "episodes per online refit, each gi.episode_steps steps from the current weights",
+                               ">= 2")
+    refit_iters: int = knob(100, "Adam iterations of each online refit, on that refit's episodes only", ">= 1")
     enn_seed: int = knob(0, "added to the run's seed: the ENN's episodes and init (one ENN per seed)", ">= 0")
     same_time: bool = knob(True, "also run the baseline for grad_instructor's wall-clock")
     arms: list[str] = knob(["baseline", "l1", "he_init", "grad_instructor", "gi_init_critic"],
