@@ -518,3 +518,20 @@ def test_a_killed_run_with_online_refits_resumes_bitwise(synthetic, tmp_path):
     assert len(full["extras"]["enn_refits"]) == 3 and resumed["metrics"] == full["metrics"]
     for (name, a), b in zip(model_a.state_dict().items(), model_b.state_dict().values()):
         assert torch.equal(a, b), name
+
+
+def test_the_critics_training_is_the_same_with_or_without_online_refits(synthetic):
+    """gi.refit_every belongs to the target's run: the guided replays inside train_enn keep their
+    critic frozen, so the prepared ENN (and its cache key) do not depend on it."""
+    from metabook.train import Arm, fresh_method
+    enns = []
+    for refit in (0, 3):
+        cfg = chapter_config("grad_instructor", "smoke", {**TINY, "gi.refit_every": refit, "gi.refit_iters": 5})
+        data = prepare_data(cfg, 0, torch.device("cpu"), synthetic)
+        arm = fresh_method(Arm(gi.GradInstructor), cfg, data, 0)
+        enn, info = en.train_enn(arm.c, data.streams(), 10, 0, width=cfg["width"], depth=cfg["depth"], target_cfg=cfg,
+                                 total_steps=arm.ctx.total_steps, init_state=arm.model.state_dict())
+        enns.append(enn.state_dict())
+        assert info["starts"]["rounds"][1]["kind"] == "guided" and max(info["starts"]["steps"]) >= 3
+    assert all(torch.equal(enns[0][k], enns[1][k]) for k in enns[0])
+    assert en.enn_config_key({**cfg, "gi.refit_every": 0}) == en.enn_config_key(cfg)

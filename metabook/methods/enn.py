@@ -292,15 +292,16 @@ def replay_trajectory(cfg: dict, streams, num_classes: int, total: int, points: 
                       init_state: dict, seed: int = 0, enn: ENN | None = None) -> Trajectory:
     """The target's run, replayed from its initial weights `init_state` on the loop's "train" stream with
     the loop's schedule lr_at(t, total): without `enn` the `baseline` arm's method (bit for bit its
-    weights), with one the `grad_instructor` arm's update guided by that (frozen) ENN at cfg's
-    gi.weight; the weights, the reward accuracy (and the ENN's prediction) at trajectory_steps(total,
+    weights), with one the `grad_instructor` arm's update guided by that ENN at cfg's gi.weight,
+    frozen (no online refit, whatever gi.refit_every says); the weights, the reward accuracy (and the ENN's prediction) at trajectory_steps(total,
     points). Steps after the last saved one are not run."""
     from .baseline import Baseline            # imported here: both import this module
     from .grad_instructor import GradInstructor
     device = x_eval.device
     model = make_model(cfg, num_classes, device)
     model.load_state_dict(init_state)
-    method = Baseline(cfg) if enn is None else GradInstructor(cfg, enn=enn)
+    # a guided replay never refits its critic (gi.refit_every is the target arm's, not the ENN's training)
+    method = Baseline(cfg) if enn is None else GradInstructor({**cfg, "gi.refit_every": 0}, enn=enn)
     method.setup(Context(model, streams, total, 0, num_classes, streams.size("train"), seed))
     save = trajectory_steps(total, points)
     accuracy = torch.no_grad()(lambda: (model(x_eval).argmax(1) == y_eval).float().mean().item())
