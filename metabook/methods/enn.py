@@ -293,8 +293,9 @@ def replay_trajectory(cfg: dict, streams, num_classes: int, total: int, points: 
     """The target's run, replayed from its initial weights `init_state` on the loop's "train" stream with
     the loop's schedule lr_at(t, total): without `enn` the `baseline` arm's method (bit for bit its
     weights), with one the `grad_instructor` arm's update guided by that ENN at cfg's gi.weight,
-    frozen (no online refit, whatever gi.refit_every says); the weights, the reward accuracy (and the ENN's prediction) at trajectory_steps(total,
-    points). Steps after the last saved one are not run."""
+    frozen (no online refit, whatever gi.refit_every says); the weights, the reward accuracy (and
+    the ENN's prediction) at trajectory_steps(total, points). Steps after the last saved one are
+    not run."""
     from .baseline import Baseline            # imported here: both import this module
     from .grad_instructor import GradInstructor
     device = x_eval.device

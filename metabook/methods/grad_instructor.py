@@ -130,8 +130,9 @@ class GradInstructor(PlainBP):
             return self.enn(render_model(self.model, self.c)[None])[0].item()
 
     def step(self, batch: Batch, meta_batch, lr: float) -> dict:
-        """One descent on CE - w(t) E(render(W)): the ENN is frozen and reads the weight matrices
-        only, so the weights get grad CE - w grad E and the biases grad CE. The network's forward
+        """One descent on CE - w(t) E(render(W)) (with gi.refit_every, after an online refit every that
+        many steps): the ENN is frozen in the step and reads the weight matrices only, so the weights
+        get grad CE - w grad E and the biases grad CE. The network's forward
         runs in mixed precision when cfg['amp'] asks; the rendering and the ENN in fp32."""
         if self.c.refit_every and self.steps and self.steps % self.c.refit_every == 0:
             self.refit()
