@@ -901,7 +901,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
             raise ConfigError(f"same_time_steps has {len(cfg['same_time_steps'])} values for {len(seeds)} seeds; "
                               f"give one per seed, or one for all")
     data_info = None
-    order = list(arms) + (["baseline_same_time"] if same_time_for else [])
+    first = [reference] + [n for n in arms if n == f"{reference}_double_epochs"]    # the convergence check first
+    order = first + [n for n in arms if n not in first] + (["baseline_same_time"] if same_time_for else [])
     with OutLock(out):
         for seed in seeds:
             data = prepare_data(cfg, seed, device, dataset)

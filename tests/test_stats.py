@@ -92,6 +92,23 @@ def test_check_convergence_adds_the_reference_arm_at_twice_the_epochs():
         chapter_config("instance_lr", "cpu"))[0].arms
 
 
+def test_the_convergence_check_trains_right_after_the_reference_arm(monkeypatch):
+    """Each seed trains the reference and its double-epochs arm before the method's arms, so a budget
+    that has not converged shows after two arms, not after the costly ones; the record keeps its order."""
+    from metabook import chapter_config, train
+    from metabook.data import make_synthetic
+    from metabook.methods import chapter_module
+
+    cfg = chapter_config("instance_lr", "converged", {"dataset": "synthetic", "train_size": 320, "meta_size": 50,
+                                                      "heldout_size": 50, "batch_size": 32, "epochs": 0.2})
+    exp, = chapter_module("instance_lr").experiments(cfg)
+    trained, real = [], train.run_arm_seed
+    monkeypatch.setattr(train, "run_arm_seed", lambda name, *a, **k: trained.append(name) or real(name, *a, **k))
+    rec = train.run_experiment(exp, [0], progress=False, dataset=make_synthetic(600, 200, seed=0))
+    assert trained[:2] == ["baseline", "baseline_double_epochs"] and trained[-1] == "baseline_same_time"
+    assert set(trained) == set(rec["arms"]) and list(rec["arms"])[:2] == list(exp.arms)[:2]
+
+
 def test_converged_presets_meet_the_issues_minimums():
     """Issue 19: at least 20,000 training images, the 10,000 held-out images, the convergence
     check, diverged seeds kept; a chapter without one says so in one line."""
