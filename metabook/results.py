@@ -264,10 +264,19 @@ def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS
                     where: dict | None = None) -> dict | None:
     """The newest recorded run of a chapter at a preset whose config has the `where` values
     (e.g. {"noise.kind": "pairflip"}), or None. Without a `where`, only runs of the preset as it
-    is: a probe (a run whose record keeps --set overrides) is found only by a `where`."""
+    is: a probe (a run whose record keeps --set overrides) is found only by a `where`, and so is a
+    converged record of a budget the preset no longer trains (one that failed the convergence rule)."""
+    budget = None
+    if where is None and preset == "converged":
+        from .config import ConfigError
+        from .methods import chapter_config
+        try:
+            budget = chapter_config(chapter, preset)["epochs"]
+        except ConfigError:       # a chapter without a converged preset has no such record
+            return None
     runs = [r for r in recorded_runs(chapter, results_dir) if r.get("preset") == preset
             and all(_as_text(_field(r, "config").get(k)) == _as_text(v) for k, v in (where or {}).items())
-            and (where or not r.get("overrides"))]
+            and (where or not r.get("overrides")) and budget in (None, _field(r, "config").get("epochs"))]
     return runs[0] if runs else None
 
 

@@ -149,11 +149,12 @@ def test_the_landing_page_shows_the_verdicts_the_records_give():
 @pytest.fixture(scope="module")
 def small_converged():
     """instance_lr at the converged preset, shrunk to seconds: 3 seeds on 320 synthetic images (the
-    record of the preset as it is, which the shrinking overrides would mark as a probe)."""
+    record of the preset as it is, which the shrinking overrides would mark as a probe). It trains
+    5 steps and keeps the preset's epochs: a converged record of another budget is not the preset's."""
     from metabook.methods import run_chapter
 
     small = {"dataset": "synthetic", "train_size": 320, "meta_size": 64, "val_size": 64, "heldout_size": 100,
-             "test_size": 100, "batch_size": 32, "width": 8, "epochs": 0.5, "eval_every": 0.5}
+             "test_size": 100, "batch_size": 32, "width": 8, "steps": 5, "eval_every": 0.5}
     rec = run_chapter("instance_lr", "converged", [0, 1, 2], None, small, progress=False,
                       dataset=make_synthetic(1200, 300, seed=0))
     return {**rec, "overrides": {}}          # it stands for the preset's own record, not a probe of it
@@ -182,9 +183,25 @@ def test_a_converged_record_takes_its_methods_row_of_the_landing_table(small_con
     row = next(line for line in after.splitlines() if "instance_lr <" in line)
     d = summarise("instance_lr", small_converged)["versus"]["control"]
     assert f"| baseline_clean | {100 * d['mean']:+.1f} [{100 * d['lo']:+.1f}, {100 * d['hi']:+.1f}] | {d['verdict']} |" in row
-    assert "converged record: 320 images, 0.5 epochs, 3 seeds, 100 held-out images" in row
+    from metabook import chapter_config
+
+    epochs = chapter_config("instance_lr", "converged")["epochs"]
+    assert f"converged record: 320 images, {epochs:g} epochs, 3 seeds, 100 held-out images" in row
     others = lambda text: [line for line in text.splitlines() if "instance_lr <" not in line]
     assert others(after) == others(before) and before != after
+
+
+def test_a_converged_record_of_a_budget_the_preset_no_longer_trains_is_found_only_by_a_where(small_converged, tmp_path):
+    from metabook.methods.compare import converged_report
+    from metabook.results import latest_recorded, write_result
+
+    shorter = {**small_converged, "config": {**small_converged["config"], "epochs": 7.0}}    # a budget given up
+    write_result(shorter, tmp_path / "instance_lr-converged-epochs7")
+    assert latest_recorded("instance_lr", "converged", tmp_path) is None
+    assert latest_recorded("instance_lr", "converged", tmp_path, where={"epochs": 7.0})["config"]["epochs"] == 7.0
+    assert converged_report("instance_lr", results_dir=tmp_path).startswith("No converged record of this chapter yet")
+    write_result(small_converged, tmp_path / "instance_lr-converged")
+    assert latest_recorded("instance_lr", "converged", tmp_path)["config"] == small_converged["config"]
 
 
 def test_a_converged_record_with_too_few_seeds_is_shown_but_decides_nothing(small_converged, tmp_path):
