@@ -133,6 +133,9 @@ def test_plan_rejects_an_unknown_chapter_in_one_line():
 # converged: the verdicts' records run in the background, a seed of a chapter within 2.5 hours of one
 # CPU thread, so that two cores record 3 seeds of the five chapters in a few working days.
 PROMISE = {"smoke": ("cpu", 90.0), "cpu": ("cpu", 20 * 60.0), "gpu": ("t4", 30 * 60.0), "converged": ("cpu", 2.5 * 3600.0)}
+# A chapter whose baseline converges only at a longer budget keeps the convergence rule, not the
+# promise: meta_hf's failed at 10 and 20 epochs (chapter 7 shows both checks), so its preset trains 30.
+CONVERGES_LATER = {"meta_hf": 6 * 3600.0}
 GPU_MEMORY = 12 * 2 ** 30
 # Experiments the written plan does not hold yet at a preset, and why. Writing one (plan --write)
 # makes the coverage test fail until it is taken off this list, so the list cannot go stale.
@@ -173,7 +176,8 @@ def test_every_experiment_belongs_to_one_book_chapter():
 def test_each_preset_keeps_its_promise(preset):
     """Per book chapter, every experiment it runs summed (one seed, as the notebooks run):
     smoke <= 90 s and cpu <= 20 min of one CPU thread here; gpu <= 30 min and 12 GiB on a T4;
-    converged (a record, 3 or more seeds in the background) <= 2.5 h of one CPU thread per seed."""
+    converged (a record, 3 or more seeds in the background) <= 2.5 h of one CPU thread per seed,
+    or CONVERGES_LATER's longer limit for a chapter whose baseline needs more epochs to converge."""
     device, limit = PROMISE[preset]
     rows = _written(preset)
     assert rows
@@ -184,6 +188,8 @@ def test_each_preset_keeps_its_promise(preset):
         if not mine and preset == "converged":
             continue                  # a chapter without a converged preset (foundations, chapter 8)
         seconds = sum(r["seconds"][device] for r in mine)
+        if preset == "converged":
+            limit = max([limit] + [CONVERGES_LATER.get(c, 0.0) for c in chapters])
         assert seconds <= limit, f"{book_chapter} @ {preset}: {seconds:.0f} s planned on {device}, promised {limit:.0f}"
         if preset == "gpu":
             assert max(r["peak_bytes"] for r in mine) <= GPU_MEMORY, f"{book_chapter} @ gpu needs more than 12 GiB"
