@@ -133,8 +133,8 @@ def test_plan_rejects_an_unknown_chapter_in_one_line():
 # converged: the verdicts' records run in the background, a seed of a chapter within 2.5 hours of one
 # CPU thread, so that two cores record 3 seeds of the five chapters in a few working days.
 PROMISE = {"smoke": ("cpu", 90.0), "cpu": ("cpu", 20 * 60.0), "gpu": ("t4", 30 * 60.0), "converged": ("cpu", 2.5 * 3600.0)}
-# A chapter whose baseline converges only at a longer budget keeps the convergence rule, not the
-# promise: meta_hf's failed at 10 and 20 epochs (chapter 7 shows both checks), so its preset trains 30.
+# A chapter whose baseline converges only at a longer budget: meta_hf's fails the rule at 10, 20 and
+# 30 epochs (chapter 7 shows the checks); its preset trains 30, the longest this CPU affords.
 CONVERGES_LATER = {"meta_hf": 6 * 3600.0}
 GPU_MEMORY = 12 * 2 ** 30
 # Experiments the written plan does not hold yet at a preset, and why. Writing one (plan --write)
