@@ -178,7 +178,7 @@ class Experiment:
     method_arm: str                       # the chapter's own method: its metrics are the record's
     arms: dict[str, Arm]
     cfg: dict
-    same_time_for: str | None = None      # also run the reference arm for this arm's wall-clock
+    same_time_for: str | None = None      # also run the reference arm for this arm's time
     reference: str = "baseline"           # the arm every cost is a ratio to
     label: str = ""                       # which experiment of the chapter (compare: the method)
 
@@ -812,12 +812,21 @@ def arm_seed_config(name: str, arm_cfgs: dict[str, dict], cfg: dict, seed: int, 
                     costs: dict | None = None) -> dict:
     """The config arm `name` trains with at `seed` (arm_cfgs: each arm's cfg with its changes).
     `baseline_same_time` is the reference arm at a budget: replayed steps (cfg['same_time_steps']),
-    or the wall-clock of its target arm at this seed, from `costs` (arm -> that arm's cost at this
-    seed; it needs the target's and the reference's)."""
+    or the time its target arm took at this seed, from `costs` (arm -> that arm's cost at this
+    seed; it needs the target's and the reference's). On the CPU, where both runs kept their CPU
+    seconds, the budget is those: the steps the target's CPU seconds buy at the reference's CPU
+    seconds per step, which other jobs sharing the cores hardly change (their wall-clock they do,
+    several-fold). Else the wall-clock, and the arm also stops when it is spent."""
     arm_cfg = dict(arm_cfgs.get(name, arm_cfgs[reference]))
     if name == "baseline_same_time" and cfg["same_time_steps"]:    # a replay: fixed steps
         replay = cfg["same_time_steps"]
         arm_cfg["steps"] = replay[seeds.index(seed)] if len(replay) > 1 else replay[0]
+    elif name == "baseline_same_time" and all(costs[a].get("train_cpu_seconds") is not None
+                                              for a in (same_time_for, reference)):
+        target, ref = costs[same_time_for], costs[reference]
+        budget = target["train_cpu_seconds"] + (target.get("one_off_cpu_seconds") or 0.0)
+        sps = ref["train_cpu_seconds"] / max(ref["steps"], 1)
+        arm_cfg["epochs"] = max(budget / sps / steps_per_epoch, 1 / steps_per_epoch)
     elif name == "baseline_same_time":         # measured: the other arm's wall-clock
         target = costs[same_time_for]
         budget = target["train_seconds"] + target.get("one_off_seconds", 0.0)
@@ -873,8 +882,9 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
 
     `method_arm` names the chapter's own method (its metrics become the record's `metrics`);
     every arm's `step_cost_ratio` is its seconds per step over the `reference` arm's, measured in
-    this same run. With `same_time_for=NAME`, the reference arm is also run for the wall-clock
-    that arm NAME used, one-off stage included (arm `baseline_same_time`): a measured budget, so
+    this same run. With `same_time_for=NAME`, the reference arm is also run for the time
+    that arm NAME used, one-off stage included (arm `baseline_same_time`; CPU seconds on the CPU,
+    else wall-clock: arm_seed_config): a measured budget, so
     two runs differ; its steps per seed are recorded, and `same_time_steps` replays them exactly. Each finished (arm, seed) is saved under
     out_dir/runs/, so a killed run skips what it already did and resumes the rest from its
     checkpoint; out_dir is locked while the run lasts.

@@ -488,6 +488,25 @@ def test_the_same_time_baseline_records_its_steps_and_replays_them_exactly(synth
                  progress=False, dataset=synthetic, same_time_for="instance_lr")
 
 
+def test_on_the_cpu_the_same_time_budget_is_cpu_seconds_so_other_jobs_do_not_change_it():
+    """Background records share the cores: a baseline slowed five-fold in wall-clock by other jobs
+    (its CPU seconds unchanged) must not cut the same-time arm's steps five-fold."""
+    from metabook.train import arm_seed_config
+
+    cfg = chapter_config("instance_lr", "smoke", TINY)
+    arm_cfgs = {"baseline": cfg, "instance_lr": cfg}
+    method = {"train_seconds": 400.0, "one_off_seconds": 0.0, "steps": 100,
+              "train_cpu_seconds": 390.0, "one_off_cpu_seconds": 10.0}
+    budget = lambda ref: arm_seed_config("baseline_same_time", arm_cfgs, cfg, 0, [0], 10, "baseline", "instance_lr",
+                                         {"instance_lr": method, "baseline": ref})
+    quiet = budget({"train_seconds": 100.0, "steps": 100, "train_cpu_seconds": 100.0})
+    busy = budget({"train_seconds": 500.0, "steps": 100, "train_cpu_seconds": 100.0})
+    assert quiet["epochs"] == busy["epochs"] == 40.0          # 400 CPU s at 1 CPU s a step: 400 steps
+    assert not busy["time_budget_s"]                           # a fixed count of steps, not a clock
+    on_gpu = budget({"train_seconds": 500.0, "steps": 100, "train_cpu_seconds": None})
+    assert on_gpu["epochs"] == 8.0 and on_gpu["time_budget_s"] == 400.0    # wall-clock where no CPU time
+
+
 def test_baseline_steps_in_bf16_when_asked_and_in_full_precision_otherwise(synthetic):
     """amp=bf16 runs the baseline's forward in bf16 on the CPU (other numbers than fp32, still
     learning); amp=auto on the CPU is bitwise amp=off; an arm with its own step never autocasts."""
