@@ -170,6 +170,11 @@ def test_a_chapters_converged_report_shows_the_check_the_intervals_and_the_faile
     assert "| control | baseline_clean |" in text and "| same time | baseline_same_time |" in text
     for arm, s in stability(small_converged).items():
         assert f"- `{arm}`: {s['text']}" in text
+    steps = " / ".join(f"{n:,}" for n in small_converged["arms"]["baseline_same_time"]["steps_per_seed"])
+    assert f"trained {steps} steps on seeds 0 / 1 / 2, budgeted in CPU seconds." in text
+    walled = {**small_converged, "arms": {**small_converged["arms"], "instance_lr": {
+        k: v for k, v in small_converged["arms"]["instance_lr"].items() if k != "train_cpu_seconds"}}}
+    assert "budgeted in wall-clock, which other jobs" in converged_report("instance_lr", walled)
 
 
 def test_a_converged_record_takes_its_methods_row_of_the_landing_table(small_converged, tmp_path):

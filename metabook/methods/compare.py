@@ -308,6 +308,13 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
             lines.append(f"| {key.replace('_', ' ')} | {ref} | {format_difference(d, no_interval='(no interval)')} | "
                          f"{d['verdict']} | {d['method']} |")
     lines.append("")
+    same = record["arms"].get("baseline_same_time")
+    if same:
+        cpu = "train_cpu_seconds" in record["arms"].get(record.get("method"), {})
+        lines += [f"The baseline at the method's time trained {' / '.join(f'{s:,}' for s in same['steps_per_seed'])} "
+                  f"steps on seeds {' / '.join(map(str, record['seeds']))}, budgeted in "
+                  + ("CPU seconds." if cpu else "wall-clock, which other jobs sharing the machine change: "
+                     "where these differ much, so did the load, and the same-time row is not a like-for-like budget."), ""]
     lines += [f"- `{arm}`: {s['text']}" for arm, s in stability(record, row["metric"]).items()]
     return "\n".join(lines) + "\n"
 
