@@ -155,7 +155,7 @@ def test_an_engine_whose_package_is_missing_is_one_line_naming_the_extra(capsys,
 # ----------------------------------------------------------------------------- the records
 
 def test_local_sweep_of_two_chapters_writes_the_records_run_writes(tmp_path):
-    """baseline and instance_lr (with the baseline at instance_lr's wall-clock), one seed, on a
+    """baseline and instance_lr (with the baseline at instance_lr's time), one seed, on a
     process pool: the same accuracies, bit for bit, as `run`; the same-time arm got its budget
     from its target's finished unit."""
     res = sweep(["baseline", "instance_lr"], "smoke", [0], tmp_path / "sw", ILR, engine="local", workers=2,
@@ -169,7 +169,11 @@ def test_local_sweep_of_two_chapters_writes_the_records_run_writes(tmp_path):
     runs = tmp_path / "sw" / "instance_lr" / "runs"
     target = json.loads((runs / "instance_lr-seed0.json").read_text())["cost"]
     same = json.loads((runs / "baseline_same_time-seed0.json").read_text())
-    assert same["config"]["time_budget_s"] == target["train_seconds"] + target["one_off_seconds"]
+    base = json.loads((runs / "baseline-seed0.json").read_text())["cost"]
+    budget = target["train_cpu_seconds"] + target["one_off_cpu_seconds"]     # on the CPU: CPU seconds
+    steps_bought = budget / (base["train_cpu_seconds"] / base["steps"])
+    epochs = json.loads((runs / "instance_lr-seed0.json").read_text())["config"]["epochs"]
+    assert same["config"]["epochs"] == pytest.approx(epochs * steps_bought / target["steps"], rel=1e-9)
 
 
 def test_a_shared_stage_unit_makes_the_enn_its_arm_loads(tmp_path):
