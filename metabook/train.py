@@ -491,8 +491,10 @@ def load_state(path: Path, device) -> dict:
 
 
 def _comparable(cfg: dict) -> dict:
-    """The config keys that must match for a checkpoint or a finished run to be reused."""
-    return {k: v for k, v in cfg.items() if k not in ("checkpoint_every",)}
+    """The config keys that must match for a checkpoint or a finished run to be reused: all but how
+    often to checkpoint and `same_time_steps`, which sets only baseline_same_time's own `steps` (a
+    replayed budget must not invalidate the other arms' finished runs; that arm's steps still count)."""
+    return {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "same_time_steps")}
 
 
 class _StopRequest:
@@ -567,6 +569,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
 
     if ckpt_path and ckpt_path.exists():
         ck = load_state(ckpt_path, device)
+        ck["config"] = _comparable(ck.get("config") or {})       # as saved by older code too
         differs = [k for k in identity if ck.get(k) != identity[k]]
         if differs:
             raise RunError(f"{ckpt_path} belongs to another run ({', '.join(differs)} differ); delete it "
@@ -799,7 +802,8 @@ def _finished_run(path: Path, config: dict) -> dict | None:
         finished = json.loads(path.read_text())
     except (OSError, ValueError):
         raise RunError(f"{path} is corrupt; delete it to run that arm and seed again") from None
-    if finished.get("config", config) != config:
+    finished["config"] = _comparable(finished.get("config", config))      # as saved by older code too
+    if finished["config"] != config:
         changed = sorted(k for k in set(finished["config"]) | set(config)
                          if finished["config"].get(k) != config.get(k))
         raise RunError(f"{path} is a finished run with another config (differs in {', '.join(changed)}); "

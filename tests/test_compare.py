@@ -175,6 +175,8 @@ def test_a_chapters_converged_report_shows_the_check_the_intervals_and_the_faile
     walled = {**small_converged, "arms": {**small_converged["arms"], "instance_lr": {
         k: v for k, v in small_converged["arms"]["instance_lr"].items() if k != "train_cpu_seconds"}}}
     assert "budgeted in wall-clock, which other jobs" in converged_report("instance_lr", walled)
+    replayed = {**walled, "config": {**walled["config"], "same_time_steps": [11]}}
+    assert "budgeted in replayed steps (`same_time_steps`)" in converged_report("instance_lr", replayed)
 
 
 def test_a_converged_record_takes_its_methods_row_of_the_landing_table(small_converged, tmp_path):

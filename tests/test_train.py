@@ -185,9 +185,10 @@ def test_a_probe_record_is_found_only_when_asked_for(tmp_path, synthetic):
     from metabook import run_chapter
     from metabook.results import latest_recorded, write_result
 
-    probe = run_chapter("baseline", "smoke", seeds=[0], overrides={**TINY, "lr": "0.02"}, progress=False,
-                        dataset=synthetic)
+    probe = run_chapter("baseline", "smoke", seeds=[0], overrides={**TINY, "lr": "0.02", "same_time_steps": "7"},
+                        progress=False, dataset=synthetic)
     assert probe["overrides"]["lr"] == 0.02 and probe["overrides"]["dataset"] == "synthetic"
+    assert "same_time_steps" not in probe["overrides"] and probe["config"]["same_time_steps"] == [7]   # a replay, not a probe
     write_result({"chapter": "baseline", "preset": "smoke", "name": "main", "config": {"lr": 0.1},
                   "provenance": {"date": "2026-11-01"}}, tmp_path / "main")
     write_result({**probe, "name": "probe", "provenance": {"date": "2026-11-02"}}, tmp_path / "probe")
@@ -486,6 +487,45 @@ def test_the_same_time_baseline_records_its_steps_and_replays_them_exactly(synth
     with pytest.raises(ConfigError, match="same_time_steps has 3 values for 2 seeds"):
         run_arms("instance_lr", "instance_lr", ARMS, {**cfg, "same_time_steps": [5, 6, 7]}, [0, 1],
                  progress=False, dataset=synthetic, same_time_for="instance_lr")
+
+
+def test_a_replayed_same_time_budget_retrains_only_the_same_time_arm(synthetic, tmp_path):
+    """A record whose same-time budget was measured badly is mended by replaying that arm with
+    `same_time_steps` in the same --out: every other finished run is reused as it is, and the old
+    same-time runs, of another budget, are refused by name rather than reused."""
+    from metabook.methods.instance_lr import ARMS
+
+    arms = {k: ARMS[k] for k in ("baseline", "instance_lr")}
+    cfg = chapter_config("instance_lr", "smoke", {**TINY, "epochs": 0.5, "ilr.arms": "baseline,instance_lr"})
+    first = run_arms("instance_lr", "instance_lr", arms, cfg, [0, 1], out_dir=tmp_path, progress=False,
+                     dataset=synthetic, same_time_for="instance_lr")
+    kept = {p.name: p.read_bytes() for p in (tmp_path / "runs").glob("*.json") if "same_time" not in p.name}
+    replay = {**cfg, "same_time_steps": [s + 3 for s in first["arms"]["baseline_same_time"]["steps_per_seed"]]}
+    with pytest.raises(RunError, match="baseline_same_time-seed0.json is a finished run with another config"):
+        run_arms("instance_lr", "instance_lr", arms, replay, [0, 1], out_dir=tmp_path, progress=False,
+                 dataset=synthetic, same_time_for="instance_lr")
+    for old in (tmp_path / "runs").glob("baseline_same_time-seed*.json"):
+        old.unlink()
+    again = run_arms("instance_lr", "instance_lr", arms, replay, [0, 1], out_dir=tmp_path, progress=False,
+                     dataset=synthetic, same_time_for="instance_lr")
+    assert again["arms"]["baseline_same_time"]["steps_per_seed"] == replay["same_time_steps"]
+    assert {p.name: p.read_bytes() for p in (tmp_path / "runs").glob("*.json") if "same_time" not in p.name} == kept
+    for arm in arms:
+        assert again["arms"][arm]["train_seconds"] == first["arms"][arm]["train_seconds"]     # read back, not retrained
+
+
+def test_a_checkpoint_saved_with_a_same_time_replay_in_its_config_resumes(synthetic, tmp_path):
+    """Checkpoints of older code keep `same_time_steps` in their config; it is not part of a run's identity."""
+    overrides = {"checkpoint_every": 4}
+    _, full = run_tiny(synthetic, overrides)
+    with pytest.raises(Killed):
+        run_tiny(synthetic, overrides, out_dir=tmp_path, on_step=kill_at(6))
+    ck = torch.load(tmp_path / "checkpoint.pt", weights_only=True)
+    ck["config"]["same_time_steps"] = [123]
+    torch.save(ck, tmp_path / "checkpoint.pt")
+    steps_run = []
+    _, resumed = run_tiny(synthetic, overrides, out_dir=tmp_path, on_step=lambda step, m: steps_run.append(step))
+    assert steps_run[0] == 5 and resumed["metrics"] == full["metrics"]
 
 
 def test_on_the_cpu_the_same_time_budget_is_cpu_seconds_so_other_jobs_do_not_change_it():

@@ -42,12 +42,14 @@ def run_chapter(chapter: str, preset: str = "auto", seeds=(0,), out_dir=None,
                 overrides: dict | None = None, progress: bool = True, dataset=None) -> dict:
     """Run a chapter's experiment; writes out_dir/result.json when out_dir is given. The record
     keeps the overrides (`overrides`: key -> parsed value): a run with any is a probe of the
-    preset, which results.latest_recorded returns only when asked for by a `where`."""
+    preset, which results.latest_recorded returns only when asked for by a `where`. The one
+    exception is `same_time_steps`, a replay of the same-time arm's budget: the preset's own
+    experiment, the steps it replays kept in the record's config."""
     from ..results import write_result
 
     cfg = chapter_config(chapter, preset, overrides)
     record = chapter_module(chapter).run(cfg, list(seeds), out_dir=out_dir, progress=progress, dataset=dataset)
-    record["overrides"] = {k: cfg[k] for k in sorted(overrides or {})}
+    record["overrides"] = {k: cfg[k] for k in sorted(overrides or {}) if k != "same_time_steps"}   # a replay is no probe
     if out_dir:
         write_result(record, out_dir)
     return record

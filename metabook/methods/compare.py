@@ -311,10 +311,12 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
     same = record["arms"].get("baseline_same_time")
     if same:
         cpu = "train_cpu_seconds" in record["arms"].get(record.get("method"), {})
+        how = ("replayed steps (`same_time_steps`), a budget measured outside this run: the record's "
+               "PROVENANCE says how." if cfg.get("same_time_steps") else "CPU seconds." if cpu else
+               "wall-clock, which other jobs sharing the machine change: where these differ much, so did "
+               "the load, and the same-time row is not a like-for-like budget.")
         lines += [f"The baseline at the method's time trained {' / '.join(f'{s:,}' for s in same['steps_per_seed'])} "
-                  f"steps on seeds {' / '.join(map(str, record['seeds']))}, budgeted in "
-                  + ("CPU seconds." if cpu else "wall-clock, which other jobs sharing the machine change: "
-                     "where these differ much, so did the load, and the same-time row is not a like-for-like budget."), ""]
+                  f"steps on seeds {' / '.join(map(str, record['seeds']))}, budgeted in {how}", ""]
     lines += [f"- `{arm}`: {s['text']}" for arm, s in stability(record, row["metric"]).items()]
     return "\n".join(lines) + "\n"
 
