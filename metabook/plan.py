@@ -368,11 +368,15 @@ def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
     one-off stage against the run's measured ones (seed means: CPU seconds where the record kept
     them, robust to other jobs; else wall-clock, `measured_as`), and measured / planned. Rows whose
     config hash differs from the run's arm are skipped (the plan is of another config). Knobs added
-    after the run was recorded take the preset's values (the run did what their defaults do)."""
+    after the run was recorded take the preset's values (the run did what their defaults do), and
+    so does `same_time_steps` (a replay of the same-time arm's budget: its measured steps are read
+    from the run)."""
     out = []
     from .methods import chapter_config, chapter_module
 
-    cfg = {**chapter_config(record["chapter"], record["preset"]), **record["config"]}
+    preset = chapter_config(record["chapter"], record["preset"])
+    cfg = {**preset, **record["config"],      # a replayed same-time budget changes that arm's steps only (read below)
+           "same_time_steps": preset["same_time_steps"]}
     arm_cfgs = {n: {**exp.cfg, **a.changes} for exp in chapter_module(record["chapter"]).experiments(cfg)
                 for n, a in exp.arms.items()}
     for name, arm in record["arms"].items():

@@ -248,6 +248,8 @@ def test_plan_against_run_pairs_each_arm_with_its_planned_steps(synthetic):
     assert plan_against_run(older, rows) == [check]          # a knob added since takes the preset's value
     changed = {**rec, "config": {**rec["config"], "label_smoothing": 0.1}}
     assert plan_against_run(changed, rows) == []             # a value the run had is never overridden
+    replayed = {**rec, "config": {**rec["config"], "same_time_steps": [9]}}
+    assert plan_against_run(replayed, rows) == [check]       # a replayed same-time budget is the same plan
 
 
 def test_readme_shows_the_plan_checked_against_the_converged_records():

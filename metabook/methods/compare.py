@@ -222,7 +222,8 @@ BOOK_PAGES = {"local_losses": "03_local_losses", "instance_lr": "04_instance_lr"
 
 def verdicts_markdown(record: dict, results_dir=None) -> str:
     """The landing page's table of the five verdicts: per method its claim, the measured effect
-    against the claim's control (else the baseline) with its 95% interval, the verdict, and what it
+    against the baseline and, on a second row, against the claim's control where it has one (a
+    control can be weaker than the baseline), each with its 95% interval and verdict, and what it
     rests on: the chapter's newest converged record where there is one (issue 19's budget), else
     the row of the bench `record` (a short budget: the start of training)."""
     from ..results import RESULTS_DIR, convergence, latest_recorded
@@ -257,10 +258,12 @@ def verdicts_markdown(record: dict, results_dir=None) -> str:
         if name not in rows:
             continue
         r, basis = rows[name]
-        against = r["control"] or "baseline"
-        d = r["versus"]["control"] if r["control"] else r["versus"]["baseline"]
-        lines.append(f"| {{doc}}`{name} <{BOOK_PAGES[name]}>` | {METHODS[name][3]} | {against} | "
-                     f"{format_difference(d)} | {d['verdict']} | {basis} |")
+        # the baseline, then the control where the claim has one: a control weaker than the baseline
+        # must not stand alone
+        for against, d in (("baseline", r["versus"]["baseline"]), (r["control"], r["versus"].get("control"))):
+            if against:
+                lines.append(f"| {{doc}}`{name} <{BOOK_PAGES[name]}>` | {METHODS[name][3]} | {against} | "
+                             f"{format_difference(d)} | {d['verdict']} | {basis} |")
     return "\n".join(lines) + "\n"
 
 
