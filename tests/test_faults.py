@@ -437,15 +437,18 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_exits_130_in_one_line(tmp
 
     env = {**base_env(tmp_path, dead_mirror), **data()(tmp_path)}
     argv = shlex.split((RUN + " --set epochs=5000 --set checkpoint_every=100000").format(tmp=tmp_path))
-    proc = subprocess.Popen([sys.executable, "-m", "metabook", *argv], cwd=tmp_path, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
-    run_dir = tmp_path / "out" / "runs" / "baseline-seed0"
-    deadline = time.time() + 120
-    while not (tmp_path / "out" / ".lock").exists() and time.time() < deadline:     # the run has begun
-        time.sleep(0.2)
-    time.sleep(5.0)                                                                 # ... and is training
-    proc.send_signal(signal.SIGINT)
-    _, err = proc.communicate(timeout=120)
+    argv.remove("--no-progress")               # the progress bar says when training has begun
+    run_dir, err_path = tmp_path / "out" / "runs" / "baseline-seed0", tmp_path / "stderr.txt"
+    with open(err_path, "w") as err_file:
+        proc = subprocess.Popen([sys.executable, "-m", "metabook", *argv], cwd=tmp_path, env=env,
+                                stdout=subprocess.DEVNULL, stderr=err_file, text=True)
+        deadline = time.time() + 300           # a loaded machine can take minutes to start torch
+        while (not re.search(r"[1-9]\d*/\d+ \[", err_path.read_text()) and proc.poll() is None
+               and time.time() < deadline):     # wait for a step done, however long the start takes
+            time.sleep(0.2)
+        proc.send_signal(signal.SIGINT)
+        proc.wait(timeout=120)
+    err = err_path.read_text()
     assert proc.returncode == 130, err
     lines = stderr_lines(err)
     assert len(lines) == 1 and re.search(r"stopped at step \d+; .*checkpoint.pt resumes it", lines[0]), lines
