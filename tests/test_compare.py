@@ -180,6 +180,24 @@ def test_a_chapters_converged_report_shows_the_check_the_intervals_and_the_faile
     assert "budgeted in replayed steps (`same_time_steps`)" in converged_report("instance_lr", replayed)
 
 
+def test_the_convergence_checks_name_each_budgets_seeds_and_which_fail(small_converged):
+    """A probe's check rests on seed 0, the preset's own record on all its seeds: each check says
+    which, so a 3-seed record is not reported as seed 0's. A budget not recorded is left out."""
+    from metabook.methods.compare import convergence_checks
+    from metabook.results import convergence
+
+    arms = small_converged["arms"]
+    probe = {**small_converged, "seeds": [0], "arms": {a: {**arms[a], "heldout_acc": {
+        **arms[a]["heldout_acc"], "per_seed": [acc]}} for a, acc in (("baseline", 0.80), ("baseline_double_epochs", 0.90))}}
+    c = convergence(small_converged)
+    text = convergence_checks([(probe, "a probe"), (None, "not recorded"), (small_converged, "")])
+    assert text == (f"The rule, budget by budget: {probe['arms']['baseline']['epochs']:g} epochs on seed 0, 80.0% "
+                    f"against 90.0%: 0.889, fails (a probe); {c['epochs']:g} epochs on seeds 0, 1, 2, "
+                    f"{100 * c['acc']:.1f}% against {100 * c['double_acc']:.1f}%: {c['ratio']:.3f}"
+                    f"{'' if c['converged'] else ', fails'}.\n\n")
+    assert convergence_checks([(None, "not recorded")]) == ""
+
+
 def test_a_converged_record_takes_its_methods_row_of_the_landing_table(small_converged, tmp_path):
     from metabook.methods.compare import summarise, verdicts_markdown
     from metabook.results import latest_recorded, write_result

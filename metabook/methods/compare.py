@@ -267,6 +267,22 @@ def verdicts_markdown(record: dict, results_dir=None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def convergence_checks(tried: list[tuple[dict | None, str]]) -> str:
+    """The convergence rule (results.convergence) budget by budget, as a Markdown paragraph, or ""
+    when none of them is recorded. tried: (record or None, what it is, or "") per budget tried;
+    each check names the seeds it rests on (a probe has seed 0, the preset's own record more)."""
+    from ..results import convergence
+
+    def one(rec, what):
+        c, seeds = convergence(rec), rec["seeds"]
+        return (f"{c['epochs']:g} epochs on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
+                f"{100 * c['acc']:.1f}% against {100 * c['double_acc']:.1f}%: "
+                f"{c['ratio']:.3f}{'' if c['converged'] else ', fails'}" + (f" ({what})" if what else ""))
+
+    checks = "; ".join(one(rec, what) for rec, what in tried if rec)
+    return f"The rule, budget by budget: {checks}.\n\n" if checks else ""
+
+
 def converged_report(name: str, record: dict | None = None, results_dir=None) -> str:
     """What a method chapter shows of its converged record (issue 19), as Markdown: the budget and
     provenance, the convergence check (results.convergence), the method's paired differences with
