@@ -94,7 +94,7 @@ def paired_difference(record: dict, arm: str, reference: str, metric: str = "hel
             seed_w = rng.multinomial(n, np.full(n, 1 / n), size=k)                             # (k, S)
             draws.append(((d @ images.T).T * seed_w).sum(1) / (n * n_images))
         lo, hi = np.quantile(np.concatenate(draws), [(1 - level) / 2, (1 + level) / 2])
-        how = f"bootstrap over {n} seeds and {n_images} held-out images ({boot} draws)"
+        how = f"bootstrap over {n} seed{'s' if n > 1 else ''} and {n_images:,} held-out images ({boot:,} draws)"
     else:
         lo, hi, how = float("nan"), float("nan"), "one seed, no per-image record: no interval"
     verdict = "ahead" if lo > 0 else "behind" if hi < 0 else "not resolved"
@@ -154,7 +154,7 @@ def stability(record: dict, metric: str = "heldout_acc", margin: float = 0.05) -
                          + ", ".join(collapsed) + ")")
         out[name] = {"seeds": len(seeds), "diverged": diverged, "collapsed": collapsed,
                      "failed": len(diverged) + len(collapsed),
-                     "text": "; ".join(parts) or f"all {len(seeds)} seeds trained"}
+                     "text": "; ".join(parts) or (f"all {len(seeds)} seeds trained" if len(seeds) > 1 else "its one seed trained")}
     return out
 
 

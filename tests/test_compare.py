@@ -62,7 +62,7 @@ def test_bench_pairs_each_method_with_its_baseline_under_one_budget(bench_record
             row["acc"]["per_seed"][0] - row["baseline_acc"]["per_seed"][0])
         for d in row["versus"].values():
             if d:
-                assert d["lo"] <= d["mean"] <= d["hi"] and d["method"].startswith("bootstrap over 1 seeds")
+                assert d["lo"] <= d["mean"] <= d["hi"] and d["method"].startswith("bootstrap over 1 seed and")
                 assert d["verdict"] == "not resolved"                        # one seed: no verdict, whatever the images say
         assert row["total_time_ratio"] == pytest.approx(
             (row["train_seconds"] + row["one_off_seconds"]) / row["baseline_train_seconds"])

@@ -40,7 +40,7 @@ def test_two_seeds_with_images_use_the_paired_bootstrap():
     better = [b | (rng.random(4000) < 0.2) for b in base]           # right wherever base was, and more
     accs = lambda bits: [float(np.mean(x)) for x in bits]            # noqa: E731
     res = paired_difference(record(accs(better), accs(base), better, base), "m", "b")
-    assert res["method"].startswith("bootstrap over 2 seeds and 4000") and res["verdict"] == "ahead"
+    assert res["method"].startswith("bootstrap over 2 seeds and 4,000 held-out images") and res["verdict"] == "ahead"
     assert res["lo"] > 0.05 and res["mean"] == pytest.approx(np.mean([np.mean(x) - np.mean(y) for x, y in zip(better, base)]))
     few = [b.copy() for b in base]
     for f in few:

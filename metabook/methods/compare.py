@@ -302,8 +302,9 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
                 f"short records above, which show the start of training.\n")
     row = summarise(name, record)
     cfg, ds, prov = record["config"], record["dataset"], record.get("provenance", {})
-    lines = [f"Converged record: {ds['train_size']:,} training images, {cfg['epochs']:g} epochs, seeds "
-             f"{', '.join(map(str, record['seeds']))}, {ds.get('heldout_size', 0):,} held-out images "
+    seeds = f"seed{'s' if len(record['seeds']) > 1 else ''} {', '.join(map(str, record['seeds']))}"
+    lines = [f"Converged record: {ds['train_size']:,} training images, {cfg['epochs']:g} epochs, {seeds}, "
+             f"{ds.get('heldout_size', 0):,} held-out images "
              f"({prov.get('device', '')}, commit {prov.get('git_commit')}, {str(prov.get('date', ''))[:10]}).", ""]
     if len(record["seeds"]) < MIN_SEEDS:
         lines += [f"**In progress: {len(record['seeds'])} of at least {MIN_SEEDS} seeds.** The book's verdicts do "
@@ -335,7 +336,7 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
                "wall-clock, which other jobs sharing the machine change: where these differ much, so did "
                "the load, and the same-time row is not a like-for-like budget.")
         lines += [f"The baseline at the method's time trained {' / '.join(f'{s:,}' for s in same['steps_per_seed'])} "
-                  f"steps on seeds {' / '.join(map(str, record['seeds']))}, budgeted in {how}", ""]
+                  f"steps on {seeds.replace(', ', ' / ')}, budgeted in {how}", ""]
     lines += [f"- `{arm}`: {s['text']}" for arm, s in stability(record, row["metric"]).items()]
     return "\n".join(lines) + "\n"
 
