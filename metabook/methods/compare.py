@@ -267,6 +267,11 @@ def verdicts_markdown(record: dict, results_dir=None) -> str:
     return "\n".join(lines) + "\n"
 
 
+def seeds_phrase(seeds: list[int], sep: str = ", ") -> str:
+    """'seed 0' or 'seeds 0, 1, 2' (sep between them)."""
+    return f"seed{'s' if len(seeds) > 1 else ''} {sep.join(map(str, seeds))}"
+
+
 def convergence_checks(tried: list[tuple[dict | None, str]]) -> str:
     """The convergence rule (results.convergence) budget by budget, as a Markdown paragraph, or ""
     when none of them is recorded. tried: (record or None, what it is, or "") per budget tried;
@@ -274,8 +279,8 @@ def convergence_checks(tried: list[tuple[dict | None, str]]) -> str:
     from ..results import convergence
 
     def one(rec, what):
-        c, seeds = convergence(rec), rec["seeds"]
-        return (f"{c['epochs']:g} epochs on seed{'s' if len(seeds) > 1 else ''} {', '.join(map(str, seeds))}, "
+        c = convergence(rec)
+        return (f"{c['epochs']:g} epochs on {seeds_phrase(rec['seeds'])}, "
                 f"{100 * c['acc']:.1f}% against {100 * c['double_acc']:.1f}%: "
                 f"{c['ratio']:.3f}{'' if c['converged'] else ', fails'}" + (f" ({what})" if what else ""))
 
@@ -302,8 +307,8 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
                 f"short records above, which show the start of training.\n")
     row = summarise(name, record)
     cfg, ds, prov = record["config"], record["dataset"], record.get("provenance", {})
-    seeds = f"seed{'s' if len(record['seeds']) > 1 else ''} {', '.join(map(str, record['seeds']))}"
-    lines = [f"Converged record: {ds['train_size']:,} training images, {cfg['epochs']:g} epochs, {seeds}, "
+    lines = [f"Converged record: {ds['train_size']:,} training images, {cfg['epochs']:g} epochs, "
+             f"{seeds_phrase(record['seeds'])}, "
              f"{ds.get('heldout_size', 0):,} held-out images "
              f"({prov.get('device', '')}, commit {prov.get('git_commit')}, {str(prov.get('date', ''))[:10]}).", ""]
     if len(record["seeds"]) < MIN_SEEDS:
@@ -336,7 +341,7 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
                "wall-clock, which other jobs sharing the machine change: where these differ much, so did "
                "the load, and the same-time row is not a like-for-like budget.")
         lines += [f"The baseline at the method's time trained {' / '.join(f'{s:,}' for s in same['steps_per_seed'])} "
-                  f"steps on {seeds.replace(', ', ' / ')}, budgeted in {how}", ""]
+                  f"steps on {seeds_phrase(record['seeds'], ' / ')}, budgeted in {how}", ""]
     lines += [f"- `{arm}`: {s['text']}" for arm, s in stability(record, row["metric"]).items()]
     return "\n".join(lines) + "\n"
 
