@@ -21,7 +21,8 @@ Faults. A unit whose worker dies is run again (at most --retries times) and resu
 checkpoint; a finished unit (its runs/*.json exists) is never submitted again, so the same
 command with the same --out continues a stopped sweep; a unit that fails for a reason a retry
 cannot fix (ConfigError, NonFiniteError, RunError) is reported with its error, the others go on,
-and the sweep ends with one line naming it (exit code 1). A per-unit lock (RUN/.units/, train.OutLock)
+and the sweep ends with one line naming it (exit code 1). On the local engine, Ctrl-C or a SIGINT
+sent to the sweep's process alone checkpoints every unit in flight, stops it, and exits 130. A per-unit lock (RUN/.units/, train.OutLock)
 keeps two workers of one machine from training the same unit; across machines the engine runs a
 unit once at a time (Ray and Slurm re-run one only after its worker died). On a cluster OUT must be
 a folder every node sees (a shared file system), and every node needs metabook installed.
@@ -36,7 +37,9 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import signal
 import socket
+import threading
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -186,11 +189,16 @@ def run_unit(unit: Unit) -> dict:
 
     t0, start = time.perf_counter(), time.time()
     lock = Path(unit.out) / ".units" / f"{unit.arm}-seed{unit.seed}"
-    try:
+    main_thread = threading.current_thread() is threading.main_thread()
+    idle = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
+    try:                       # SIGINT stops a unit (training checkpoints first), whatever an idle worker does
         with OutLock(lock):
             resumed = _run_unit(unit)
     except (ConfigError, DataError, NonFiniteError, RunError) as err:
         return {"unit": unit.name, "error": f"{type(err).__name__}: {' '.join(str(err).split())}"}
+    finally:
+        if main_thread:
+            signal.signal(signal.SIGINT, idle)
     return {"unit": unit.name, "seconds": time.perf_counter() - t0, "resumed_from": resumed, "pid": os.getpid(),
             "host": socket.gethostname(), "start": start, "end": time.time()}
 
@@ -294,7 +302,10 @@ def slurm_parameters(unit: Unit, res: dict, timeout_min: int = 240, partition: s
 class LocalEngine:
     """A process pool on this machine (spawned workers, one thread each unless OMP_NUM_THREADS says).
     A worker that dies breaks the pool: every unit in flight then counts as died, and each resumes
-    from its checkpoint in a new pool."""
+    from its checkpoint in a new pool. Ctrl-C: `interrupt` passes it on to the workers (a SIGINT
+    sent to the sweep's process alone, as `kill -INT` or a notebook's interrupt does, reaches no
+    worker), so every unit in flight checkpoints after its step and stops; idle workers ignore
+    SIGINT, so the pool does not break while it shuts down."""
 
     def __init__(self, workers: int):
         self.workers, self.pool = workers, None
@@ -306,7 +317,8 @@ class LocalEngine:
 
         for _ in range(2):
             if self.pool is None:
-                self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"))
+                self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
+                                                initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
             try:
                 return self.pool.submit(run_unit, unit)
             except BrokenProcessPool:          # a worker died: the pool is gone, start another
@@ -327,8 +339,16 @@ class LocalEngine:
                 out.append((f, WorkerDied(f"a worker process ended abruptly ({err})")))
         return out
 
+    def interrupt(self):
+        if self.pool is not None:          # (the pool keeps its processes in a private dict, pid -> process)
+            for pid in list(getattr(self.pool, "_processes", None) or {}):
+                try:
+                    os.kill(pid, signal.SIGINT)
+                except ProcessLookupError:
+                    pass
+
     def close(self):
-        if self.pool is not None:
+        if self.pool is not None:          # waits for the units in flight (after interrupt: their checkpoints)
             self.pool.shutdown(wait=True, cancel_futures=True)
 
 
@@ -500,6 +520,10 @@ def sweep(chapters: list[str], preset: str, seeds: list[int], out, overrides: di
     log(f"sweep: {len(records)} record(s), {len(units)} units on {engine}")
     try:
         result = schedule(units, eng, resources, retries, log)
+    except KeyboardInterrupt:
+        if isinstance(eng, LocalEngine):
+            eng.interrupt()
+        raise
     finally:
         eng.close()
     wall = time.time() - t0

@@ -499,10 +499,12 @@ def _comparable(cfg: dict) -> dict:
 
 class _StopRequest:
     """Turns SIGINT into a flag the loop reads between steps (main thread only), so Ctrl-C
-    saves a checkpoint after the step in flight and then raises KeyboardInterrupt."""
+    saves a checkpoint after the step in flight and then raises KeyboardInterrupt. A second
+    SIGINT stops at once, unless it comes within a second of the first: one Ctrl-C can reach a
+    sweep's worker twice, from the terminal and passed on by the sweep (sweep.LocalEngine)."""
 
     def __init__(self):
-        self.flag, self.old = False, None
+        self.flag, self.old, self.first = False, None, 0.0
 
     def __enter__(self):
         if threading.current_thread() is threading.main_thread():
@@ -510,9 +512,10 @@ class _StopRequest:
         return self
 
     def _handle(self, *_):
-        if self.flag:                               # a second Ctrl-C: stop at once
+        if self.flag and time.monotonic() - self.first > 1.0:     # a second Ctrl-C: stop at once
             raise KeyboardInterrupt
-        self.flag = True
+        if not self.flag:
+            self.flag, self.first = True, time.monotonic()
 
     def __exit__(self, *exc):
         if self.old is not None:

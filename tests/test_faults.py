@@ -455,6 +455,27 @@ def test_ctrl_c_during_training_saves_a_checkpoint_and_exits_130_in_one_line(tmp
     assert "Traceback" not in err and (run_dir / "checkpoint.pt").exists()
 
 
+def test_one_ctrl_c_that_arrives_twice_is_one_stop_request_and_a_later_second_stops_at_once():
+    """A sweep's worker gets a terminal's Ctrl-C and the sweep's copy of it within milliseconds:
+    that must still checkpoint (one request), while a second Ctrl-C a second later stops at once."""
+    import time
+
+    from metabook.train import _StopRequest
+
+    with _StopRequest() as stop:
+        try:
+            os.kill(os.getpid(), signal.SIGINT)
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.05)                   # the handler runs in the main thread, between bytecodes
+        except KeyboardInterrupt:
+            pytest.fail("the second copy of one Ctrl-C stopped the loop at once, without a checkpoint")
+        assert stop.flag
+        time.sleep(1.1)
+        with pytest.raises(KeyboardInterrupt):
+            os.kill(os.getpid(), signal.SIGINT)
+            time.sleep(0.5)
+
+
 def test_ctrl_c_is_live_before_torch_loads_also_when_started_with_sigint_ignored():
     """`python -m metabook` installs its Ctrl-C handler before it imports torch (seconds of a
     start), so a background job (SIGINT ignored) interrupted while it starts still stops: the

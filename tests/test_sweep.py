@@ -280,6 +280,40 @@ def test_local_engine_retries_a_worker_killed_mid_unit(tmp_path, capsys):
     assert accuracies(json.loads((out / "baseline" / "result.json").read_text())) == accuracies(ref)
 
 
+def test_a_sigint_to_the_sweep_process_alone_stops_every_unit_at_a_checkpoint(tmp_path):
+    """SIGINT to the driver only (`kill -INT`, a notebook's interrupt), while two workers train
+    units that would take hours: the sweep passes it on, each unit checkpoints and stops, the
+    workers end, and the driver exits 130 with one line, soon, not once the units are done."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sw"
+    argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", "local",
+            "--workers", "2", *sets({**MLP, "epochs": 1e6})]
+    runs, units = out / "baseline" / "runs", out / "baseline" / ".units"
+    ckpts = [runs / f"baseline-seed{s}" / "checkpoint.pt" for s in (0, 1)]
+    proc = subprocess.Popen([sys.executable, "-m", "metabook", *argv], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    try:
+        deadline = time.time() + 300           # a loaded machine can take minutes to start torch twice
+        while not all(c.exists() for c in ckpts) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        workers = [int((units / f"baseline-seed{s}" / ".lock").read_text().split()[0]) for s in (0, 1)]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, err[-2000:]
+    lines = [line for line in err.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: interrupted (Ctrl-C)"), err[-2000:]
+    deadline = time.time() + 30
+    while any(process_alive(pid) for pid in workers) and time.time() < deadline:
+        time.sleep(0.05)
+    assert not any(process_alive(pid) for pid in workers), "a worker goes on training after the sweep stopped"
+    assert all(c.exists() for c in ckpts) and not list(runs.glob("*.json"))
+
+
 def test_a_sweep_whose_driver_is_killed_continues_where_it_stopped(tmp_path, capsys):
     """Kill the whole sweep (driver and workers, SIGKILL) after seed 0 finished and while seed 1
     trains; the same command again skips seed 0 and resumes seed 1 from its checkpoint."""
