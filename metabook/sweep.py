@@ -180,6 +180,29 @@ def experiment_units(exp, rec: Record, preset: str, seeds: list[int]) -> list[Un
 
 # ----------------------------------------------------------------------------- one unit (in a worker)
 
+_DRIVER: int | None = None        # in a local sweep's worker: the pid of the sweep that started it
+_IN_UNIT = threading.Event()
+
+
+def local_worker_start(driver: int) -> None:
+    """A local sweep's worker process starts: it ignores SIGINT while idle (run_unit takes it for
+    a unit), and a thread watches the driver. If the driver dies alone (SIGKILL, out of memory),
+    the unit in flight gets SIGINT, checkpoints and ends, and the worker exits, instead of training
+    on as an orphan that holds the unit's lock."""
+    global _DRIVER
+    _DRIVER = driver
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+
+    def watch():
+        while os.getppid() == driver:
+            time.sleep(1.0)
+        if _IN_UNIT.is_set():
+            os.kill(os.getpid(), signal.SIGINT)      # run_unit exits the process once the unit has stopped
+        else:
+            os._exit(1)
+    threading.Thread(target=watch, daemon=True).start()
+
+
 def run_unit(unit: Unit) -> dict:
     """Run one unit in this process. Returns {"unit", "seconds", "resumed_from", "pid", "host",
     "start", "end"} (start and end: wall-clock times) or, for a failure a retry cannot fix,
@@ -191,14 +214,18 @@ def run_unit(unit: Unit) -> dict:
     lock = Path(unit.out) / ".units" / f"{unit.arm}-seed{unit.seed}"
     main_thread = threading.current_thread() is threading.main_thread()
     idle = signal.signal(signal.SIGINT, signal.default_int_handler) if main_thread else None
+    _IN_UNIT.set()
     try:                       # SIGINT stops a unit (training checkpoints first), whatever an idle worker does
         with OutLock(lock):
             resumed = _run_unit(unit)
     except (ConfigError, DataError, NonFiniteError, RunError) as err:
         return {"unit": unit.name, "error": f"{type(err).__name__}: {' '.join(str(err).split())}"}
     finally:
+        _IN_UNIT.clear()
         if main_thread:
             signal.signal(signal.SIGINT, idle)
+        if _DRIVER is not None and os.getppid() != _DRIVER:      # the driver died: nobody takes the result
+            os._exit(1)
     return {"unit": unit.name, "seconds": time.perf_counter() - t0, "resumed_from": resumed, "pid": os.getpid(),
             "host": socket.gethostname(), "start": start, "end": time.time()}
 
@@ -305,7 +332,8 @@ class LocalEngine:
     from its checkpoint in a new pool. Ctrl-C: `interrupt` passes it on to the workers (a SIGINT
     sent to the sweep's process alone, as `kill -INT` or a notebook's interrupt does, reaches no
     worker), so every unit in flight checkpoints after its step and stops; idle workers ignore
-    SIGINT, so the pool does not break while it shuts down."""
+    SIGINT, so the pool does not break while it shuts down. A driver killed alone: its workers
+    stop the same way (local_worker_start)."""
 
     def __init__(self, workers: int):
         self.workers, self.pool = workers, None
@@ -318,7 +346,7 @@ class LocalEngine:
         for _ in range(2):
             if self.pool is None:
                 self.pool = ProcessPoolExecutor(self.workers, mp_context=mp.get_context("spawn"),
-                                                initializer=signal.signal, initargs=(signal.SIGINT, signal.SIG_IGN))
+                                                initializer=local_worker_start, initargs=(os.getpid(),))
             try:
                 return self.pool.submit(run_unit, unit)
             except BrokenProcessPool:          # a worker died: the pool is gone, start another

@@ -314,6 +314,41 @@ def test_a_sigint_to_the_sweep_process_alone_stops_every_unit_at_a_checkpoint(tm
     assert all(c.exists() for c in ckpts) and not list(runs.glob("*.json"))
 
 
+def test_workers_whose_sweep_is_killed_alone_checkpoint_and_exit_instead_of_training_on(tmp_path):
+    """SIGKILL the driver only (out of memory, kill -9 of its pid) while two workers train units
+    that would take hours: each worker checkpoints, releases its unit's lock and exits."""
+    import subprocess
+    import sys
+
+    out = tmp_path / "sw"
+    argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", "local",
+            "--workers", "2", *sets({**MLP, "epochs": 1e6})]
+    runs, units = out / "baseline" / "runs", out / "baseline" / ".units"
+    ckpts = [runs / f"baseline-seed{s}" / "checkpoint.pt" for s in (0, 1)]
+    locks = [units / f"baseline-seed{s}" / ".lock" for s in (0, 1)]
+    proc = subprocess.Popen([sys.executable, "-m", "metabook", *argv], start_new_session=True,
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    workers = []
+    try:
+        deadline = time.time() + 300
+        while not all(c.exists() for c in ckpts) and proc.poll() is None and time.time() < deadline:
+            time.sleep(0.1)
+        workers = [int(lock.read_text().split()[0]) for lock in locks]
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        deadline = time.time() + 60
+        while any(process_alive(pid) for pid in workers) and time.time() < deadline:
+            time.sleep(0.1)
+        assert not any(process_alive(pid) for pid in workers), "a worker trains on after its sweep was killed"
+    finally:
+        for pid in workers:
+            if process_alive(pid):
+                os.kill(pid, signal.SIGKILL)
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert all(c.exists() for c in ckpts) and not any(lock.exists() for lock in locks)
+
+
 def test_a_sweep_whose_driver_is_killed_continues_where_it_stopped(tmp_path, capsys):
     """Kill the whole sweep (driver and workers, SIGKILL) after seed 0 finished and while seed 1
     trains; the same command again skips seed 0 and resumes seed 1 from its checkpoint."""
