@@ -168,6 +168,7 @@ def test_a_chapters_converged_report_shows_the_check_the_intervals_and_the_faile
     text = converged_report("instance_lr", small_converged)
     check = convergence(small_converged)
     assert f"a ratio of {check['ratio']:.3f}: **{'converged' if check['converged'] else 'not converged'}**" in text
+    assert "`instance_lr` minus each reference arm, in points of held-out accuracy:" in text
     assert "| control | baseline_clean |" in text and "| same time | baseline_same_time |" in text
     for arm, s in stability(small_converged).items():
         assert f"- `{arm}`: {s['text']}" in text
@@ -234,7 +235,7 @@ def test_a_converged_record_of_a_budget_the_preset_no_longer_trains_is_found_onl
 
 
 def test_a_converged_record_with_too_few_seeds_is_shown_but_decides_nothing(small_converged, tmp_path):
-    from metabook.methods.compare import MIN_SEEDS, converged_report, verdicts_markdown
+    from metabook.methods.compare import MIN_SEEDS, converged_report, in_progress, verdicts_markdown
     from metabook.results import latest_recorded, write_result
 
     one = {**small_converged, "seeds": [0]}                      # as if only seed 0 had landed
@@ -243,7 +244,9 @@ def test_a_converged_record_with_too_few_seeds_is_shown_but_decides_nothing(smal
     write_result(one, tmp_path / "instance_lr-converged")
     row = next(line for line in verdicts_markdown(bench, results_dir=tmp_path).splitlines() if "instance_lr <" in line)
     assert "cpu bench" in row and f"its converged record has 1 of {MIN_SEEDS} seeds so far" in row
-    assert f"**In progress: 1 of at least {MIN_SEEDS} seeds.**" in converged_report("instance_lr", one)
+    assert f"**In progress: 1 of at least {MIN_SEEDS} seeds; its verdicts may still change.**" in \
+        converged_report("instance_lr", one)
+    assert in_progress(one) and not in_progress({**small_converged, "seeds": list(range(MIN_SEEDS))})
 
 
 def test_a_chapter_without_a_converged_record_says_so_with_the_command(tmp_path):

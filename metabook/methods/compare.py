@@ -272,6 +272,13 @@ def seeds_phrase(seeds: list[int], sep: str = ", ") -> str:
     return f"seed{'s' if len(seeds) > 1 else ''} {sep.join(map(str, seeds))}"
 
 
+def in_progress(record: dict) -> str:
+    """For a converged record with fewer than MIN_SEEDS seeds: 'in progress: 2 of at least 3
+    seeds; its verdicts may still change' (what a chapter prints beside its verdicts); else ''."""
+    n = len(record["seeds"])
+    return f"in progress: {n} of at least {MIN_SEEDS} seeds; its verdicts may still change" if n < MIN_SEEDS else ""
+
+
 def convergence_checks(tried: list[tuple[dict | None, str]]) -> str:
     """The convergence rule (results.convergence) budget by budget, as a Markdown paragraph, or ""
     when none of them is recorded. tried: (record or None, what it is, or "") per budget tried;
@@ -311,9 +318,9 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
              f"{seeds_phrase(record['seeds'])}, "
              f"{ds.get('heldout_size', 0):,} held-out images "
              f"({prov.get('device', '')}, commit {prov.get('git_commit')}, {str(prov.get('date', ''))[:10]}).", ""]
-    if len(record["seeds"]) < MIN_SEEDS:
-        lines += [f"**In progress: {len(record['seeds'])} of at least {MIN_SEEDS} seeds.** The book's verdicts do "
-                  f"not rest on it yet (the landing page keeps the short bench's row).", ""]
+    if in_progress(record):
+        lines += [f"**{in_progress(record).capitalize()}.** The landing page keeps the short bench's row "
+                  f"until it has {MIN_SEEDS}.", ""]
     try:
         c = convergence(record, row["metric"])
         lines.append(f"Convergence check: the baseline reaches {100 * c['acc']:.1f}% at {c['epochs']:g} epochs and "
@@ -326,7 +333,8 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
                          "than the baseline at equal epochs.")
     except RecordError as err:
         lines.append(f"Convergence check: not in this record ({err}).")
-    lines += ["", "| against | arm | difference (points, 95% interval) | verdict | how |", "|---|---|---|---|---|"]
+    lines += ["", f"`{row['arm']}` minus each reference arm, in points of {'held-out' if row['metric'] == 'heldout_acc' else 'test'} accuracy:", "",
+              "| reference | its arm | difference (points, 95% interval) | verdict | how |", "|---|---|---|---|---|"]
     for key, ref in (("baseline", "baseline"), ("control", row["control"]), ("same_time", "baseline_same_time")):
         d = row["versus"].get(key)
         if d:
