@@ -10,8 +10,8 @@ one (chapter `compare` adds /<method>, as its own `run` does). When every unit o
 done, the chapter's own `run_chapter` is called on it: it finds every (arm, seed) finished, trains
 nothing, and writes the result.json that `python -m metabook run` writes.
 
-Dependencies. `baseline_same_time` waits for its target arm and the reference arm of the same
-seed (it trains for the target's measured wall-clock). A one-off stage that arms share through
+Dependencies. `baseline_same_time` waits for its target arm of the same seed (it trains for the
+target's measured time: train.arm_seed_config). A one-off stage that arms share through
 RUN/cache (Grad-Instructor's critic, the ENN) is its own unit per seed (`stage-enn-<key>`), and
 the arms that use it wait for it; each such arm is charged the stage's seconds as its one-off
 cost, as if it had trained the stage itself (so the baseline at its wall-clock gets the same budget). A stage that belongs to one arm (AdaLFL's offline loss, MLHF's
@@ -173,8 +173,7 @@ def experiment_units(exp, rec: Record, preset: str, seeds: list[int]) -> list[Un
             units.append(Unit(**base, arm=arm_name, seed=seed, after=after))
         units[len(units) - len(exp.arms):len(units) - len(exp.arms)] = stages.values()   # stages first
         if exp.same_time_for:
-            units.append(Unit(**base, arm="baseline_same_time", seed=seed,
-                              after=(name(exp.same_time_for, seed), name(exp.reference, seed))))
+            units.append(Unit(**base, arm="baseline_same_time", seed=seed, after=(name(exp.same_time_for, seed),)))
     return units
 
 
@@ -241,7 +240,7 @@ def _run_unit(unit: Unit) -> int | None:
     from .data import load_dataset
     from .methods import chapter_config, chapter_module
     from .results import write_json
-    from .train import arm_seed_config, fresh_method, prepare_data, run_arm_seed, seed_everything
+    from .train import arm_seed_config, fresh_method, prepare_data, run_arm_seed, same_time_ratio, seed_everything
 
     torch.set_num_threads(int(os.environ.get("OMP_NUM_THREADS", "1")))
     cfg = chapter_config(unit.chapter, unit.preset, dict(unit.overrides))
@@ -273,13 +272,14 @@ def _run_unit(unit: Unit) -> int | None:
         if "/stage-" in name or name.startswith("stage-"):
             stage = json.loads((out / "runs" / f"{name.split('/')[-1]}.json").read_text())
             one_off = {k: stage[k] for k in ("one_off_seconds", "one_off_cpu_seconds") if stage.get(k) is not None}
-    costs = {}
+    target_cost = ratio = None
     if unit.arm == "baseline_same_time" and not exp.cfg["same_time_steps"]:
-        for name in (exp.same_time_for, exp.reference):
-            costs[name] = json.loads((out / "runs" / f"{name}-seed{unit.seed}.json").read_text())["cost"]
+        target_cost = json.loads((out / "runs" / f"{exp.same_time_for}-seed{unit.seed}.json").read_text())["cost"]
+        ratio = same_time_ratio(exp.arms, exp.cfg, exp.same_time_for, exp.reference, unit.seed,
+                                _DATASETS[exp.cfg["dataset"]], out)
     arm_cfgs = {n: {**exp.cfg, **a.changes} for n, a in exp.arms.items()}
     arm_cfg = arm_seed_config(unit.arm, arm_cfgs, exp.cfg, unit.seed, list(unit.seeds), len(data.train),
-                              exp.reference, exp.same_time_for, costs)
+                              exp.reference, exp.same_time_for, target_cost, ratio)
     ckpt = out / "runs" / f"{unit.arm}-seed{unit.seed}" / "checkpoint.pt"
     resumed = torch.load(ckpt, weights_only=True)["step"] if ckpt.exists() else None
     run_arm_seed(unit.arm, exp.arms.get(unit.arm, exp.arms[exp.reference]), arm_cfg, data, unit.seed, out,

@@ -816,32 +816,55 @@ def _finished_run(path: Path, config: dict) -> dict | None:
 
 def arm_seed_config(name: str, arm_cfgs: dict[str, dict], cfg: dict, seed: int, seeds: list[int],
                     steps_per_epoch: int, reference: str = "baseline", same_time_for: str | None = None,
-                    costs: dict | None = None) -> dict:
+                    target_cost: dict | None = None, ratio: float | None = None) -> dict:
     """The config arm `name` trains with at `seed` (arm_cfgs: each arm's cfg with its changes).
     `baseline_same_time` is the reference arm at a budget: replayed steps (cfg['same_time_steps']),
-    or the time its target arm took at this seed, from `costs` (arm -> that arm's cost at this
-    seed; it needs the target's and the reference's). On the CPU, where both runs kept their CPU
-    seconds, the budget is those: the steps the target's CPU seconds buy at the reference's CPU
-    seconds per step, which other jobs sharing the cores hardly change (their wall-clock they do,
-    several-fold). Else the wall-clock, and the arm also stops when it is spent."""
+    or the steps that buy the time its target arm took at this seed, one-off stage included:
+
+        steps = ratio * target steps * (1 + target one-off time / target training time)
+
+    `target_cost` is the target's finished run's cost (CPU seconds where it kept them, else
+    wall-clock: the one-off stage counted in the target's own steps, within one run) and `ratio`
+    the target's step cost over the reference's, timed side by side (same_time_ratio). Two
+    runs made at different times, under different loads, are never divided by one another: on
+    the project's 2-core machine the same baseline step cost 0.17 CPU s in one run and 0.22 in
+    another. The ratio is kept in the config (`same_time_ratio`), so a resumed arm keeps its budget."""
     arm_cfg = dict(arm_cfgs.get(name, arm_cfgs[reference]))
     if name == "baseline_same_time" and cfg["same_time_steps"]:    # a replay: fixed steps
         replay = cfg["same_time_steps"]
         arm_cfg["steps"] = replay[seeds.index(seed)] if len(replay) > 1 else replay[0]
-    elif name == "baseline_same_time" and all(costs[a].get("train_cpu_seconds") is not None
-                                              for a in (same_time_for, reference)):
-        target, ref = costs[same_time_for], costs[reference]
-        budget = target["train_cpu_seconds"] + (target.get("one_off_cpu_seconds") or 0.0)
-        sps = ref["train_cpu_seconds"] / max(ref["steps"], 1)
-        arm_cfg["epochs"] = max(budget / sps / steps_per_epoch, 1 / steps_per_epoch)
-    elif name == "baseline_same_time":         # measured: the other arm's wall-clock
-        target = costs[same_time_for]
-        budget = target["train_seconds"] + target.get("one_off_seconds", 0.0)
-        ref = costs[reference]                 # its mean step time, as the budget counts it
-        sps = ref["train_seconds"] / max(ref["steps"], 1)
-        arm_cfg["epochs"] = max(budget / sps / steps_per_epoch, 1 / steps_per_epoch)
-        arm_cfg["time_budget_s"] = budget
+    elif name == "baseline_same_time":
+        t = target_cost
+        cpu = t.get("train_cpu_seconds") is not None
+        train_s, one_off_s = ((t["train_cpu_seconds"], t.get("one_off_cpu_seconds")) if cpu
+                              else (t["train_seconds"], t.get("one_off_seconds")))
+        steps = ratio * t["steps"] * (1 + (one_off_s or 0.0) / max(train_s, 1e-9))
+        arm_cfg["epochs"] = max(steps / steps_per_epoch, 1 / steps_per_epoch)
+        arm_cfg["same_time_ratio"] = ratio
     return arm_cfg
+
+
+def same_time_ratio(arms: dict, cfg: dict, target: str, reference: str, seed: int, dataset=None,
+                    out: Path | None = None) -> float:
+    """baseline_same_time's step-cost ratio at `seed`: the target arm's seconds per step over the
+    reference arm's, timed side by side now (interleaved_step_costs: one step of each per round,
+    20 rounds, on this device under this load), outside any timed region. An arm already begun or
+    finished in `out` (its checkpoint's or its run's config) keeps the ratio it started with."""
+    import json
+
+    if out is not None:
+        done, ckpt = out / "runs" / f"baseline_same_time-seed{seed}.json", \
+            out / "runs" / f"baseline_same_time-seed{seed}" / "checkpoint.pt"
+        try:
+            begun = (json.loads(done.read_text()).get("config", {}) if done.exists() else
+                     torch.load(ckpt, weights_only=True).get("config", {}) if ckpt.exists() else {})
+        except (OSError, ValueError, RuntimeError):
+            begun = {}         # unreadable: run_arm_seed names the file and the fix
+        if begun.get("same_time_ratio"):
+            return float(begun["same_time_ratio"])
+    costs = interleaved_step_costs({n: arms[n] for n in (target, reference)}, cfg, seed=seed, dataset=dataset,
+                                   reference=reference)
+    return costs[target]["ratio"]
 
 
 def run_arm_seed(name: str, arm: Arm, arm_cfg: dict, data: RunData, seed: int, out: Path | None,
@@ -890,9 +913,9 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
     `method_arm` names the chapter's own method (its metrics become the record's `metrics`);
     every arm's `step_cost_ratio` is its seconds per step over the `reference` arm's, measured in
     this same run. With `same_time_for=NAME`, the reference arm is also run for the time
-    that arm NAME used, one-off stage included (arm `baseline_same_time`; CPU seconds on the CPU,
-    else wall-clock: arm_seed_config): a measured budget, so
-    two runs differ; its steps per seed are recorded, and `same_time_steps` replays them exactly. Each finished (arm, seed) is saved under
+    that arm NAME used, one-off stage included (arm `baseline_same_time`: NAME's steps times their
+    step-cost ratio timed side by side, arm_seed_config): a measured budget, so two runs differ;
+    its steps and ratio per seed are recorded, and `same_time_steps` replays the steps exactly. Each finished (arm, seed) is saved under
     out_dir/runs/, so a killed run skips what it already did and resumes the rest from its
     checkpoint; out_dir is locked while the run lasts.
     """
@@ -926,8 +949,11 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
             data_info = data.info
             for name in order:
                 arm = arms.get(name, arms[reference])
-                arm_cfg = arm_seed_config(name, arm_cfgs, cfg, seed, seeds, len(data.train), reference, same_time_for,
-                                          {a: runs[-1]["cost"] for a, runs in per_arm.items() if runs})
+                same_time = name == "baseline_same_time" and not cfg["same_time_steps"]
+                arm_cfg = arm_seed_config(
+                    name, arm_cfgs, cfg, seed, seeds, len(data.train), reference, same_time_for,
+                    per_arm[same_time_for][-1]["cost"] if same_time else None,
+                    same_time_ratio(arms, cfg, same_time_for, reference, seed, dataset, out) if same_time else None)
                 per_arm[name].append(run_arm_seed(name, arm, arm_cfg, data, seed, out, progress))
 
     base_sps = float(np.mean([r["cost"]["seconds_per_step"] for r in per_arm[reference]]))
@@ -953,6 +979,8 @@ def run_arms(chapter: str, method_arm: str, arms: dict[str, Arm], cfg: dict, see
         for key in ("train_cpu_seconds", "one_off_cpu_seconds"):     # CPU runs: what the planner's cpu column estimates
             if all(r["cost"].get(key) is not None for r in runs):
                 arms_out[name][key] = seed_stats([r["cost"][key] for r in runs])
+        if all(r.get("config", {}).get("same_time_ratio") for r in runs):     # the same-time arm's budgets
+            arms_out[name]["same_time_ratio"] = [r["config"]["same_time_ratio"] for r in runs]
         if all(r.get("heldout_correct") for r in runs):
             arms_out[name]["heldout_correct"] = {str(r["seed"]): r["heldout_correct"] for r in runs}
         if any(r.get("extras") for r in runs):

@@ -173,10 +173,18 @@ def test_a_chapters_converged_report_shows_the_check_the_intervals_and_the_faile
     for arm, s in stability(small_converged).items():
         assert f"- `{arm}`: {s['text']}" in text
     steps = " / ".join(f"{n:,}" for n in small_converged["arms"]["baseline_same_time"]["steps_per_seed"])
-    assert f"trained {steps} steps on seeds 0 / 1 / 2, budgeted in CPU seconds." in text
-    walled = {**small_converged, "arms": {**small_converged["arms"], "instance_lr": {
-        k: v for k, v in small_converged["arms"]["instance_lr"].items() if k != "train_cpu_seconds"}}}
-    assert "budgeted in wall-clock, which other jobs" in converged_report("instance_lr", walled)
+    arms = small_converged["arms"]
+    ratios = " / ".join(f"{r:.2f}" for r in arms["baseline_same_time"]["same_time_ratio"])   # made by run_arms
+    assert f"trained {steps} steps on seeds 0 / 1 / 2, budgeted in the method's steps times their cost ratio, " \
+           f"timed side by side before it trained ({ratios}), one-off stage included." in text
+    old = {**small_converged, "arms": {**arms, "baseline_same_time": {          # a record made before the ratio
+        k: v for k, v in arms["baseline_same_time"].items() if k != "same_time_ratio"}}}
+    multiples = " / ".join(f"{n / arms['instance_lr']['steps']:.2f}" for n in arms["baseline_same_time"]["steps_per_seed"])
+    assert f"budgeted in CPU seconds: the method's, over the baseline's per step in another run ({multiples} " \
+           f"times the method's steps)." in converged_report("instance_lr", old)
+    walled = {**old, "arms": {**old["arms"], "instance_lr": {
+        k: v for k, v in arms["instance_lr"].items() if k != "train_cpu_seconds"}}}
+    assert "budgeted in wall-clock: the method's" in converged_report("instance_lr", walled)
     replayed = {**walled, "config": {**walled["config"], "same_time_steps": [11]}}
     assert "budgeted in replayed steps (`same_time_steps`)" in converged_report("instance_lr", replayed)
 

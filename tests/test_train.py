@@ -528,23 +528,46 @@ def test_a_checkpoint_saved_with_a_same_time_replay_in_its_config_resumes(synthe
     assert steps_run[0] == 5 and resumed["metrics"] == full["metrics"]
 
 
-def test_on_the_cpu_the_same_time_budget_is_cpu_seconds_so_other_jobs_do_not_change_it():
-    """Background records share the cores: a baseline slowed five-fold in wall-clock by other jobs
-    (its CPU seconds unchanged) must not cut the same-time arm's steps five-fold."""
+def test_the_same_time_budget_is_the_targets_steps_times_their_side_by_side_cost_ratio():
+    """steps = ratio x target steps x (1 + one-off / training time), both times from the target's
+    own run (CPU seconds where it kept them, else wall-clock): no time of the reference's run, which
+    may have shared the cores with other jobs, enters the budget; it is a count of steps."""
     from metabook.train import arm_seed_config
 
     cfg = chapter_config("instance_lr", "smoke", TINY)
     arm_cfgs = {"baseline": cfg, "instance_lr": cfg}
-    method = {"train_seconds": 400.0, "one_off_seconds": 0.0, "steps": 100,
-              "train_cpu_seconds": 390.0, "one_off_cpu_seconds": 10.0}
-    budget = lambda ref: arm_seed_config("baseline_same_time", arm_cfgs, cfg, 0, [0], 10, "baseline", "instance_lr",
-                                         {"instance_lr": method, "baseline": ref})
-    quiet = budget({"train_seconds": 100.0, "steps": 100, "train_cpu_seconds": 100.0})
-    busy = budget({"train_seconds": 500.0, "steps": 100, "train_cpu_seconds": 100.0})
-    assert quiet["epochs"] == busy["epochs"] == 40.0          # 400 CPU s at 1 CPU s a step: 400 steps
-    assert not busy["time_budget_s"]                           # a fixed count of steps, not a clock
-    on_gpu = budget({"train_seconds": 500.0, "steps": 100, "train_cpu_seconds": None})
-    assert on_gpu["epochs"] == 8.0 and on_gpu["time_budget_s"] == 400.0    # wall-clock where no CPU time
+    budget = lambda cost, ratio: arm_seed_config("baseline_same_time", arm_cfgs, cfg, 0, [0], 10, "baseline",
+                                                 "instance_lr", cost, ratio)
+    on_cpu = budget({"train_seconds": 900.0, "one_off_seconds": 500.0, "steps": 100,
+                     "train_cpu_seconds": 300.0, "one_off_cpu_seconds": 100.0}, 3.0)
+    assert on_cpu["epochs"] == pytest.approx(40.0)     # 3 x 100 steps x (1 + 100/300): 400 steps of 10 an epoch
+    assert on_cpu["same_time_ratio"] == 3.0 and not on_cpu["time_budget_s"]
+    on_gpu = budget({"train_seconds": 400.0, "one_off_seconds": 200.0, "steps": 100, "train_cpu_seconds": None}, 2.0)
+    assert on_gpu["epochs"] == pytest.approx(30.0) and not on_gpu["time_budget_s"]     # 2 x 100 x 1.5
+
+
+def test_the_same_time_ratio_is_timed_side_by_side_unless_the_arm_has_begun(synthetic, tmp_path, monkeypatch):
+    """Measured: the meta step's cost over SGD's, timed in one process. An arm that has a
+    checkpoint or a finished run in --out keeps the ratio it started with (else its config, and
+    so the resume, would change), and read back, a finished record has the same budget."""
+    import metabook.train as train_mod
+    from metabook.methods.instance_lr import ARMS
+
+    cfg = chapter_config("instance_lr", "smoke", {**TINY, "epochs": 0.5, "ilr.arms": "baseline,instance_lr"})
+    arms = {k: ARMS[k] for k in ("baseline", "instance_lr")}
+    assert train_mod.same_time_ratio(arms, cfg, "instance_lr", "baseline", 0, synthetic) > 1.5
+    rec = run_arms("instance_lr", "instance_lr", arms, cfg, [0], out_dir=tmp_path / "run", progress=False,
+                   dataset=synthetic, same_time_for="instance_lr")
+    ratio = rec["arms"]["baseline_same_time"]["same_time_ratio"]
+    monkeypatch.setattr(train_mod, "interleaved_step_costs", lambda *a, **k: pytest.fail("timed again"))
+    again = run_arms("instance_lr", "instance_lr", arms, cfg, [0], out_dir=tmp_path / "run", progress=False,
+                     dataset=synthetic, same_time_for="instance_lr")
+    assert again["arms"]["baseline_same_time"]["same_time_ratio"] == ratio
+    assert again["arms"]["baseline_same_time"]["steps_per_seed"] == rec["arms"]["baseline_same_time"]["steps_per_seed"]
+    ckpt = tmp_path / "begun" / "runs" / "baseline_same_time-seed0" / "checkpoint.pt"
+    ckpt.parent.mkdir(parents=True)
+    torch.save({"config": {"same_time_ratio": 2.5}}, ckpt)
+    assert train_mod.same_time_ratio(arms, cfg, "instance_lr", "baseline", 0, synthetic, tmp_path / "begun") == 2.5
 
 
 def test_baseline_steps_in_bf16_when_asked_and_in_full_precision_otherwise(synthetic):

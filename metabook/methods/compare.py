@@ -343,11 +343,18 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
     lines.append("")
     same = record["arms"].get("baseline_same_time")
     if same:
-        cpu = "train_cpu_seconds" in record["arms"].get(record.get("method"), {})
-        how = ("replayed steps (`same_time_steps`), a budget measured outside this run: the record's "
-               "PROVENANCE says how." if cfg.get("same_time_steps") else "CPU seconds." if cpu else
-               "wall-clock, which other jobs sharing the machine change: where these differ much, so did "
-               "the load, and the same-time row is not a like-for-like budget.")
+        method = record["arms"].get(record.get("method"), {})
+        multiples = " / ".join(f"{n / method['steps']:.2f}" for n in same["steps_per_seed"]) if method else "?"
+        if cfg.get("same_time_steps"):
+            how = ("replayed steps (`same_time_steps`), a budget measured outside this run: the record's "
+                   "PROVENANCE says how.")
+        elif same.get("same_time_ratio"):
+            how = (f"the method's steps times their cost ratio, timed side by side before it trained "
+                   f"({' / '.join(f'{r:.2f}' for r in same['same_time_ratio'])}), one-off stage included.")
+        else:                  # records made before the side-by-side ratio (code before it)
+            how = (f"{'CPU seconds' if 'train_cpu_seconds' in method else 'wall-clock'}: the method's, over the "
+                   f"baseline's per step in another run ({multiples} times the method's steps). Those two "
+                   f"runs were made at different times, and a load that differed between them moves the budget.")
         lines += [f"The baseline at the method's time trained {' / '.join(f'{s:,}' for s in same['steps_per_seed'])} "
                   f"steps on {seeds_phrase(record['seeds'], ' / ')}, budgeted in {how}", ""]
     lines += [f"- `{arm}`: {s['text']}" for arm, s in stability(record, row["metric"]).items()]
