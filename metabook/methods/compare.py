@@ -344,7 +344,6 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
     same = record["arms"].get("baseline_same_time")
     if same:
         method = record["arms"].get(record.get("method"), {})
-        multiples = " / ".join(f"{n / method['steps']:.2f}" for n in same["steps_per_seed"]) if method else "?"
         if cfg.get("same_time_steps"):
             how = ("replayed steps (`same_time_steps`), a budget measured outside this run: the record's "
                    "PROVENANCE says how.")
@@ -352,6 +351,7 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
             how = (f"the method's steps times their cost ratio, timed side by side before it trained "
                    f"({' / '.join(f'{r:.2f}' for r in same['same_time_ratio'])}), one-off stage included.")
         else:                  # records made before the side-by-side ratio (code before it)
+            multiples = " / ".join(f"{n / method['steps']:.2f}" for n in same["steps_per_seed"]) if method else "?"
             how = (f"{'CPU seconds' if 'train_cpu_seconds' in method else 'wall-clock'}: the method's, over the "
                    f"baseline's per step in another run ({multiples} times the method's steps). Those two "
                    f"runs were made at different times, and a load that differed between them moves the budget.")
