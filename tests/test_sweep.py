@@ -2,9 +2,12 @@
 
 Tiny synthetic configs (a unit trains for a second or two); one Ray instance for the module.
 """
+import contextlib
 import json
 import os
 import signal
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -143,8 +146,6 @@ def test_bad_input_is_one_line_and_exit_2(argv, words, capsys, tmp_path, monkeyp
 
 
 def test_an_engine_whose_package_is_missing_is_one_line_naming_the_extra(capsys, tmp_path, monkeypatch):
-    import sys
-
     monkeypatch.setitem(sys.modules, "submitit", None)          # as if not installed: import fails
     assert main(["sweep", "baseline", "--preset", "smoke", "--out", str(tmp_path / "o"), "--engine", "slurm"]) == 2
     err = capsys.readouterr().err.strip()
@@ -279,46 +280,11 @@ def test_local_engine_retries_a_worker_killed_mid_unit(tmp_path, capsys):
     assert accuracies(json.loads((out / "baseline" / "result.json").read_text())) == accuracies(ref)
 
 
-def test_a_sigint_to_the_sweep_process_alone_stops_every_unit_at_a_checkpoint(tmp_path):
-    """SIGINT to the driver only (`kill -INT`, a notebook's interrupt), while two workers train
-    units that would take hours: the sweep passes it on, each unit checkpoints and stops, the
-    workers end, and the driver exits 130 with one line, soon, not once the units are done."""
-    import subprocess
-    import sys
-
-    out = tmp_path / "sw"
-    argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", "local",
-            "--workers", "2", *sets({**MLP, "epochs": 1e6})]
-    runs, units = out / "baseline" / "runs", out / "baseline" / ".units"
-    ckpts = [runs / f"baseline-seed{s}" / "checkpoint.pt" for s in (0, 1)]
-    proc = subprocess.Popen([sys.executable, "-m", "metabook", *argv], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    try:
-        deadline = time.time() + 300           # a loaded machine can take minutes to start torch twice
-        while not all(c.exists() for c in ckpts) and proc.poll() is None and time.time() < deadline:
-            time.sleep(0.1)
-        workers = [int((units / f"baseline-seed{s}" / ".lock").read_text().split()[0]) for s in (0, 1)]
-        proc.send_signal(signal.SIGINT)
-        _, err = proc.communicate(timeout=120)
-    finally:
-        if proc.poll() is None:
-            os.killpg(proc.pid, signal.SIGKILL)
-    assert proc.returncode == 130, err[-2000:]
-    lines = [line for line in err.splitlines() if line.strip()]
-    assert len(lines) == 1 and lines[0].startswith("error: interrupted (Ctrl-C)"), err[-2000:]
-    deadline = time.time() + 30
-    while any(process_alive(pid) for pid in workers) and time.time() < deadline:
-        time.sleep(0.05)
-    assert not any(process_alive(pid) for pid in workers), "a worker goes on training after the sweep stopped"
-    assert all(c.exists() for c in ckpts) and not list(runs.glob("*.json"))
-
-
-def test_workers_whose_sweep_is_killed_alone_checkpoint_and_exit_instead_of_training_on(tmp_path):
-    """SIGKILL the driver only (out of memory, kill -9 of its pid) while two workers train units
-    that would take hours: each worker checkpoints, releases its unit's lock and exits."""
-    import subprocess
-    import sys
-
+@contextlib.contextmanager
+def two_endless_units(tmp_path, stderr=subprocess.DEVNULL):
+    """A local sweep (its own process group) of two units that would take hours, on two workers,
+    once both have a checkpoint: yields (driver, worker pids, checkpoints, unit locks), and on
+    the way out SIGKILLs whatever of them is still alive."""
     out = tmp_path / "sw"
     argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", "local",
             "--workers", "2", *sets({**MLP, "epochs": 1e6})]
@@ -326,34 +292,57 @@ def test_workers_whose_sweep_is_killed_alone_checkpoint_and_exit_instead_of_trai
     ckpts = [runs / f"baseline-seed{s}" / "checkpoint.pt" for s in (0, 1)]
     locks = [units / f"baseline-seed{s}" / ".lock" for s in (0, 1)]
     proc = subprocess.Popen([sys.executable, "-m", "metabook", *argv], start_new_session=True,
-                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+                            stdout=subprocess.DEVNULL, stderr=stderr, text=True)
     workers = []
     try:
-        deadline = time.time() + 300
+        deadline = time.time() + 300           # a loaded machine can take minutes to start torch twice
         while not all(c.exists() for c in ckpts) and proc.poll() is None and time.time() < deadline:
             time.sleep(0.1)
         workers = [int(lock.read_text().split()[0]) for lock in locks]
-        proc.kill()
-        assert proc.wait(timeout=60) == -signal.SIGKILL
-        deadline = time.time() + 60
-        while any(process_alive(pid) for pid in workers) and time.time() < deadline:
-            time.sleep(0.1)
-        assert not any(process_alive(pid) for pid in workers), "a worker trains on after its sweep was killed"
+        yield proc, workers, ckpts, locks
     finally:
         for pid in workers:
             if process_alive(pid):
                 os.kill(pid, signal.SIGKILL)
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
+
+
+def wait_until_gone(pids: list[int], seconds: float) -> bool:
+    """Whether every process in `pids` has ended within `seconds`."""
+    deadline = time.time() + seconds
+    while any(process_alive(pid) for pid in pids) and time.time() < deadline:
+        time.sleep(0.05)
+    return not any(process_alive(pid) for pid in pids)
+
+
+def test_a_sigint_to_the_sweep_process_alone_stops_every_unit_at_a_checkpoint(tmp_path):
+    """SIGINT to the driver only (`kill -INT`, a notebook's interrupt), while two workers train
+    units that would take hours: the sweep passes it on, each unit checkpoints and stops, the
+    workers end, and the driver exits 130 with one line, soon, not once the units are done."""
+    with two_endless_units(tmp_path, stderr=subprocess.PIPE) as (proc, workers, ckpts, _):
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=120)
+        assert proc.returncode == 130, err[-2000:]
+        lines = [line for line in err.splitlines() if line.strip()]
+        assert len(lines) == 1 and lines[0].startswith("error: interrupted (Ctrl-C)"), err[-2000:]
+        assert wait_until_gone(workers, 30), "a worker goes on training after the sweep stopped"
+    assert all(c.exists() for c in ckpts) and not list(ckpts[0].parent.parent.glob("*.json"))
+
+
+def test_workers_whose_sweep_is_killed_alone_checkpoint_and_exit_instead_of_training_on(tmp_path):
+    """SIGKILL the driver only (out of memory, kill -9 of its pid) while two workers train units
+    that would take hours: each worker checkpoints, releases its unit's lock and exits."""
+    with two_endless_units(tmp_path) as (proc, workers, ckpts, locks):
+        proc.kill()
+        assert proc.wait(timeout=60) == -signal.SIGKILL
+        assert wait_until_gone(workers, 60), "a worker trains on after its sweep was killed"
     assert all(c.exists() for c in ckpts) and not any(lock.exists() for lock in locks)
 
 
 def test_a_sweep_whose_driver_is_killed_continues_where_it_stopped(tmp_path, capsys):
     """Kill the whole sweep (driver and workers, SIGKILL) after seed 0 finished and while seed 1
     trains; the same command again skips seed 0 and resumes seed 1 from its checkpoint."""
-    import subprocess
-    import sys
-
     out = tmp_path / "sw"
     argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", "local",
             "--workers", "1", *sets(MLP)]
