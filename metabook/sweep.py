@@ -21,8 +21,9 @@ Faults. A unit whose worker dies is run again (at most --retries times) and resu
 checkpoint; a finished unit (its runs/*.json exists) is never submitted again, so the same
 command with the same --out continues a stopped sweep; a unit that fails for a reason a retry
 cannot fix (ConfigError, NonFiniteError, RunError) is reported with its error, the others go on,
-and the sweep ends with one line naming it (exit code 1). On the local engine, Ctrl-C or a SIGINT
-sent to the sweep's process alone checkpoints every unit in flight, stops it, and exits 130. A per-unit lock (RUN/.units/, train.OutLock)
+and the sweep ends with one line naming it (exit code 1). On the local and Ray engines, Ctrl-C or
+a SIGINT sent to the sweep's process alone checkpoints every unit in flight, stops it, and exits
+130 (Slurm jobs run on). A per-unit lock (RUN/.units/, train.OutLock)
 keeps two workers of one machine from training the same unit; across machines the engine runs a
 unit once at a time (Ray and Slurm re-run one only after its worker died). On a cluster OUT must be
 a folder every node sees (a shared file system), and every node needs metabook installed.
@@ -382,7 +383,9 @@ class LocalEngine:
 
 class RayEngine:
     """Ray tasks: each unit with its CPUs, GPUs and memory; Ray itself re-runs a task whose worker
-    died (max_retries), and never one that raised (a bug)."""
+    died (max_retries), and never one that raised (a bug). Ctrl-C: `interrupt` cancels the tasks
+    in flight (ray.cancel runs a running task's SIGINT handler, so the unit checkpoints after its
+    step and stops; a task not yet started never starts), and `close` waits for them."""
 
     def __init__(self, address: str | None, retries: int, workers: int | None = None):
         import ray
@@ -403,16 +406,20 @@ class RayEngine:
                                    f"--address, or use --engine local") from None
         self.ray, self.retries = ray, retries
         self.task = ray.remote(run_unit)
+        self.in_flight, self.interrupted = set(), False
 
     def submit(self, unit: Unit, res: dict):
         opts = {"num_cpus": res["cpus"], "num_gpus": res["gpus"], "max_retries": self.retries,
                 "retry_exceptions": False, "name": unit.name}
         if res.get("memory"):
             opts["memory"] = res["memory"]
-        return self.task.options(**opts).remote(unit)
+        ref = self.task.options(**opts).remote(unit)
+        self.in_flight.add(ref)
+        return ref
 
     def wait(self, handles: list) -> list:
         ready, _ = self.ray.wait(handles, num_returns=1)
+        self.in_flight.difference_update(ready)
         out = []
         for ref in ready:
             try:
@@ -426,8 +433,14 @@ class RayEngine:
                 out.append((ref, err.as_instanceof_cause() if hasattr(err, "as_instanceof_cause") else err))
         return out
 
+    def interrupt(self):
+        self.interrupted = True
+        for ref in self.in_flight:
+            self.ray.cancel(ref)
+
     def close(self):
-        pass
+        if self.interrupted and self.in_flight:      # the cancelled units checkpoint, then end
+            self.ray.wait(list(self.in_flight), num_returns=len(self.in_flight))
 
 
 class SlurmEngine:
@@ -460,6 +473,9 @@ class SlurmEngine:
             except Exception as err:                   # the unit raised: a bug, not a retry
                 out.append((job, err))
         return out
+
+    def interrupt(self):
+        pass                   # the jobs are the cluster's: they run on (scancel stops them)
 
     def close(self):
         pass
@@ -549,8 +565,7 @@ def sweep(chapters: list[str], preset: str, seeds: list[int], out, overrides: di
     try:
         result = schedule(units, eng, resources, retries, log)
     except KeyboardInterrupt:
-        if isinstance(eng, LocalEngine):
-            eng.interrupt()
+        eng.interrupt()
         raise
     finally:
         eng.close()

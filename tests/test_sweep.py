@@ -13,6 +13,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from metabook.__main__ import main
 from metabook.methods import run_chapter
@@ -281,13 +282,13 @@ def test_local_engine_retries_a_worker_killed_mid_unit(tmp_path, capsys):
 
 
 @contextlib.contextmanager
-def two_endless_units(tmp_path, stderr=subprocess.DEVNULL):
-    """A local sweep (its own process group) of two units that would take hours, on two workers,
-    once both have a checkpoint: yields (driver, worker pids, checkpoints, unit locks), and on
-    the way out SIGKILLs whatever of them is still alive."""
+def two_endless_units(tmp_path, stderr=subprocess.DEVNULL, engine="local", checkpoint_every=4):
+    """A sweep on `engine` (its own process group) of two units that would take hours, on two
+    workers, once both have a checkpoint: yields (driver, worker pids, checkpoints, unit locks),
+    and on the way out SIGKILLs whatever of them is still alive."""
     out = tmp_path / "sw"
-    argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", "local",
-            "--workers", "2", *sets({**MLP, "epochs": 1e6})]
+    argv = ["sweep", "baseline", "--preset", "smoke", "--seeds", "2", "--out", str(out), "--engine", engine,
+            "--workers", "2", *sets({**MLP, "epochs": 1e6, "checkpoint_every": checkpoint_every})]
     runs, units = out / "baseline" / "runs", out / "baseline" / ".units"
     ckpts = [runs / f"baseline-seed{s}" / "checkpoint.pt" for s in (0, 1)]
     locks = [units / f"baseline-seed{s}" / ".lock" for s in (0, 1)]
@@ -328,6 +329,22 @@ def test_a_sigint_to_the_sweep_process_alone_stops_every_unit_at_a_checkpoint(tm
         assert len(lines) == 1 and lines[0].startswith("error: interrupted (Ctrl-C)"), err[-2000:]
         assert wait_until_gone(workers, 30), "a worker goes on training after the sweep stopped"
     assert all(c.exists() for c in ckpts) and not list(ckpts[0].parent.parent.glob("*.json"))
+
+
+def test_a_sigint_to_a_ray_sweep_cancels_its_tasks_and_each_unit_stops_at_a_checkpoint(tmp_path):
+    """The same on Ray: the sweep cancels its tasks in flight, each unit writes a checkpoint
+    after the step it stopped at (not only the periodic one it had, 1,000 steps apart), and the
+    driver waits for them before it exits 130."""
+    pytest.importorskip("ray", reason="Ray is an optional dependency (pip install metabook[sweep])")
+    step = lambda ckpt: torch.load(ckpt, weights_only=True)["step"]
+    with two_endless_units(tmp_path, subprocess.PIPE, "ray", checkpoint_every=1000) as (proc, _, ckpts, _):
+        before = [step(c) for c in ckpts]
+        proc.send_signal(signal.SIGINT)
+        _, err = proc.communicate(timeout=180)
+        assert proc.returncode == 130, err[-2000:]
+        assert err.strip().splitlines()[-1].startswith("error: interrupted (Ctrl-C)"), err[-2000:]
+    after = [step(c) for c in ckpts]
+    assert all(a > b for a, b in zip(after, before)), f"checkpoints at steps {before}, then {after} after the stop"
 
 
 def test_workers_whose_sweep_is_killed_alone_checkpoint_and_exit_instead_of_training_on(tmp_path):
