@@ -183,7 +183,8 @@ MISSING = (TypeError, KeyError, ValueError, IndexError, ZeroDivisionError, Attri
 
 def glue(name: str, value) -> None:
     """Make `value` available to the page's prose as {glue:text}`name:.1f` (or {glue}`name`),
-    without showing it here. A number is glued as a float; None becomes nan (the prose then
+    without showing it here. A number is glued as a float, a string as its text (a verdict word:
+    {glue:text}`name` reads "ahead", not "'ahead'"); None becomes nan (the prose then
     reads "nan": a missing record is visible, and the build does not stop). Numpy scalars are
     glued as plain floats (myst-nb formats the repr, and np.float32(0.5) would not parse).
     `value` may be a function of no arguments that reads a record, glue("x", lambda: rec["a"]["b"]):
@@ -198,7 +199,7 @@ def glue(name: str, value) -> None:
     if value is None:
         value = float("nan")
     number = isinstance(value, numbers.Real) and not isinstance(value, bool)      # numpy scalars too
-    text = repr(float(value)) if number else repr(value)
+    text = repr(float(value)) if number else value if isinstance(value, str) else repr(value)
     display({GLUE_PREFIX + "text/plain": text}, raw=True,
             metadata={"scrapbook": {"name": name, "mime_prefix": GLUE_PREFIX}})
 

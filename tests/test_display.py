@@ -65,6 +65,15 @@ def test_glue_of_a_missing_value_is_nan_and_formats(monkeypatch):
     assert format_plain_text(texts[2], ".2f") == "0.50" and format_plain_text(texts[3], "d") == "7"
 
 
+def test_a_glued_word_reads_as_the_word_not_its_repr(monkeypatch):
+    from myst_nb.core.variables import format_plain_text
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append(a[0]))
+    glue("verdict", "not resolved")
+    assert format_plain_text(shown[0][GLUE_PREFIX + "text/plain"], "") == "not resolved"
+
+
 def test_percent_reads_mean_std_and_one_seed_and_is_nan_when_missing():
     assert percent(RECORD, "method") == pytest.approx(58.95)
     assert percent(RECORD, "baseline", stat="std") == pytest.approx(2.5)
