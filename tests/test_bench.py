@@ -75,7 +75,7 @@ def test_interleaved_step_costs_build_each_arm_with_its_own_config_changes():
             return super().setup(ctx)
 
     cfg = chapter_config("local_losses", "smoke", {"dataset": "synthetic", "train_size": 256, "meta_size": 64,
-                                                   "batch_size": 32})
+                                                   "batch_size": 32, "test_size": 100})
     cost = interleaved_step_costs({"baseline": Arm(Recording), "skips": Arm(Recording, {"model": "res_cnn"})}, cfg,
                                   steps=2, warmup=1, dataset=make_synthetic(400, 100, seed=0))
     assert set(cost) == {"baseline", "skips"}
