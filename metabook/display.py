@@ -223,3 +223,12 @@ def glue_percents(prefix: str, record: dict | None, arms: list[str], metric: str
         glue(f"{prefix}_{arm}_std", percent(record, arm, metric, "std"))
         for seed in (record or {}).get("seeds", []):
             glue(f"{prefix}_{arm}_s{seed}", percent(record, arm, metric, seed=seed))
+
+
+def glue_difference(key: str, record: dict | None, arm: str, reference: str) -> None:
+    """Glue key_mean, key_lo, key_hi (points) and key_verdict of `arm` minus `reference` in the
+    record (results.paired_difference on the held-out images); nan where the record is missing."""
+    d = paired_difference(record, arm, reference) if record else None
+    for part in ("mean", "lo", "hi"):
+        glue(f"{key}_{part}", 100 * d[part] if d else None)
+    glue(f"{key}_verdict", d["verdict"] if d else None)

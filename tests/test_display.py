@@ -149,6 +149,22 @@ def test_a_claim_without_its_record_arm_or_metric_is_not_tested():
     assert ", heldout_acc, " in measured
 
 
+def test_glue_difference_glues_the_paired_interval_in_points_and_its_verdict_or_nan_without_a_record(monkeypatch):
+    from metabook.display import glue_difference
+    from metabook.results import paired_difference
+
+    shown = []
+    monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append(
+        (k["metadata"]["scrapbook"]["name"], a[0][GLUE_PREFIX + "text/plain"])))
+    glue_difference("m", PAIRED, "method", "baseline")
+    glue_difference("gone", None, "method", "baseline")
+    d = paired_difference(PAIRED, "method", "baseline")
+    assert dict(shown[:4]) == {"m_mean": repr(100 * d["mean"]), "m_lo": repr(100 * d["lo"]),
+                               "m_hi": repr(100 * d["hi"]), "m_verdict": d["verdict"]}
+    assert d["verdict"] == "ahead" and 2 < 100 * d["mean"] < 4
+    assert dict(shown[4:]) == {"gone_mean": "nan", "gone_lo": "nan", "gone_hi": "nan", "gone_verdict": "nan"}
+
+
 def test_glue_of_a_function_glues_its_value_or_nan_where_the_record_lacks_it(monkeypatch):
     shown = []
     monkeypatch.setattr("IPython.display.display", lambda *a, **k: shown.append(a[0]))
