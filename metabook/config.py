@@ -205,15 +205,6 @@ def all_keys(sections) -> dict[str, dataclasses.Field]:
     return out
 
 
-def validate(cfg: dict, sections=()) -> dict:
-    """Check every key of a resolved config again (after a caller changed some)."""
-    fields = all_keys(sections)
-    for key, value in cfg.items():
-        if key in fields:
-            cfg[key] = parse_value(key, fields[key], value)
-    return cfg
-
-
 def resolve_preset(preset: str) -> str:
     """`auto` is `gpu` when CUDA is available, else `cpu`."""
     if preset == "auto":
