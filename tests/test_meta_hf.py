@@ -48,8 +48,9 @@ def explicit_gauss_newton(model, x, y, weight_decay=0.0):
     return J.T @ H @ J + weight_decay * torch.eye(J.shape[1], dtype=J.dtype)
 
 
+@pytest.mark.parametrize("linear", [True, False], ids=["linearized", "jvp"])
 @pytest.mark.parametrize("make", [tiny_mlp, tiny_bn_net])
-def test_gauss_newton_product_equals_the_explicit_gauss_newton_matrix_times_v(make):
+def test_gauss_newton_product_equals_the_explicit_gauss_newton_matrix_times_v(make, linear):
     model = make()
     x, y, _, _ = weighted_problem()
     params = model_params(model)
@@ -58,11 +59,56 @@ def test_gauss_newton_product_equals_the_explicit_gauss_newton_matrix_times_v(ma
     g = torch.Generator().manual_seed(2)
     for _ in range(3):
         v = torch.randn(G.shape[0], generator=g, dtype=torch.float64)
-        gv = GaussNewton(model, params, x, y, weight_decay=0.01)(v)
+        gv = GaussNewton(model, params, x, y, weight_decay=0.01, linear=linear)(v)
         assert (gv - G @ v).abs().max() < 1e-10 * max(1.0, (G @ v).abs().max().item())
     assert (G - 0.01 * torch.eye(len(G), dtype=G.dtype)).abs().max() > 1e-3     # not vacuous
     for k, b in model.named_buffers():                                         # BatchNorm untouched
         assert torch.equal(before[k], b), k
+
+
+def test_linearized_gauss_newton_products_are_the_jvp_products_bitwise_and_differentiable_in_v():
+    """The linearized J v (traced once, then no forward pass) gives the numbers of a `jvp` per
+    product, to the bit, on the chapter's CUDA-convnet (LRN, max-pooling) in float32, and passes
+    gradients to v as MLHF's unroll needs."""
+    from metabook.models import CudaConvnet
+
+    torch.manual_seed(0)
+    model = CudaConvnet(num_classes=10)
+    x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
+    params = model_params(model)
+    lin, ref = GaussNewton(model, params, x, y, 5e-4, linear=True), GaussNewton(model, params, x, y, 5e-4, linear=False)
+    g = torch.Generator().manual_seed(1)
+    for _ in range(3):
+        v = torch.randn(sum(p.numel() for p in params.values()), generator=g)
+        assert torch.equal(lin(v), ref(v)) and lin(v).abs().max() > 0
+    v1, v2 = v.clone().requires_grad_(True), v.clone().requires_grad_(True)
+    grads = [torch.autograd.grad(G.jv(w).square().sum(), w)[0] for G, w in ((lin, v1), (ref, v2))]
+    assert torch.equal(*grads) and grads[0].abs().max() > 0
+
+
+def test_gauss_newton_linearizes_only_after_a_slow_second_product_and_never_under_a_graph(monkeypatch):
+    """Products are timed `jvp`s; a slow second one (slower than LINEARIZE_AFTER_S) makes the rest
+    linearized, a fast one keeps `jvp` (a trace would cost a small net more than it saves), and a
+    product that autograd must see through is always a `jvp`."""
+    from metabook.methods import meta_hf
+
+    model = tiny_mlp()
+    x, y, _, _ = weighted_problem()
+    v = torch.ones(sum(p.numel() for p in model_params(model).values()), dtype=torch.float64)
+    fast = GaussNewton(model, model_params(model), x, y)
+    for _ in range(3):
+        fast(v)
+    assert fast.trace is False and fast._linear is None
+    monkeypatch.setattr(meta_hf, "LINEARIZE_AFTER_S", -1.0)          # every jvp counts as slow
+    slow = GaussNewton(model, model_params(model), x, y)
+    first = slow(v)
+    assert slow.trace is None and slow._linear is None                 # one jvp decides nothing
+    slow(v.requires_grad_(True))                                       # under a graph: a jvp, not counted
+    assert slow._jvps == 1
+    v = v.detach()
+    slow(v)
+    assert slow.trace is True and slow._linear is None
+    assert torch.equal(slow(v), first) and slow._linear is not None
 
 
 def test_gauss_newton_equals_the_hessian_for_linear_softmax_regression():
