@@ -89,17 +89,17 @@ class GaussNewton:
         with warnings.catch_warnings():   # torch warns about its own jit use when forward AD first loads,
             warnings.simplefilter("ignore", FutureWarning)        # and about its own constants when it traces
             warnings.filterwarnings("ignore", "Attempted to insert a get_attr Node", UserWarning)
-            if torch.is_grad_enabled() and v.requires_grad:      # a graph through it: MLHF's meta-training
-                return jvp(self.logits_of, (self.params,), (unflatten(v, self.params),))[1]
-            if self._linear is None and self.trace:
+            free = not (torch.is_grad_enabled() and v.requires_grad)   # no graph through it (MLHF's meta-training)
+            if free and self._linear is None and self.trace:
                 self._linear = linearize(self.logits_of, self.params)[1]
-            if self._linear is not None:
+            if free and self._linear is not None:
                 return self._linear(unflatten(v, self.params))
             start = time.perf_counter()
             jv = jvp(self.logits_of, (self.params,), (unflatten(v, self.params),))[1]
-            self._jvps += 1
-            if self.trace is None and self._jvps == 2:           # the second: the first may load forward AD
-                self.trace = time.perf_counter() - start > LINEARIZE_AFTER_S
+            if free:
+                self._jvps += 1
+                if self.trace is None and self._jvps == 2:       # the second: the first may load forward AD
+                    self.trace = time.perf_counter() - start > LINEARIZE_AFTER_S
             return jv
 
     def jtu(self, u: torch.Tensor) -> Vector:
