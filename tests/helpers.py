@@ -27,3 +27,20 @@ def kill_at(step: int):
         if done == step:
             raise Killed
     return on_step
+
+
+def same_time_budget(out, target: str, seed: int = 0) -> tuple[float, float, float]:
+    """(epochs bought, epochs trained, ratio) of `baseline_same_time` in run directory `out`: the
+    target's finished steps times the step-cost ratio timed side by side, its one-off stage
+    included (train.arm_seed_config's rule), against the epochs the arm's record trained for."""
+    import json
+    from pathlib import Path
+
+    runs = Path(out) / "runs"
+    target_run = json.loads((runs / f"{target}-seed{seed}.json").read_text())
+    same = json.loads((runs / f"baseline_same_time-seed{seed}.json").read_text())["config"]
+    cost, ratio = target_run["cost"], same["same_time_ratio"]
+    train_s, one_off_s = ((cost["train_cpu_seconds"], cost.get("one_off_cpu_seconds"))
+                          if cost.get("train_cpu_seconds") is not None else (cost["train_seconds"], cost.get("one_off_seconds")))
+    steps = ratio * cost["steps"] * (1 + (one_off_s or 0.0) / train_s)
+    return target_run["config"]["epochs"] * steps / cost["steps"], same["epochs"], ratio
