@@ -46,9 +46,9 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
     from metabook.methods.baseline import Baseline
     from metabook.train import Arm
 
-    class SlowBaseline(Baseline):            # a plain step plus exactly 100 ms
+    class SlowBaseline(Baseline):            # a plain step plus exactly 250 ms
         def step(self, batch, meta_batch, lr):
-            _time.sleep(0.1)
+            _time.sleep(0.25)
             return super().step(batch, meta_batch, lr)
 
     cfg = chapter_config("baseline", "smoke", {"dataset": "synthetic", "train_size": 256, "meta_size": 64,
@@ -56,8 +56,9 @@ def test_interleaved_step_costs_see_a_known_extra_cost():
     cost = interleaved_step_costs({"baseline": Arm(Baseline), "slow": Arm(SlowBaseline)}, cfg, steps=8,
                                   dataset=make_synthetic(400, 100, seed=0))
     extra = cost["slow"]["seconds_per_step"] - cost["baseline"]["seconds_per_step"]
-    # the 100 ms are seen; a loaded machine (CI beside other jobs) may inflate the baseline's median by a few ms
-    assert extra > 0.085 and cost["slow"]["ratio"] > 1
+    # the 250 ms are seen; a loaded machine (CI beside other jobs) may inflate the baseline's median by
+    # tens of ms (a margin of 50 ms: 100 ms against 85 failed once beside two record runs)
+    assert extra > 0.2 and cost["slow"]["ratio"] > 1
 
 
 def test_interleaved_step_costs_build_each_arm_with_its_own_config_changes():
