@@ -13,6 +13,8 @@
     python -m metabook build [--no-solutions]                               # the public book without solutions
     python -m metabook student OUT_DIR [--src book] [--solutions DIR]       # notebooks without solutions,
                                    # checks kept; the solutions set in DIR (default OUT_DIR-solutions)
+    python -m metabook tables      # after a record lands: rewrite the landing page's and README's
+                                   # generated tables (verdicts, plan against the records, plan summary)
 
 An expected failure (bad input, a bad data file, no download, a diverged or interrupted run, a
 broken book source) ends in one line on stderr, `error: <cause>; <fix>`, and a non-zero exit
@@ -105,6 +107,7 @@ def _parser() -> argparse.ArgumentParser:
                                                      "beside the installed package)")
     student.add_argument("--solutions", default=None, metavar="DIR",
                          help="where the solutions set goes (default: OUT_DIR-solutions, beside OUT_DIR)")
+    sub.add_parser("tables", help="rewrite the generated tables of book/intro.md and README.md from the records")
     return p
 
 
@@ -211,6 +214,11 @@ def _main(args) -> int:
             for path in write_student_versions(args.src or default_book_dir(), out, solutions):
                 print(path)
             print(f"solutions set (keep it apart from the student copies): {solutions}")
+        elif args.command == "tables":
+            from .build import write_generated_tables
+
+            changed = write_generated_tables()
+            print("\n".join(f"updated {p}" for p in changed) or "the tables are up to date")
     except (ConfigError, DataError, FileNotFoundError) as err:          # bad input
         print(f"error: {_one_line(err)}", file=sys.stderr)
         return 2

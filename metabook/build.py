@@ -587,6 +587,41 @@ def write_execution_statistics(src: Path, report: dict, rows: list[dict] | None 
     return page
 
 
+GENERATED_PAGES = ("book/intro.md", "README.md")
+
+
+def generated_tables() -> dict[tuple[str, str], str]:
+    """The tables that the committed pages show between `<!-- NAME start -->` and `<!-- NAME end -->`,
+    made from the records and the written plan, as {(page, NAME): markdown}. Tests check that the
+    pages show them; `python -m metabook tables` writes them after a record lands."""
+    from .methods.compare import verdicts_markdown
+    from .plan import plan_check_markdown, read_plan, summary_markdown
+    from .results import latest_recorded
+
+    chapters = ("local_losses", "instance_lr", "online_loss", "grad_instructor", "meta_hf")
+    records = [r for c in chapters if (r := latest_recorded(c, "converged")) is not None]
+    return {("book/intro.md", "verdicts"): verdicts_markdown(latest_recorded("compare", "cpu")),
+            ("README.md", "plan-check"): plan_check_markdown(records, read_plan()),
+            ("README.md", "plan-table"): summary_markdown(read_plan())}
+
+
+def write_generated_tables(root: str | Path = ".") -> list[Path]:
+    """Write generated_tables() into the pages under `root`; returns the pages that changed."""
+    changed, tables = [], generated_tables()
+    for page in GENERATED_PAGES:
+        path = Path(root) / page
+        text = new = path.read_text(encoding="utf-8")
+        for (where, name), table in tables.items():
+            start, end = f"<!-- {name} start -->\n", f"<!-- {name} end -->"
+            if where == page:
+                head, rest = new.split(start, 1)
+                new = head + start + table.strip("\n") + "\n" + end + rest.split(end, 1)[1]
+        if new != text:
+            path.write_text(new, encoding="utf-8")
+            changed.append(path)
+    return changed
+
+
 def _read_report(path: Path) -> dict | None:
     """The last build's report, or None where there is none (or it cannot be read)."""
     try:

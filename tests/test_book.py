@@ -305,6 +305,23 @@ def test_execution_statistics_page_from_the_build_report_and_the_plan(tmp_path):
     assert write_execution_statistics(tmp_path, report, rows).read_text() == page
 
 
+def test_the_tables_command_rewrites_only_the_stale_generated_tables(tmp_path, monkeypatch):
+    import metabook.build
+    from metabook.build import GENERATED_PAGES, write_generated_tables
+
+    for page in GENERATED_PAGES:
+        (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy(ROOT / page, tmp_path / page)
+    monkeypatch.setattr(metabook.build, "generated_tables", lambda: {("README.md", "plan-table"): "| fresh |\n"})
+    readme = (tmp_path / "README.md").read_text()
+    assert write_generated_tables(tmp_path) == [tmp_path / "README.md"]
+    after = (tmp_path / "README.md").read_text()
+    assert after == re.sub(r"(<!-- plan-table start -->\n).*?(<!-- plan-table end -->)", r"\1| fresh |\n\2",
+                           readme, flags=re.S) != readme                  # that table, and nothing else
+    assert write_generated_tables(tmp_path) == []           # nothing stale: nothing written
+    assert (tmp_path / "book" / "intro.md").read_text() == (ROOT / "book" / "intro.md").read_text()
+
+
 def test_toc_lists_the_execution_statistics_page():
     import yaml
 

@@ -204,7 +204,7 @@ def test_readme_shows_the_written_plan():
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = text.split("<!-- plan-table start -->\n")[1].split("<!-- plan-table end -->")[0].strip()
-    assert table == summary_markdown(read_plan())
+    assert table == summary_markdown(read_plan()), "stale: run python -m metabook tables"
 
 
 def test_writing_a_plan_replaces_only_the_chapters_and_presets_it_covers(tmp_path):
@@ -263,7 +263,7 @@ def test_readme_shows_the_plan_checked_against_the_converged_records():
     table = text.split("<!-- plan-check start -->\n")[1].split("\n<!-- plan-check end -->")[0]
     records = [r for c in ("local_losses", "instance_lr", "online_loss", "grad_instructor", "meta_hf")
                if (r := latest_recorded(c, "converged")) is not None]
-    assert records and table == plan_check_markdown(records, read_plan())
+    assert records and table == plan_check_markdown(records, read_plan()), "stale: run python -m metabook tables"
 
 
 def test_readme_shows_the_planner_against_a_cpu_run_of_every_chapter():
