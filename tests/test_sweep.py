@@ -15,6 +15,7 @@ from pathlib import Path
 import pytest
 import torch
 
+from helpers import same_time_budget
 from metabook.__main__ import main
 from metabook.methods import run_chapter
 from metabook.sweep import (Unit, WorkerDied, parse_grid, plan_units, run_unit, schedule, slurm_parameters, sweep,
@@ -168,13 +169,8 @@ def test_local_sweep_of_two_chapters_writes_the_records_run_writes(tmp_path):
         ref = run_chapter(chapter, "smoke", [0], tmp_path / f"ref-{chapter}", overrides, progress=False)
         assert accuracies(ran) == accuracies(ref)
         assert ran["arms"].keys() == ref["arms"].keys()
-    runs = tmp_path / "sw" / "instance_lr" / "runs"
-    target = json.loads((runs / "instance_lr-seed0.json").read_text())["cost"]
-    same = json.loads((runs / "baseline_same_time-seed0.json").read_text())
-    ratio = same["config"]["same_time_ratio"]                  # timed side by side in the unit's worker
-    steps_bought = ratio * target["steps"] * (1 + target["one_off_cpu_seconds"] / target["train_cpu_seconds"])
-    epochs = json.loads((runs / "instance_lr-seed0.json").read_text())["config"]["epochs"]
-    assert ratio > 1 and same["config"]["epochs"] == pytest.approx(epochs * steps_bought / target["steps"], rel=1e-9)
+    bought, trained, ratio = same_time_budget(tmp_path / "sw" / "instance_lr", "instance_lr")   # ratio: timed in the unit's worker
+    assert ratio > 1 and trained == pytest.approx(bought, rel=1e-9)
 
 
 def test_a_shared_stage_unit_makes_the_enn_its_arm_loads(tmp_path):
