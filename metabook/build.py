@@ -44,6 +44,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Callable
 
 import nbformat
 import yaml
@@ -590,32 +591,32 @@ def write_execution_statistics(src: Path, report: dict, rows: list[dict] | None 
 GENERATED_PAGES = ("book/intro.md", "README.md")
 
 
-def generated_tables() -> dict[tuple[str, str], str]:
+def generated_tables() -> dict[tuple[str, str], Callable[[], str]]:
     """The tables that the committed pages show between `<!-- NAME start -->` and `<!-- NAME end -->`,
-    made from the records and the written plan, as {(page, NAME): markdown}. Tests check that the
-    pages show them; `python -m metabook tables` writes them after a record lands."""
+    each made from the records and the written plan when called, as {(page, NAME): make}. Tests
+    check that the pages show them; `python -m metabook tables` writes them after a record lands."""
     from .methods.compare import verdicts_markdown
     from .plan import plan_check_markdown, read_plan, summary_markdown
     from .results import latest_recorded
 
     chapters = ("local_losses", "instance_lr", "online_loss", "grad_instructor", "meta_hf")
-    records = [r for c in chapters if (r := latest_recorded(c, "converged")) is not None]
-    return {("book/intro.md", "verdicts"): verdicts_markdown(latest_recorded("compare", "cpu")),
-            ("README.md", "plan-check"): plan_check_markdown(records, read_plan()),
-            ("README.md", "plan-table"): summary_markdown(read_plan())}
+    converged = lambda: [r for c in chapters if (r := latest_recorded(c, "converged")) is not None]
+    return {("book/intro.md", "verdicts"): lambda: verdicts_markdown(latest_recorded("compare", "cpu")),
+            ("README.md", "plan-check"): lambda: plan_check_markdown(converged(), read_plan()),
+            ("README.md", "plan-table"): lambda: summary_markdown(read_plan())}
 
 
 def write_generated_tables(root: str | Path = ".") -> list[Path]:
     """Write generated_tables() into the pages under `root`; returns the pages that changed."""
-    changed, tables = [], generated_tables()
+    changed = []
     for page in GENERATED_PAGES:
         path = Path(root) / page
         text = new = path.read_text(encoding="utf-8")
-        for (where, name), table in tables.items():
+        for (where, name), make in generated_tables().items():
             start, end = f"<!-- {name} start -->\n", f"<!-- {name} end -->"
             if where == page:
                 head, rest = new.split(start, 1)
-                new = head + start + table.strip("\n") + "\n" + end + rest.split(end, 1)[1]
+                new = head + start + make().strip("\n") + "\n" + end + rest.split(end, 1)[1]
         if new != text:
             path.write_text(new, encoding="utf-8")
             changed.append(path)

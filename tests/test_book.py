@@ -312,7 +312,7 @@ def test_the_tables_command_rewrites_only_the_stale_generated_tables(tmp_path, m
     for page in GENERATED_PAGES:
         (tmp_path / page).parent.mkdir(parents=True, exist_ok=True)
         shutil.copy(ROOT / page, tmp_path / page)
-    monkeypatch.setattr(metabook.build, "generated_tables", lambda: {("README.md", "plan-table"): "| fresh |\n"})
+    monkeypatch.setattr(metabook.build, "generated_tables", lambda: {("README.md", "plan-table"): lambda: "| fresh |\n"})
     readme = (tmp_path / "README.md").read_text()
     assert write_generated_tables(tmp_path) == [tmp_path / "README.md"]
     after = (tmp_path / "README.md").read_text()

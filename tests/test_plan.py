@@ -200,11 +200,11 @@ def test_readme_shows_the_written_plan():
     """The README's table is `python -m metabook plan --summary`, not typed by hand."""
     from pathlib import Path
 
-    from metabook.plan import summary_markdown
+    from metabook.build import generated_tables
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = text.split("<!-- plan-table start -->\n")[1].split("<!-- plan-table end -->")[0].strip()
-    assert table == summary_markdown(read_plan()), "stale: run python -m metabook tables"
+    assert table == generated_tables()[("README.md", "plan-table")](), "stale: run python -m metabook tables"
 
 
 def test_writing_a_plan_replaces_only_the_chapters_and_presets_it_covers(tmp_path):
@@ -256,14 +256,12 @@ def test_plan_against_run_pairs_each_arm_with_its_planned_steps(synthetic):
 def test_readme_shows_the_plan_checked_against_the_converged_records():
     from pathlib import Path
 
-    from metabook.plan import plan_check_markdown
-    from metabook.results import latest_recorded
+    from metabook.build import generated_tables
 
     text = (Path(__file__).resolve().parent.parent / "README.md").read_text()
     table = text.split("<!-- plan-check start -->\n")[1].split("\n<!-- plan-check end -->")[0]
-    records = [r for c in ("local_losses", "instance_lr", "online_loss", "grad_instructor", "meta_hf")
-               if (r := latest_recorded(c, "converged")) is not None]
-    assert records and table == plan_check_markdown(records, read_plan()), "stale: run python -m metabook tables"
+    assert "@ converged |" in table, "no converged record in the plan check"
+    assert table == generated_tables()[("README.md", "plan-check")](), "stale: run python -m metabook tables"
 
 
 def test_readme_shows_the_planner_against_a_cpu_run_of_every_chapter():
