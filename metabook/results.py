@@ -229,6 +229,12 @@ def load_result(path: str | Path) -> dict:
     object raises RecordError naming it; a missing one, FileNotFoundError."""
     path = Path(path)
     path = path / "result.json" if path.is_dir() else path
+    record = _read_record(path)
+    _note_shown([path])
+    return record
+
+
+def _read_record(path: Path) -> dict:
     try:
         record = json.loads(path.read_bytes())
     except (ValueError, UnicodeDecodeError) as err:       # JSONDecodeError is a ValueError
@@ -241,17 +247,36 @@ def load_result(path: str | Path) -> dict:
     return record
 
 
-def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR) -> list[dict]:
-    """All recorded result.json files of a chapter under metabook/records/ (any preset), newest first.
-    A record that cannot be read is skipped with a one-line warning naming it."""
+# When this environment variable names a file, every record that a page reads (through load_result,
+# recorded_runs or latest_recorded's answer) is appended to it, one result.json path a line: the
+# book's build sets it, and a test checks that each committed record is read by some page.
+SHOWN_LOG = "METABOOK_SHOWN_RECORDS"
+
+
+def _note_shown(paths) -> None:
+    if log := os.environ.get(SHOWN_LOG):
+        with open(log, "a") as f:
+            f.writelines(f"{Path(p).resolve()}\n" for p in paths)
+
+
+def _recorded_runs(chapter: str, results_dir: str | Path) -> list[tuple[Path, dict]]:
+    """(path, record) of each of a chapter's recorded runs, newest first (see recorded_runs)."""
     runs = []
     for p in sorted(Path(results_dir).glob("**/result.json")):
         try:
-            runs.append(load_result(p))
+            runs.append((p, _read_record(p)))
         except (RecordError, OSError) as err:
-            warnings.warn(f"skipped a recorded run: {err}", stacklevel=2)
-    runs = [r for r in runs if r.get("chapter") == chapter]
-    return sorted(runs, key=lambda r: str(_field(r, "provenance").get("date", "")), reverse=True)
+            warnings.warn(f"skipped a recorded run: {err}", stacklevel=3)
+    runs = [(p, r) for p, r in runs if r.get("chapter") == chapter]
+    return sorted(runs, key=lambda pr: str(_field(pr[1], "provenance").get("date", "")), reverse=True)
+
+
+def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR) -> list[dict]:
+    """All recorded result.json files of a chapter under metabook/records/ (any preset), newest first.
+    A record that cannot be read is skipped with a one-line warning naming it."""
+    runs = _recorded_runs(chapter, results_dir)
+    _note_shown(p for p, _ in runs)
+    return [r for _, r in runs]
 
 
 def _field(record: dict, key: str) -> dict:
@@ -274,10 +299,11 @@ def latest_recorded(chapter: str, preset: str, results_dir: str | Path = RESULTS
             budget = chapter_config(chapter, preset)["epochs"]
         except ConfigError:       # a chapter without a converged preset has no such record
             return None
-    runs = [r for r in recorded_runs(chapter, results_dir) if r.get("preset") == preset
+    runs = [(p, r) for p, r in _recorded_runs(chapter, results_dir) if r.get("preset") == preset
             and all(_as_text(_field(r, "config").get(k)) == _as_text(v) for k, v in (where or {}).items())
             and (where or not r.get("overrides")) and budget in (None, _field(r, "config").get("epochs"))]
-    return runs[0] if runs else None
+    _note_shown(p for p, _ in runs[:1])
+    return runs[0][1] if runs else None
 
 
 def _as_text(value):

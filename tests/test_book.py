@@ -25,6 +25,7 @@ from metabook.build import (PRESETS, STATS_PAGE, BuildError, build_book, chapter
                             execution_statistics_markdown, expected_seconds, kernel_environment, solutions_version,
                             student_version, tag_for_rendering, temporary_environ,
                             write_execution_statistics, write_student_versions)
+from metabook.results import RESULTS_DIR, SHOWN_LOG
 from metabook.teach import chapter_times_markdown, chapter_words, reading_minutes, run_seconds
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -762,7 +763,10 @@ def built():
     build_dir = ROOT / "_build" / "test"
     # Real CIFAR-10 when METABOOK_DATA is set (as in CI); explicit synthetic data otherwise.
     params = {} if os.environ.get("METABOOK_DATA") else {"DATASET": "synthetic"}
-    build_book(preset="smoke", root=ROOT, build_dir=build_dir, parameters=params)
+    shown = build_dir / "records_read.txt"           # every record a chapter reads (results.SHOWN_LOG)
+    shown.unlink(missing_ok=True)
+    with temporary_environ({**os.environ, SHOWN_LOG: str(shown)}):
+        build_book(preset="smoke", root=ROOT, build_dir=build_dir, parameters=params)
     return build_dir
 
 
@@ -778,6 +782,25 @@ def test_every_chapter_executes_and_renders(built):
         assert (html / "book" / f"{path.stem}.html").exists(), f"{path.stem}.html missing"
         executed = nbformat.read(built / "executed" / path.name, as_version=4)
         assert all(c.execution_count for c in _code_cells(executed)), f"{path.stem} not all run"
+
+
+@pytest.mark.book
+def test_every_committed_record_is_read_by_a_page(built, monkeypatch):
+    """Issue 19: a record that no page shows any more is removed. The chapters' kernels log each
+    record they read while the book builds; the generated tables of intro.md and README.md read
+    the rest here."""
+    from metabook.build import generated_tables
+    log = built / "records_read.txt"
+    assert log.exists(), "the build logged no record read: did the chapters stop reading records?"
+    chapters_read = set(log.read_text().split())
+    monkeypatch.setenv(SHOWN_LOG, str(log))
+    for make in generated_tables().values():
+        make()
+    read = set(log.read_text().split())
+    committed = {str(p.resolve()) for p in Path(RESULTS_DIR).glob("**/result.json")}
+    assert len(chapters_read & committed) >= len(committed) // 2      # the chapters read most of them
+    orphans = sorted(str(Path(p).relative_to(Path(RESULTS_DIR).resolve()).parent) for p in committed - read)
+    assert not orphans, f"records that no page reads (remove them, or show them): {orphans}"
 
 
 @pytest.mark.book

@@ -179,6 +179,25 @@ def test_latest_recorded_picks_the_newest_record_whose_config_matches(tmp_path):
     assert latest_recorded("instance_lr", "gpu", tmp_path) is None
 
 
+def test_the_shown_log_names_the_records_a_page_reads_and_only_those(tmp_path, monkeypatch):
+    from metabook.results import SHOWN_LOG, latest_recorded, load_result, recorded_runs, write_result
+    for name, kind, date in [("a", "symmetric", "2026-11-01"), ("b", "pairflip", "2026-11-02"),
+                             ("c", "symmetric", "2026-11-03")]:
+        write_result({"chapter": "instance_lr", "preset": "cpu", "name": name, "config": {"noise.kind": kind},
+                      "provenance": {"date": date}}, tmp_path / "records" / name)
+    write_result({"chapter": "baseline", "preset": "cpu", "provenance": {"date": "2026-11-04"}}, tmp_path / "records" / "e")
+    log = tmp_path / "read.txt"
+    monkeypatch.setenv(SHOWN_LOG, str(log))
+    read = lambda: [Path(p).parent.name for p in log.read_text().split()] if log.exists() else []
+    latest_recorded("instance_lr", "cpu", tmp_path / "records", where={"noise.kind": "pairflip"})
+    assert read() == ["b"]                        # the answer only, not every record it looked at
+    latest_recorded("instance_lr", "gpu", tmp_path / "records")
+    assert read() == ["b"]
+    recorded_runs("baseline", tmp_path / "records")
+    load_result(tmp_path / "records" / "a")
+    assert read() == ["b", "e", "a"]
+
+
 def test_a_probe_record_is_found_only_when_asked_for(tmp_path, synthetic):
     """A run with --set overrides keeps them in its record; without a `where` the chapter's record
     at the preset stays the newest run of the preset as it is."""
