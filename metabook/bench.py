@@ -39,6 +39,8 @@ class _LiveStorages:
     def track(self, t: torch.Tensor) -> torch.Tensor:
         import weakref
 
+        if isinstance(t, torch._subclasses.FakeTensor):     # torch.func.linearize traces with these: no memory
+            return t
         try:
             storage = t.untyped_storage()
             key, nbytes = (t.device.type, storage.data_ptr()), storage.nbytes()

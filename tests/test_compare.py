@@ -26,6 +26,20 @@ def test_peak_tensor_bytes_counts_temporaries_alive_together_once():
     assert peak_tensor_bytes(lambda: [a * 2 for _ in range(3)]) == 3 * mib
 
 
+def test_peak_tensor_bytes_skips_the_fake_tensors_that_linearize_traces_with():
+    """torch.func.linearize (the Gauss-Newton products of chapter 7 on a CPU) traces its function
+    with FakeTensors, which hold no memory; reading their data pointer warns (and is to become an
+    error, which the meter would have turned into counting their full size)."""
+    import warnings
+
+    x, v = torch.randn(1 << 18), torch.ones(1 << 18)
+    f = lambda x: torch.tanh(x * 2).sum()
+    with warnings.catch_warnings():
+        warnings.filterwarnings("error", message="Accessing the data pointer of FakeTensor")
+        linearized = peak_tensor_bytes(lambda: torch.func.linearize(f, x)[1](v))
+    assert linearized < 8 * x.numel() * x.element_size()    # real tensors only: a handful of x-sized ones
+
+
 def test_peak_tensor_bytes_sees_inside_torch_func_transforms():
     from torch.func import functional_call, vjp
 
