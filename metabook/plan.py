@@ -9,8 +9,9 @@ one-off stage, at a preset:
     peak_bytes  two real-size steps under the runner's own meter (train.step_peak_bytes: the
                 tensor meter on the CPU, the allocator on CUDA); one-off: its stage, measured
     seconds     device -> seconds. `cpu`: measured here (median of real steps, one evaluation,
-                as this process's CPU time: robust to other jobs; with one thread, the wall-clock
-                of this machine idle, an upper bound for two cores). The GPUs: estimated as flops / throughput +
+                as this process's CPU time: other jobs change it far less than the wall-clock; with
+                one thread, the wall-clock of this machine idle, an upper bound for two cores; a
+                measure of this machine: the project's machines have differed twofold). The GPUs: estimated as flops / throughput +
                 kernel launches x latency, at the throughput and latency DEVICES assumes.
 
 A one-off stage (Method.prepare) is measured at a small number of its units and at twice that
@@ -137,7 +138,7 @@ def counted(fn) -> Cost:
 
 def timed(fn, device: torch.device, repeats: int = 1) -> float:
     """Median seconds of `repeats` calls of fn() (NaN for none): on CUDA the wall-clock; on the
-    CPU this process's CPU time, which other jobs on the machine hardly change (with one thread
+    CPU this process's CPU time, which other jobs on the machine change far less (with one thread
     it is the wall-clock of an idle machine; with more it is their sum, a safe upper bound)."""
     if repeats == 0:
         return float("nan")
@@ -366,7 +367,7 @@ def plan_against_run(record: dict, rows: list[dict]) -> list[dict]:
     """The planner checked against a recorded run of the same config on the CPU: per arm, the
     planned seconds of its training steps (one CPU thread, evaluations left out) and of its
     one-off stage against the run's measured ones (seed means: CPU seconds where the record kept
-    them, robust to other jobs; else wall-clock, `measured_as`), and measured / planned. Rows whose
+    them, less moved by other jobs; else wall-clock, `measured_as`), and measured / planned. Rows whose
     config hash differs from the run's arm are skipped (the plan is of another config). Knobs added
     after the run was recorded take the preset's values (the run did what their defaults do), and
     so does `same_time_steps` (a replay of the same-time arm's budget: its measured steps are read

@@ -414,7 +414,7 @@ class ArmSummary:
 class StepTimer:
     """Seconds of each timed region. On CUDA: a pair of events per region, read once per window
     (no synchronisation per step); elsewhere perf_counter, and the process's CPU seconds in the
-    regions (`cpu`: what the planner's cpu column estimates, robust to other jobs on the machine)."""
+    regions (`cpu`: what the planner's cpu column estimates, less moved by other jobs than wall-clock)."""
 
     def __init__(self, device: torch.device):
         self.cuda = device.type == "cuda"
