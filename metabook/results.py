@@ -271,10 +271,13 @@ def _recorded_runs(chapter: str, results_dir: str | Path) -> list[tuple[Path, di
     return sorted(runs, key=lambda pr: str(_field(pr[1], "provenance").get("date", "")), reverse=True)
 
 
-def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR) -> list[dict]:
-    """All recorded result.json files of a chapter under metabook/records/ (any preset), newest first.
+def recorded_runs(chapter: str, results_dir: str | Path = RESULTS_DIR, preset: str | None = None,
+                  seeds: int | None = None) -> list[dict]:
+    """The recorded result.json files of a chapter under metabook/records/, newest first: all of them,
+    or those of one preset and/or with that many seeds (only these count as read by the page).
     A record that cannot be read is skipped with a one-line warning naming it."""
-    runs = _recorded_runs(chapter, results_dir)
+    runs = [(p, r) for p, r in _recorded_runs(chapter, results_dir) if preset in (None, r.get("preset"))
+            and seeds in (None, len(r.get("seeds") or ()))]
     _note_shown(p for p, _ in runs)
     return [r for _, r in runs]
 
