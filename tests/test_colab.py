@@ -17,6 +17,7 @@ import re
 import shutil
 import signal
 import subprocess
+import zipfile
 import sys
 import sysconfig
 import time
@@ -152,7 +153,7 @@ def _fresh_venv(where: Path) -> Path:
 def _package_copy(where: Path) -> Path:
     """The files pip needs to build metabook, copied (an in-tree build writes build/ and *.egg-info)."""
     where.mkdir(parents=True)
-    for name in ("pyproject.toml", "README.md"):
+    for name in ("pyproject.toml", "README.md", "LICENSE"):
         shutil.copy2(ROOT / name, where / name)
     shutil.copytree(ROOT / "metabook", where / "metabook",
                     ignore=shutil.ignore_patterns("__pycache__", "*.pyc", "*.egg-info"))
@@ -189,6 +190,21 @@ def test_installing_like_the_install_cell_leaves_the_preinstalled_torch_alone(tm
     assert _ask(python, TORCH, tmp_path) == before
     where = _ask(python, "import json, metabook; print(json.dumps(metabook.__file__))", tmp_path)
     assert where.startswith(str(tmp_path / "venv")), where
+
+
+def test_the_package_builds_without_deprecation_warnings_and_names_its_licence(tmp_path):
+    """setuptools stops building deprecated metadata (a `project.license` table) in 2027; the
+    wheel must build without its warnings and carry the licence as an SPDX expression and file."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", str(_package_copy(tmp_path / "src")), "-w", str(tmp_path / "dist")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
+    with zipfile.ZipFile(next((tmp_path / "dist").glob("metabook-*.whl"))) as wheel:
+        names = wheel.namelist()
+        metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
+    assert "License-Expression: MIT" in metadata.splitlines()
+    assert any(n.endswith("licenses/LICENSE") for n in names), names
 
 
 @pytest.fixture(scope="module")
