@@ -18,6 +18,12 @@ A one-off stage (Method.prepare) is measured at a small number of its units and 
 (Method.one_off_units: one or more config keys) and extrapolated linearly to the configured numbers. Estimates are per
 seed; a chapter's total multiplies by its seeds. `benchmarks/gpu_check.py` compares the GPU rows
 with measured steps when a GPU is at hand.
+
+FLOPs, launches and peaks are of the path the planning machine runs. Where a method's path depends
+on the device, a CPU planning prices the GPUs from the CPU's path: HF's Gauss-Newton products are
+linearized on a slow CPU and stay `jvp`s on a GPU (meta_hf.GaussNewton), so a CPU re-plan of
+meta_hf counts fewer FLOPs and launches and a larger peak than a GPU runs. meta_hf's written rows
+predate the linearization (the `jvp` path).
 """
 from __future__ import annotations
 
