@@ -17,11 +17,11 @@ import re
 import shutil
 import signal
 import subprocess
-import zipfile
 import sys
 import sysconfig
 import time
 import venv
+import zipfile
 from pathlib import Path
 
 import nbformat
