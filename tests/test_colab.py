@@ -160,6 +160,15 @@ def _package_copy(where: Path) -> Path:
     return where
 
 
+def _build_wheel(where: Path) -> tuple[Path, str]:
+    """(the wheel, pip's stderr) of metabook built offline from a copy of this checkout under `where`."""
+    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
+                           "--no-index", str(_package_copy(where / "src")), "-w", str(where / "dist")],
+                          capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    return next((where / "dist").glob("metabook-*.whl")), proc.stderr
+
+
 def _pip(python: Path, *args: str) -> subprocess.CompletedProcess:
     """pip of this environment acting on `python`'s environment, offline."""
     return subprocess.run([sys.executable, "-m", "pip", "--python", str(python), "--disable-pip-version-check",
@@ -195,12 +204,9 @@ def test_installing_like_the_install_cell_leaves_the_preinstalled_torch_alone(tm
 def test_the_package_builds_without_deprecation_warnings_and_names_its_licence(tmp_path):
     """setuptools stops building deprecated metadata (a `project.license` table) in 2027; the
     wheel must build without its warnings and carry the licence as an SPDX expression and file."""
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", str(_package_copy(tmp_path / "src")), "-w", str(tmp_path / "dist")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    assert "Warning" not in proc.stderr, proc.stderr[-3000:]
-    with zipfile.ZipFile(next((tmp_path / "dist").glob("metabook-*.whl"))) as wheel:
+    built, stderr = _build_wheel(tmp_path)
+    assert "Warning" not in stderr, stderr[-3000:]
+    with zipfile.ZipFile(built) as wheel:
         names = wheel.namelist()
         metadata = wheel.read(next(n for n in names if n.endswith(".dist-info/METADATA"))).decode()
     assert "License-Expression: MIT" in metadata.splitlines()
@@ -211,11 +217,7 @@ def test_the_package_builds_without_deprecation_warnings_and_names_its_licence(t
 def wheel_venv(tmp_path_factory):
     """A fresh venv with metabook installed from a wheel built from this checkout. Its python."""
     tmp = tmp_path_factory.mktemp("wheel")
-    proc = subprocess.run([sys.executable, "-m", "pip", "wheel", "-q", "--no-deps", "--no-build-isolation",
-                           "--no-index", str(_package_copy(tmp / "src")), "-w", str(tmp / "dist")],
-                          capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
-    wheel = next((tmp / "dist").glob("metabook-*.whl"))
+    wheel, _ = _build_wheel(tmp)
     python = _fresh_venv(tmp)
     proc = _pip(python, "install", "-q", "--no-deps", str(wheel))
     assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
