@@ -20,6 +20,7 @@ device), NaN checks, checkpoints, resume, and the one memory meter (`bench.peak_
 from __future__ import annotations
 
 import base64
+import contextvars
 import math
 import os
 import random
@@ -50,6 +51,17 @@ class RunError(RuntimeError):
     """A run cannot start or go on because of its state on disk (a checkpoint or finished run of
     another config, a corrupt state file, an unwritable or locked output folder, a full disk).
     The message is one line naming the file and the fix."""
+
+
+# The planner prices the GPUs from FLOPs and launches it counts wherever it runs. A method whose step
+# takes another path on a GPU than on this CPU (meta_hf.GaussNewton linearizes its products on a
+# slow CPU) asks gpu_path(device) which to take; plan.counted sets COUNTING_FOR_GPU while it counts.
+COUNTING_FOR_GPU = contextvars.ContextVar("COUNTING_FOR_GPU", default=False)
+
+
+def gpu_path(device: torch.device) -> bool:
+    """Whether a step on `device` takes a GPU's path: on CUDA, and wherever the planner counts."""
+    return device.type == "cuda" or COUNTING_FOR_GPU.get()
 
 
 # ----------------------------------------------------------------------------- the contract

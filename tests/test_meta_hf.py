@@ -111,6 +111,29 @@ def test_gauss_newton_linearizes_only_after_a_slow_second_product_and_never_unde
     assert torch.equal(slow(v), first) and slow._linear is not None
 
 
+def test_the_planner_counts_gauss_newton_products_on_a_gpus_path_wherever_it_runs(monkeypatch):
+    """A slow product is linearized on the CPU, a GPU keeps `jvp`s; the planner's FLOPs and launches
+    price only the GPUs, so while it counts (plan.counted) a product is a `jvp` on any device, and
+    the CPU's own path comes back afterwards."""
+    from metabook.plan import counted
+
+    monkeypatch.setattr(meta_hf, "LINEARIZE_AFTER_S", -1.0)          # every jvp counts as slow
+    model = tiny_mlp()
+    x, y, _, _ = weighted_problem()
+    v = torch.ones(sum(p.numel() for p in model_params(model).values()), dtype=torch.float64)
+
+    def products(linear=None):
+        G = GaussNewton(model, model_params(model), x, y, linear=linear)
+        for _ in range(4):
+            G(v)
+        return G
+
+    jvps, linearized, planned = counted(lambda: products(False)), counted(lambda: products(True)), counted(products)
+    assert (planned.flops, planned.launches) == (jvps.flops, jvps.launches)
+    assert linearized.launches != jvps.launches                        # the two paths differ in what they count
+    assert products().trace is True and products()._linear is not None  # not counting: the CPU's path
+
+
 def test_gauss_newton_equals_the_hessian_for_linear_softmax_regression():
     """Logits linear in theta: the Gauss-Newton matrix is the exact Hessian (checks H_L itself)."""
     torch.manual_seed(1)

@@ -25,7 +25,7 @@ from torch.func import jvp, linearize, vjp
 from ..config import ConfigError, knob, section
 from ..data import Batch
 from ..meta import Params, forward, model_params
-from ..train import Arm, Context, Experiment, Method, NonFiniteError, run_experiment
+from ..train import Arm, Context, Experiment, Method, NonFiniteError, gpu_path, run_experiment
 from .baseline import Baseline
 
 Vector = torch.Tensor          # a flat (P,) vector in the parameter dict's order
@@ -70,9 +70,10 @@ class GaussNewton:
     longer than LINEARIZE_AFTER_S, the rest are linearized (`torch.func.linearize`): the same
     numbers bitwise, and after a trace of about 0.7 s each J v skips the forward pass. For the cpu
     preset's net on one CPU thread that is 45 ms against 140, and an HF step about 15% shorter;
-    for small nets, and on a GPU (whose kernels run asynchronously), the `jvp` is fast and stays.
-    A product that autograd must see through (v needs a gradient: MLHF's meta-training) is always
-    a `jvp`. `linear` (True / False) decides for the others instead."""
+    for small nets the `jvp` is fast and stays. On a GPU (whose kernels run asynchronously), and
+    while the planner counts a GPU's FLOPs (train.gpu_path), every product is a `jvp`. A product
+    that autograd must see through (v needs a gradient: MLHF's meta-training) is always a `jvp`.
+    `linear` (True / False) decides for the others instead."""
 
     def __init__(self, model: torch.nn.Module, params: Params, x: torch.Tensor, y: torch.Tensor,
                  weight_decay: float = 0.0, linear: bool | None = None):
@@ -81,7 +82,7 @@ class GaussNewton:
         self.logits, self._pullback = vjp(self.logits_of, self.params)   # (m, C), J^T
         self.probs = F.softmax(self.logits.detach(), dim=1)      # (m, C)
         self.y, self.weight_decay = y, weight_decay
-        self.trace = linear              # linearize the products autograd need not see through: True, False, None = by time
+        self.trace = False if linear is None and gpu_path(x.device) else linear   # True, False, None = by time
         self._linear, self._jvps = None, 0   # the linearized J v once traced; jvps timed so far
 
     def jv(self, v: Vector) -> torch.Tensor:
