@@ -45,20 +45,22 @@ def plot_depth_sweep(ax, record: dict, label: str = "") -> None:
 
 
 def plot_arms(ax, record: dict, x: str = "epoch", key: str = "test_acc", arms: list[str] | None = None) -> None:
-    """`key` (an accuracy, shown in %) of each arm against `x` ('epoch' or 'elapsed_s', shown in
-    minutes), the mean over seeds, with the seeds' range as a band when there are several."""
+    """`key` of each arm's history (an accuracy `*_acc` shown in %, else as it is, e.g.
+    'train_loss') against `x` ('epoch' or 'elapsed_s', shown in minutes), the mean over seeds, with
+    the seeds' range as a band when there are several."""
     import numpy as np
 
+    scale = 100 if key.endswith("_acc") else 1
     for name in arms or list(record["arms"]):
         runs = list(record["arms"][name]["history"].values())
         n = min(len(h) for h in runs)
         xs = np.mean([[row[x] for row in h[:n]] for h in runs], axis=0) / (60 if x == "elapsed_s" else 1)
-        ys = 100 * np.array([[row[key] for row in h[:n]] for h in runs])
+        ys = scale * np.array([[row[key] for row in h[:n]] for h in runs])
         line, = ax.plot(xs, ys.mean(0), "o-", ms=3, label=name)
         if len(runs) > 1:
             ax.fill_between(xs, ys.min(0), ys.max(0), color=line.get_color(), alpha=0.2)
     ax.set_xlabel("training time (min)" if x == "elapsed_s" else x)
-    ax.set_ylabel(f"{key.replace('_', ' ')} (%)")
+    ax.set_ylabel(key.replace("_", " ") + (" (%)" if scale == 100 else ""))
     ax.legend(fontsize=7)
 
 
