@@ -8,6 +8,7 @@ package as data (metabook/records/), so an installed wheel shows them too.
 from __future__ import annotations
 
 import datetime as _dt
+import functools
 import json
 import math
 import os
@@ -70,8 +71,6 @@ def paired_difference(record: dict, arm: str, reference: str, metric: str = "hel
     interval: "ahead" above zero, "behind" below, else "not resolved"; with one seed it is always
     "not resolved" (the images' interval says nothing of another training run).
     Returns {diffs, mean, lo, hi, n_seeds, n_images, method, metric, verdict}."""
-    from .train import unpack_bits
-
     a, b = record["arms"][arm], record["arms"][reference]
     if metric not in a or metric not in b:
         raise RecordError(f"{metric} is not in arms {arm!r} and {reference!r} of this record "
@@ -85,15 +84,8 @@ def paired_difference(record: dict, arm: str, reference: str, metric: str = "hel
         lo, hi, how = mean - half, mean + half, f"t-interval over {n} seeds"
     elif bits:
         seeds = list(a["heldout_correct"])
-        d = np.stack([unpack_bits(a["heldout_correct"][s], n_images).astype(np.int8)
-                      - unpack_bits(b["heldout_correct"][s], n_images).astype(np.int8) for s in seeds])  # (S, N)
-        rng, draws = np.random.default_rng(seed), []
-        for start in range(0, boot, 250):
-            k = min(250, boot - start)
-            images = rng.multinomial(n_images, np.full(n_images, 1 / n_images), size=k)      # (k, N)
-            seed_w = rng.multinomial(n, np.full(n, 1 / n), size=k)                             # (k, S)
-            draws.append(((d @ images.T).T * seed_w).sum(1) / (n * n_images))
-        lo, hi = np.quantile(np.concatenate(draws), [(1 - level) / 2, (1 + level) / 2])
+        lo, hi = _bootstrap(tuple(a["heldout_correct"][s] for s in seeds),
+                            tuple(b["heldout_correct"][s] for s in seeds), n_images, level, boot, seed)
         how = f"bootstrap over {n} seed{'s' if n > 1 else ''} and {n_images:,} held-out images ({boot:,} draws)"
     else:
         lo, hi, how = float("nan"), float("nan"), "one seed, no per-image record: no interval"
@@ -102,6 +94,24 @@ def paired_difference(record: dict, arm: str, reference: str, metric: str = "hel
         verdict, how = "not resolved", how + "; one seed: no verdict"
     return {"diffs": [float(x) for x in diffs], "mean": mean, "lo": float(lo), "hi": float(hi), "n_seeds": n,
             "n_images": int(n_images) if bits else None, "method": how, "metric": metric, "verdict": verdict}
+
+
+@functools.lru_cache(maxsize=256)      # a page asks for one pair up to three times; each takes ~1 s
+def _bootstrap(a_bits: tuple, b_bits: tuple, n_images: int, level: float, boot: int, seed: int) -> tuple:
+    """paired_difference's bootstrap interval over seeds and images, from each seed's packed
+    per-image correctness of the two arms: (lo, hi)."""
+    from .train import unpack_bits
+
+    n = len(a_bits)
+    d = np.stack([unpack_bits(x, n_images).astype(np.int8) - unpack_bits(y, n_images).astype(np.int8)
+                  for x, y in zip(a_bits, b_bits)])                                          # (S, N)
+    rng, draws = np.random.default_rng(seed), []
+    for start in range(0, boot, 250):
+        k = min(250, boot - start)
+        images = rng.multinomial(n_images, np.full(n_images, 1 / n_images), size=k)      # (k, N)
+        seed_w = rng.multinomial(n, np.full(n, 1 / n), size=k)                             # (k, S)
+        draws.append(((d @ images.T).T * seed_w).sum(1) / (n * n_images))
+    return tuple(np.quantile(np.concatenate(draws), [(1 - level) / 2, (1 + level) / 2]))
 
 
 def format_difference(d: dict, unit: str = "", no_interval: str = "", mean: bool = True) -> str:
