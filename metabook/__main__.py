@@ -1,25 +1,10 @@
-"""The command line. The notebooks call the same functions, so both give the same numbers.
-
-    python -m metabook run CHAPTER --preset {smoke,cpu,converged,gpu,paper,auto} [--seed N] [--seeds K]
-                                   [--out DIR] [--set key=value ...]
-    python -m metabook bench [--preset cpu] [--seeds N] [--out DIR] [--set key=value ...]
-                                   # every method against its baseline, same budget: one table
-    python -m metabook config CHAPTER --preset cpu [--set key=value ...] [--json]  # every key explained
-    python -m metabook plan [CHAPTER ...] --preset P [--seeds K] [--json] [--write FILE]
-                                   # steps, FLOPs, peak memory and time on a few devices, before running
-    python -m metabook sweep CHAPTER [CHAPTER ...] --preset P [--seeds K] [--set k=v ...] [--grid k=v1,v2 ...]
-                             --out DIR [--engine local|ray|slurm]   # arms x seeds as units on an engine
-    python -m metabook build [--preset smoke|cpu|gpu|auto]                  # execute chapters, render the book
-    python -m metabook build [--no-solutions]                               # the public book without solutions
-    python -m metabook student OUT_DIR [--src book] [--solutions DIR]       # notebooks without solutions,
-                                   # checks kept; the solutions set in DIR (default OUT_DIR-solutions)
-    python -m metabook tables      # after a record lands: rewrite the landing page's and README's
-                                   # generated tables (verdicts, plan against the records, plan summary)
+"""metabook's command line (`python -m metabook COMMAND --help`). The notebooks call the same
+functions, so both give the same numbers.
 
 An expected failure (bad input, a bad data file, no download, a diverged or interrupted run, a
-broken book source) ends in one line on stderr, `error: <cause>; <fix>`, and a non-zero exit
-code: 2 for bad input (config, arguments, data), 1 for the others, 130 for Ctrl-C. Anything
-else is a bug and shows its traceback.
+broken book source) ends in one line on stderr, `error: <cause>; <fix>`, and exit code 2 for bad
+input (config, arguments, data), 1 for the others, 130 for Ctrl-C. Anything else is a bug and
+shows its traceback.
 """
 from __future__ import annotations
 
@@ -40,7 +25,7 @@ def _one_line(err) -> str:
     return " ".join(str(err).split())
 
 
-def _parser() -> argparse.ArgumentParser:
+def parser() -> argparse.ArgumentParser:
     p = _Parser(prog="python -m metabook", description=__doc__.split("\n\n")[0])
     sub = p.add_subparsers(dest="command", required=True)
     run = sub.add_parser("run", help="run a chapter's experiment and write DIR/result.json")
@@ -112,7 +97,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    args = _parser().parse_args(argv)
+    args = parser().parse_args(argv)
     try:
         return _main(args)
     except KeyboardInterrupt as err:

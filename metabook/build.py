@@ -1,32 +1,10 @@
-"""Build the book: execute every chapter with papermill, then render it with Jupyter Book 1.x.
-
-`python -m metabook build --preset smoke` calls `build_book`. It proceeds in four steps:
-
-1. Copy the book sources (`_config.yml`, `_toc.yml`, `book/`) into `_build/src/`. The committed
-   notebooks have no outputs, and they stay that way.
-2. Execute each chapter listed in `_toc.yml` in place, in that copy, with papermill. The
-   parameter `PRESET` is injected, and the kernel's working directory is the notebook's folder.
-   The kernel inherits the environment, so `METABOOK_DATA` reaches it. The first chapter that
-   raises stops the build with a `BuildError` that names the chapter and the cell.
-3. Keep a copy of each executed notebook in `_build/executed/` for nbval. Record the preset and
-   the seconds per chapter in `_build/build_report.json`.
-4. Tag the copies for rendering, then run `jupyter-book build -W -n --keep-going`, so that any
-   Sphinx warning fails the build. The HTML lands in `_build/html/`.
-
-Tagging for rendering hides solution cells (tag `solution`) behind a "Show solution" toggle,
-folds away the cell papermill injects (tag `injected-parameters`), and shows each progress bar as
-its final line. Jupyter Book never executes anything itself: `execute_notebooks` is "off" in
-`_config.yml`.
-
-`write_student_versions` writes the exercise copies of the notebooks, with the solution cells
-removed and the outputs cleared, and (separately) the solutions set a teacher keeps.
-`build_book(solutions=False)` renders the book without the solution cells.
-
-Exercises with a check (chapters' Exercises sections): a code cell tagged `scaffold` that the
-student completes (it runs, and leaves a `NotImplementedError` or `None` for the check to trip on),
-the solution cell (tagged `solution`), then a code cell tagged `check` that asserts the answer.
-All three carry the exercise's number in `metadata.exercise` ("4.2"); tests/test_book.py runs
-every check after its scaffold (it must fail) and after its solution (it must pass).
+"""Build the book (`python -m metabook build`, `make book`): copy the sources to _build/src, execute
+each chapter of _toc.yml there with papermill (PRESET injected; the first failing cell stops the
+build with a BuildError naming it), keep the executed copies for nbval, tag them for rendering
+(solutions behind a toggle, the injected cell folded) and run `jupyter-book build -W -n`, so any
+Sphinx warning fails the build; Jupyter Book executes nothing itself. Also here: the student and
+solutions versions of the notebooks, whose exercises are a `scaffold` cell, a `solution` cell and a
+`check` cell (metadata.exercise = "4.2"), and the generated tables of the landing page and README.
 """
 
 from __future__ import annotations
@@ -486,10 +464,6 @@ PLANS = "plans.json"      # the planner's estimates, package data: metabook/plan
 PRESET_DEVICES = {"cpu": ("cpu",), "gpu": ("t4",)}
 
 
-def _minutes(seconds: float) -> str:
-    return f"{seconds / 60:.0f} min" if seconds < 5400 else f"{seconds / 3600:.1f} h"
-
-
 def next_steps_message(plans: str | Path | None = None) -> str:
     """What `make book` prints last: how to execute the chapters at `cpu` or `gpu`, with the
     planner's estimated time for each (seconds per seed, as the chapters run one seed, summed over
@@ -497,6 +471,8 @@ def next_steps_message(plans: str | Path | None = None) -> str:
     or a bare list of rows {chapter, preset, arm, steps, flops, peak_bytes, seconds: {device: s}}.
     Without that file it names the command that prints the estimates."""
     from importlib import resources
+
+    from .teach import duration
 
     path = Path(plans) if plans is not None else Path(str(resources.files("metabook") / PLANS))
     head = "To execute the chapters at a real budget (the prose discusses the recorded cpu runs either way):"
@@ -521,8 +497,8 @@ def next_steps_message(plans: str | Path | None = None) -> str:
             continue
         for device, per in totals.items():
             slowest = max(per, key=per.get)
-            lines.append(f"  make book PRESET={preset:4s}   # planned on {device}: {_minutes(sum(per.values()))} "
-                         f"in all; longest: {slowest}, {_minutes(per[slowest])}")
+            lines.append(f"  make book PRESET={preset:4s}   # planned on {device}: {duration(sum(per.values()))} "
+                         f"in all; longest: {slowest}, {duration(per[slowest])}")
     lines.append("Per chapter and arm: python -m metabook plan --preset cpu   (or gpu)")
     return "\n".join(lines)
 
@@ -538,7 +514,7 @@ def execution_statistics_markdown(report: dict, rows: list[dict]) -> str:
     the seconds and status per chapter) and the written plan's rows (plan.read_plan): one table,
     a row per chapter, with the seconds this build took and the planner's seconds per seed at
     each preset it has rows for (on one CPU thread for smoke and cpu, on a T4 for the others)."""
-    from .teach import _fmt, run_seconds
+    from .teach import duration, run_seconds
 
     chapters = report.get("chapters", [])
     planned = {c["chapter"]: run_seconds(rows, c["chapter"]) for c in chapters}
@@ -558,20 +534,20 @@ def execution_statistics_markdown(report: dict, rows: list[dict]) -> str:
     total = 0.0
     for c in chapters:
         if c.get("status") == "executed" and isinstance(c.get("seconds"), (int, float)):
-            built = _fmt(c["seconds"])
+            built = duration(c["seconds"])
             total += c["seconds"]
         else:
             built = f"*{c.get('status', '?')}*"
         cells = [f"{{doc}}`{c['chapter']}`", built]
         for p in presets:
             sec = planned[c["chapter"]].get(p, {}).get(STATS_DEVICE[p])
-            cells.append(_fmt(sec) if sec is not None else "-")
+            cells.append(duration(sec) if sec is not None else "-")
         lines.append("| " + " | ".join(cells) + " |")
     jobs = report.get("jobs", 1)
     together = (f" They executed {jobs} at a time, each kernel with its share of the cores, so a chapter's "
-                f"time includes the machine's sharing, and the build took {_fmt(report['execution_seconds'])} "
+                f"time includes the machine's sharing, and the build took {duration(report['execution_seconds'])} "
                 f"of wall-clock." if jobs > 1 and "execution_seconds" in report else "")
-    lines += ["", f"The chapters executed in this build took {_fmt(total)} in all.{together}"]
+    lines += ["", f"The chapters executed in this build took {duration(total)} in all.{together}"]
     return "\n".join(lines) + "\n"
 
 

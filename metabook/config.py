@@ -1,20 +1,9 @@
-"""Configuration: typed knobs declared once, presets per chapter, one flat dict of dotted keys.
-
-Every knob is a field of a small dataclass (`knob`: type, default, valid range, one-line meaning).
-The shared knobs are `Run` (no prefix), `Noise` (noise.*) and `Target` (target.*); each chapter
-module lists its own sections in SECTIONS (e.g. instance_lr's `ILR`, keys ilr.*). A run's config
-is resolved in layers, each overriding the one before:
-
-    the sections' defaults  ->  the chapter's DEFAULTS  ->  PRESETS[preset]  ->  --set key=value
-
-into one flat dict of dotted keys, stored in every record so a run can be repeated; a method
-reads its own part back as its typed section with `section(cfg, ILR)`. An unknown key, preset or
-chapter, or a value of the wrong type or outside its range, raises ConfigError with one line that
-names the valid choices. `python -m metabook config CHAPTER` prints every key with its type,
-value, valid range and meaning.
-
-Plain dataclasses, not pydantic or tyro: the knobs are flat scalars and short lists, `--set` needs
-one small parser, and the package stays free of dependencies that Colab would have to install.
+"""Configuration: typed knobs declared once (`knob` fields of small dataclasses: type, default, valid
+range, one-line meaning), presets per chapter, and one flat dict of dotted keys, resolved as the
+sections' defaults -> the chapter's DEFAULTS -> PRESETS[preset] -> --set key=value. A method reads
+its part back with `section(cfg, ILR)`; a bad key or value raises ConfigError naming the valid
+choices; `python -m metabook config CHAPTER` prints every key. Plain dataclasses, not pydantic or
+tyro: the knobs are flat scalars and short lists, and Colab would have to install either.
 """
 from __future__ import annotations
 

@@ -1,12 +1,9 @@
 """Data: CIFAR-10/100 as uint8 arrays, splits, label noise, target distributions, a device loader.
 
 `load_dataset` reads `$METABOOK_DATA/<name>.npz` when METABOOK_DATA is set (nothing else then),
-else the cache or a checksum-verified download (metabook.download). Every file is checked
-(`check_arrays`; a bad one raises DataError naming it) and fingerprinted (`dataset_fingerprint`).
-`synthetic` data is generated only when asked for by name.
-
-The loader keeps a whole split on the device as uint8 (airbench's idea); crop, flip and
-normalisation run batched there. Epoch e's randomness comes from a generator seeded with
+else the cache or a checksum-verified download; every file is checked (a bad one raises DataError
+naming it). `synthetic` data only when asked for by name. The loader keeps a split on the device
+as uint8 (airbench's idea), augments batches there, and seeds epoch e's randomness with
 (seed, e), so an epoch replays exactly from any batch (bitwise resume).
 """
 from __future__ import annotations

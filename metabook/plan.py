@@ -1,30 +1,11 @@
 """The planner: what a chapter costs before it runs (`python -m metabook plan`).
 
-For every arm of every experiment a chapter runs (its `experiments(cfg)`), and for every arm's
-one-off stage, at a preset:
-
-    steps       the steps the loop will run (one-off: the stage's units, e.g. meta-training steps)
-    flops       FLOPs of one real-size step counted by torch.utils.flop_counter, times the steps,
-                plus the evaluations (test and validation passes and the method's diagnostics)
-    peak_bytes  two real-size steps under the runner's own meter (train.step_peak_bytes: the
-                tensor meter on the CPU, the allocator on CUDA); one-off: its stage, measured
-    seconds     device -> seconds. `cpu`: measured here (median of real steps, one evaluation,
-                as this process's CPU time: other jobs change it far less than the wall-clock; with
-                one thread, the wall-clock of this machine idle, an upper bound for two cores; a
-                measure of this machine: the project's machines have differed twofold). The GPUs: estimated as flops / throughput +
-                kernel launches x latency, at the throughput and latency DEVICES assumes.
-
-A one-off stage (Method.prepare) is measured at a small number of its units and at twice that
-(Method.one_off_units: one or more config keys) and extrapolated linearly to the configured numbers. Estimates are per
-seed; a chapter's total multiplies by its seeds. `benchmarks/gpu_check.py` compares the GPU rows
-with measured steps when a GPU is at hand.
-
-Where a method's step takes another path on a GPU (HF's Gauss-Newton products are linearized on a
-slow CPU and stay `jvp`s on a GPU: meta_hf.GaussNewton), FLOPs and launches are counted on the
-GPU's path wherever the planner runs (train.gpu_path), since they price only the GPUs; the `cpu`
-seconds and the training peak are of the planning machine's path (on the CPU the linearized
-products hold more memory: 189 MB against 130 for three of them on the CUDA-convnet at batch
-128). A one-off stage's peak is read while it is counted, on the GPU's path.
+For every arm and one-off stage of a chapter's experiments at a preset: its steps, FLOPs
+(torch.utils.flop_counter, per real-size step, plus the evaluations), peak memory (the runner's
+own meter, train.step_peak_bytes) and seconds: measured here as one thread's CPU time (`cpu`), and
+estimated for the GPUs of DEVICES from FLOPs and kernel launches, counted on a GPU's code path
+(train.gpu_path). One-off stages are measured at two small sizes and extrapolated linearly. The
+README compares the plan with real runs; benchmarks/gpu_check.py compares its GPU rows on a GPU.
 """
 from __future__ import annotations
 
@@ -185,7 +166,7 @@ def config_sha(cfg: dict) -> str:
     return hashlib.sha256(json.dumps(cost, sort_keys=True, default=str).encode()).hexdigest()[:12]
 
 
-def _evaluations(total: int, steps_per_epoch: int, eval_every: float) -> int:
+def evaluation_count(total: int, steps_per_epoch: int, eval_every: float) -> int:
     """How many times the loop evaluates in `total` steps (train.train's rule)."""
     every = max(1, round(eval_every * steps_per_epoch))
     return total // every + (total % every != 0)
@@ -262,8 +243,10 @@ def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: 
         total = data.total_steps(cfg)
         with torch.random.fork_rng(devices=[device] if device.type == "cuda" else []):
             step, evaluation, heldout = _step_and_eval(fresh_method(arm, cfg, data, seed), cfg, data, timed_steps)
-        peak, kind = step_peak_bytes(arm, cfg, data, seed)          # the runner's own number
-        n_eval = _evaluations(total, len(data.train), cfg["eval_every"])
+        # the runner's own number, on this machine's path: on a CPU, HF's linearized Gauss-Newton
+        # products hold more than a GPU's jvps (189 MB against 130 for three, CUDA-convnet, batch 128)
+        peak, kind = step_peak_bytes(arm, cfg, data, seed)
+        n_eval = evaluation_count(total, len(data.train), cfg["eval_every"])
         train_cost = step * total + evaluation * n_eval + heldout
         seconds = _sum_seconds(step * total, evaluation * n_eval + heldout)
         per_step[name] = (step, evaluation)
@@ -287,7 +270,7 @@ def plan_experiment(exp, preset: str, seed: int = 0, dataset=None, timed_steps: 
         budget = totals[exp.same_time_for]
         here = "cpu" if "cpu" in budget else "t4"
         steps = max(1, math.floor(budget[here] / max(step.seconds()[here], 1e-12)))
-        n_eval = _evaluations(steps, len(data.train), exp.cfg["eval_every"])
+        n_eval = evaluation_count(steps, len(data.train), exp.cfg["eval_every"])
         ref_row = next(r for r in rows if r.arm == exp.reference and r.stage == "train")
         cost = step * steps + evaluation * n_eval
         rows.append(PlanRow(chapter=exp.chapter, preset=preset, arm=f"{exp.reference}_same_time", stage="train",

@@ -1,37 +1,11 @@
-"""Sweeps: chapters x grid points x arms x seeds as independent units on an engine.
+"""Sweeps: chapters x grid points x arms x seeds as independent units on an engine
+(`python -m metabook sweep`; the README's "Sweeps" section and book/09_sweeps.ipynb show it).
 
-    python -m metabook sweep CHAPTER [CHAPTER ...] --preset P --seeds N [--set k=v ...]
-                             [--grid k=v1,v2 ...] --out DIR --engine local|ray|slurm
-
-A unit is one (chapter, grid point, arm, seed): it trains that arm for that seed exactly as
-`run_arms` would (train.run_arm_seed) and leaves RUN/runs/<arm>-seed<S>.json, where RUN is the
-grid point's run folder, OUT/<chapter>/result.json without --grid, OUT/<chapter>/<k=v,...>/ with
-one (chapter `compare` adds /<method>, as its own `run` does). When every unit of a run folder is
-done, the chapter's own `run_chapter` is called on it: it finds every (arm, seed) finished, trains
-nothing, and writes the result.json that `python -m metabook run` writes.
-
-Dependencies. `baseline_same_time` waits for its target arm of the same seed (it trains for the
-target's measured time: train.arm_seed_config). A one-off stage that arms share through
-RUN/cache (Grad-Instructor's critic, the ENN) is its own unit per seed (`stage-enn-<key>`), and
-the arms that use it wait for it; each such arm is charged the stage's seconds as its one-off
-cost, as if it had trained the stage itself (so the baseline at its wall-clock gets the same budget). A stage that belongs to one arm (AdaLFL's offline loss, MLHF's
-meta-training) runs inside that arm's unit, which checkpoints right after it.
-
-Faults. A unit whose worker dies is run again (at most --retries times) and resumes from its
-checkpoint; a finished unit (its runs/*.json exists) is never submitted again, so the same
-command with the same --out continues a stopped sweep; a unit that fails for a reason a retry
-cannot fix (ConfigError, NonFiniteError, RunError) is reported with its error, the others go on,
-and the sweep ends with one line naming it (exit code 1). On the local and Ray engines, Ctrl-C or
-a SIGINT sent to the sweep's process alone checkpoints every unit in flight, stops it, and exits
-130 (Slurm jobs run on). A per-unit lock (RUN/.units/, train.OutLock)
-keeps two workers of one machine from training the same unit; across machines the engine runs a
-unit once at a time (Ray and Slurm re-run one only after its worker died). On a cluster OUT must be
-a folder every node sees (a shared file system), and every node needs metabook installed.
-
-Engines: `local` (a process pool, --workers), `ray` (Ray tasks with their resources: CPUs, GPUs,
-memory from the written plan's estimate where it has a row for that arm and config; --address
-joins a running cluster, else a local Ray instance starts) and `slurm` (one submitit job per unit,
-see `slurm_parameters`).
+A unit is one (chapter, grid point, arm, seed), trained exactly as `run_arms` would
+(train.run_arm_seed); once every unit of a run folder is done, the chapter's own `run_chapter`
+writes its result.json from the finished runs. A unit waits for what it needs (the same-time
+baseline for its target, an arm for its shared one-off stage), is retried from its checkpoint when
+its worker dies, and never runs twice. Engines: local (a process pool), ray, slurm (submitit).
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
-"""The teaching kit's numbers: how long a chapter takes to read and to run.
-
-Each chapter's top cell calls `chapter_times("04_instance_lr")`, which shows a small table:
-
-    reading   the words of the chapter (Markdown and code cells, not the solution cells) at
-              WORDS_PER_MINUTE, rounded up to 5 minutes; counted from the notebook file when it is
-              at hand (the build, Jupyter from book/), else not shown (Colab opens a copy)
-    running   per preset, the written plan's seconds for one seed (metabook/plans.json, read with
-              plan.read_plan): every arm and one-off stage of the experiments the chapter runs
-              (plan.BOOK_CHAPTERS), measured on one CPU thread and estimated on a T4
-
-The plan covers the training runs only, not a chapter's toys and figures; the book's execution
-statistics page has whole-chapter times measured by the build.
+"""The teaching kit's numbers: how long a chapter takes to read and to run (`chapter_times`, in each
+chapter's top cell). Reading: the chapter's words, solutions excluded, at WORDS_PER_MINUTE, rounded
+up to 5 minutes (not shown where the notebook file is not at hand, as on Colab). Running: per
+preset, the written plan's seconds for one seed of the chapter's training runs
+(metabook/plans.json), not its toys and figures; the execution statistics page has whole-chapter
+times measured by the build.
 """
 from __future__ import annotations
 
@@ -35,7 +28,8 @@ def reading_minutes(words: int) -> int:
     return max(5, 5 * math.ceil(words / WORDS_PER_MINUTE / 5))
 
 
-def _fmt(seconds: float) -> str:
+def duration(seconds: float) -> str:
+    """A duration as the book prints it: "< 1 s", "45 s", "12 min", "2.5 h"."""
     if seconds < 1:
         return "< 1 s"
     if seconds < 90:
@@ -84,7 +78,7 @@ def chapter_times_markdown(chapter: str, rows: list[dict], nb=None) -> str:
               "| preset | " + " | ".join(TIME_DEVICES.values()) + " |",
               "|---|" + "---:|" * len(TIME_DEVICES)]
     for preset, secs in per_preset.items():
-        lines.append(f"| `{preset}` | " + " | ".join(_fmt(secs[d]) if d in secs else "-" for d in TIME_DEVICES)
+        lines.append(f"| `{preset}` | " + " | ".join(duration(secs[d]) if d in secs else "-" for d in TIME_DEVICES)
                      + " |")
     return "\n".join(lines)
 

@@ -1,21 +1,10 @@
-"""The runner: the method contract, the one training loop, and arms x seeds.
+"""The runner: the method contract (`Method`, `Context`, `Arm`), the one training loop (`train`) and
+arms x seeds (`run_arms`); the README's "Layout and the method contract" is the guide to it.
 
-A method is a small object (`Method`) that the loop drives. It sees a `Context` (the model, its
-batch streams, the step schedule, the class and example counts), never the whole run's data or
-config: it reads its own knobs from the config once, when it is built (`factory(cfg)`).
-
-    setup(ctx)                  build optimisers and state (cheap; step() works right after it)
-    prepare()                   a one-off stage (an offline loss, a critic, meta-training): timed
-                                by the loop as `one_off_seconds`, checkpointed, never inside a step
-    step(batch, meta, lr)       one training step; returns scalar tensors (no host sync needed)
-    diagnostics(streams)        rates, AUCs, traces: at evaluation time, outside the timed region
-    extras(streams)             final diagnostics for the record; artifacts() per-example arrays
-    state_dict / load_state_dict
-
-The loop owns everything else: batch order (named, seeded streams, replayed exactly on resume),
-the learning-rate schedule, evaluation, timing (CUDA events on a GPU, so no step stalls the
-device), NaN checks, checkpoints, resume, and the one memory meter (`bench.peak_step_bytes`).
-`interleaved_step_costs` times a chapter's arms side by side, one step each per round.
+A method sees a `Context` (the model, its batch streams, the step schedule, class and example
+counts), never the run's whole data or config. The loop owns batch order (named, seeded streams,
+replayed exactly on resume), the lr schedule, evaluation, timing (CUDA events on a GPU), NaN
+checks, checkpoints, resume and the one memory meter (`bench.peak_step_bytes`).
 """
 from __future__ import annotations
 
@@ -509,7 +498,7 @@ def _comparable(cfg: dict) -> dict:
     return {k: v for k, v in cfg.items() if k not in ("checkpoint_every", "same_time_steps")}
 
 
-class _StopRequest:
+class StopRequest:
     """Turns SIGINT into a flag the loop reads between steps (main thread only), so Ctrl-C
     saves a checkpoint after the step in flight and then raises KeyboardInterrupt. A second
     SIGINT stops at once, unless it comes within a second of the first: one Ctrl-C can reach a
@@ -636,7 +625,7 @@ def train(method: Method, model: torch.nn.Module, data: RunData, cfg: dict, *, s
                    mininterval=2.0, leave=True)
     model.train()
     diverged = None
-    with _StopRequest() as stop_request:
+    with StopRequest() as stop_request:
         try:
             while step < total:
                 batch = streams.batch("train", step)

@@ -267,8 +267,8 @@ def test_student_cli_works_from_any_folder_and_writes_the_solutions_apart(tmp_pa
     assert main(["student", "elsewhere", "--src", str(tmp_path / "nothing")]) == 1
     assert "--src" in capsys.readouterr().err
     assert main(["student", "a", "--src", str(ROOT / "book"), "--solutions", "a"]) == 1
-    from metabook.__main__ import _parser
-    assert _parser().parse_args(["build", "--no-solutions"]).no_solutions
+    from metabook.__main__ import parser
+    assert parser().parse_args(["build", "--no-solutions"]).no_solutions
 
 
 def test_a_book_without_solutions_drops_them_and_keeps_the_checks():

@@ -460,9 +460,9 @@ def test_one_ctrl_c_that_arrives_twice_is_one_stop_request_and_a_later_second_st
     that must still checkpoint (one request), while a second Ctrl-C a second later stops at once."""
     import time
 
-    from metabook.train import _StopRequest
+    from metabook.train import StopRequest
 
-    with _StopRequest() as stop:
+    with StopRequest() as stop:
         try:
             os.kill(os.getpid(), signal.SIGINT)
             os.kill(os.getpid(), signal.SIGINT)

@@ -14,7 +14,7 @@ from metabook import chapter_config
 from metabook.data import make_synthetic
 from metabook.methods import CHAPTERS, chapter_module
 from metabook.methods.baseline import Baseline
-from metabook.plan import (BOOK_CHAPTERS, DEVICES, PLAN_FILE, _evaluations, config_sha, counted, plan_chapter,
+from metabook.plan import (BOOK_CHAPTERS, DEVICES, PLAN_FILE, config_sha, counted, evaluation_count, plan_chapter,
                            plan_experiment, read_plan)
 from metabook.train import Arm, Experiment, fresh_method, prepare_data, probe_step, step_peak_bytes
 
@@ -47,7 +47,7 @@ def test_evaluations_counted_as_the_loop_runs_them(synthetic):
         cfg = chapter_config("baseline", "smoke", {**TINY, "eval_every": eval_every, "epochs": 1.7})
         rec = run_arms("baseline", "baseline", {"baseline": Arm(Baseline)}, cfg, [0], progress=False, dataset=synthetic)
         steps, spe = rec["arms"]["baseline"]["steps"], math.floor(256 / 32)
-        assert _evaluations(steps, spe, eval_every) == len(rec["arms"]["baseline"]["history"]["0"])
+        assert evaluation_count(steps, spe, eval_every) == len(rec["arms"]["baseline"]["history"]["0"])
 
 
 def test_planned_peak_is_the_runners_peak(synthetic):

@@ -1,23 +1,11 @@
-"""All five methods side by side: the same data, budget and seeds; accuracy against cost.
-
-    python -m metabook bench --preset cpu --seeds 2          (= python -m metabook run compare ...)
-
-Each method keeps its chapter's setting at the same preset (model, learning rate, method knobs);
-the bench imposes what a fair table needs equal (SHARED_KEYS: images, epochs, batch size) and the
-seeds. A chapter that targets label noise (instance_lr) runs under compare.noise_kind /
-compare.noise_rate, its baseline too; the others train on clean labels. Every method runs in one
-experiment with its chapter's baseline and that baseline at the method's wall-clock
-(`baseline_same_time`), so every ratio in the table is measured in the same run:
-
-    step cost ratio  = median seconds per step of the method / of its baseline
-    total time ratio = (training seconds + one-off seconds) / baseline's training seconds
-    memory ratio     = peak memory of the method's first two steps / its baseline's (run_arms'
-                       one meter, bench.peak_step_bytes: tensor bytes on the CPU, allocator on CUDA)
-
-One-off stages (AdaLFL's offline initialisation, Grad-Instructor's critic, MLHF's meta-training)
-count in the total time ratio and baseline_same_time's budget, not in the step cost. Each
-method's record goes to OUT/<method>/arms.json, its finished runs to OUT/<method>/runs/ (a killed
-bench resumes there).
+"""All five methods side by side (`python -m metabook bench`): the same data, budget and seeds;
+accuracy against cost. Each method keeps its chapter's setting at the preset, the bench makes the
+images, epochs and batch size equal (SHARED_KEYS), and each method runs in one experiment with its
+chapter's baseline and that baseline at the method's wall-clock, so every ratio (step cost, total
+time with one-off stages, step memory by run_arms' one meter) is measured in the same run.
+instance_lr and its baseline train under compare.noise_kind and compare.noise_rate, the others on clean
+labels. Records go to OUT/<method>/arms.json, finished runs to OUT/<method>/runs/ (a killed bench
+resumes there).
 """
 from __future__ import annotations
 

@@ -1,16 +1,9 @@
-"""Grad-Instructor's evaluation network (ENN): weights rendered as images [R] (0.15 -> 0.15^2 of the
-pixels [A]), the ENN, its training by TD(lambda) on short target trainings (episodes), its
-quality, saliency (Grad-CAM, Selvaraju et al. 2017), and its cache file. [A]: the abstract (all that
-could be read, methods.md section 5), [R]: our reconstruction; chapter 6 derives both. The ENN is fitted in
-gi.rounds rounds, the later ones following the current ENN: without them the critic never sees
-the weights its own gradient leads to (measured: an ENN fitted on plain-SGD episodes only
-predicted 0.95 for the target within an epoch, whose real accuracy fell below plain backprop's).
-With gi.starts = "trajectory" most episodes start from weights saved along full-length runs of the
-target (replay_trajectory): in round 0 the baseline arm's run, in later rounds the target's run
-guided by the current ENN, so that the critic is fitted where the target goes. Measured at `cpu`
-(seed 0, chapter 6): with starts from initialisation only the ENN ended 44 points above the real
-reward-split accuracy (91.5% vs 47.2%); with these starts 28 points (75.2% vs 47.4%): closer, not
-calibrated, because the target's ascent keeps finding weights the newest critic over-rates.
+"""Grad-Instructor's evaluation network (ENN), apart from the arms that use it: weights rendered as
+images [R] (0.15 -> 0.15^2 of the pixels [A]), the ENN, its fitting by TD(lambda) on short target
+trainings (episodes) in gi.rounds rounds (the later ones follow the current ENN, so the critic sees
+the weights its own gradient leads to), episode starts along full-length runs (gi.starts =
+"trajectory"), its calibration, Grad-CAM saliency and its cache file. [A]: the abstract, [R]: our
+reconstruction; chapter 6 derives both and measures the critic's calibration.
 """
 from __future__ import annotations
 

@@ -1,15 +1,9 @@
-"""Grad-Instructor (Ino 2024, arXiv 2406.10559): an evaluation network (ENN) steers backpropagation.
-
-[A] = the abstract (all that could be read), [R] = our reconstruction; chapter 6 derives it. The
-update [R]: loss = CE(f_W(x), y) - w(t) E(render(W)), E the frozen ENN (enn.py, trained per seed and
-split in prepare(), cached in OUT/cache/enn-seed{S}-{key}.pt), w(t) = gi.weight * schedule(t / T).
-Arms (same epochs and seeds): `baseline`, `l1` (L1 on the weight matrices), `he_init`,
-`grad_instructor` (its ENN's episodes start along full-length runs: the baseline's, then those the
-critic guides) and the control
-`gi_init_critic` (episodes from initialisation only, the critic of issue 18); each reports its final
-train-test gap (the abstract's second claim) and the GI arms their critic's calibration. With
-gi.refit_every > 0 the critic is not frozen: every that many steps it is refitted on short episodes
-from the target's current weights (GradInstructor.refit [R], a remedy for the exploited critic).
+"""Grad-Instructor (Ino 2024, arXiv 2406.10559): an evaluation network (ENN, enn.py) steers
+backpropagation. The update [R]: loss = CE(f_W(x), y) - w(t) E(render(W)), E the ENN (fitted per
+seed in prepare(), cached in OUT/cache/), w(t) = gi.weight * schedule(t / T); with gi.refit_every
+> 0 the ENN is refitted on short episodes from the target's current weights. Arms: `baseline`,
+`l1`, `he_init`, `grad_instructor` and `gi_init_critic` (episodes from initialisation only); each
+reports its train-test gap, the GI arms their critic's calibration. [A]: the abstract, [R]: ours.
 """
 from __future__ import annotations
 

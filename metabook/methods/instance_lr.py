@@ -1,16 +1,9 @@
-"""Per-instance dynamic learning rates (after Saxena, Vyas, DeCoste 2021, arXiv 2105.13464).
-
-Every training example i keeps a log learning rate sigma_i (clipped to [sigma_min, sigma_max]);
-the real step scales its gradient by r_i = exp(sigma_i), and sigma is learned by the one-step
-lookahead on a clean meta batch, its meta-gradient a Jacobian-vector product (chapter 4 derives
-it). The paper's own parameterisation, meta-objective and update rule could not be read
-(methods.md section 3): this file is our reconstruction [R].
-
-Beside it, the arms that isolate what the rates do: `baseline_clean` (plain SGD that also trains
-on the clean meta images), `mean_rate` (the same meta step, but the real step gives every example
-the batch's mean rate) and `mwn` (Meta-Weight-Net, Shu et al. 2019: a weighting network on the
-per-example loss, trained by the same lookahead). All three meta arms take the meta-gradient of
-the per-example multipliers from `multiplier_meta_gradient`, written once.
+"""Per-instance dynamic learning rates (after Saxena, Vyas, DeCoste 2021, arXiv 2105.13464), our
+reconstruction [R] (the paper's parameterisation and update could not be read; chapter 4 derives
+ours): each training example i keeps a clipped log rate sigma_i, the real step scales its gradient
+by exp(sigma_i), and sigma is learned by the one-step lookahead on a clean meta batch. The control
+arms `baseline_clean`, `mean_rate` and `mwn` (Meta-Weight-Net, Shu et al. 2019) take the
+per-example multipliers' meta-gradient from the same `multiplier_meta_gradient`.
 """
 from __future__ import annotations
 

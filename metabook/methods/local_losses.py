@@ -1,32 +1,11 @@
 """Learning to balance local losses (after Yoa, Jeon, Oh, Kim, IEEE Access 9, 2021,
-doi 10.1109/ACCESS.2021.3113934); the derivations are in book/03_local_losses.ipynb.
+doi 10.1109/ACCESS.2021.3113934): our reconstruction, since the paper's full text could not be read.
 
-A plain DeepCNN gets a local head on each of its first K = L-1 blocks; every step descends the
-global loss plus the local losses, each masked (`ll.dropout`) and weighted by lambda (`ll.weights`:
-a balancer MLP meta-learned by chapter 1's one-step lookahead, L2RW-style per-step weights as in
-Ren et al. 2018, or 1). `ll.detach`: deep supervision (Lee et al. 2015) or detached blocks (Nokland
-& Eidnes 2019, DGL, InfoPro). `ll.cv_folds` > 1 draws meta batches from a held-out fold of the
-training split (and removes that fold from the training batches, equal weights included), so
-`val_acc` is one no arm optimised for; without it `val_acc - test_acc` measures meta-overfitting.
-
-What is the paper's and what is ours (methods.md section 2, paper-facts.md paper 1; the paper's
-full text could not be read, so everything but the [A]/[V] items is reconstruction [R]):
-  [A] local losses from local blocks on every hidden layer; a meta-learner sets a dynamic weight
-      per layer at every iteration to optimise the global loss; minibatch-wise dropout and a
-      cross-validation loop against meta-overfitting; the claim that plain nets without skip
-      connections become trainable.
-  [V] the framework figure: one meta-network reads the local-loss blocks' outputs and emits one
-      weight per local loss, L = L_global + sum_l v_l L_local_l (ll.balancer_in=outputs).
-  [R] the heads (adaptive average pool to ll.head_pool x ll.head_pool, then a linear layer: cheap,
-      weaker than Nokland's conv3x3 heads); what the balancer reads (loss statistics, or a
-      sorted-softmax summary of the heads' outputs), its size, its normalisation (K softmax or
-      2 sigmoid) and Adam step size (ll.meta_lr, chosen on val_acc among the step sizes at which
-      the weights move); the free L2RW variant (normalised as L2RW, to sum 1); both gradient
-      routings; the one-step lookahead with a plain-SGD virtual step; dropout as a mask on the
-      loss terms (no 1/(1-p) rescaling); CV folds cut from the training split, rotated every
-      ll.cv_every epochs; the update order (the real step reuses lambda_t and the virtual step's
-      gradient, AdaLFL's order; Meta-Weight-Net recomputes lambda with phi_{t+1}, about 25% more
-      per meta step).
+A plain DeepCNN gets a local head on each of its first L-1 blocks; every step descends the global
+loss plus the local losses, each masked (`ll.dropout`) and weighted (`ll.weights`: a balancer MLP
+meta-learned by chapter 1's one-step lookahead, L2RW-style per-step weights, or 1), through deep
+supervision or detached blocks (`ll.detach`), with meta batches from a held-out fold of the
+training split (`ll.cv_folds`). Chapter 3 derives it and lists what is the paper's and what is ours.
 """
 from __future__ import annotations
 

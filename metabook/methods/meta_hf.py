@@ -1,13 +1,10 @@
 """Hessian-free optimisation (HF, Martens 2010) from scratch and MLHF (Chen, Lu, Fokoue 2018,
 arXiv 1805.08462), which replaces HF's damping rule and preconditioner by meta-learned recurrent
-nets: our reconstruction from the abstract (arm `mlhf`, two GRUs bounding a learned correction of
-Levenberg-Marquardt), the official code's design (arm `mlhf_official`, coordinate-wise LSTM heads),
-and the controls that separate meta-learning from Hessian-free (`hf_same_cg`, `mlhf_untrained`).
-
-An HF step on f(theta) = mean CE + wd/2 ||theta||^2: Gauss-Newton products on a curvature
-sub-batch, damped preconditioned CG, CG backtracking, Levenberg-Marquardt damping and an Armijo
-line search; chapter 7 derives every equation. Vectors are flat (P,) tensors in `model_params`
-order; extra forwards run on copies of the BatchNorm buffers (`metabook.meta.forward`).
+nets: our reconstruction (arm `mlhf`: two GRUs around Levenberg-Marquardt), the official code's
+design (`mlhf_official`: coordinate-wise LSTM heads) and the controls `hf_same_cg` and
+`mlhf_untrained`. One HF step (Gauss-Newton products, damped preconditioned CG, CG backtracking,
+LM damping, Armijo line search) serves HF, MLHF and the unroll; chapter 7 derives it. Vectors are
+flat (P,) tensors in `model_params` order.
 """
 from __future__ import annotations
 

@@ -1,43 +1,11 @@
-"""Online loss-function learning (AdaLFL; Raymond, Chen, Xue, Zhang, arXiv 2301.13247 / TMLR 2025);
-the derivations are in book/05_online_loss.ipynb.
+"""Online loss-function learning (AdaLFL; Raymond, Chen, Xue, Zhang, arXiv 2301.13247 / TMLR 2025).
 
-The base network trains on a learned loss M_phi(y, f(x)), averaged over the batch, built from
-l_phi: R^2 -> R (two hidden layers, smooth leaky ReLU) applied to each class's (p_c, y_c)
-(p = softmax, y one-hot), in one of two forms (lfl.net):
-  "chapter":  M_phi = sum_c softplus(l_phi(p_c, y_c))                (biases, Kaiming-normal init)
-  "authors":  M_phi = CE(y, f(x)) + (1/C) sum_c l_phi(p_c, y_c)       (no biases, no output
-              activation, PyTorch's default init: the authors' later loss network, see LossNet).
-phi is learned in two stages: an offline initialisation (ML^3, Bechtle et al.; the paper's
-Algorithm 1: Adam steps on phi down the cross-entropy of a meta batch after K plain SGD steps on
-M_phi from a fresh model), then online adaptation (the paper's Algorithm 2): after every real
-step with g_t = grad_theta M_{phi_t}, one Adam step on phi down the meta batch's cross-entropy at
-theta' = theta_t - alpha_t g_t(phi) (chapter 1's lookahead; the real step reuses g_t).
-
-What is the paper's and what is ours (methods.md section 4; [V] = read in the paper's text,
-[R] = our reconstruction):
-  [V] the output-wise loss network with 2 hidden layers of 40 units and the smooth leaky ReLU;
-      offline ML^3 initialisation (S_init = 2500, one inner step) then online updates after
-      every base step by unrolled differentiation through that step; task loss = cross-entropy.
-  [S] the "authors" net: the authors' NPBML code (Decadz/Neural-Procedural-Bias-Meta-Learning,
-      LearnedLossNetwork: no biases, no output activation, mean over classes, cross-entropy
-      added); that AdaLFL uses exactly this is not confirmed. Base optimiser as the authors'
-      EvoMAL CIFAR configs: SGD lr 0.01, Nesterov momentum 0.9, weight decay 5e-4 (DEFAULTS).
-  [R] inputs are softmax probabilities and one-hot targets (as in the authors' sibling code);
-      the "chapter" net: a softplus on the output keeps the loss non-negative and we *sum* over
-      classes (the scale of cross-entropy); Kaiming-normal weights and zero biases (ML^3 in the
-      authors' EvoMAL code); gamma = 0.25, beta = 2 (the authors' sibling code); Adam on phi
-      with lr 1e-3 online and offline; meta batches from the held-out split; cosine decay of
-      the base lr (EvoMAL: steps of 10x at 2/3 and 9/10 of the run); offline alpha = the
-      schedule's first lr (lfl.offline_lr overrides).
-      The virtual step is plain SGD, theta - alpha g, while the real step uses Nesterov momentum
-      and weight decay: theta - alpha((1 + mu) g + mu^2 b + wd terms), b the momentum buffer.
-      That is not a rescaling of the meta-gradient: the real step lands at another point than
-      the virtual one, and the meta-gradient is the gradient at the virtual point.
-  ours: lfl.init = "cross_entropy" first regresses l_phi onto cross-entropy (a warm start for
-      short offline budgets); lfl.monotone (see LossNet).
-
-Methods: `OnlineLoss` (AdaLFL) and `OfflineLoss` (the same offline init, then frozen: the
-short-horizon ML^3 baseline the paper argues against); the offline stage is their prepare().
+The base network trains on a learned loss M_phi(y, f(x)) built from a small net l_phi applied to
+each class's (p_c, y_c), in two forms (`lfl.net`: "chapter", ours, or "authors", the authors'
+later code; see LossNet). `OnlineLoss` learns phi offline first (ML^3, in its prepare()), then by
+one Adam step after every real step, down the meta batch's cross-entropy one plain-SGD step ahead;
+`OfflineLoss` freezes phi after the offline stage. Chapter 5 derives both and lists what is the
+paper's and what is ours.
 """
 from __future__ import annotations
 
