@@ -92,7 +92,7 @@ def test_chapter_run_records_noise_auc_rates_and_all_arms(tmp_path):
     assert len({rec["arms"][a]["steps"] for a in ("baseline", "baseline_clean", "mean_rate", "mwn")}) == 1
     curve = rec["arms"]["mwn"]["extras"]["0"]["weight_curve"]
     assert len(curve["loss"]) == len(curve["weight"]) and all(0 < w < 1 for w in curve["weight"])
-    assert 0 <= rec["arms"]["mwn"]["extras"]["0"]["weight_auc"] <= 1
+    assert set(rec["arms"]["mwn"]["extras"]["0"]) >= {"weight_auc", "loss_auc"}
     assert "loss_auc" in rec["arms"]["baseline_same_time"]["extras"]["0"]     # the free detector of plain SGD
     assert rec["dataset"]["noise"]["kind"] == "uniform" and rec["dataset"]["noise"]["corrupted"] > 100
     saved = np.load(tmp_path / "instance_lr-seed0.npz")
@@ -263,3 +263,35 @@ def test_mwn_gives_flipped_labels_lower_weights_on_the_toy():
     with torch.no_grad():
         losses = F.cross_entropy(model(x), y_noisy, reduction="none")
     assert roc_auc(-method.weights(losses), flipped) > 0.8
+
+
+class _Scores(nn.Module):
+    """A stand-in weighting network: w(l) = sign * l, strictly monotone in the loss."""
+
+    def __init__(self, sign: float):
+        super().__init__()
+        self.sign = sign
+
+    def forward(self, losses):
+        return self.sign * losses
+
+
+def test_mwn_weight_auc_counts_a_low_weight_as_a_corrupted_label():
+    """The recorded weight_auc detects corrupted labels by *low* weight: a network that weighs high
+    losses low ranks the examples as the loss does (weight_auc = loss_auc), one that weighs them
+    high reverses it (1 - loss_auc)."""
+    from metabook import chapter_config
+    from metabook.data import make_synthetic
+    from metabook.methods.instance_lr import ARMS
+    from metabook.train import fresh_method, prepare_data
+    cfg = chapter_config("instance_lr", "smoke", {"dataset": "synthetic", "train_size": 300, "meta_size": 50,
+                                                  "test_size": 100, "width": 8, "noise.rate": 0.4})
+    data = prepare_data(cfg, 0, torch.device("cpu"), make_synthetic(600, 200, seed=0))
+    method = fresh_method(ARMS["mwn"], cfg, data, 0)
+    aucs = {}
+    for sign in (-1.0, 1.0):
+        method.vnet = _Scores(sign)
+        aucs[sign] = method.extras(data.streams())
+    assert 0.05 < aucs[-1.0]["loss_auc"] < 0.95                      # the ranking is not trivial
+    assert aucs[-1.0]["weight_auc"] == pytest.approx(aucs[-1.0]["loss_auc"], abs=1e-9)
+    assert aucs[1.0]["weight_auc"] == pytest.approx(1 - aucs[1.0]["loss_auc"], abs=1e-9)
