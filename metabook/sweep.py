@@ -5,7 +5,7 @@ A unit is one (chapter, grid point, arm, seed), trained exactly as `run_arms` wo
 (train.run_arm_seed); once every unit of a run folder is done, the chapter's own `run_chapter`
 writes its result.json from the finished runs. A unit waits for what it needs (the same-time
 baseline for its target, an arm for its shared one-off stage), is retried from its checkpoint when
-its worker dies, and never runs twice. Engines: local (a process pool), ray, slurm (submitit).
+its worker dies, and once finished is never run again. Engines: local (a process pool), ray, slurm.
 """
 from __future__ import annotations
 

@@ -2,7 +2,7 @@
 images [R] (0.15 -> 0.15^2 of the pixels [A]), the ENN, its fitting by TD(lambda) on short target
 trainings (episodes) in gi.rounds rounds (the later ones follow the current ENN, so the critic sees
 the weights its own gradient leads to), episode starts along full-length runs (gi.starts =
-"trajectory"), its calibration, Grad-CAM saliency and its cache file. [A]: the abstract, [R]: our
+"trajectory"), its quality, Grad-CAM saliency and its cache file. [A]: the abstract, [R]: our
 reconstruction; chapter 6 derives both and measures the critic's calibration.
 """
 from __future__ import annotations
