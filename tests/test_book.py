@@ -826,11 +826,14 @@ def test_html_is_self_contained_and_has_no_raw_math(built):
 @pytest.mark.book
 def test_a_table_a_cell_prints_as_markdown_renders_as_a_table(built):
     """The running-time table of every chapter's top cell, the converged verdicts and chapter 8's
-    claims are Markdown outputs; myst-nb renders those as CommonMark, which has no tables, unless
-    _config.yml asks for gfm: then they showed as a paragraph of pipes and dashes."""
+    claims are Markdown outputs; myst-nb renders those as CommonMark, which has no tables or roles,
+    unless _config.yml asks for MyST: then they showed as a paragraph of pipes and dashes, and
+    chapter 8's links to the chapters as {doc}`...`."""
     pages = sorted((built / "html" / "book").glob("*.html"))
     as_text = {p.name: n for p in pages if (n := len(re.findall(r"<p>\|[^<]*\|\s*\n\|", p.read_text(encoding="utf-8"))))}
     assert not as_text, f"Markdown tables left as text (page: count): {as_text}"
+    raw_roles = [p.name for p in pages if "{doc}" in p.read_text(encoding="utf-8")]
+    assert not raw_roles, f"MyST roles left as text on {raw_roles}"
     top = (built / "html" / "book" / "02_baseline.html").read_text(encoding="utf-8")
     running = top[top.index("<strong>Running</strong>"):]
     assert running.index("<table") < running.index("</div>"), "the running-time table is not a <table>"
