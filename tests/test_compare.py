@@ -157,8 +157,8 @@ def test_the_landing_page_shows_the_verdicts_the_records_give():
     page = (Path(__file__).resolve().parents[1] / "book" / "intro.md").read_text()
     shown = page.split("<!-- verdicts start -->\n")[1].split("<!-- verdicts end -->")[0]
     assert shown == generated_tables()[("book/intro.md", "verdicts")](), "stale: run python -m metabook tables"
-    rows = [line for line in shown.splitlines() if line.startswith("| {doc}`")]
-    assert len({row.split("<")[1].split(">")[0] for row in rows}) == 5 and "not resolved" in shown    # five chapters
+    rows = [line for line in shown.splitlines() if line.startswith("| [")]
+    assert len({row.split("](")[1].split(")")[0] for row in rows}) == 5 and "not resolved" in shown    # five chapters
 
 
 @pytest.fixture(scope="module")
@@ -229,7 +229,7 @@ def test_a_converged_record_takes_its_methods_row_of_the_landing_table(small_con
     before = verdicts_markdown(bench, results_dir=tmp_path)
     write_result(small_converged, tmp_path / "instance_lr-converged")
     after = verdicts_markdown(bench, results_dir=tmp_path)
-    rows = [line for line in after.splitlines() if "instance_lr <" in line]
+    rows = [line for line in after.splitlines() if "[instance_lr](" in line]
     assert len(rows) == 2                      # against the baseline, then against the control
     versus = summarise("instance_lr", small_converged)["versus"]
     for row, against, d in zip(rows, ("baseline", "baseline_clean"), (versus["baseline"], versus["control"])):
@@ -239,7 +239,7 @@ def test_a_converged_record_takes_its_methods_row_of_the_landing_table(small_con
 
     epochs = chapter_config("instance_lr", "converged")["epochs"]
     assert f"converged record: 320 images, {epochs:g} epochs, 3 seeds, 100 held-out images" in row
-    others = lambda text: [line for line in text.splitlines() if "instance_lr <" not in line]
+    others = lambda text: [line for line in text.splitlines() if "[instance_lr](" not in line]
     assert others(after) == others(before) and before != after
 
 
@@ -264,7 +264,7 @@ def test_a_converged_record_with_too_few_seeds_is_shown_but_decides_nothing(smal
     assert MIN_SEEDS > 1
     bench = latest_recorded("compare", "cpu")
     write_result(one, tmp_path / "instance_lr-converged")
-    row = next(line for line in verdicts_markdown(bench, results_dir=tmp_path).splitlines() if "instance_lr <" in line)
+    row = next(line for line in verdicts_markdown(bench, results_dir=tmp_path).splitlines() if "[instance_lr](" in line)
     assert "cpu bench" in row and f"its converged record has 1 of {MIN_SEEDS} seeds so far" in row
     assert f"**In progress: 1 of at least {MIN_SEEDS} seeds; its verdicts may still change.**" in \
         converged_report("instance_lr", one)

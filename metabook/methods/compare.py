@@ -250,7 +250,7 @@ def verdicts_markdown(record: dict, results_dir=None) -> str:
         # must not stand alone
         for against, d in (("baseline", r["versus"]["baseline"]), (r["control"], r["versus"].get("control"))):
             if against:
-                lines.append(f"| {{doc}}`{name} <{BOOK_PAGES[name]}>` | {METHODS[name][3]} | {against} | "
+                lines.append(f"| [{name}]({BOOK_PAGES[name]}.ipynb) | {METHODS[name][3]} | {against} | "
                              f"{format_difference(d)} | {d['verdict']} | {basis} |")
     return "\n".join(lines) + "\n"
 
