@@ -829,12 +829,12 @@ def test_a_table_a_cell_prints_as_markdown_renders_as_a_table(built):
     claims are Markdown outputs; myst-nb renders those as CommonMark, which has no tables or roles,
     unless _config.yml asks for MyST: then they showed as a paragraph of pipes and dashes, and
     chapter 8's links to the chapters as {doc}`...`."""
-    pages = sorted((built / "html" / "book").glob("*.html"))
-    as_text = {p.name: n for p in pages if (n := len(re.findall(r"<p>\|[^<]*\|\s*\n\|", p.read_text(encoding="utf-8"))))}
+    pages = {p.name: p.read_text(encoding="utf-8") for p in sorted((built / "html" / "book").glob("*.html"))}
+    as_text = {name: n for name, text in pages.items() if (n := len(re.findall(r"<p>\|[^<]*\|\s*\n\|", text)))}
     assert not as_text, f"Markdown tables left as text (page: count): {as_text}"
-    raw_roles = [p.name for p in pages if "{doc}" in p.read_text(encoding="utf-8")]
+    raw_roles = [name for name, text in pages.items() if "{doc}" in text]
     assert not raw_roles, f"MyST roles left as text on {raw_roles}"
-    top = (built / "html" / "book" / "02_baseline.html").read_text(encoding="utf-8")
+    top = pages["02_baseline.html"]
     running = top[top.index("<strong>Running</strong>"):]
     assert running.index("<table") < running.index("</div>"), "the running-time table is not a <table>"
 
