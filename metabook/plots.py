@@ -1,12 +1,14 @@
 """Figures the chapters share. Each function draws on axes it is given and returns nothing."""
 from __future__ import annotations
 
+from .results import device_label
+
 
 def provenance_label(record: dict) -> str:
     """'preset cpu, 1 seed, cpu (x86_64, 2 threads), commit abc1234, 2026-11-23' for a caption."""
     p = record.get("provenance", {})
     seeds = len(record.get("seeds", [record.get("seed")]))
-    return (f"preset {record.get('preset')}, {seeds} seed{'s' if seeds > 1 else ''}, {p.get('device')}, "
+    return (f"preset {record.get('preset')}, {seeds} seed{'s' if seeds > 1 else ''}, {device_label(record)}, "
             f"commit {p.get('git_commit')}, {str(p.get('date', ''))[:10]}")
 
 

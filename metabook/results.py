@@ -33,10 +33,16 @@ def provenance(device: torch.device | str = "cpu") -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = f"cpu ({platform.processor() or platform.machine()}, {torch.get_num_threads()} threads)"
+        n = torch.get_num_threads()
+        name = f"cpu ({platform.processor() or platform.machine()}, {n} thread{'s' if n > 1 else ''})"
     return {"metabook": __version__, "torch": torch.__version__, "python": platform.python_version(),
             "device": name, "git_commit": git_commit(),
             "date": _dt.datetime.now(_dt.timezone.utc).isoformat(timespec="seconds")}
+
+
+def device_label(record: dict) -> str:
+    """The record's device; records written before the fix say "1 threads" and read as "1 thread"."""
+    return str(record.get("provenance", {}).get("device", "")).replace(" 1 threads)", " 1 thread)")
 
 
 def git_commit() -> str | None:

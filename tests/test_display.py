@@ -177,3 +177,19 @@ def test_glue_of_a_function_glues_its_value_or_nan_where_the_record_lacks_it(mon
     assert [bundle[GLUE_PREFIX + "text/plain"] for bundle in shown] == ["25.0", "nan", "nan", "nan"]
     with pytest.raises(NameError):                                   # a bug in the chapter still stops it
         glue("typo", lambda: undefined_name)                         # noqa: F821
+
+
+def test_provenance_counts_threads_in_the_singular_for_one_and_old_records_read_so(monkeypatch):
+    import torch
+
+    from metabook.plots import provenance_label
+    from metabook.results import provenance
+
+    for n, words in ((1, "1 thread)"), (2, "2 threads)")):
+        monkeypatch.setattr(torch, "get_num_threads", lambda n=n: n)
+        assert provenance("cpu")["device"].endswith(words)
+    old = {"preset": "cpu", "seeds": [0], "provenance": {"device": "cpu (x86_64, 1 threads)",
+                                                         "git_commit": "abc1234", "date": "2026-11-23T10:00"}}
+    assert provenance_label(old) == "preset cpu, 1 seed, cpu (x86_64, 1 thread), commit abc1234, 2026-11-23"
+    old["provenance"]["device"] = "cpu (x86_64, 11 threads)"
+    assert "11 threads)" in provenance_label(old)

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 from typing import ClassVar
 
 from ..config import NOISE_KINDS, ConfigError, knob
-from ..results import RecordError, format_difference
+from ..results import RecordError, device_label, format_difference
 
 MIN_SEEDS = 3          # a converged record's verdict counts from this many seeds on (issue 19)
 # Row name -> (chapter, the method arm, the control arm that isolates the paper's claim, the claim).
@@ -305,7 +305,7 @@ def converged_report(name: str, record: dict | None = None, results_dir=None) ->
     lines = [f"Converged record: {ds['train_size']:,} training images, {cfg['epochs']:g} epochs, "
              f"{seeds_phrase(record['seeds'])}, "
              f"{ds.get('heldout_size', 0):,} held-out images "
-             f"({prov.get('device', '')}, commit {prov.get('git_commit')}, {str(prov.get('date', ''))[:10]}).", ""]
+             f"({device_label(record)}, commit {prov.get('git_commit')}, {str(prov.get('date', ''))[:10]}).", ""]
     if in_progress(record):
         lines += [f"**{in_progress(record).capitalize()}.** The landing page keeps the short bench's row "
                   f"until it has {MIN_SEEDS}.", ""]
