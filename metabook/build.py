@@ -118,10 +118,7 @@ def _add_tag(cell, tag: str) -> None:
 
 def _as_dropdown(markdown: str, title: str) -> str:
     """Wrap Markdown in a MyST admonition that renders closed, behind a toggle."""
-    ticks, run = 0, 0  # the longest run of backticks in the text; the fence must be longer
-    for ch in markdown:
-        run = run + 1 if ch == "`" else 0
-        ticks = max(ticks, run)
+    ticks = max(map(len, re.findall("`+", markdown)), default=0)  # the fence must be longer
     fence = "`" * max(3, ticks + 1)
     header = f"{fence}{{admonition}} {title}\n:class: dropdown solution\n\n"
     return f"{header}{markdown.strip()}\n{fence}\n"
@@ -223,10 +220,7 @@ def solutions_version(nb):
 def default_book_dir() -> Path:
     """The chapters' folder: ./book if it exists, else the book/ beside the installed package
     (a checkout with an editable install)."""
-    here = Path("book")
-    if here.is_dir():
-        return here
-    return Path(__file__).resolve().parent.parent / "book"
+    return Path("book") if Path("book").is_dir() else Path(__file__).resolve().parent.parent / "book"
 
 
 def write_student_versions(src_dir: str | Path, out_dir: str | Path,
